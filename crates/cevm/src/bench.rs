@@ -1,0 +1,214 @@
+//! `cevm bench`: measurements, never pass/fail. Every figure printed comes from a
+//! measurement of this run; comparisons are ratios taken in the same run.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+use serde::Serialize;
+use vmm::{Instance, InstanceConfig, MemoryBackend};
+
+use crate::size::parse_size;
+
+/// The benchmarks.
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Stop-and-save: pause time, checkpoint bytes and write throughput against the
+    /// checkpoint file system's own sequential write + fdatasync limit.
+    StopAndSave {
+        /// Guest memory sizes, comma-separated.
+        #[arg(long, default_value = "256M,1G", value_delimiter = ',', value_parser = parse_size)]
+        sizes: Vec<u64>,
+        /// Checkpoints per size (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Directory on the checkpoint file system to measure (default: ./bench-work).
+        #[arg(long, default_value = "bench-work")]
+        dir: PathBuf,
+        /// Also write the raw samples as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// Runs one benchmark.
+pub fn run(cmd: BenchCmd) -> Result<(), String> {
+    match cmd {
+        BenchCmd::StopAndSave { sizes, runs, dir, json } => stop_and_save(&sizes, runs.max(1), &dir, json.as_deref()),
+    }
+}
+
+/// A console that hands the guest's output to a channel, line by line.
+struct LineSink {
+    buf: Vec<u8>,
+    tx: Sender<String>,
+}
+
+impl Write for LineSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        for &c in b {
+            if c == b'\n' {
+                let _ = self.tx.send(String::from_utf8_lossy(&self.buf).into_owned());
+                self.buf.clear();
+            } else {
+                self.buf.push(c);
+            }
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+struct Sample {
+    pause_ms: f64,
+    memory_write_mib_per_s: f64,
+    data_bytes: u64,
+    data_pages: u64,
+    zero_pages: u64,
+    image_allocated_bytes: u64,
+    disk_limit_mib_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct SizeResult {
+    mem_size: u64,
+    working_set_mib: u64,
+    samples: Vec<Sample>,
+}
+
+/// (median, min, max).
+pub fn median_min_max(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mid = s.len() / 2;
+    let med = if s.len() % 2 == 1 { s[mid] } else { (s[mid - 1] + s[mid]) / 2.0 };
+    (med, s[0], s[s.len() - 1])
+}
+
+/// Sequential write of `bytes` bytes in 8 MiB writes, then fdatasync: MiB/s.
+fn disk_limit(path: &Path, bytes: u64) -> Result<f64, String> {
+    use std::os::unix::fs::FileExt;
+    let chunk = vec![0xa5u8; 8 << 20];
+    let f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let t = Instant::now();
+    let mut off = 0;
+    while off < bytes {
+        let n = (bytes - off).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], off).map_err(|e| format!("{}: {e}", path.display()))?;
+        off += n as u64;
+    }
+    f.sync_data().map_err(|e| format!("{}: {e}", path.display()))?;
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(path);
+    Ok(bytes as f64 / (1 << 20) as f64 / secs)
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// Waits for the dirtier's per-second line showing at least `pages` pages written.
+fn wait_dirtied(lines: &Receiver<String>, pages: u64, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).map_err(|_| "the dirtier guest did not cover its working set in time")?;
+        let total = line.split("total=").nth(1).and_then(|t| t.trim().parse::<u64>().ok());
+        if total.is_some_and(|t| t >= pages) {
+            return Ok(());
+        }
+    }
+}
+
+fn stop_and_save(sizes: &[u64], runs: usize, dir: &Path, json: Option<&Path>) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    println!("stop-and-save benchmark: {runs} checkpoints per size, checkpoint file system at {}", dir.display());
+    println!("guest: the dirtier, working set = guest memory - 8 MiB, one write per page, fully covered before the first checkpoint");
+    let mut results = Vec::new();
+    for &mem in sizes {
+        let ws_mib = (mem >> 20).saturating_sub(8);
+        let config = InstanceConfig {
+            guest: "dirtier".into(),
+            guest_args: format!("mib={ws_mib} rate=0 seconds=0"),
+            mem_size: mem,
+            vcpus: 1,
+            memory_backend: MemoryBackend::Shared,
+        };
+        let (line_tx, lines) = mpsc::channel();
+        let (ev_tx, _events) = mpsc::channel();
+        let mut inst = Instance::new(config, Box::new(LineSink { buf: Vec::new(), tx: line_tx }), ev_tx)
+            .map_err(|e| e.to_string())?;
+        inst.start().map_err(|e| e.to_string())?;
+        wait_dirtied(&lines, ws_mib * 256, Duration::from_secs(600))?;
+        let mut samples = Vec::new();
+        for i in 0..runs {
+            let ckpt = dir.join(format!("ckpt-{}", mem >> 20));
+            let r = checkpoint::stop_and_save(&mut inst, &ckpt, false).map_err(|e| e.to_string())?;
+            let alloc = allocated_bytes(&ckpt.join(snapshot::MEMORY_FILE));
+            let _ = std::fs::remove_dir_all(&ckpt);
+            let limit = disk_limit(&dir.join("limit.bin"), r.memory.data_bytes)?;
+            println!(
+                "  {:>5} MiB run {}: pause {:.1} ms, {:.0} MiB data, memory write {:.0} MiB/s, disk limit {:.0} MiB/s",
+                mem >> 20,
+                i + 1,
+                r.pause_ms,
+                r.memory.data_bytes as f64 / (1 << 20) as f64,
+                r.write_mib_per_s,
+                limit
+            );
+            samples.push(Sample {
+                pause_ms: r.pause_ms,
+                memory_write_mib_per_s: r.write_mib_per_s,
+                data_bytes: r.memory.data_bytes,
+                data_pages: r.memory.data_pages,
+                zero_pages: r.memory.zero_pages,
+                image_allocated_bytes: alloc,
+                disk_limit_mib_per_s: limit,
+            });
+        }
+        inst.shutdown();
+        results.push(SizeResult { mem_size: mem, working_set_mib: ws_mib, samples });
+    }
+
+    println!();
+    println!("| guest | pause ms (median, min-max) | data written | zero pages (holes) | image allocated | effective MiB/s | disk limit MiB/s | ratio |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        let pause: Vec<f64> = r.samples.iter().map(|s| s.pause_ms).collect();
+        let eff: Vec<f64> =
+            r.samples.iter().map(|s| s.data_bytes as f64 / (1 << 20) as f64 / (s.pause_ms / 1e3)).collect();
+        let lim: Vec<f64> = r.samples.iter().map(|s| s.disk_limit_mib_per_s).collect();
+        let ratio: Vec<f64> = eff.iter().zip(&lim).map(|(e, l)| e / l).collect();
+        let (pm, pmin, pmax) = median_min_max(&pause);
+        let s0 = &r.samples[0];
+        println!(
+            "| {} MiB | {:.0} ({:.0}-{:.0}) | {:.0} MiB | {} | {:.0} MiB | {:.0} | {:.0} | {:.2} |",
+            r.mem_size >> 20,
+            pm,
+            pmin,
+            pmax,
+            s0.data_bytes as f64 / (1 << 20) as f64,
+            s0.zero_pages,
+            s0.image_allocated_bytes as f64 / (1 << 20) as f64,
+            median_min_max(&eff).0,
+            median_min_max(&lim).0,
+            median_min_max(&ratio).0
+        );
+    }
+    println!("(effective = data bytes / whole guest pause; ratio = effective / disk limit, medians, same run)");
+    if let Some(p) = json {
+        let text = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
+        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}

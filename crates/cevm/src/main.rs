@@ -1,0 +1,232 @@
+//! `cevm`: a KVM VMM with live checkpoint/restart. See README.md.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use cevm::exit_code::{ERROR, GUEST_FAILED, OK, USAGE};
+use cevm::runner::Outcome;
+use cevm::{api, bench, demo, inspect, runner, size};
+use vmm::{Instance, InstanceConfig, MemoryBackend};
+
+#[derive(Parser)]
+#[command(name = "cevm", version, about = "A KVM VMM with live checkpoint/restart")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a built-in guest (its console is this process's stdout).
+    Run {
+        /// Built-in guest: digest, dirtier or hello.
+        #[arg(long)]
+        guest: String,
+        /// The guest's arguments, e.g. "mib=2 rounds=8".
+        #[arg(long, default_value = "")]
+        guest_args: String,
+        /// Guest memory, e.g. 64M, 1G.
+        #[arg(long, default_value = "64M", value_parser = size::parse_size)]
+        mem: u64,
+        /// Number of vCPUs.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        vcpus: u32,
+        /// Where guest memory lives: shared (memfd) or private (anonymous).
+        #[arg(long, default_value = "shared")]
+        memory_backend: MemoryBackend,
+        /// Serve the control API on this unix socket.
+        #[arg(long)]
+        api_sock: Option<PathBuf>,
+    },
+    /// Restore a checkpoint and run it on.
+    Restore {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// Serve the control API on this unix socket.
+        #[arg(long)]
+        api_sock: Option<PathBuf>,
+    },
+    /// Checkpoint a running VM.
+    Checkpoint {
+        /// The VM's API socket.
+        #[arg(long)]
+        api_sock: PathBuf,
+        /// Directory to commit the checkpoint to (replaced atomically if it exists).
+        #[arg(long)]
+        out: PathBuf,
+        /// Strategy: stop-and-save.
+        #[arg(long, default_value = "stop-and-save")]
+        strategy: String,
+        /// Leave the VM stopped after the checkpoint (its VMM exits).
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Pause a running VM.
+    Pause {
+        #[arg(long)]
+        api_sock: PathBuf,
+    },
+    /// Resume a paused VM.
+    Resume {
+        #[arg(long)]
+        api_sock: PathBuf,
+    },
+    /// Show a VM's state.
+    Status {
+        #[arg(long)]
+        api_sock: PathBuf,
+    },
+    /// Stop a VM and its VMM.
+    Quit {
+        #[arg(long)]
+        api_sock: PathBuf,
+    },
+    /// Check a checkpoint completely (every file and checksum).
+    Verify { dir: PathBuf },
+    /// Show what a checkpoint holds.
+    Inspect {
+        dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot, checkpoint live, SIGKILL, restore, and show the result is right.
+    Demo {
+        /// Keep the demo's work directory (checkpoint included).
+        #[arg(long)]
+        keep: bool,
+        /// Work directory (default: a new one under $TMPDIR).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCmd,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ExitCode::from(run(cli.cmd).clamp(0, 255) as u8)
+}
+
+fn fail(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("cevm: error: {msg}");
+    ERROR
+}
+
+fn run(cmd: Cmd) -> i32 {
+    match cmd {
+        Cmd::Run { guest, guest_args, mem, vcpus, memory_backend, api_sock } => {
+            let config = InstanceConfig { guest, guest_args, mem_size: mem, vcpus, memory_backend };
+            let (tx, rx) = mpsc::channel();
+            match Instance::new(config, Box::new(std::io::stdout()), tx) {
+                Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref())),
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Restore { dir, api_sock } => {
+            let (tx, rx) = mpsc::channel();
+            match checkpoint::restore(&dir, Box::new(std::io::stdout()), tx) {
+                Ok(inst) => {
+                    eprintln!("cevm: restored {} (every checksum verified)", dir.display());
+                    finish(runner::run(inst, rx, api_sock.as_deref()))
+                }
+                Err(e) => fail(format!("cannot restore: {e}")),
+            }
+        }
+        Cmd::Checkpoint { api_sock, out, strategy, stop } => {
+            let out = match absolute(&out) {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
+            let body = json!({ "out": out, "strategy": strategy, "stop": stop });
+            client(&api_sock, "PUT", "/v1/checkpoint", Some(body))
+        }
+        Cmd::Pause { api_sock } => client(&api_sock, "PUT", "/v1/pause", None),
+        Cmd::Resume { api_sock } => client(&api_sock, "PUT", "/v1/resume", None),
+        Cmd::Status { api_sock } => client(&api_sock, "GET", "/v1/status", None),
+        Cmd::Quit { api_sock } => client(&api_sock, "PUT", "/v1/quit", None),
+        Cmd::Verify { dir } => match checkpoint::verify(&dir) {
+            Ok(r) => {
+                println!("{}: OK", dir.display());
+                for f in &r.files {
+                    println!("  {:<14} {:>14} bytes  crc32 {}  ok", f.name, f.size, f.crc32);
+                }
+                OK
+            }
+            Err(e) => fail(format!("verify failed: {e}")),
+        },
+        Cmd::Inspect { dir, json } => match inspect::describe(&dir, json) {
+            Ok(s) => {
+                print!("{s}");
+                if json {
+                    println!();
+                }
+                OK
+            }
+            Err(e) => fail(format!("cannot inspect: {e}")),
+        },
+        Cmd::Demo { keep, dir } => {
+            let bin = match std::env::current_exe() {
+                Ok(b) => b,
+                Err(e) => return fail(format!("cannot find the cevm binary: {e}")),
+            };
+            match demo::run(&bin, &dir.unwrap_or_else(demo::default_workdir), keep) {
+                Ok(true) => OK,
+                Ok(false) => ERROR,
+                Err(e) => fail(format!("demo: {e}")),
+            }
+        }
+        Cmd::Bench { which } => match bench::run(which) {
+            Ok(()) => OK,
+            Err(e) => fail(format!("bench: {e}")),
+        },
+    }
+}
+
+/// Turns the end of a VMM run into a message and an exit code.
+fn finish(r: Result<Outcome, String>) -> i32 {
+    match r {
+        Ok(Outcome::GuestExit(0)) => OK,
+        Ok(Outcome::GuestExit(s)) => {
+            eprintln!("cevm: guest exited with status {s}");
+            GUEST_FAILED
+        }
+        Ok(Outcome::StoppedAfterCheckpoint(dir)) => {
+            eprintln!("cevm: VM stopped after its checkpoint to {}", dir.display());
+            OK
+        }
+        Ok(Outcome::Quit) => {
+            eprintln!("cevm: VM stopped by the API");
+            OK
+        }
+        Ok(Outcome::Failed(msg)) => fail(msg),
+        Err(e) => fail(e),
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// One API call; prints the JSON answer. A missing socket is a usage error (2).
+fn client(sock: &Path, method: &str, path: &str, body: Option<serde_json::Value>) -> i32 {
+    match api::call(sock, method, path, body.as_ref(), Duration::from_secs(3600)) {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            OK
+        }
+        Err(e @ api::ClientError::Connect { .. }) => {
+            eprintln!("cevm: error: {e} (is a `cevm run --api-sock` running there?)");
+            USAGE
+        }
+        Err(e) => fail(e),
+    }
+}

@@ -1,0 +1,209 @@
+//! Checkpoint strategies and restore.
+//!
+//! A strategy turns a running [`vmm::Instance`] into a checkpoint directory (format
+//! of the `snapshot` crate). This issue brings the baseline, **stop-and-save**: pause
+//! the vCPUs, write state and memory, commit, resume (the seed's traditional
+//! checkpoint, `T_cpt`). Later strategies (migration-only, CEVM thread/process-based)
+//! are added to [`Strategy`] and compared against it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use snapshot::{
+    Checkpoint, CheckpointWriter, MemoryLayout, MemoryRegionLayout, MemorySource, MemoryStats, MemoryTarget,
+};
+use vmm::{Instance, InstanceConfig, InstanceState, VmEvent};
+
+/// Errors of checkpoint and restore.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The checkpoint files are missing, damaged or could not be written.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+    /// The instance could not be paused, saved or restored.
+    #[error(transparent)]
+    Vmm(#[from] vmm::Error),
+    /// A checked file does not decode into what this cevm expects.
+    #[error("{path}: {reason}")]
+    Decode { path: PathBuf, reason: String },
+    /// The state could not be serialized.
+    #[error("cannot serialize the instance state: {0}")]
+    Encode(String),
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How a checkpoint is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Pause, write everything, resume: the guest waits for the whole write.
+    StopAndSave,
+}
+
+impl Strategy {
+    /// The name used on the command line, in the API and in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::StopAndSave => "stop-and-save",
+        }
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "stop-and-save" => Ok(Strategy::StopAndSave),
+            _ => Err(format!("unknown checkpoint strategy `{s}` (available: stop-and-save)")),
+        }
+    }
+}
+
+/// What a checkpoint cost and produced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckpointReport {
+    /// The committed checkpoint directory.
+    pub dir: PathBuf,
+    pub strategy: Strategy,
+    /// How long the guest's vCPUs were paused (until resumed, or until the
+    /// checkpoint was committed when the instance stays stopped).
+    pub pause_ms: f64,
+    /// From the request to the committed checkpoint.
+    pub total_ms: f64,
+    /// Bytes of memory pages written (zero pages are never written).
+    pub memory: MemoryStats,
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+    /// Memory bytes written per second of writing (data pages only).
+    pub write_mib_per_s: f64,
+    /// Whether the instance was left stopped (`--stop`) instead of resumed.
+    pub stopped: bool,
+}
+
+/// The memory layout of an instance, as the checkpoint records it.
+fn memory_layout(instance: &Instance) -> MemoryLayout {
+    MemoryLayout {
+        page_size: vmm::layout::PAGE_SIZE,
+        regions: instance
+            .memory()
+            .ranges()
+            .iter()
+            .map(|r| MemoryRegionLayout { guest_addr: r.guest_addr, size: r.size })
+            .collect(),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Stop-and-save: pauses the instance, writes its state and memory to `out`
+/// (committed atomically), then resumes it, or leaves it paused when `stop`.
+/// If writing fails the instance is resumed anyway (unless `stop`) and `out`,
+/// if it held an older checkpoint, still holds it.
+pub fn stop_and_save(instance: &mut Instance, out: &Path, stop: bool) -> Result<CheckpointReport> {
+    let t0 = Instant::now();
+    let was_running = instance.run_state() == vmm::instance::RunState::Running;
+    instance.pause()?;
+    let written = write_paused(instance, out, Strategy::StopAndSave);
+    // An instance the user had paused before stays paused.
+    if was_running && !stop {
+        instance.resume()?;
+    }
+    let pause_ms = ms(t0.elapsed());
+    let (memory, state_bytes, write_time) = written?;
+    Ok(CheckpointReport {
+        dir: out.to_path_buf(),
+        strategy: Strategy::StopAndSave,
+        pause_ms,
+        total_ms: ms(t0.elapsed()),
+        write_mib_per_s: memory.data_bytes as f64 / (1 << 20) as f64 / write_time.as_secs_f64().max(1e-9),
+        memory,
+        state_bytes,
+        stopped: stop,
+    })
+}
+
+/// Writes the checkpoint of a paused instance. Returns memory stats, state size and
+/// the time spent writing memory.
+fn write_paused(instance: &mut Instance, out: &Path, strategy: Strategy) -> Result<(MemoryStats, u64, Duration)> {
+    let state = instance.save_state()?;
+    let state_json = serde_json::to_vec(&state).map_err(|e| Error::Encode(e.to_string()))?;
+    let mut writer = CheckpointWriter::create(out)?;
+    writer.write_file(snapshot::STATE_FILE, &state_json)?;
+    let layout = memory_layout(instance);
+    let t = Instant::now();
+    // SAFETY: the instance is paused (every vCPU stopped) and has no DMA-capable
+    // device, so nothing writes guest memory while the slices live.
+    let slices = unsafe { instance.memory().slices() };
+    let sources: Vec<MemorySource<'_>> = slices.iter().map(|(a, d)| MemorySource { guest_addr: *a, data: d }).collect();
+    let stats = writer.write_memory(&layout, &sources)?;
+    let write_time = t.elapsed();
+    let guest = serde_json::to_value(instance.config()).map_err(|e| Error::Encode(e.to_string()))?;
+    writer.commit(strategy.name(), env!("CARGO_PKG_VERSION"), guest)?;
+    Ok((stats, state_json.len() as u64, write_time))
+}
+
+/// A checkpoint opened and checked (manifest, state file, sizes), with its
+/// configuration and state decoded. The memory image is checked when loaded.
+pub struct OpenCheckpoint {
+    pub checkpoint: Checkpoint,
+    pub config: InstanceConfig,
+    pub state: InstanceState,
+}
+
+/// Opens and checks the checkpoint at `dir` and decodes what it holds.
+pub fn open(dir: &Path) -> Result<OpenCheckpoint> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let manifest_path = dir.join(snapshot::MANIFEST_FILE);
+    let config: InstanceConfig = serde_json::from_value(checkpoint.manifest.guest.clone())
+        .map_err(|e| Error::Decode { path: manifest_path.clone(), reason: format!("guest configuration: {e}") })?;
+    let state_path = dir.join(snapshot::STATE_FILE);
+    let state: InstanceState = serde_json::from_slice(&checkpoint.read_file(snapshot::STATE_FILE)?)
+        .map_err(|e| Error::Decode { path: state_path.clone(), reason: format!("instance state: {e}") })?;
+    if state.vcpus.len() != config.vcpus as usize {
+        return Err(Error::Decode {
+            path: state_path,
+            reason: format!("holds {} vCPUs, the manifest says {}", state.vcpus.len(), config.vcpus),
+        });
+    }
+    let expected: Vec<_> = vmm::memory::ram_ranges(config.mem_size)
+        .iter()
+        .map(|r| MemoryRegionLayout { guest_addr: r.guest_addr, size: r.size })
+        .collect();
+    if checkpoint.manifest.memory.regions != expected {
+        return Err(Error::Decode {
+            path: manifest_path,
+            reason: format!("memory layout does not match a guest of {} bytes", config.mem_size),
+        });
+    }
+    Ok(OpenCheckpoint { checkpoint, config, state })
+}
+
+/// Restores the checkpoint at `dir` into a new instance, memory loaded and checked,
+/// vCPUs not started. Nothing of the guest runs unless every check passed.
+pub fn restore(dir: &Path, console: Box<dyn Write + Send>, events: Sender<VmEvent>) -> Result<Instance> {
+    let open = open(dir)?;
+    let instance = Instance::restore(open.config, &open.state, console, events)?;
+    {
+        // SAFETY: the instance's vCPUs have not started and no device touches memory yet.
+        let mut slices = unsafe { instance.memory().slices_mut() };
+        let mut targets: Vec<MemoryTarget<'_>> =
+            slices.iter_mut().map(|(a, d)| MemoryTarget { guest_addr: *a, data: d }).collect();
+        open.checkpoint.load_memory(&mut targets)?;
+    }
+    Ok(instance)
+}
+
+/// Verifies a checkpoint completely: every file and checksum, and that its state
+/// decodes. Returns the snapshot crate's report.
+pub fn verify(dir: &Path) -> Result<snapshot::VerifyReport> {
+    let report = snapshot::verify(dir)?;
+    open(dir)?;
+    Ok(report)
+}

@@ -1,0 +1,27 @@
+//! cevm's devices. Each device is logic without I/O of its own: it takes register
+//! reads and writes from the VMM's bus and exposes a plain, serde-serializable state
+//! struct (`state()` to save, `from_state()` to restore), so it can be tested and
+//! checkpointed without KVM.
+
+pub mod exit;
+pub mod serial;
+
+pub use exit::ExitPort;
+pub use serial::{Serial, SerialState};
+
+/// What the VMM must do after a device handled a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoAction {
+    /// Nothing: the guest goes on.
+    None,
+    /// The guest asked to end the VM with this status.
+    GuestExit(u32),
+}
+
+/// A device on the x86 I/O port bus. `offset` is relative to the device's first port.
+pub trait PioDevice: Send {
+    /// The guest reads `data.len()` bytes at `offset`.
+    fn read(&mut self, offset: u16, data: &mut [u8]);
+    /// The guest writes `data` at `offset`.
+    fn write(&mut self, offset: u16, data: &[u8]) -> IoAction;
+}

@@ -1,0 +1,80 @@
+/* dirtier: keeps dirtying a working set of guest memory at a given rate.
+ *
+ * Writes one 8-byte counter into each 4 KiB page of a `mib` MiB working set, page
+ * after page, wrapping around, paced to `rate` pages per second by the TSC (0 = as
+ * fast as the vCPU goes), and prints the pages/s achieved each second.
+ *
+ * args: mib=<working set, default 16> rate=<pages/s, default 0> seconds=<default 10, 0 = forever>
+ * prints: "dirtier: ..." header, "dirtier: t=<s>s pages/s=<n> total=<n>" each second,
+ *         "dirtier: done pages=<n>" at the end; exits 0 (1 on bad arguments). */
+#include "cevm_guest.h"
+
+#define PAGE 4096UL
+#define CHECK_EVERY 16
+
+void guest_main(struct boot_info *bi, u64 cpu)
+{
+    if (cpu != 0)
+        park();
+
+    u64 mib = arg_u64(bi, "mib", 16);
+    u64 rate = arg_u64(bi, "rate", 0);
+    u64 seconds = arg_u64(bi, "seconds", 10);
+    u64 tsc_hz = (u64)bi->tsc_khz * 1000;
+    u8 *area = (u8 *)bi->free_start;
+    u64 pages = (mib << 20) / PAGE;
+
+    puts("dirtier: mib=");
+    put_dec(mib);
+    puts(" rate=");
+    put_dec(rate);
+    puts(" seconds=");
+    put_dec(seconds);
+    puts("\n");
+    if (pages == 0 || bi->free_start + (mib << 20) > bi->free_end) {
+        puts("dirtier: working set does not fit in guest memory\n");
+        guest_exit(1);
+    }
+    if (tsc_hz == 0) {
+        puts("dirtier: TSC frequency unknown\n");
+        guest_exit(1);
+    }
+
+    u64 t0 = rdtsc();
+    u64 next_report = t0 + tsc_hz;
+    u64 total = 0, at_last_report = 0, elapsed_s = 0, page = 0;
+    for (;;) {
+        for (int k = 0; k < CHECK_EVERY; k++) {
+            *(volatile u64 *)(area + page * PAGE) = ++total;
+            if (++page == pages)
+                page = 0;
+        }
+        u64 now = rdtsc();
+        if (rate) {
+            /* Wait until `total` pages are due at `rate` pages/s since t0. */
+            u64 due = t0 + total * tsc_hz / rate;
+            while (now < due && now < next_report) {
+                cpu_relax();
+                now = rdtsc();
+            }
+        }
+        if (now >= next_report) {
+            elapsed_s++;
+            next_report += tsc_hz;
+            puts("dirtier: t=");
+            put_dec(elapsed_s);
+            puts("s pages/s=");
+            put_dec(total - at_last_report);
+            puts(" total=");
+            put_dec(total);
+            puts("\n");
+            at_last_report = total;
+            if (seconds && elapsed_s >= seconds) {
+                puts("dirtier: done pages=");
+                put_dec(total);
+                puts("\n");
+                guest_exit(0);
+            }
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Errors of the checkpoint format. Every one names the file at fault.
+
+use std::path::PathBuf;
+
+/// What is wrong with a checkpoint, or what failed while writing one.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file's content does not match its checksum.
+    #[error("{path}: checksum mismatch (expected {expected}, found {actual}): the file is damaged")]
+    Checksum { path: PathBuf, expected: String, actual: String },
+    /// A file has another size than the manifest says.
+    #[error("{path}: size is {actual} bytes, the manifest says {expected}")]
+    Size { path: PathBuf, expected: u64, actual: u64 },
+    /// A file of the checkpoint is missing.
+    #[error("{path}: missing")]
+    Missing { path: PathBuf },
+    /// The manifest is of a format version this cevm does not read.
+    #[error("{path}: unsupported checkpoint format version {found} (this cevm reads version {supported})")]
+    UnsupportedVersion { path: PathBuf, found: u64, supported: u32 },
+    /// The manifest does not start with its checksum field.
+    #[error("{path}: manifest header damaged (it must begin with its \"manifest_crc32\" field)")]
+    ManifestHeader { path: PathBuf },
+    /// The manifest is not what this format says.
+    #[error("{path}: invalid manifest: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    /// The caller's memory does not match the layout.
+    #[error("{path}: {reason}")]
+    Layout { path: PathBuf, reason: String },
+    /// A file operation failed.
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                Error::Missing { path }
+            } else {
+                Error::Io { path, op, source }
+            }
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! The cevm checkpoint format.
+//!
+//! A checkpoint is a directory:
+//!
+//! ```text
+//! DIR/
+//!   manifest.json   what the checkpoint holds; checksummed itself (see below)
+//!   state.json      the VMM's serialized vCPU/VM/device state (opaque here)
+//!   memory.img      guest memory, each page at its guest-physical offset;
+//!                   all-zero pages are holes, never written (a sparse file)
+//! ```
+//!
+//! Callers may add other files with [`CheckpointWriter::write_file`]; the manifest
+//! lists every file but itself with its size and CRC32 (IEEE, as `crc32` or
+//! `gzip` compute it), memory.img's over its whole logical content (holes read as
+//! zeros).
+//!
+//! **manifest.json's own checksum.** The file is pretty-printed JSON whose first
+//! field is `"manifest_crc32": "XXXXXXXX"`, so it begins with the exact bytes
+//! `{\n  "manifest_crc32": "`. The CRC32 is computed over the whole file with those
+//! eight hex digits replaced by `00000000`. To check by hand: copy the file, put
+//! `00000000` there, `crc32` the copy. Any flipped byte of the file is caught,
+//! and the file stays plain JSON for `jq` and friends.
+//!
+//! **Atomic commit.** Everything is written into a temporary sibling directory
+//! (`.<name>.tmp-<pid>-<n>`), each file and the directory are fsynced, then the
+//! directory is renamed into place (`renameat2(RENAME_EXCHANGE)` when an older
+//! checkpoint is there, which is then removed) and the parent is fsynced. A crash at
+//! any moment leaves the name holding one complete checkpoint, old or new.
+
+mod error;
+mod manifest;
+mod reader;
+mod writer;
+
+pub use error::Error;
+pub use manifest::{seal_manifest, FileEntry, Manifest, MemoryLayout, MemoryRegionLayout, MemoryStats};
+pub use reader::{verify, Checkpoint, MemoryTarget, VerifyReport};
+pub use writer::{CheckpointWriter, MemorySource};
+
+/// Version of the format this crate writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The manifest's file name.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// The state file's name.
+pub const STATE_FILE: &str = "state.json";
+/// The memory image's name.
+pub const MEMORY_FILE: &str = "memory.img";
+/// Page size of memory images.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// CRC32 as 8 lowercase hex digits.
+pub(crate) fn hex(crc: u32) -> String {
+    format!("{crc:08x}")
+}

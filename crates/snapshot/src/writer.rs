@@ -1,0 +1,244 @@
+//! Writing a checkpoint: files into a temporary sibling, then an atomic commit.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::manifest::{encode, FileEntry, Manifest, MemoryLayout, MemoryStats};
+use crate::{hex, Error, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE};
+
+/// A contiguous piece of guest memory to save. The caller guarantees nothing writes
+/// it while the writer reads it (every vCPU stopped).
+pub struct MemorySource<'a> {
+    pub guest_addr: u64,
+    pub data: &'a [u8],
+}
+
+/// A checkpoint being written. Dropped without [`commit`](Self::commit), it removes
+/// its temporary directory and leaves any older checkpoint untouched.
+pub struct CheckpointWriter {
+    final_dir: PathBuf,
+    parent: PathBuf,
+    tmp: PathBuf,
+    files: Vec<FileEntry>,
+    memory: Option<(MemoryLayout, MemoryStats)>,
+    committed: bool,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Zeros to feed the CRC of holes.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Feeds `n` zero bytes to a CRC (holes of the memory image).
+pub(crate) fn hash_zeros(h: &mut crc32fast::Hasher, mut n: u64) {
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        h.update(&ZEROS[..k]);
+        n -= k as u64;
+    }
+}
+
+/// Whether a page is all zeros (64-byte blocks OR-reduced: the compiler vectorizes it).
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks(64).all(|block| block.iter().fold(0u8, |acc, b| acc | b) == 0)
+}
+
+fn fsync_dir(path: &Path) -> Result<(), Error> {
+    File::open(path).and_then(|d| d.sync_all()).map_err(Error::io(path, "fsync directory"))
+}
+
+/// Prefix of the temporary siblings of checkpoint `name`.
+fn tmp_prefix(name: &std::ffi::OsStr) -> String {
+    format!(".{}.tmp-", name.to_string_lossy())
+}
+
+impl CheckpointWriter {
+    /// Starts a checkpoint that becomes `final_dir` on commit. The parent directory
+    /// must exist. Temporary siblings left by dead processes are removed.
+    pub fn create(final_dir: &Path) -> Result<Self, Error> {
+        let name = final_dir
+            .file_name()
+            .ok_or_else(|| Error::Layout { path: final_dir.into(), reason: "not a directory name".into() })?;
+        let parent = match final_dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !parent.is_dir() {
+            return Err(Error::Missing { path: parent });
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(final_dir) {
+            // Replacing is only for checkpoints: never swap away a user's directory.
+            let empty = meta.is_dir() && std::fs::read_dir(final_dir).map(|mut d| d.next().is_none()).unwrap_or(false);
+            if !(meta.is_dir() && (empty || final_dir.join(MANIFEST_FILE).exists())) {
+                return Err(Error::Layout {
+                    path: final_dir.into(),
+                    reason: "exists and is not a checkpoint; refusing to replace it".into(),
+                });
+            }
+        }
+        let prefix = tmp_prefix(name);
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for e in entries.flatten() {
+                let fname = e.file_name();
+                let Some(rest) = fname.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
+                let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+                // SAFETY: kill with signal 0 only checks whether the process exists.
+                let dead = unsafe { libc::kill(pid, 0) } == -1
+                    && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+                if dead {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let tmp = parent.join(format!("{prefix}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir(&tmp).map_err(Error::io(&tmp, "create directory"))?;
+        Ok(CheckpointWriter {
+            final_dir: final_dir.to_path_buf(),
+            parent,
+            tmp,
+            files: Vec::new(),
+            memory: None,
+            committed: false,
+        })
+    }
+
+    /// Writes a whole file into the checkpoint, fsyncs it, records size and CRC32.
+    pub fn write_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), Error> {
+        let path = self.tmp.join(name);
+        let mut f = File::create(&path).map_err(Error::io(&path, "create"))?;
+        f.write_all(bytes).map_err(Error::io(&path, "write"))?;
+        f.sync_all().map_err(Error::io(&path, "fsync"))?;
+        self.files.push(FileEntry { name: name.into(), size: bytes.len() as u64, crc32: hex(crc32fast::hash(bytes)) });
+        Ok(())
+    }
+
+    /// Writes memory.img: runs of non-zero pages with one `pwrite` each, straight from
+    /// the caller's memory; zero pages skipped (holes). The CRC32 over the logical
+    /// content is computed in the same pass.
+    pub fn write_memory(&mut self, layout: &MemoryLayout, sources: &[MemorySource<'_>]) -> Result<MemoryStats, Error> {
+        let path = self.tmp.join(MEMORY_FILE);
+        layout.check(&path)?;
+        let mismatch = |reason: String| Error::Layout { path: path.clone(), reason };
+        if sources.len() != layout.regions.len() {
+            return Err(mismatch(format!("{} memory sources for {} regions", sources.len(), layout.regions.len())));
+        }
+        let ps = layout.page_size as usize;
+        let f = File::create(&path).map_err(Error::io(&path, "create"))?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut stats = MemoryStats::default();
+        let mut pos = 0u64;
+        for (region, src) in layout.regions.iter().zip(sources) {
+            if src.guest_addr != region.guest_addr || src.data.len() as u64 != region.size {
+                return Err(mismatch(format!(
+                    "memory source {:#x}+{:#x} does not match region {:#x}+{:#x}",
+                    src.guest_addr,
+                    src.data.len(),
+                    region.guest_addr,
+                    region.size
+                )));
+            }
+            hash_zeros(&mut crc, region.guest_addr - pos);
+            let pages: Vec<&[u8]> = src.data.chunks(ps).collect();
+            let mut i = 0;
+            while i < pages.len() {
+                if is_zero(pages[i]) {
+                    crc.update(pages[i]);
+                    stats.zero_pages += 1;
+                    i += 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < pages.len() && !is_zero(pages[j]) {
+                    j += 1;
+                }
+                let run = &src.data[i * ps..j * ps];
+                f.write_all_at(run, region.guest_addr + (i * ps) as u64).map_err(Error::io(&path, "write"))?;
+                crc.update(run);
+                stats.data_pages += (j - i) as u64;
+                stats.data_bytes += run.len() as u64;
+                i = j;
+            }
+            pos = region.guest_addr + region.size;
+        }
+        f.set_len(layout.image_size()).map_err(Error::io(&path, "set length"))?;
+        f.sync_all().map_err(Error::io(&path, "fsync"))?;
+        self.files.push(FileEntry { name: MEMORY_FILE.into(), size: layout.image_size(), crc32: hex(crc.finalize()) });
+        self.memory = Some((layout.clone(), stats.clone()));
+        Ok(stats)
+    }
+
+    /// Writes manifest.json and atomically puts the checkpoint at its final name.
+    pub fn commit(mut self, strategy: &str, cevm_version: &str, guest: serde_json::Value) -> Result<Manifest, Error> {
+        let (memory, memory_stats) = self.memory.clone().ok_or_else(|| Error::Layout {
+            path: self.tmp.join(MEMORY_FILE),
+            reason: "no memory image written".into(),
+        })?;
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            cevm_version: cevm_version.into(),
+            created_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            strategy: strategy.into(),
+            guest,
+            memory,
+            memory_stats,
+            files: self.files.clone(),
+        };
+        let mpath = self.tmp.join(MANIFEST_FILE);
+        let text = encode(&manifest).map_err(|e| Error::Manifest { path: mpath.clone(), reason: e.to_string() })?;
+        let mut f = File::create(&mpath).map_err(Error::io(&mpath, "create"))?;
+        f.write_all(text.as_bytes()).map_err(Error::io(&mpath, "write"))?;
+        f.sync_all().map_err(Error::io(&mpath, "fsync"))?;
+        fsync_dir(&self.tmp)?;
+        if std::fs::symlink_metadata(&self.final_dir).is_ok() {
+            exchange(&self.tmp, &self.final_dir)?;
+            self.committed = true;
+            // The temporary name now holds the older checkpoint.
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        } else {
+            std::fs::rename(&self.tmp, &self.final_dir).map_err(Error::io(&self.final_dir, "rename"))?;
+            self.committed = true;
+        }
+        fsync_dir(&self.parent)?;
+        Ok(manifest)
+    }
+}
+
+/// Swaps two paths atomically (`renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> Result<(), Error> {
+    let ca = std::ffi::CString::new(a.as_os_str().as_bytes())
+        .map_err(|_| Error::Layout { path: a.into(), reason: "path contains NUL".into() })?;
+    let cb = std::ffi::CString::new(b.as_os_str().as_bytes())
+        .map_err(|_| Error::Layout { path: b.into(), reason: "path contains NUL".into() })?;
+    // SAFETY: both are valid NUL-terminated paths; the result is checked.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r != 0 {
+        return Err(Error::Io {
+            path: b.into(),
+            op: "renameat2(RENAME_EXCHANGE)",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}

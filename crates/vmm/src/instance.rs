@@ -1,0 +1,357 @@
+//! An instance: KVM VM, memory, devices and vCPU threads, with start, pause,
+//! resume, save and restore.
+
+use std::io::Write;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::{ExitPort, Serial};
+use kvm_bindings::{
+    kvm_irqchip, kvm_msr_entry, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::boot;
+use crate::bus::{lock, PioBus};
+use crate::layout::{COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, MAX_VCPUS};
+use crate::memory::{GuestMemory, MemoryBackend};
+use crate::state::{DeviceStates, InstanceState, VcpuState, VmState};
+use crate::vcpu::{self, kick_signal, RunControl, Vcpu, VcpuCommand};
+use crate::{Error, Result, VmEvent};
+
+/// What an instance runs: the guest configuration, recorded in every checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceConfig {
+    /// Name of the built-in guest.
+    pub guest: String,
+    /// The guest's argument string ("key=value ...").
+    pub guest_args: String,
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Where guest memory lives.
+    pub memory_backend: MemoryBackend,
+}
+
+/// How long a pause may take before it is reported as a failure.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a pause re-sends the kick while waiting.
+const KICK_INTERVAL: Duration = Duration::from_millis(20);
+
+struct VcpuThread {
+    handle: JoinHandle<()>,
+    commands: Sender<VcpuCommand>,
+}
+
+/// Run state of an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Created, vCPUs not started.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused at an instruction boundary.
+    Paused,
+}
+
+/// One KVM VM and everything that belongs to it.
+pub struct Instance {
+    config: InstanceConfig,
+    vm: VmFd,
+    memory: GuestMemory,
+    serial: Arc<Mutex<Serial>>,
+    bus: Arc<PioBus>,
+    ctl: Arc<RunControl>,
+    idle_vcpus: Vec<Vcpu>,
+    threads: Vec<VcpuThread>,
+    events: Sender<VmEvent>,
+    state: RunState,
+    // Declared last: the KVM system fd outlives the VM's.
+    _kvm: Kvm,
+}
+
+impl Instance {
+    /// A new instance booting the built-in guest of `config`; vCPUs not started yet.
+    pub fn new(config: InstanceConfig, console: Box<dyn Write + Send>, events: Sender<VmEvent>) -> Result<Self> {
+        let image = guests::image(&config.guest).ok_or_else(|| {
+            Error::Config(format!(
+                "unknown guest `{}` (built-in guests: {})",
+                config.guest,
+                guests::names().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let mut inst = Self::create(config, console, None, events)?;
+        let tsc_khz = inst.idle_vcpus[0].fd().get_tsc_khz().unwrap_or(0);
+        boot::load_builtin_guest(&inst.memory, image, inst.config.vcpus, tsc_khz, &inst.config.guest_args)?;
+        for v in &inst.idle_vcpus {
+            let fd = v.fd();
+            let sregs = fd.get_sregs().map_err(|e| Error::Vcpu { id: v.id, msg: format!("KVM_GET_SREGS: {e}") })?;
+            fd.set_sregs(&boot::long_mode_sregs(sregs))
+                .map_err(|e| Error::Vcpu { id: v.id, msg: format!("KVM_SET_SREGS: {e}") })?;
+            fd.set_regs(&boot::entry_regs(v.id))
+                .map_err(|e| Error::Vcpu { id: v.id, msg: format!("KVM_SET_REGS: {e}") })?;
+            fd.set_fpu(&boot::reset_fpu()).map_err(|e| Error::Vcpu { id: v.id, msg: format!("KVM_SET_FPU: {e}") })?;
+            v.set_runnable()?;
+        }
+        inst.state = RunState::Created;
+        Ok(inst)
+    }
+
+    /// A new instance in the saved `state`. Guest memory is zeroed: the caller fills
+    /// it (see [`Instance::memory`]) before [`Instance::start`].
+    pub fn restore(
+        config: InstanceConfig,
+        state: &InstanceState,
+        console: Box<dyn Write + Send>,
+        events: Sender<VmEvent>,
+    ) -> Result<Self> {
+        if state.vcpus.len() != config.vcpus as usize {
+            return Err(Error::Config(format!(
+                "the state has {} vCPUs, the configuration {}",
+                state.vcpus.len(),
+                config.vcpus
+            )));
+        }
+        let inst = Self::create(config, console, Some(&state.devices), events)?;
+        let vm = &inst.vm;
+        for (chip, saved) in [&state.vm.pic_master, &state.vm.pic_slave, &state.vm.ioapic].into_iter().enumerate() {
+            if saved.chip_id != chip as u32 {
+                return Err(Error::Config(format!("irqchip {chip} of the state is chip {}", saved.chip_id)));
+            }
+            vm.set_irqchip(saved).map_err(|e| Error::Kvm("KVM_SET_IRQCHIP", e))?;
+        }
+        let host_tsc = inst.idle_vcpus[0].fd().get_tsc_khz().ok();
+        for (v, s) in inst.idle_vcpus.iter().zip(&state.vcpus) {
+            v.restore(s, host_tsc)?;
+        }
+        // The guest's clock goes on from the saved instant (flags cleared: no
+        // adjustment for the time the checkpoint spent on disk).
+        let mut clock = state.vm.clock;
+        clock.flags = 0;
+        vm.set_clock(&clock).map_err(|e| Error::Kvm("KVM_SET_CLOCK", e))?;
+        Ok(inst)
+    }
+
+    /// KVM VM, irqchip, memory, devices and vCPUs common to new and restored instances.
+    fn create(
+        config: InstanceConfig,
+        console: Box<dyn Write + Send>,
+        devices: Option<&DeviceStates>,
+        events: Sender<VmEvent>,
+    ) -> Result<Self> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(Error::Config(format!("{} vCPUs: between 1 and {MAX_VCPUS} are supported", config.vcpus)));
+        }
+        vcpu::install_kick_handler()?;
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm.create_irq_chip().map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let memory = GuestMemory::new(config.mem_size, config.memory_backend)?;
+        memory.register(&vm)?;
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
+        vm.register_irqfd(&irq, COM1_IRQ).map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let serial = match devices {
+            Some(d) => Serial::from_state(&d.serial, irq, console).map_err(|e| Error::Device(e.to_string()))?,
+            None => Serial::new(irq, console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let mut bus = PioBus::default();
+        bus.insert(COM1_BASE, COM1_LEN, serial.clone());
+        bus.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort)));
+
+        let cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut idle_vcpus = Vec::new();
+        let mut msr_indices = Arc::new(Vec::new());
+        for id in 0..config.vcpus {
+            let fd = vm.create_vcpu(u64::from(id)).map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            fd.set_cpuid2(&vcpu_cpuid(&cpuid, id)?)
+                .map_err(|e| Error::Vcpu { id, msg: format!("KVM_SET_CPUID2: {e}") })?;
+            if id == 0 {
+                msr_indices = Arc::new(saveable_msrs(&kvm, &fd)?);
+            }
+            idle_vcpus.push(Vcpu::new(id, fd, msr_indices.clone()));
+        }
+        Ok(Instance {
+            config,
+            vm,
+            memory,
+            serial,
+            bus: Arc::new(bus),
+            ctl: Arc::new(RunControl::default()),
+            idle_vcpus,
+            threads: Vec::new(),
+            events,
+            state: RunState::Created,
+            _kvm: kvm,
+        })
+    }
+
+    /// The guest configuration.
+    pub fn config(&self) -> &InstanceConfig {
+        &self.config
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The run state.
+    pub fn run_state(&self) -> RunState {
+        self.state
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(&mut self) -> Result<()> {
+        if self.state != RunState::Created {
+            return Err(Error::RunState("the instance was already started"));
+        }
+        for v in self.idle_vcpus.drain(..) {
+            let (tx, rx) = mpsc::channel();
+            let (ctl, bus, events) = (self.ctl.clone(), self.bus.clone(), self.events.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{}", v.id))
+                .spawn(move || vcpu::run_vcpu_thread(v, ctl, bus, rx, events))
+                .map_err(Error::Thread)?;
+            self.threads.push(VcpuThread { handle, commands: tx });
+        }
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    /// Stops every vCPU at an instruction boundary.
+    pub fn pause(&mut self) -> Result<()> {
+        match self.state {
+            RunState::Paused => return Ok(()),
+            RunState::Created => return Err(Error::RunState("the instance has not started")),
+            RunState::Running => {}
+        }
+        self.ctl.request_pause();
+        let n = self.threads.len() as u32;
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            for t in &self.threads {
+                // A thread that already ended cannot be signalled; it no longer runs either.
+                let _ = t.handle.kill(kick_signal());
+            }
+            if self.ctl.wait_paused(n, KICK_INTERVAL) {
+                break;
+            }
+            if Instant::now() > deadline {
+                self.ctl.clear_pause();
+                return Err(Error::RunState("vCPUs did not pause within 5 s"));
+            }
+        }
+        self.state = RunState::Paused;
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&mut self) -> Result<()> {
+        match self.state {
+            RunState::Running => return Ok(()),
+            RunState::Created => return Err(Error::RunState("the instance has not started")),
+            RunState::Paused => {}
+        }
+        self.ctl.clear_pause();
+        for t in &self.threads {
+            let _ = t.commands.send(VcpuCommand::Resume);
+        }
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    /// The whole state of the paused instance (vCPUs, VM, devices; not memory).
+    pub fn save_state(&mut self) -> Result<InstanceState> {
+        if self.state != RunState::Paused {
+            return Err(Error::RunState("the instance must be paused to save its state"));
+        }
+        let mut vcpus: Vec<VcpuState> = Vec::with_capacity(self.threads.len());
+        for (id, t) in self.threads.iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            let gone = || Error::Vcpu { id: id as u32, msg: "the vCPU thread has ended".into() };
+            t.commands.send(VcpuCommand::Save(tx)).map_err(|_| gone())?;
+            vcpus.push(rx.recv().map_err(|_| gone())??);
+        }
+        let chip = |id| -> Result<kvm_irqchip> {
+            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
+            self.vm.get_irqchip(&mut c).map_err(|e| Error::Kvm("KVM_GET_IRQCHIP", e))?;
+            Ok(c)
+        };
+        let vm = VmState {
+            clock: self.vm.get_clock().map_err(|e| Error::Kvm("KVM_GET_CLOCK", e))?,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        };
+        let devices = DeviceStates { serial: lock(&self.serial).state() };
+        Ok(InstanceState { vm, vcpus, devices })
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn shutdown(&mut self) {
+        if self.state == RunState::Running {
+            // A vCPU that does not pause still gets Exit below and ends with the process.
+            let _ = self.pause();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.commands.send(VcpuCommand::Exit);
+            let _ = t.handle.join();
+        }
+        self.state = RunState::Created;
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The CPUID of vCPU `id`: KVM's supported set with the vCPU's APIC ID filled in.
+fn vcpu_cpuid(supported: &CpuId, id: u32) -> Result<CpuId> {
+    let mut entries = supported.as_slice().to_vec();
+    for e in &mut entries {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
+                e.ecx |= 1 << 31; // running under a hypervisor
+            }
+            0xb | 0x1f => e.edx = id,
+            _ => {}
+        }
+    }
+    CpuId::from_entries(&entries).map_err(|e| Error::Vcpu { id, msg: format!("CPUID: {e:?}") })
+}
+
+/// The MSRs of KVM's index list that this vCPU can read: KVM lists some it then
+/// refuses (depending on CPUID), and `KVM_GET_MSRS` stops at the first one.
+fn saveable_msrs(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd) -> Result<Vec<u32>> {
+    let list = kvm.get_msr_index_list().map_err(|e| Error::Kvm("KVM_GET_MSR_INDEX_LIST", e))?;
+    let mut indices: Vec<u32> = list.as_slice().to_vec();
+    let mut start = 0;
+    while start < indices.len() {
+        let end = (start + 256).min(indices.len());
+        let entries: Vec<_> =
+            indices[start..end].iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut m = Msrs::from_entries(&entries).map_err(|e| Error::Vcpu { id: 0, msg: format!("MSR list: {e:?}") })?;
+        let n = vcpu.get_msrs(&mut m).map_err(|e| Error::Kvm("KVM_GET_MSRS", e))?;
+        if n == entries.len() {
+            start = end;
+        } else {
+            indices.remove(start + n);
+            start += n;
+        }
+    }
+    Ok(indices)
+}

@@ -1,0 +1,59 @@
+//! Guest-physical memory layout and port numbers, in one place.
+//!
+//! ```text
+//! 0x0000_0500  GDT (null, code64, data, tss)
+//! 0x0000_7000  boot info block of the built-in guests (rdi at entry)
+//! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000..0xf000 four page directories
+//!              (identity map of the first 4 GiB with 2 MiB pages)
+//! 0x0010_0000  guest image (flat binary, at most 1 MiB)
+//! 0x0020_0000  vCPU stacks, STACK_SIZE each, vCPU i's top at STACKS_ADDR + (i+1)*STACK_SIZE
+//! 0x0040_0000  free RAM for the guest's own use, up to min(mem, LOW_RAM_END)
+//! 0xc000_0000  32-bit hole (later: MMIO devices), RAM above it continues at 4 GiB
+//! ```
+
+/// Size of a guest page.
+pub const PAGE_SIZE: u64 = 4096;
+/// Global descriptor table.
+pub const GDT_ADDR: u64 = 0x500;
+/// Boot information block handed to built-in guests in `rdi`.
+pub const BOOT_INFO_ADDR: u64 = 0x7000;
+/// Top-level page table.
+pub const PML4_ADDR: u64 = 0x9000;
+/// Page-directory-pointer table (one, covering 512 GiB).
+pub const PDPT_ADDR: u64 = 0xa000;
+/// First of the page directories (2 MiB pages).
+pub const PD_ADDR: u64 = 0xb000;
+/// Size of the identity map set up for built-in guests.
+pub const IDENTITY_MAP_SIZE: u64 = 4 << 30;
+/// Where a built-in guest image is loaded and entered.
+pub const GUEST_IMAGE_ADDR: u64 = 0x10_0000;
+/// Largest built-in guest image.
+pub const GUEST_IMAGE_MAX: u64 = 0x10_0000;
+/// Base of the per-vCPU stacks.
+pub const STACKS_ADDR: u64 = 0x20_0000;
+/// Stack size of each vCPU of a built-in guest.
+pub const STACK_SIZE: u64 = 0x4000;
+/// Most vCPUs an instance may have (their stacks fill STACKS_ADDR..FREE_START).
+pub const MAX_VCPUS: u32 = 64;
+/// First byte of RAM a built-in guest may use freely.
+pub const FREE_START: u64 = 0x40_0000;
+/// Smallest guest memory accepted.
+pub const MIN_MEM_SIZE: u64 = 8 << 20;
+/// End of RAM below 4 GiB; the hole above is left for MMIO.
+pub const LOW_RAM_END: u64 = 0xc000_0000;
+/// Where RAM beyond LOW_RAM_END continues.
+pub const HIGH_RAM_START: u64 = 1 << 32;
+/// Three pages KVM needs for the TSS on Intel (`KVM_SET_TSS_ADDR`), inside the hole.
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+
+/// COM1, the 8250 serial console.
+pub const COM1_BASE: u16 = 0x3f8;
+/// Number of ports of an 8250.
+pub const COM1_LEN: u16 = 8;
+/// Interrupt line of COM1.
+pub const COM1_IRQ: u32 = 4;
+/// The exit port: a 32-bit write ends the VM with that status.
+pub const EXIT_PORT: u16 = 0xf4;
+
+const _: () = assert!(STACKS_ADDR + MAX_VCPUS as u64 * STACK_SIZE <= FREE_START);
+const _: () = assert!(GUEST_IMAGE_ADDR + GUEST_IMAGE_MAX <= STACKS_ADDR);
