@@ -33,6 +33,9 @@ mod manifest;
 mod reader;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 pub use error::Error;
 pub use manifest::{seal_manifest, FileEntry, Manifest, MemoryLayout, MemoryRegionLayout, MemoryStats};
 pub use reader::{verify, Checkpoint, MemoryTarget, VerifyReport};

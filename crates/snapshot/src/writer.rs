@@ -107,6 +107,11 @@ impl CheckpointWriter {
         })
     }
 
+    /// The temporary directory the checkpoint is written into.
+    pub fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
     /// Writes a whole file into the checkpoint, fsyncs it, records size and CRC32.
     pub fn write_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), Error> {
         let path = self.tmp.join(name);
