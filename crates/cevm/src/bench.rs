@@ -30,13 +30,18 @@ pub enum BenchCmd {
         /// Also write the raw samples as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Guest memory backend: shared (memfd) or private (anonymous).
+        #[arg(long, default_value = "shared")]
+        memory_backend: MemoryBackend,
     },
 }
 
 /// Runs one benchmark.
 pub fn run(cmd: BenchCmd) -> Result<(), String> {
     match cmd {
-        BenchCmd::StopAndSave { sizes, runs, dir, json } => stop_and_save(&sizes, runs.max(1), &dir, json.as_deref()),
+        BenchCmd::StopAndSave { sizes, runs, dir, json, memory_backend } => {
+            stop_and_save(&sizes, runs.max(1), &dir, json.as_deref(), memory_backend)
+        }
     }
 }
 
@@ -130,7 +135,13 @@ fn wait_dirtied(lines: &Receiver<String>, pages: u64, timeout: Duration) -> Resu
     }
 }
 
-fn stop_and_save(sizes: &[u64], runs: usize, dir: &Path, json: Option<&Path>) -> Result<(), String> {
+fn stop_and_save(
+    sizes: &[u64],
+    runs: usize,
+    dir: &Path,
+    json: Option<&Path>,
+    memory_backend: MemoryBackend,
+) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     println!("stop-and-save benchmark: {runs} checkpoints per size, checkpoint file system at {}", dir.display());
     println!("guest: the dirtier, working set = guest memory - 8 MiB, one write per page, fully covered before the first checkpoint");
@@ -142,7 +153,7 @@ fn stop_and_save(sizes: &[u64], runs: usize, dir: &Path, json: Option<&Path>) ->
             guest_args: format!("mib={ws_mib} rate=0 seconds=0"),
             mem_size: mem,
             vcpus: 1,
-            memory_backend: MemoryBackend::Shared,
+            memory_backend,
         };
         let (line_tx, lines) = mpsc::channel();
         let (ev_tx, _events) = mpsc::channel();
@@ -151,12 +162,24 @@ fn stop_and_save(sizes: &[u64], runs: usize, dir: &Path, json: Option<&Path>) ->
         inst.start().map_err(|e| e.to_string())?;
         wait_dirtied(&lines, ws_mib * 256, Duration::from_secs(600))?;
         let mut samples = Vec::new();
+        let ckpt = dir.join(format!("ckpt-{}", mem >> 20));
+        let limit_file = dir.join("limit.bin");
+        // Warm-up: the first write into never-written blocks of a thin-provisioned
+        // virtual disk runs several times slower than any later one. Give both
+        // measurements blocks that have been written before, then alternate their
+        // order so neither always gets the other's freshly freed blocks.
+        disk_limit(&limit_file, 2 * mem)?;
         for i in 0..runs {
-            let ckpt = dir.join(format!("ckpt-{}", mem >> 20));
+            let mut limit = 0.0;
+            if i % 2 == 1 {
+                limit = disk_limit(&limit_file, mem)?;
+            }
             let r = checkpoint::stop_and_save(&mut inst, &ckpt, false).map_err(|e| e.to_string())?;
             let alloc = allocated_bytes(&ckpt.join(snapshot::MEMORY_FILE));
             let _ = std::fs::remove_dir_all(&ckpt);
-            let limit = disk_limit(&dir.join("limit.bin"), r.memory.data_bytes)?;
+            if i % 2 == 0 {
+                limit = disk_limit(&limit_file, r.memory.data_bytes)?;
+            }
             println!(
                 "  {:>5} MiB run {}: pause {:.1} ms, {:.0} MiB data, memory write {:.0} MiB/s, disk limit {:.0} MiB/s",
                 mem >> 20,

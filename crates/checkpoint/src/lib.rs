@@ -138,10 +138,17 @@ fn write_paused(instance: &mut Instance, out: &Path, strategy: Strategy) -> Resu
     writer.write_file(snapshot::STATE_FILE, &state_json)?;
     let layout = memory_layout(instance);
     let t = Instant::now();
+    let memory = instance.memory();
+    let extents = memory.data_extents();
+    memory.prefault(&extents);
     // SAFETY: the instance is paused (every vCPU stopped) and has no DMA-capable
     // device, so nothing writes guest memory while the slices live.
-    let slices = unsafe { instance.memory().slices() };
-    let sources: Vec<MemorySource<'_>> = slices.iter().map(|(a, d)| MemorySource { guest_addr: *a, data: d }).collect();
+    let slices = unsafe { memory.slices() };
+    let sources: Vec<MemorySource<'_>> = slices
+        .iter()
+        .zip(&extents)
+        .map(|((a, d), e)| MemorySource { guest_addr: *a, data: d, data_extents: Some(e) })
+        .collect();
     let stats = writer.write_memory(&layout, &sources)?;
     let write_time = t.elapsed();
     let guest = serde_json::to_value(instance.config()).map_err(|e| Error::Encode(e.to_string()))?;

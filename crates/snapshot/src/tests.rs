@@ -29,8 +29,12 @@ fn write(dir: &Path, state: &[u8]) -> Manifest {
     let (layout, mem) = memory();
     let mut w = CheckpointWriter::create(dir).unwrap();
     w.write_file(STATE_FILE, state).unwrap();
-    let sources: Vec<_> =
-        layout.regions.iter().zip(&mem).map(|(r, d)| MemorySource { guest_addr: r.guest_addr, data: d }).collect();
+    let sources: Vec<_> = layout
+        .regions
+        .iter()
+        .zip(&mem)
+        .map(|(r, d)| MemorySource { guest_addr: r.guest_addr, data: d, data_extents: None })
+        .collect();
     let stats = w.write_memory(&layout, &sources).unwrap();
     assert_eq!(stats, MemoryStats { data_pages: 3, zero_pages: 29, data_bytes: 3 * PAGE_SIZE });
     w.commit("stop-and-save", "test", serde_json::json!({ "guest": "x" })).unwrap()
@@ -189,9 +193,12 @@ fn memory_that_does_not_match_the_layout_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let (layout, mem) = memory();
     let mut w = CheckpointWriter::create(&t.path().join("c")).unwrap();
-    let short = [MemorySource { guest_addr: 0, data: &mem[0] }];
+    let short = [MemorySource { guest_addr: 0, data: &mem[0], data_extents: None }];
     assert!(matches!(w.write_memory(&layout, &short), Err(Error::Layout { .. })));
-    let moved = [MemorySource { guest_addr: 0, data: &mem[0] }, MemorySource { guest_addr: 4096, data: &mem[1] }];
+    let moved = [
+        MemorySource { guest_addr: 0, data: &mem[0], data_extents: None },
+        MemorySource { guest_addr: 4096, data: &mem[1], data_extents: None },
+    ];
     assert!(matches!(w.write_memory(&layout, &moved), Err(Error::Layout { .. })));
 }
 
@@ -202,8 +209,36 @@ fn write_errors_are_reported_not_panics() {
     let t = tempfile::tempdir().unwrap();
     let mut w = CheckpointWriter::create(&t.path().join("c")).unwrap();
     std::os::unix::fs::symlink("/dev/full", w.tmp_path().join(MEMORY_FILE)).unwrap();
-    let sources: Vec<_> =
-        layout.regions.iter().zip(&mem).map(|(r, d)| MemorySource { guest_addr: r.guest_addr, data: d }).collect();
+    let sources: Vec<_> = layout
+        .regions
+        .iter()
+        .zip(&mem)
+        .map(|(r, d)| MemorySource { guest_addr: r.guest_addr, data: d, data_extents: None })
+        .collect();
     let e = w.write_memory(&layout, &sources).err().unwrap();
     assert!(e.to_string().contains("No space left on device"), "{e}");
+}
+
+#[test]
+fn pages_outside_the_data_extents_are_not_read_and_count_as_zero() {
+    let t = tempfile::tempdir().unwrap();
+    let (layout, mut mem) = memory();
+    // Region 0: only pages 1..3 may hold data. Garbage outside the extents would be
+    // a caller bug; it proves those pages are not read.
+    mem[0][10 * PS] = 0x99;
+    let ext0 = [PAGE_SIZE + 10..3 * PAGE_SIZE - 1];
+    let ext1: [std::ops::Range<u64>; 2] = [0..PAGE_SIZE, PAGE_SIZE..2 * PAGE_SIZE];
+    let sources = [
+        MemorySource { guest_addr: 0, data: &mem[0], data_extents: Some(&ext0) },
+        MemorySource { guest_addr: 32 * PAGE_SIZE, data: &mem[1], data_extents: Some(&ext1) },
+    ];
+    let d = t.path().join("c");
+    let mut w = CheckpointWriter::create(&d).unwrap();
+    w.write_file(STATE_FILE, b"s").unwrap();
+    let stats = w.write_memory(&layout, &sources).unwrap();
+    assert_eq!(stats, MemoryStats { data_pages: 3, zero_pages: 29, data_bytes: 3 * PAGE_SIZE });
+    w.commit("t", "t", serde_json::Value::Null).unwrap();
+    mem[0][10 * PS] = 0;
+    assert_eq!(load(&d).unwrap(), mem);
+    verify(&d).unwrap();
 }

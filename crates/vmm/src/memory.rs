@@ -2,7 +2,8 @@
 //! is split around the 32-bit hole, and how it is handed to KVM.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -57,6 +58,8 @@ pub struct GuestMemory {
     mem: GuestMemoryMmap,
     backend: MemoryBackend,
     ranges: Vec<RamRange>,
+    /// The memfd behind shared memory (range i at the sum of the sizes before it).
+    memfd: Option<File>,
 }
 
 impl GuestMemory {
@@ -66,6 +69,7 @@ impl GuestMemory {
             return Err(Error::MemorySize(mem_size));
         }
         let ranges = ram_ranges(mem_size);
+        let mut memfd_file = None;
         let mem = match backend {
             MemoryBackend::Shared => {
                 let file = memfd("cevm-guest-ram", mem_size)?;
@@ -76,6 +80,7 @@ impl GuestMemory {
                     with_files.push((GuestAddress(r.guest_addr), r.size as usize, Some(FileOffset::new(f, offset))));
                     offset += r.size;
                 }
+                memfd_file = Some(file);
                 GuestMemoryMmap::from_ranges_with_files(with_files)
             }
             MemoryBackend::Private => {
@@ -93,7 +98,7 @@ impl GuestMemory {
                 }
             }
         }
-        Ok(GuestMemory { mem, backend, ranges })
+        Ok(GuestMemory { mem, backend, ranges, memfd: memfd_file })
     }
 
     /// The vm-memory view, for loaders and devices.
@@ -161,10 +166,86 @@ impl GuestMemory {
             .collect()
     }
 
+    /// For each range, the byte ranges (relative to the range's start) that may hold
+    /// data; everything else is known to read as zero. Shared memory asks its memfd
+    /// (SEEK_DATA/SEEK_HOLE): pages the guest never touched are holes there, and
+    /// skipping them spares reading (and allocating) them. Private memory: all of it.
+    pub fn data_extents(&self) -> Vec<Vec<Range<u64>>> {
+        let mut file_off = 0;
+        self.ranges
+            .iter()
+            .map(|r| {
+                let whole = vec![Range { start: 0, end: r.size }];
+                let extents = match &self.memfd {
+                    Some(f) => file_extents(f, file_off, r.size).unwrap_or(whole),
+                    None => whole,
+                };
+                file_off += r.size;
+                extents
+            })
+            .collect()
+    }
+
+    /// Maps `extents` (as from [`data_extents`](Self::data_extents)) into this
+    /// process's page tables in one call each (`MADV_POPULATE_READ`), instead of one
+    /// page fault per page when a checkpoint reads them: faults cost ~8 µs each on
+    /// the PVM machines, 2 s for 1 GiB. Best effort: older kernels lack the call and
+    /// the pages then fault in as they are read.
+    pub fn prefault(&self, extents: &[Vec<Range<u64>>]) {
+        for (region, ext) in self.mem.iter().zip(extents) {
+            for e in ext {
+                if e.end > region.len() || e.start >= e.end {
+                    continue;
+                }
+                // SAFETY: the range lies inside a mapping that `self.mem` owns;
+                // MADV_POPULATE_READ only faults pages in, it changes no content.
+                unsafe {
+                    libc::madvise(
+                        region.as_ptr().add(e.start as usize).cast(),
+                        (e.end - e.start) as usize,
+                        libc::MADV_POPULATE_READ,
+                    );
+                }
+            }
+        }
+    }
+
     /// Number of guest pages.
     pub fn pages(&self) -> u64 {
         self.size() / PAGE_SIZE
     }
+}
+
+/// The data extents of `file` within [start, start + len), relative to `start`.
+fn file_extents(file: &File, start: u64, len: u64) -> std::io::Result<Vec<Range<u64>>> {
+    let fd = file.as_raw_fd();
+    let end = start + len;
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: lseek on a descriptor we own; results are checked.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(end);
+        out.push(data - start..hole - start);
+        pos = hole;
+    }
+    Ok(out)
 }
 
 /// Creates a memfd of `size` bytes.
@@ -203,6 +284,16 @@ mod tests {
             let s = unsafe { m.slices() };
             assert_eq!(&s[0].1[0x1000..0x1004], &0xdead_beefu32.to_le_bytes());
             assert_eq!(m.pages(), 4096);
+            let ext = m.data_extents();
+            match b {
+                // Only the touched page (and whatever the kernel allocates around it) is data.
+                MemoryBackend::Shared => assert!(
+                    ext[0].iter().all(|e| e.start <= 0x1000 && e.end >= 0x1004 && e.end - e.start < (4 << 20)),
+                    "{ext:?}"
+                ),
+                MemoryBackend::Private => assert_eq!(ext[0], vec![0..16 << 20]),
+            }
+            m.prefault(&ext);
         }
         assert!(GuestMemory::new(1 << 20, MemoryBackend::Shared).is_err());
         assert!(GuestMemory::new((16 << 20) + 4096, MemoryBackend::Private).is_err());
