@@ -226,7 +226,7 @@ fn pages_outside_the_data_extents_are_not_read_and_count_as_zero() {
     // Region 0: only pages 1..3 may hold data. Garbage outside the extents would be
     // a caller bug; it proves those pages are not read.
     mem[0][10 * PS] = 0x99;
-    let ext0 = [PAGE_SIZE + 10..3 * PAGE_SIZE - 1];
+    let ext0 = [std::ops::Range { start: PAGE_SIZE + 10, end: 3 * PAGE_SIZE - 1 }];
     let ext1: [std::ops::Range<u64>; 2] = [0..PAGE_SIZE, PAGE_SIZE..2 * PAGE_SIZE];
     let sources = [
         MemorySource { guest_addr: 0, data: &mem[0], data_extents: Some(&ext0) },
