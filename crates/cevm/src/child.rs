@@ -13,25 +13,28 @@ pub struct CevmChild {
     lines: Receiver<String>,
     /// Every line seen so far.
     pub seen: Vec<String>,
-    echo: Option<String>,
 }
 
 impl CevmChild {
     /// Starts `bin` with `args`; stderr goes to ours. With `echo`, each console line
-    /// is printed with that prefix as it arrives.
+    /// is printed with that prefix as soon as it arrives.
     pub fn spawn(bin: &Path, args: &[&str], echo: Option<&str>) -> std::io::Result<Self> {
         let mut child = Command::new(bin).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?;
         let out = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout pipe"))?;
         let (tx, rx) = mpsc::channel();
+        let echo = echo.map(str::to_string);
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
+                if let Some(prefix) = &echo {
+                    println!("{prefix}{line}");
+                }
                 if tx.send(line).is_err() {
                     break;
                 }
             }
         });
-        Ok(CevmChild { child, lines: rx, seen: Vec::new(), echo: echo.map(str::to_string) })
+        Ok(CevmChild { child, lines: rx, seen: Vec::new() })
     }
 
     /// The process id.
@@ -47,9 +50,6 @@ impl CevmChild {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    if let Some(p) = &self.echo {
-                        println!("{p}{line}");
-                    }
                     self.seen.push(line.clone());
                     if pred(&line) {
                         return Some(line);

@@ -149,3 +149,35 @@ fn an_unknown_format_version_is_refused_as_such() {
     std::fs::write(&path, snapshot::seal_manifest(&text)).unwrap();
     assert_refused(&d, &["manifest.json", "version 99"]);
 }
+
+#[test]
+fn inspect_describes_a_good_checkpoint_for_humans_and_machines() {
+    let good = good_checkpoint();
+    let out = cevm(&["inspect", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let human = text(&out.stdout);
+    for needle in [
+        "format         version 1",
+        "strategy       stop-and-save",
+        "guest          digest \"mib=1 rounds=9\"",
+        "vcpu 0",
+        "memory.img",
+        "state.json",
+        "zero pages left as holes",
+    ] {
+        assert!(human.contains(needle), "`{needle}` missing in:\n{human}");
+    }
+    let out = cevm(&["inspect", "--json", good.to_str().unwrap()]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON");
+    assert_eq!(v["manifest"]["guest"]["guest"], "digest");
+    assert_eq!(v["manifest"]["format_version"], 1);
+    assert_eq!(v["vcpus"].as_array().map(Vec::len), Some(1));
+    assert!(v["manifest"]["memory_stats"]["data_pages"].as_u64().unwrap() > 256, "{v}");
+    // A damaged checkpoint is not described as if it were fine.
+    let d = copy("inspect-bad");
+    flip(&d.join("state.json"), 10);
+    let out = cevm(&["inspect", d.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("state.json: checksum mismatch"), "{}", text(&out.stderr));
+}

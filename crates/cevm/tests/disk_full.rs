@@ -1,0 +1,100 @@
+//! The checkpoint file system fills up during a checkpoint: the API reports the
+//! error, the guest keeps running, and the previous checkpoint stays intact.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use cevm::api;
+use cevm::child::CevmChild;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(240);
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_cevm"))
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct SmallFs(PathBuf);
+impl SmallFs {
+    fn mount(path: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        let st =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "cevm-test"]).arg(&path).status();
+        assert!(
+            st.as_ref().is_ok_and(|s| s.success()),
+            "cannot mount a tmpfs at {} ({st:?}): this test needs root, as /dev/kvm does here",
+            path.display()
+        );
+        SmallFs(path)
+    }
+}
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn created(dir: &Path) -> u64 {
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    m["created_unix_ms"].as_u64().unwrap()
+}
+
+#[test]
+fn a_full_disk_fails_the_checkpoint_but_not_the_guest_nor_the_previous_checkpoint() {
+    let base = std::env::temp_dir().join(format!("cevm-test-full-{}", std::process::id()));
+    let fs = SmallFs::mount(base.join("fs"), "12m");
+    let sock = base.join("api.sock");
+    let ckpt = fs.0.join("ckpt");
+    // 8 MiB of dirty pages: one checkpoint fits in 12 MiB, a second one beside it does not.
+    let mut vm = CevmChild::spawn(
+        bin(),
+        &[
+            "run",
+            "--guest",
+            "dirtier",
+            "--guest-args",
+            "mib=8 seconds=0",
+            "--mem",
+            "16M",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ],
+        None,
+    )
+    .unwrap();
+    vm.wait_line(T, |l| l.starts_with("dirtier: t=1s")).expect("dirtier runs");
+    api::call(&sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": ckpt })), T).expect("first checkpoint fits");
+    let first = created(&ckpt);
+
+    let err = api::call(&sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": ckpt })), T).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("No space left on device") && msg.contains("the guest goes on"), "{msg}");
+
+    // The guest goes on, and the VMM still serves it.
+    let seen = vm.seen.len();
+    vm.wait_line(T, |l| l.starts_with("dirtier: t=")).expect("the guest keeps running after the failed checkpoint");
+    assert!(vm.seen.len() > seen);
+    let st = api::call(&sock, "GET", "/v1/status", None, T).unwrap();
+    assert_eq!((st["state"].as_str(), st["checkpoints"].as_u64()), (Some("running"), Some(1)));
+
+    // The previous checkpoint is untouched, alone, and restores.
+    assert_eq!(created(&ckpt), first);
+    let names: Vec<_> = std::fs::read_dir(&fs.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("ckpt")], "the failed attempt left files behind");
+    let o = Command::new(bin()).args(["verify", ckpt.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    api::call(&sock, "PUT", "/v1/quit", None, T).unwrap();
+    assert!(vm.finish(T).unwrap().success());
+
+    let mut restored =
+        CevmChild::spawn(bin(), &["restore", ckpt.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()], None)
+            .unwrap();
+    restored.wait_line(T, |l| l.starts_with("dirtier: t=")).expect("restored dirtier runs");
+    api::call(&sock, "PUT", "/v1/quit", None, T).unwrap();
+    assert!(restored.finish(T).unwrap().success());
+    drop(fs);
+    let _ = std::fs::remove_dir_all(&base);
+}
