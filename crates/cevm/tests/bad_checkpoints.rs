@@ -1,57 +1,28 @@
 //! Damaged checkpoints: `cevm verify` and `cevm restore` refuse them before any guest
 //! code runs, exit non-zero, and name the file and the problem. Never a panic.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
 
-use cevm::api;
-use cevm::child::CevmChild;
-use serde_json::json;
-
-const T: Duration = Duration::from_secs(240);
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_cevm"))
-}
+use common::*;
 
 /// One good checkpoint of a digest guest stopped mid-run, made once for all tests.
 fn good_checkpoint() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("cevm-test-bad-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = workdir("bad");
         let sock = dir.join("api.sock");
         let ckpt = dir.join("good");
-        let mut vm = CevmChild::spawn(
-            bin(),
-            &[
-                "run",
-                "--guest",
-                "digest",
-                "--guest-args",
-                "mib=1 rounds=9",
-                "--mem",
-                "16M",
-                "--api-sock",
-                sock.to_str().unwrap(),
-            ],
-            None,
-        )
-        .unwrap();
+        let mut vm = run_guest("digest", "mib=1 rounds=9", "16M", 1, Some(&sock));
         vm.wait_line(T, |l| l == "round 1/9").unwrap();
-        api::call(&sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": ckpt, "stop": true })), T).unwrap();
+        checkpoint(&sock, &ckpt, true).unwrap();
         assert!(vm.finish(T).unwrap().success());
-        let out = cevm(&["verify", ckpt.to_str().unwrap()]);
-        assert!(out.status.success(), "the good checkpoint must verify: {}", text(&out.stderr));
+        verify_ok(&ckpt);
         ckpt
     })
-}
-
-fn cevm(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {

@@ -2,36 +2,17 @@
 //! the API, SIGKILL the VMM, `cevm restore`, and compare the guest's result with an
 //! undisturbed run's.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cevm::api;
 use cevm::child::{digest_of, CevmChild};
+use common::*;
 use serde_json::json;
 
-const T: Duration = Duration::from_secs(240);
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_cevm"))
-}
-
-fn workdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cevm-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn run_args<'a>(args: &'a str, vcpus: &'a str, sock: Option<&'a str>) -> Vec<&'a str> {
-    let mut v = vec!["run", "--guest", "digest", "--guest-args", args, "--mem", "32M", "--vcpus", vcpus];
-    if let Some(s) = sock {
-        v.extend(["--api-sock", s]);
-    }
-    v
-}
-
-/// The digest an undisturbed run prints, and its exit status.
+/// The digest an undisturbed run prints; the run must exit 0.
 fn digest_to_end(c: &mut CevmChild) -> String {
     let line = c.wait_line(T, |l| digest_of(l).is_some()).unwrap_or_else(|| panic!("no digest; console: {:?}", c.seen));
     let st = c.finish(T).expect("cevm did not exit");
@@ -39,27 +20,23 @@ fn digest_to_end(c: &mut CevmChild) -> String {
     digest_of(&line).unwrap().to_string()
 }
 
-fn checkpoint(sock: &Path, out: &Path) -> serde_json::Value {
-    api::call(sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": out })), T).expect("checkpoint")
-}
-
 /// run -> checkpoint after round 2 -> SIGKILL -> restore: same digest as undisturbed.
-fn checkpoint_kill_restore(vcpus: &str) {
+fn checkpoint_kill_restore(vcpus: u32) {
     let dir = workdir(&format!("ckr{vcpus}"));
     let sock = dir.join("api.sock");
     let ckpt = dir.join("ckpt");
     let args = "mib=1 rounds=6";
-    let mut reference = CevmChild::spawn(bin(), &run_args(args, vcpus, None), None).unwrap();
-    let mut victim = CevmChild::spawn(bin(), &run_args(args, vcpus, Some(sock.to_str().unwrap())), None).unwrap();
+    let mut reference = run_guest("digest", args, "32M", vcpus, None);
+    let mut victim = run_guest("digest", args, "32M", vcpus, Some(&sock));
     victim.wait_line(T, |l| l == "round 2/6").expect("victim never reached round 2");
-    let report = checkpoint(&sock, &ckpt);
+    let report = checkpoint(&sock, &ckpt, false).unwrap();
     assert_eq!(report["strategy"], "stop-and-save");
     assert!(report["memory"]["zero_pages"].as_u64().unwrap() > 0, "{report}");
     // The victim's guest keeps running after the checkpoint; then it dies hard.
     victim.wait_line(T, |l| l.starts_with("round ")).expect("guest did not go on after the checkpoint");
     victim.kill();
 
-    let mut restored = CevmChild::spawn(bin(), &["restore", ckpt.to_str().unwrap()], None).unwrap();
+    let mut restored = restore(&ckpt, None);
     let restored_digest = digest_to_end(&mut restored);
     // The restored guest continues after round 2: it never prints rounds 1-2 again.
     assert!(!restored.seen.iter().any(|l| l == "round 1/6" || l == "round 2/6"), "{:?}", restored.seen);
@@ -70,12 +47,12 @@ fn checkpoint_kill_restore(vcpus: &str) {
 
 #[test]
 fn checkpoint_sigkill_restore_gives_the_right_digest_on_one_vcpu() {
-    checkpoint_kill_restore("1");
+    checkpoint_kill_restore(1);
 }
 
 #[test]
 fn checkpoint_sigkill_restore_gives_the_right_digest_on_two_vcpus() {
-    checkpoint_kill_restore("2");
+    checkpoint_kill_restore(2);
 }
 
 #[test]
@@ -84,13 +61,13 @@ fn two_checkpoints_in_one_run_and_the_first_restores_right() {
     let sock = dir.join("api.sock");
     let (first, second) = (dir.join("first"), dir.join("second"));
     let args = "mib=1 rounds=5";
-    let mut reference = CevmChild::spawn(bin(), &run_args(args, "1", None), None).unwrap();
-    let mut vm = CevmChild::spawn(bin(), &run_args(args, "1", Some(sock.to_str().unwrap())), None).unwrap();
+    let mut reference = run_guest("digest", args, "32M", 1, None);
+    let mut vm = run_guest("digest", args, "32M", 1, Some(&sock));
     vm.wait_line(T, |l| l == "round 1/5").unwrap();
-    checkpoint(&sock, &first);
+    checkpoint(&sock, &first, false).unwrap();
     vm.wait_line(T, |l| l == "round 3/5").unwrap();
     // The second checkpoint leaves the VM stopped: its VMM exits 0.
-    let r = api::call(&sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": second, "stop": true })), T).unwrap();
+    let r = checkpoint(&sock, &second, true).unwrap();
     assert_eq!(r["stopped"], true);
     let st = vm.finish(T).expect("VMM did not exit after a --stop checkpoint");
     assert!(st.success(), "{st:?}");
@@ -98,8 +75,7 @@ fn two_checkpoints_in_one_run_and_the_first_restores_right() {
 
     let expected = digest_to_end(&mut reference);
     for ckpt in [&first, &second] {
-        let mut restored = CevmChild::spawn(bin(), &["restore", ckpt.to_str().unwrap()], None).unwrap();
-        assert_eq!(digest_to_end(&mut restored), expected, "restore of {}", ckpt.display());
+        assert_eq!(digest_to_end(&mut restore(ckpt, None)), expected, "restore of {}", ckpt.display());
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -108,8 +84,7 @@ fn two_checkpoints_in_one_run_and_the_first_restores_right() {
 fn api_pause_resume_status_quit_on_a_0600_socket() {
     let dir = workdir("api");
     let sock = dir.join("api.sock");
-    let mut vm =
-        CevmChild::spawn(bin(), &run_args("mib=1 rounds=50", "1", Some(sock.to_str().unwrap())), None).unwrap();
+    let mut vm = run_guest("digest", "mib=1 rounds=50", "32M", 1, Some(&sock));
     vm.wait_line(T, |l| l.starts_with("digest:")).unwrap();
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "API socket mode");
@@ -126,8 +101,7 @@ fn api_pause_resume_status_quit_on_a_0600_socket() {
     assert!(e.to_string().contains("absolute"), "{e}");
     let e = api::call(&sock, "GET", "/v2/status", None, T).unwrap_err();
     assert!(e.to_string().contains("API version 1"), "{e}");
-    api::call(&sock, "PUT", "/v1/quit", None, T).unwrap();
-    assert!(vm.finish(T).unwrap().success());
+    quit(&sock, &mut vm);
     assert!(!sock.exists(), "the socket file is removed when the VMM exits");
     let _ = std::fs::remove_dir_all(&dir);
 }

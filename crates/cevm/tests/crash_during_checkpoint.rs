@@ -2,66 +2,37 @@
 //! the older checkpoint (or, if the kill came after the commit, the newer one) is
 //! complete, verifies and restores. Never a half-written directory.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use cevm::api;
 use cevm::child::CevmChild;
-use serde_json::json;
-
-const T: Duration = Duration::from_secs(240);
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_cevm"))
-}
+use common::*;
 
 /// Boots a dirtier with 120 MiB of dirty pages (a checkpoint takes a while to write).
 fn dirty_vm(sock: &Path) -> CevmChild {
-    let mut vm = CevmChild::spawn(
-        bin(),
-        &[
-            "run",
-            "--guest",
-            "dirtier",
-            "--guest-args",
-            "mib=120 seconds=0",
-            "--mem",
-            "128M",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ],
-        None,
-    )
-    .unwrap();
+    let mut vm = run_guest("dirtier", "mib=120 seconds=0", "128M", 1, Some(sock));
     // One line per second; by the second one the working set has been covered.
     vm.wait_line(T, |l| l.starts_with("dirtier: t=2s")).expect("dirtier runs");
     vm
 }
 
-fn verify_ok(dir: &Path) -> String {
-    let o = Command::new(bin()).args(["verify", dir.to_str().unwrap()]).output().unwrap();
-    assert!(o.status.success(), "{} must verify: {}", dir.display(), String::from_utf8_lossy(&o.stderr));
-    // Which checkpoint is it? The manifest's creation time tells them apart.
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-    m["created_unix_ms"].to_string()
-}
-
 #[test]
 fn killing_the_vmm_mid_write_leaves_the_previous_checkpoint_intact() {
-    let dir = std::env::temp_dir().join(format!("cevm-test-crash-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = workdir("crash");
     let sock = dir.join("api.sock");
     let ckpt = dir.join("ckpt");
 
     // A first, complete checkpoint; time how long one takes to write.
     let mut vm = dirty_vm(&sock);
     let t = Instant::now();
-    api::call(&sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": ckpt })), T).unwrap();
+    checkpoint(&sock, &ckpt, false).unwrap();
     let write_time = t.elapsed();
     vm.kill();
-    let mut current = verify_ok(&ckpt);
+    verify_ok(&ckpt);
+    // Which checkpoint is there? The manifest's creation time tells them apart.
+    let mut current = created(&ckpt);
 
     let mut kills_before_commit = 0;
     for round in 0..4u32 {
@@ -73,12 +44,13 @@ fn killing_the_vmm_mid_write_leaves_the_previous_checkpoint_intact() {
         let delay = write_time.mul_f64(0.05 + 0.2 * f64::from(round) + 0.15 * jitter);
         let client = std::thread::spawn({
             let (sock, ckpt) = (sock.clone(), ckpt.clone());
-            move || api::call(&sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": ckpt })), T)
+            move || checkpoint(&sock, &ckpt, false)
         });
         std::thread::sleep(delay);
         vm.kill();
         let answered = client.join().unwrap().is_ok();
-        let now = verify_ok(&ckpt);
+        verify_ok(&ckpt);
+        let now = created(&ckpt);
         if now == current {
             assert!(!answered, "the checkpoint was reported committed but the directory still holds the old one");
             kills_before_commit += 1;
@@ -88,12 +60,9 @@ fn killing_the_vmm_mid_write_leaves_the_previous_checkpoint_intact() {
     assert!(kills_before_commit > 0, "no kill landed before the commit: the test did not test anything");
 
     // The surviving checkpoint restores and its guest runs on.
-    let mut restored =
-        CevmChild::spawn(bin(), &["restore", ckpt.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()], None)
-            .unwrap();
+    let mut restored = restore(&ckpt, Some(&sock));
     restored.wait_line(T, |l| l.starts_with("dirtier: t=")).expect("restored dirtier runs");
-    api::call(&sock, "PUT", "/v1/quit", None, T).unwrap();
-    assert!(restored.finish(T).unwrap().success());
+    quit(&sock, &mut restored);
     // Leftovers of the killed writers are temporary siblings, never the checkpoint itself.
     for e in std::fs::read_dir(&dir).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().to_string();

@@ -1,19 +1,13 @@
 //! The checkpoint file system fills up during a checkpoint: the API reports the
 //! error, the guest keeps running, and the previous checkpoint stays intact.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 use cevm::api;
-use cevm::child::CevmChild;
-use serde_json::json;
-
-const T: Duration = Duration::from_secs(240);
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_cevm"))
-}
+use common::*;
 
 /// A small tmpfs, unmounted when dropped.
 struct SmallFs(PathBuf);
@@ -37,39 +31,19 @@ impl Drop for SmallFs {
     }
 }
 
-fn created(dir: &Path) -> u64 {
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-    m["created_unix_ms"].as_u64().unwrap()
-}
-
 #[test]
 fn a_full_disk_fails_the_checkpoint_but_not_the_guest_nor_the_previous_checkpoint() {
-    let base = std::env::temp_dir().join(format!("cevm-test-full-{}", std::process::id()));
+    let base = workdir("full");
     let fs = SmallFs::mount(base.join("fs"), "12m");
     let sock = base.join("api.sock");
     let ckpt = fs.0.join("ckpt");
     // 8 MiB of dirty pages: one checkpoint fits in 12 MiB, a second one beside it does not.
-    let mut vm = CevmChild::spawn(
-        bin(),
-        &[
-            "run",
-            "--guest",
-            "dirtier",
-            "--guest-args",
-            "mib=8 seconds=0",
-            "--mem",
-            "16M",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ],
-        None,
-    )
-    .unwrap();
+    let mut vm = run_guest("dirtier", "mib=8 seconds=0", "16M", 1, Some(&sock));
     vm.wait_line(T, |l| l.starts_with("dirtier: t=1s")).expect("dirtier runs");
-    api::call(&sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": ckpt })), T).expect("first checkpoint fits");
+    checkpoint(&sock, &ckpt, false).expect("first checkpoint fits");
     let first = created(&ckpt);
 
-    let err = api::call(&sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": ckpt })), T).unwrap_err();
+    let err = checkpoint(&sock, &ckpt, false).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("No space left on device") && msg.contains("the guest goes on"), "{msg}");
 
@@ -84,17 +58,12 @@ fn a_full_disk_fails_the_checkpoint_but_not_the_guest_nor_the_previous_checkpoin
     assert_eq!(created(&ckpt), first);
     let names: Vec<_> = std::fs::read_dir(&fs.0).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("ckpt")], "the failed attempt left files behind");
-    let o = Command::new(bin()).args(["verify", ckpt.to_str().unwrap()]).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    api::call(&sock, "PUT", "/v1/quit", None, T).unwrap();
-    assert!(vm.finish(T).unwrap().success());
+    verify_ok(&ckpt);
+    quit(&sock, &mut vm);
 
-    let mut restored =
-        CevmChild::spawn(bin(), &["restore", ckpt.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()], None)
-            .unwrap();
+    let mut restored = restore(&ckpt, Some(&sock));
     restored.wait_line(T, |l| l.starts_with("dirtier: t=")).expect("restored dirtier runs");
-    api::call(&sock, "PUT", "/v1/quit", None, T).unwrap();
-    assert!(restored.finish(T).unwrap().success());
+    quit(&sock, &mut restored);
     drop(fs);
     let _ = std::fs::remove_dir_all(&base);
 }

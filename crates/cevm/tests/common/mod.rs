@@ -1,0 +1,73 @@
+//! Helpers shared by the integration tests: they drive the real `cevm` binary.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use cevm::api;
+use cevm::child::CevmChild;
+use serde_json::{json, Value};
+
+/// Generous timeout for anything a guest does (these machines emulate guest code).
+pub const T: Duration = Duration::from_secs(240);
+
+/// The cevm binary under test.
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_cevm"))
+}
+
+/// A fresh, empty work directory for one test.
+pub fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cevm-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `cevm run` of a built-in guest, console captured; with an API socket if given.
+pub fn run_guest(guest: &str, args: &str, mem: &str, vcpus: u32, sock: Option<&Path>) -> CevmChild {
+    let vcpus = vcpus.to_string();
+    let mut a = vec!["run", "--guest", guest, "--guest-args", args, "--mem", mem, "--vcpus", &vcpus];
+    if let Some(s) = sock {
+        a.extend(["--api-sock", s.to_str().unwrap()]);
+    }
+    CevmChild::spawn(bin(), &a, None).unwrap()
+}
+
+/// `cevm restore DIR`, console captured; with an API socket if given.
+pub fn restore(dir: &Path, sock: Option<&Path>) -> CevmChild {
+    let mut a = vec!["restore", dir.to_str().unwrap()];
+    if let Some(s) = sock {
+        a.extend(["--api-sock", s.to_str().unwrap()]);
+    }
+    CevmChild::spawn(bin(), &a, None).unwrap()
+}
+
+/// A checkpoint through the API (`stop` leaves the VM stopped).
+pub fn checkpoint(sock: &Path, out: &Path, stop: bool) -> Result<Value, api::ClientError> {
+    api::call(sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": out, "stop": stop })), T)
+}
+
+/// `PUT /v1/quit`, then the VMM must exit 0.
+pub fn quit(sock: &Path, vm: &mut CevmChild) {
+    api::call(sock, "PUT", "/v1/quit", None, T).unwrap();
+    assert!(vm.finish(T).expect("VMM did not exit").success());
+}
+
+/// Runs `cevm ARGS` to its end.
+pub fn cevm(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+/// Asserts `cevm verify DIR` passes.
+pub fn verify_ok(dir: &Path) {
+    let o = cevm(&["verify", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{} must verify: {}", dir.display(), String::from_utf8_lossy(&o.stderr));
+}
+
+/// When the checkpoint at `dir` was created (tells two checkpoints apart).
+pub fn created(dir: &Path) -> u64 {
+    let m: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    m["created_unix_ms"].as_u64().unwrap()
+}
