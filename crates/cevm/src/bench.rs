@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 use serde::Serialize;
-use vmm::{Instance, InstanceConfig, MemoryBackend};
+use vmm::{Boot, Instance, InstanceConfig, MemoryBackend};
 
 use crate::size::parse_size;
 
@@ -149,8 +149,7 @@ fn stop_and_save(
     for &mem in sizes {
         let ws_mib = (mem >> 20).saturating_sub(8);
         let config = InstanceConfig {
-            guest: "dirtier".into(),
-            guest_args: format!("mib={ws_mib} rate=0 seconds=0"),
+            boot: Boot::Builtin { guest: "dirtier".into(), args: format!("mib={ws_mib} rate=0 seconds=0") },
             mem_size: mem,
             vcpus: 1,
             memory_backend,

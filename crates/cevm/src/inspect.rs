@@ -29,14 +29,14 @@ pub fn describe(dir: &Path, as_json: bool) -> Result<String, checkpoint::Error> 
     let _ = writeln!(s, "format         version {} (written by cevm {})", m.format_version, m.cevm_version);
     let _ = writeln!(s, "strategy       {}", m.strategy);
     let _ = writeln!(s, "created        {} ms after the Unix epoch", m.created_unix_ms);
+    let backend = serde_json::to_value(cfg.memory_backend).ok().and_then(|v| v.as_str().map(str::to_string));
+    let _ = writeln!(s, "guest          {}", cfg.boot);
     let _ = writeln!(
         s,
-        "guest          {} \"{}\", {} vCPU(s), {:.0} MiB RAM ({} memory)",
-        cfg.guest,
-        cfg.guest_args,
+        "machine        {} vCPU(s), {:.0} MiB RAM ({} memory)",
         cfg.vcpus,
         mib(cfg.mem_size),
-        serde_json::to_value(cfg.memory_backend).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+        backend.unwrap_or_default()
     );
     for r in &m.memory.regions {
         let _ = writeln!(

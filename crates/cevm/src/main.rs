@@ -11,7 +11,7 @@ use serde_json::json;
 use cevm::exit_code::{ERROR, GUEST_FAILED, OK, USAGE};
 use cevm::runner::Outcome;
 use cevm::{api, bench, demo, inspect, runner, size};
-use vmm::{Instance, InstanceConfig, MemoryBackend};
+use vmm::{Boot, Instance, InstanceConfig, MemoryBackend};
 
 #[derive(Parser)]
 #[command(name = "cevm", version, about = "A KVM VMM with live checkpoint/restart")]
@@ -22,14 +22,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Boot a built-in guest (its console is this process's stdout).
+    /// Boot a built-in guest or a Linux kernel (the guest console is this process's stdout).
     Run {
         /// Built-in guest: digest, dirtier or hello.
-        #[arg(long)]
-        guest: String,
-        /// The guest's arguments, e.g. "mib=2 rounds=8".
-        #[arg(long, default_value = "")]
+        #[arg(long, required_unless_present = "kernel", conflicts_with = "kernel")]
+        guest: Option<String>,
+        /// The built-in guest's arguments, e.g. "mib=2 rounds=8".
+        #[arg(long, default_value = "", conflicts_with = "kernel")]
         guest_args: String,
+        /// Linux kernel (bzImage) to boot.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initramfs for the Linux kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// Linux kernel command line.
+        #[arg(long, requires = "kernel", default_value = vmm::linux::DEFAULT_CMDLINE)]
+        cmdline: String,
         /// Guest memory, e.g. 64M, 1G.
         #[arg(long, default_value = "64M", value_parser = size::parse_size)]
         mem: u64,
@@ -123,8 +132,13 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
 
 fn run(cmd: Cmd) -> i32 {
     match cmd {
-        Cmd::Run { guest, guest_args, mem, vcpus, memory_backend, api_sock } => {
-            let config = InstanceConfig { guest, guest_args, mem_size: mem, vcpus, memory_backend };
+        Cmd::Run { guest, guest_args, kernel, initrd, cmdline, mem, vcpus, memory_backend, api_sock } => {
+            let boot = match (guest, kernel) {
+                (Some(guest), _) => Boot::Builtin { guest, args: guest_args },
+                (None, Some(kernel)) => Boot::Linux { kernel, initrd, cmdline },
+                (None, None) => return fail("give --guest or --kernel"),
+            };
+            let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend };
             let (tx, rx) = mpsc::channel();
             match Instance::new(config, Box::new(std::io::stdout()), tx) {
                 Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref())),
@@ -198,6 +212,14 @@ fn finish(r: Result<Outcome, String>) -> i32 {
         Ok(Outcome::GuestExit(s)) => {
             eprintln!("cevm: guest exited with status {s}");
             GUEST_FAILED
+        }
+        Ok(Outcome::PowerOff) => {
+            eprintln!("cevm: guest powered off");
+            OK
+        }
+        Ok(Outcome::Reboot) => {
+            eprintln!("cevm: guest asked for a reboot; cevm ends the VM instead (run it again to restart)");
+            OK
         }
         Ok(Outcome::StoppedAfterCheckpoint(dir)) => {
             eprintln!("cevm: VM stopped after its checkpoint to {}", dir.display());

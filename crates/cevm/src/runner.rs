@@ -15,6 +15,10 @@ use crate::api::{self, Reply, Request, Status};
 pub enum Outcome {
     /// The guest wrote this status to the exit port.
     GuestExit(u32),
+    /// The guest powered off (ACPI).
+    PowerOff,
+    /// The guest asked for a reset.
+    Reboot,
     /// A checkpoint with `stop` was committed; the guest was not resumed.
     StoppedAfterCheckpoint(PathBuf),
     /// `PUT /v1/quit`.
@@ -87,6 +91,14 @@ pub fn run(mut instance: Instance, vm_events: Receiver<VmEvent>, api_sock: Optio
             Control::Vm(VmEvent::GuestExit { status }) => {
                 instance.shutdown();
                 return Ok(Outcome::GuestExit(status));
+            }
+            Control::Vm(VmEvent::PowerOff) => {
+                instance.shutdown();
+                return Ok(Outcome::PowerOff);
+            }
+            Control::Vm(VmEvent::Reboot) => {
+                instance.shutdown();
+                return Ok(Outcome::Reboot);
             }
             Control::Vm(other) => {
                 instance.shutdown();

@@ -131,6 +131,7 @@ fn inspect_describes_a_good_checkpoint_for_humans_and_machines() {
         "format         version 1",
         "strategy       stop-and-save",
         "guest          digest \"mib=1 rounds=9\"",
+        "machine        1 vCPU(s), 16 MiB RAM (shared memory)",
         "vcpu 0",
         "memory.img",
         "state.json",
@@ -141,7 +142,7 @@ fn inspect_describes_a_good_checkpoint_for_humans_and_machines() {
     let out = cevm(&["inspect", "--json", good.to_str().unwrap()]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON");
-    assert_eq!(v["manifest"]["guest"]["guest"], "digest");
+    assert_eq!(v["manifest"]["guest"]["boot"]["guest"], "digest");
     assert_eq!(v["manifest"]["format_version"], 1);
     assert_eq!(v["vcpus"].as_array().map(Vec::len), Some(1));
     assert!(v["manifest"]["memory_stats"]["data_pages"].as_u64().unwrap() > 256, "{v}");

@@ -90,7 +90,7 @@ fn api_pause_resume_status_quit_on_a_0600_socket() {
     assert_eq!(mode, 0o600, "API socket mode");
     let s = api::call(&sock, "GET", "/v1/status", None, T).unwrap();
     assert_eq!((s["api_version"].as_u64(), s["state"].as_str()), (Some(1), Some("running")));
-    assert_eq!(s["guest"]["guest"], "digest");
+    assert_eq!(s["guest"]["boot"]["guest"], "digest");
     let p = api::call(&sock, "PUT", "/v1/pause", None, T).unwrap();
     assert_eq!(p["state"], "paused");
     // Paused: the guest prints nothing.

@@ -4,9 +4,11 @@
 //! checkpointed without KVM.
 
 pub mod exit;
+pub mod power;
 pub mod serial;
 
 pub use exit::ExitPort;
+pub use power::AcpiPower;
 pub use serial::{Serial, SerialState};
 
 /// What the VMM must do after a device handled a write.
@@ -16,6 +18,10 @@ pub enum IoAction {
     None,
     /// The guest asked to end the VM with this status.
     GuestExit(u32),
+    /// The guest powered itself off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset.
+    Reboot,
 }
 
 /// A device on the x86 I/O port bus. `offset` is relative to the device's first port.

@@ -7,31 +7,56 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::{ExitPort, Serial};
+use std::path::PathBuf;
+
+use devices::{AcpiPower, ExitPort, Serial};
 use kvm_bindings::{
-    kvm_irqchip, kvm_msr_entry, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES,
+    kvm_irqchip, kvm_msr_entry, kvm_pit_config, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::boot;
 use crate::bus::{lock, PioBus};
-use crate::layout::{COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, MAX_VCPUS};
+use crate::layout::{ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, MAX_VCPUS};
 use crate::memory::{GuestMemory, MemoryBackend};
 use crate::state::{DeviceStates, InstanceState, VcpuState, VmState};
 use crate::vcpu::{self, kick_signal, RunControl, Vcpu, VcpuCommand};
+use crate::{acpi, boot, linux};
 use crate::{Error, Result, VmEvent};
+
+/// What the instance boots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Boot {
+    /// A built-in freestanding guest (crate `guests`) with its argument string.
+    Builtin { guest: String, args: String },
+    /// A Linux bzImage, with an optional initramfs and a command line.
+    Linux { kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String },
+}
+
+impl std::fmt::Display for Boot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Boot::Builtin { guest, args } => write!(f, "{guest} \"{args}\""),
+            Boot::Linux { kernel, initrd, cmdline } => {
+                write!(f, "Linux {}", kernel.display())?;
+                if let Some(i) = initrd {
+                    write!(f, " + {}", i.display())?;
+                }
+                write!(f, " \"{cmdline}\"")
+            }
+        }
+    }
+}
 
 /// What an instance runs: the guest configuration, recorded in every checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceConfig {
-    /// Name of the built-in guest.
-    pub guest: String,
-    /// The guest's argument string ("key=value ...").
-    pub guest_args: String,
+    /// What to boot.
+    pub boot: Boot,
     /// Guest RAM in bytes.
     pub mem_size: u64,
     /// Number of vCPUs.
@@ -80,27 +105,37 @@ pub struct Instance {
 impl Instance {
     /// A new instance booting the built-in guest of `config`; vCPUs not started yet.
     pub fn new(config: InstanceConfig, console: Box<dyn Write + Send>, events: Sender<VmEvent>) -> Result<Self> {
-        let image = guests::image(&config.guest).ok_or_else(|| {
-            Error::Config(format!(
-                "unknown guest `{}` (built-in guests: {})",
-                config.guest,
-                guests::names().collect::<Vec<_>>().join(", ")
-            ))
-        })?;
-        let mut inst = Self::create(config, console, None, events)?;
-        let tsc_khz = inst.idle_vcpus[0].fd().get_tsc_khz().unwrap_or(0);
-        boot::load_builtin_guest(&inst.memory, image, inst.config.vcpus, tsc_khz, &inst.config.guest_args)?;
-        for v in &inst.idle_vcpus {
-            let fd = v.fd();
-            let sregs = fd.get_sregs().map_err(|e| Error::Vcpu { id: v.id, msg: format!("KVM_GET_SREGS: {e}") })?;
-            fd.set_sregs(&boot::long_mode_sregs(sregs))
-                .map_err(|e| Error::Vcpu { id: v.id, msg: format!("KVM_SET_SREGS: {e}") })?;
-            fd.set_regs(&boot::entry_regs(v.id))
-                .map_err(|e| Error::Vcpu { id: v.id, msg: format!("KVM_SET_REGS: {e}") })?;
-            fd.set_fpu(&boot::reset_fpu()).map_err(|e| Error::Vcpu { id: v.id, msg: format!("KVM_SET_FPU: {e}") })?;
-            v.set_runnable()?;
+        let inst = Self::create(config, console, None, events)?;
+        match &inst.config.boot {
+            Boot::Builtin { guest, args } => {
+                let image = guests::image(guest).ok_or_else(|| {
+                    Error::Config(format!(
+                        "unknown guest `{guest}` (built-in guests: {})",
+                        guests::names().collect::<Vec<_>>().join(", ")
+                    ))
+                })?;
+                let tsc_khz = inst.idle_vcpus[0].fd().get_tsc_khz().unwrap_or(0);
+                boot::load_builtin_guest(&inst.memory, image, inst.config.vcpus, tsc_khz, args)?;
+                // Every vCPU enters the guest directly, with a stack of its own.
+                for v in &inst.idle_vcpus {
+                    enter_long_mode(v, &boot::entry_regs(v.id))?;
+                    v.set_runnable()?;
+                }
+            }
+            Boot::Linux { kernel, initrd, cmdline } => {
+                let entry = linux::load(&inst.memory, kernel, initrd.as_deref(), cmdline, inst.config.vcpus)?;
+                for v in &inst.idle_vcpus {
+                    let err = |what: &'static str| {
+                        move |e: kvm_ioctls::Error| Error::Vcpu { id: v.id, msg: format!("{what}: {e}") }
+                    };
+                    let mut lapic = v.fd().get_lapic().map_err(err("KVM_GET_LAPIC"))?;
+                    linux::configure_lapic(&mut lapic);
+                    v.fd().set_lapic(&lapic).map_err(err("KVM_SET_LAPIC"))?;
+                }
+                // Only the boot vCPU enters the kernel; the others wait for its INIT/SIPI.
+                enter_long_mode(&inst.idle_vcpus[0], &linux::entry_regs(entry))?;
+            }
         }
-        inst.state = RunState::Created;
         Ok(inst)
     }
 
@@ -127,6 +162,7 @@ impl Instance {
             }
             vm.set_irqchip(saved).map_err(|e| Error::Kvm("KVM_SET_IRQCHIP", e))?;
         }
+        vm.set_pit2(&state.vm.pit).map_err(|e| Error::Kvm("KVM_SET_PIT2", e))?;
         let host_tsc = inst.idle_vcpus[0].fd().get_tsc_khz().ok();
         for (v, s) in inst.idle_vcpus.iter().zip(&state.vcpus) {
             v.restore(s, host_tsc)?;
@@ -154,6 +190,10 @@ impl Instance {
         let vm = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
         vm.create_irq_chip().map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        // The i8254 timer, in the kernel like the interrupt controllers (Linux uses it
+        // to calibrate); its speaker port is a dummy.
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
         let memory = GuestMemory::new(config.mem_size, config.memory_backend)?;
         memory.register(&vm)?;
 
@@ -167,6 +207,8 @@ impl Instance {
         let mut bus = PioBus::default();
         bus.insert(COM1_BASE, COM1_LEN, serial.clone());
         bus.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort)));
+        let power = AcpiPower { s5_sleep_type: acpi::S5_SLEEP_TYPE, reset_value: acpi::RESET_VALUE };
+        bus.insert(ACPI_SLEEP_CONTROL_PORT, 3, Arc::new(Mutex::new(power)));
 
         let cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -293,6 +335,7 @@ impl Instance {
             pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.vm.get_pit2().map_err(|e| Error::Kvm("KVM_GET_PIT2", e))?,
         };
         let devices = DeviceStates { serial: lock(&self.serial).state() };
         Ok(InstanceState { vm, vcpus, devices })
@@ -316,6 +359,16 @@ impl Drop for Instance {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Puts a vCPU in 64-bit long mode (identity map, flat GDT) at `regs`.
+fn enter_long_mode(v: &Vcpu, regs: &kvm_bindings::kvm_regs) -> Result<()> {
+    let fd = v.fd();
+    let err = |what: &'static str| move |e: kvm_ioctls::Error| Error::Vcpu { id: v.id, msg: format!("{what}: {e}") };
+    let sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+    fd.set_sregs(&boot::long_mode_sregs(sregs)).map_err(err("KVM_SET_SREGS"))?;
+    fd.set_regs(regs).map_err(err("KVM_SET_REGS"))?;
+    fd.set_fpu(&boot::reset_fpu()).map_err(err("KVM_SET_FPU"))
 }
 
 /// The CPUID of vCPU `id`: KVM's supported set with the vCPU's APIC ID filled in.

@@ -2,10 +2,14 @@
 //!
 //! ```text
 //! 0x0000_0500  GDT (null, code64, data, tss)
-//! 0x0000_7000  boot info block of the built-in guests (rdi at entry)
+//! 0x0000_7000  boot info block of the built-in guests (rdi at entry), or
+//!              Linux's boot_params ("zero page", rsi at entry)
 //! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000..0xf000 four page directories
 //!              (identity map of the first 4 GiB with 2 MiB pages)
-//! 0x0010_0000  guest image (flat binary, at most 1 MiB)
+//! 0x0002_0000  Linux command line
+//! 0x0009_fc00  end of low RAM for Linux (EBDA and BIOS area above, reserved)
+//! 0x000e_0000  ACPI tables (RSDP first), up to 1 MiB
+//! 0x0010_0000  guest image (flat binary, at most 1 MiB), or the Linux kernel
 //! 0x0020_0000  vCPU stacks, STACK_SIZE each, vCPU i's top at STACKS_ADDR + (i+1)*STACK_SIZE
 //! 0x0040_0000  free RAM for the guest's own use, up to min(mem, LOW_RAM_END)
 //! 0xc000_0000  32-bit hole (later: MMIO devices), RAM above it continues at 4 GiB
@@ -45,6 +49,34 @@ pub const LOW_RAM_END: u64 = 0xc000_0000;
 pub const HIGH_RAM_START: u64 = 1 << 32;
 /// Three pages KVM needs for the TSS on Intel (`KVM_SET_TSS_ADDR`), inside the hole.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+
+/// Linux's boot_params (the "zero page").
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Stack of the boot vCPU while Linux sets up its own.
+pub const LINUX_BOOT_STACK: u64 = 0x8ff0;
+/// Linux command line.
+pub const CMDLINE_ADDR: u64 = 0x2_0000;
+/// Longest Linux command line, NUL included.
+pub const CMDLINE_MAX: usize = 4096;
+/// Start of the extended BIOS data area: low RAM for Linux ends here.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// The RSDP, where Linux also finds it by scanning the BIOS area.
+pub const RSDP_ADDR: u64 = 0xe_0000;
+/// End of the room for ACPI tables.
+pub const ACPI_END: u64 = 0x10_0000;
+/// Where high memory starts (the Linux kernel is loaded here).
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Local APIC MMIO base.
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// IOAPIC MMIO base (KVM's in-kernel IOAPIC).
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+
+/// ACPI sleep control register (hardware-reduced ACPI): a write with SLP_EN powers off.
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// ACPI sleep status register.
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x3c1;
+/// ACPI reset register.
+pub const ACPI_RESET_PORT: u16 = 0x3c2;
 
 /// COM1, the 8250 serial console.
 pub const COM1_BASE: u16 = 0x3f8;

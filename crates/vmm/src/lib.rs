@@ -5,15 +5,17 @@
 //! plain state structs ([`state::InstanceState`]) and exposes its memory; the
 //! `snapshot` and `checkpoint` crates turn those into checkpoints.
 
+pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod instance;
 pub mod layout;
+pub mod linux;
 pub mod memory;
 pub mod state;
 pub mod vcpu;
 
-pub use instance::{Instance, InstanceConfig};
+pub use instance::{Boot, Instance, InstanceConfig};
 pub use memory::{GuestMemory, MemoryBackend};
 pub use state::InstanceState;
 
@@ -22,6 +24,10 @@ pub use state::InstanceState;
 pub enum VmEvent {
     /// The guest wrote its exit status to the exit port.
     GuestExit { status: u32 },
+    /// The guest powered itself off (ACPI S5).
+    PowerOff,
+    /// The guest asked to be reset (ACPI reset register).
+    Reboot,
     /// A vCPU hit a triple fault (the guest reset itself or crashed).
     Shutdown { id: u32 },
     /// The guest asked KVM for a system event (PSCI-style shutdown/reset).
@@ -34,6 +40,8 @@ impl std::fmt::Display for VmEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VmEvent::GuestExit { status } => write!(f, "guest exited with status {status}"),
+            VmEvent::PowerOff => write!(f, "guest powered off"),
+            VmEvent::Reboot => write!(f, "guest asked for a reboot"),
             VmEvent::Shutdown { id } => write!(f, "guest shut down (triple fault on vCPU {id})"),
             VmEvent::SystemEvent { id, kind } => write!(f, "guest system event {kind} on vCPU {id}"),
             VmEvent::VcpuFailed { id, error } => write!(f, "vCPU {id} failed: {error}"),

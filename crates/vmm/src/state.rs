@@ -4,7 +4,7 @@
 use devices::SerialState;
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,13 +29,14 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
-/// VM-wide KVM state: kvmclock and the in-kernel interrupt controllers.
+/// VM-wide KVM state: kvmclock, the in-kernel interrupt controllers and the PIT.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmState {
     pub clock: kvm_clock_data,
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,
     pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
 }
 
 /// The state of every device of the instance.

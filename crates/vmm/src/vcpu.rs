@@ -257,6 +257,8 @@ pub fn run_vcpu_thread(
             Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
                 IoAction::None => None,
                 IoAction::GuestExit(status) => Some(VmEvent::GuestExit { status }),
+                IoAction::PowerOff => Some(VmEvent::PowerOff),
+                IoAction::Reboot => Some(VmEvent::Reboot),
             },
             Ok(VcpuExit::IoIn(port, data)) => {
                 bus.read(port, data);

@@ -5,7 +5,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vmm::{Instance, InstanceConfig, MemoryBackend, VmEvent};
+use vmm::{Boot, Instance, InstanceConfig, MemoryBackend, VmEvent};
 
 #[derive(Clone, Default)]
 struct Console(Arc<Mutex<Vec<u8>>>);
@@ -25,7 +25,12 @@ impl Console {
 }
 
 fn config(guest: &str, args: &str, vcpus: u32, backend: MemoryBackend) -> InstanceConfig {
-    InstanceConfig { guest: guest.into(), guest_args: args.into(), mem_size: 32 << 20, vcpus, memory_backend: backend }
+    InstanceConfig {
+        boot: Boot::Builtin { guest: guest.into(), args: args.into() },
+        mem_size: 32 << 20,
+        vcpus,
+        memory_backend: backend,
+    }
 }
 
 fn run_to_end(cfg: InstanceConfig) -> (VmEvent, String) {
