@@ -65,3 +65,18 @@ fn guest_exit_status_becomes_the_exit_code() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("triple fault"), "{}", stderr(&o));
 }
+
+#[test]
+fn missing_or_bogus_kernels_are_clear_errors() {
+    let o = cevm(&["run", "--kernel", "/nonexistent/vmlinuz"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("kernel /nonexistent/vmlinuz: No such file"), "{}", stderr(&o));
+    // A file that is not a kernel: this test's own source.
+    let me = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cli.rs");
+    let o = cevm(&["run", "--kernel", me]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a bzImage"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
+    let o = cevm(&["run", "--initrd", "/x"]);
+    assert_eq!(o.status.code(), Some(2), "--initrd needs --kernel: {}", stderr(&o));
+}

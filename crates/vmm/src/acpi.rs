@@ -14,7 +14,8 @@ use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
-    ACPI_END, ACPI_RESET_PORT, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, IOAPIC_ADDR, LAPIC_ADDR, RSDP_ADDR,
+    ACPI_END, ACPI_RESET_PORT, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, COM1_BASE, COM1_IRQ, COM1_LEN,
+    IOAPIC_ADDR, LAPIC_ADDR, RSDP_ADDR,
 };
 use crate::memory::GuestMemory;
 use crate::{Error, Result};
@@ -47,6 +48,16 @@ pub fn create_tables(mem: &GuestMemory, vcpus: u32) -> Result<u64> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, OEM_REV);
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE]));
     dsdt.append_slice(&bytes(&s5));
+    // Hardware-reduced ACPI means no legacy PIC, so Linux maps no ISA interrupt on
+    // its own: COM1 must be a device here, with its interrupt as a GSI.
+    let com1_io = aml::IO::new(COM1_BASE, COM1_BASE, 1, COM1_LEN as u8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &com1_crs);
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
+    dsdt.append_slice(&bytes(&com1));
 
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE, OEM_REV);
     fadt = fadt.flag(Flags::HwReducedAcpi).flag(Flags::ResetRegSup).flag(Flags::PwrButton).flag(Flags::SlpButton);

@@ -81,18 +81,10 @@ fn mem_err(what: &'static str) -> impl Fn(vm_memory::GuestMemoryError) -> Error 
     move |e| Error::Boot(format!("writing {what}: {e}"))
 }
 
-/// Writes the GDT, the identity page tables, the boot info block and the guest image.
-pub fn load_builtin_guest(mem: &GuestMemory, image: &[u8], vcpus: u32, tsc_khz: u32, args: &str) -> Result<()> {
-    if image.len() as u64 > GUEST_IMAGE_MAX {
-        return Err(Error::Boot(format!("guest image of {} bytes is larger than {GUEST_IMAGE_MAX}", image.len())));
-    }
-    if args.len() >= GUEST_ARGS_MAX {
-        return Err(Error::Boot(format!(
-            "guest arguments are {} bytes, at most {} fit",
-            args.len(),
-            GUEST_ARGS_MAX - 1
-        )));
-    }
+/// Writes the GDT and the identity page tables that [`long_mode_sregs`] points at:
+/// every vCPU that enters a guest in long mode needs them (built-in guests and
+/// Linux alike).
+pub fn write_long_mode_tables(mem: &GuestMemory) -> Result<()> {
     let m = mem.mmap();
     for (i, e) in gdt().iter().enumerate() {
         m.write_obj(*e, GuestAddress(GDT_ADDR + i as u64 * 8)).map_err(mem_err("GDT"))?;
@@ -109,6 +101,23 @@ pub fn load_builtin_guest(mem: &GuestMemory, image: &[u8], vcpus: u32, tsc_khz: 
                 .map_err(mem_err("page directory"))?;
         }
     }
+    Ok(())
+}
+
+/// Writes the boot info block and the image of a built-in guest (after
+/// [`write_long_mode_tables`]).
+pub fn load_builtin_guest(mem: &GuestMemory, image: &[u8], vcpus: u32, tsc_khz: u32, args: &str) -> Result<()> {
+    if image.len() as u64 > GUEST_IMAGE_MAX {
+        return Err(Error::Boot(format!("guest image of {} bytes is larger than {GUEST_IMAGE_MAX}", image.len())));
+    }
+    if args.len() >= GUEST_ARGS_MAX {
+        return Err(Error::Boot(format!(
+            "guest arguments are {} bytes, at most {} fit",
+            args.len(),
+            GUEST_ARGS_MAX - 1
+        )));
+    }
+    let m = mem.mmap();
     let mem_size = mem.size();
     let free_end = mem_size.min(LOW_RAM_END);
     let mut info = Vec::with_capacity(40 + GUEST_ARGS_MAX);
@@ -181,6 +190,7 @@ mod tests {
     #[test]
     fn page_tables_identity_map_4_gib() {
         let mem = GuestMemory::new(16 << 20, MemoryBackend::Private).unwrap();
+        write_long_mode_tables(&mem).unwrap();
         load_builtin_guest(&mem, &[0xe8, 0, 0, 0, 0], 2, 1000, "mib=1").unwrap();
         let m = mem.mmap();
         let pml4: u64 = m.read_obj(GuestAddress(PML4_ADDR)).unwrap();

@@ -106,6 +106,7 @@ impl Instance {
     /// A new instance booting the built-in guest of `config`; vCPUs not started yet.
     pub fn new(config: InstanceConfig, console: Box<dyn Write + Send>, events: Sender<VmEvent>) -> Result<Self> {
         let inst = Self::create(config, console, None, events)?;
+        boot::write_long_mode_tables(&inst.memory)?;
         match &inst.config.boot {
             Boot::Builtin { guest, args } => {
                 let image = guests::image(guest).ok_or_else(|| {

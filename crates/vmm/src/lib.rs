@@ -29,7 +29,7 @@ pub enum VmEvent {
     /// The guest asked to be reset (ACPI reset register).
     Reboot,
     /// A vCPU hit a triple fault (the guest reset itself or crashed).
-    Shutdown { id: u32 },
+    Shutdown { id: u32, at: String },
     /// The guest asked KVM for a system event (PSCI-style shutdown/reset).
     SystemEvent { id: u32, kind: u32 },
     /// A vCPU cannot go on.
@@ -42,7 +42,7 @@ impl std::fmt::Display for VmEvent {
             VmEvent::GuestExit { status } => write!(f, "guest exited with status {status}"),
             VmEvent::PowerOff => write!(f, "guest powered off"),
             VmEvent::Reboot => write!(f, "guest asked for a reboot"),
-            VmEvent::Shutdown { id } => write!(f, "guest shut down (triple fault on vCPU {id})"),
+            VmEvent::Shutdown { id, at } => write!(f, "guest shut down (triple fault on vCPU {id}, {at})"),
             VmEvent::SystemEvent { id, kind } => write!(f, "guest system event {kind} on vCPU {id}"),
             VmEvent::VcpuFailed { id, error } => write!(f, "vCPU {id} failed: {error}"),
         }

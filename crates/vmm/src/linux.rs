@@ -23,8 +23,9 @@ use crate::memory::GuestMemory;
 use crate::{acpi, Error, Result};
 
 /// Command line when none is given: console on COM1, reboot through the ACPI
-/// reset register, and a panic ends the VM (reboot, which cevm turns into an exit).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1";
+/// reset register, a panic ends the VM (reboot, which cevm turns into an exit), and
+/// no PCI probing (cevm has no PCI bus).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1 pci=off";
 
 const E820_RAM: u32 = 1;
 /// "HdrS": the setup header's magic.

@@ -273,7 +273,18 @@ pub fn run_vcpu_thread(
             // With the in-kernel irqchip KVM handles HLT itself; a HLT exit means the
             // guest stopped for good (e.g. interrupts off).
             Ok(VcpuExit::Hlt) => Some(VmEvent::VcpuFailed { id, error: "guest halted with no way to wake up".into() }),
-            Ok(VcpuExit::Shutdown) => Some(VmEvent::Shutdown { id }),
+            Ok(VcpuExit::Shutdown) => {
+                let regs = vcpu.fd.get_regs().ok();
+                let sregs = vcpu.fd.get_sregs().ok();
+                let at = match (regs, sregs) {
+                    (Some(r), Some(s)) => format!(
+                        "rip {:#x} rsp {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+                        r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
+                    ),
+                    _ => "registers unavailable".into(),
+                };
+                Some(VmEvent::Shutdown { id, at })
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(VmEvent::SystemEvent { id, kind }),
             Ok(VcpuExit::InternalError) => {
                 let run = vcpu.fd.get_kvm_run();

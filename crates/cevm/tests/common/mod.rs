@@ -71,3 +71,5 @@ pub fn created(dir: &Path) -> u64 {
     let m: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
     m["created_unix_ms"].as_u64().unwrap()
 }
+
+pub mod linux;

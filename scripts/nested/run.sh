@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The nested test harness. This machine's /dev/kvm (PVM) cannot run a Linux
+# guest, so: QEMU with TCG and -cpu max (which emulates AMD SVM) boots the Debian
+# kernel as L1; L1 loads kvm_amd and runs SCENARIO (a shell script) with $CEVM,
+# $GUEST_KERNEL and $GUEST_INITRD; cevm boots the Linux guest inside L1.
+# Everything L1 prints (cevm's stderr and the guest's console included) goes to
+# our stdout. Exits with the scenario's status (124 on timeout).
+#
+# usage: scripts/nested/run.sh SCENARIO.sh [--cevm PATH] [--npt 0|1] [--timeout SECONDS] [--verbose]
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+top="$(cd "$here/../.." && pwd)"
+scenario="$1"; shift
+cevm="$top/target/release/cevm"; npt=1; timeout=900; l1_quiet=quiet
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --cevm) cevm="$2"; shift 2 ;;
+    --npt) npt="$2"; shift 2 ;;
+    --timeout) timeout="$2"; shift 2 ;;
+    --verbose) l1_quiet="loglevel=7"; shift ;;
+    *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+done
+kdir="$top/$("$top/scripts/guest-kernel.sh")"
+initrd="$top/$("$top/scripts/nested/guest-initrd.sh")"
+mods="$kdir/modules/kernel"
+
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,proc,sys,dev,tmp,guest,lib/modules}
+cp /bin/busybox "$root/bin/busybox"
+cp "$here/l1-init" "$root/init"
+cp "$scenario" "$root/scenario.sh"
+cp "$cevm" "$root/bin/cevm"
+# cevm's shared libraries, at the paths the dynamic loader looks for them.
+for lib in $(ldd "$cevm" | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+done
+cp "$mods/virt/lib/irqbypass.ko" "$mods/arch/x86/kvm/kvm.ko" "$mods/arch/x86/kvm/kvm-amd.ko" "$root/lib/modules/"
+cp "$kdir/vmlinuz" "$root/guest/vmlinuz"
+cp "$initrd" "$root/guest/initrd.gz"
+chmod +x "$root/init"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$root.l1.gz"
+trap 'rm -rf "$root" "$root.l1.gz"' EXIT
+
+log="$root.log"
+set +e
+timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 4096 \
+    -nodefaults -no-user-config -nographic -serial stdio -no-reboot \
+    -kernel "$kdir/vmlinuz" -initrd "$root.l1.gz" \
+    -append "console=ttyS0 $l1_quiet panic=-1 cevm.npt=$npt" | tee "$log"
+qrc=${PIPESTATUS[0]}
+set -e
+rc=$(sed -n 's/.*cevm-nested: end rc=\([0-9]*\).*/\1/p' "$log" | tail -1)
+rm -f "$log"
+if [ "$qrc" = 124 ]; then echo "run.sh: timeout after ${timeout}s" >&2; exit 124; fi
+if [ -z "$rc" ]; then echo "run.sh: the scenario did not finish (QEMU status $qrc)" >&2; exit 125; fi
+exit "$rc"
