@@ -4,14 +4,15 @@
 #                             gcc, binutils, libc6-dev (the guests are C built at build time)
 #   scripts/setup.sh --tests  also what the Linux-guest tests need: busybox-static and
 #                             cpio (guest initramfs), qemu-system-x86 (the nested harness
-#                             on machines whose /dev/kvm cannot run Linux), and the pinned
+#                             on machines whose /dev/kvm cannot run Linux), qemu-utils
+#                             (qemu-img checks the images cevm writes), and the pinned
 #                             Debian guest kernel (scripts/guest-kernel.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(gcc binutils libc6-dev)
 if [ "${1:-}" = "--tests" ]; then
-    pkgs+=(busybox-static cpio qemu-system-x86)
+    pkgs+=(busybox-static cpio qemu-system-x86 qemu-utils)
 fi
 need=()
 for pkg in "${pkgs[@]}"; do
