@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Builds the Linux guest's initramfs (busybox-static + guest-linux/init) into
+# Builds the Linux guest's initramfs (busybox-static, guest-linux/init, and the
+# virtio modules the Debian kernel has as modules) into
 # target/nested/guest-initrd.gz and prints its path.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+kmods="$(scripts/guest-kernel.sh)/modules/kernel/drivers"
 out=target/nested/guest-initrd.gz
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
-mkdir -p "$root"/{bin,proc,sys,dev,tmp} target/nested
+mkdir -p "$root"/{bin,proc,sys,dev,tmp,mnt,lib/modules} target/nested
+cp "$kmods"/virtio/{virtio,virtio_ring,virtio_mmio}.ko "$kmods/block/virtio_blk.ko" "$root/lib/modules/"
 cp /bin/busybox "$root/bin/busybox"
 cp guest-linux/init "$root/init"
 chmod +x "$root/init"

@@ -5,19 +5,24 @@
 # $GUEST_KERNEL and $GUEST_INITRD; cevm boots the Linux guest inside L1.
 # Everything L1 prints (cevm's stderr and the guest's console included) goes to
 # our stdout. Exits with the scenario's status (124 on timeout).
+# Files given with --in are in $DATA inside L1; what the scenario leaves in $OUT
+# is copied to the --out directory (through a transfer disk).
 #
-# usage: scripts/nested/run.sh SCENARIO.sh [--cevm PATH] [--npt 0|1] [--timeout SECONDS] [--verbose]
+# usage: scripts/nested/run.sh SCENARIO.sh [--cevm PATH] [--npt 0|1] [--timeout SECONDS]
+#                              [--verbose] [--in FILE]... [--out DIR]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 top="$(cd "$here/../.." && pwd)"
 scenario="$1"; shift
-cevm="$top/target/release/cevm"; npt=1; timeout=900; l1_quiet=quiet
+cevm="$top/target/release/cevm"; npt=1; timeout=900; l1_quiet=quiet; inputs=(); outdir=
 while [ $# -gt 0 ]; do
     case "$1" in
     --cevm) cevm="$2"; shift 2 ;;
     --npt) npt="$2"; shift 2 ;;
     --timeout) timeout="$2"; shift 2 ;;
     --verbose) l1_quiet="loglevel=7"; shift ;;
+    --in) inputs+=("$2"); shift 2 ;;
+    --out) outdir="$2"; shift 2 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -38,22 +43,39 @@ for lib in $(ldd "$cevm" | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do
     cp -L "$lib" "$root$lib"
 done
 cp "$mods/virt/lib/irqbypass.ko" "$mods/arch/x86/kvm/kvm.ko" "$mods/arch/x86/kvm/kvm-amd.ko" "$root/lib/modules/"
+v="$mods/drivers/virtio"
+cp "$v/virtio.ko" "$v/virtio_ring.ko" "$v/virtio_pci_modern_dev.ko" "$v/virtio_pci_legacy_dev.ko" "$v/virtio_pci.ko" \
+    "$mods/drivers/block/virtio_blk.ko" "$root/lib/modules/"
 cp "$kdir/vmlinuz" "$root/guest/vmlinuz"
 cp "$initrd" "$root/guest/initrd.gz"
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$root.l1.gz"
 trap 'rm -rf "$root" "$root.l1.gz"' EXIT
 
+# The transfer disk: inputs as a tar, room for the outputs.
+xfer="$root.xfer"
+staging="$root.in"
+mkdir -p "$staging"
+for f in "${inputs[@]}"; do cp --sparse=always "$f" "$staging/"; done
+tar cf "$xfer" -C "$staging" .
+truncate -s 1G "$xfer"
+trap 'rm -rf "$root" "$root.l1.gz" "$xfer" "$staging"' EXIT
+
 log="$root.log"
 set +e
 timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 4096 \
     -nodefaults -no-user-config -nographic -serial stdio -no-reboot \
+    -drive "file=$xfer,format=raw,if=virtio" \
     -kernel "$kdir/vmlinuz" -initrd "$root.l1.gz" \
     -append "console=ttyS0 $l1_quiet panic=-1 cevm.npt=$npt" | tee "$log"
 qrc=${PIPESTATUS[0]}
 set -e
 rc=$(sed -n 's/.*cevm-nested: end rc=\([0-9]*\).*/\1/p' "$log" | tail -1)
 rm -f "$log"
+if [ -n "$outdir" ]; then
+    mkdir -p "$outdir"
+    tar xf "$xfer" -C "$outdir" 2>/dev/null || echo "run.sh: no outputs came back" >&2
+fi
 if [ "$qrc" = 124 ]; then echo "run.sh: timeout after ${timeout}s" >&2; exit 124; fi
 if [ -z "$rc" ]; then echo "run.sh: the scenario did not finish (QEMU status $qrc)" >&2; exit 125; fi
 exit "$rc"

@@ -153,6 +153,7 @@ fn stop_and_save(
             mem_size: mem,
             vcpus: 1,
             memory_backend,
+            disk: None,
         };
         let (line_tx, lines) = mpsc::channel();
         let (ev_tx, _events) = mpsc::channel();

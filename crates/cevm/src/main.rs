@@ -11,7 +11,7 @@ use serde_json::json;
 use cevm::exit_code::{ERROR, GUEST_FAILED, OK, USAGE};
 use cevm::runner::Outcome;
 use cevm::{api, bench, demo, inspect, runner, size};
-use vmm::{Boot, Instance, InstanceConfig, MemoryBackend};
+use vmm::{Boot, DiskConfig, Instance, InstanceConfig, MemoryBackend};
 
 #[derive(Parser)]
 #[command(name = "cevm", version, about = "A KVM VMM with live checkpoint/restart")]
@@ -45,6 +45,16 @@ enum Cmd {
         /// Number of vCPUs.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         vcpus: u32,
+        /// Disk image of the guest's virtio-blk device (raw or qcow2); with
+        /// --overlay, the base image, which is then only read.
+        #[arg(long)]
+        disk: Option<PathBuf>,
+        /// qcow2 overlay over --disk that the guest writes (created if it does not exist).
+        #[arg(long, requires = "disk")]
+        overlay: Option<PathBuf>,
+        /// Offer the disk to the guest read-only.
+        #[arg(long, requires = "disk")]
+        disk_read_only: bool,
         /// Where guest memory lives: shared (memfd) or private (anonymous).
         #[arg(long, default_value = "shared")]
         memory_backend: MemoryBackend,
@@ -132,13 +142,30 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
 
 fn run(cmd: Cmd) -> i32 {
     match cmd {
-        Cmd::Run { guest, guest_args, kernel, initrd, cmdline, mem, vcpus, memory_backend, api_sock } => {
+        Cmd::Run {
+            guest,
+            guest_args,
+            kernel,
+            initrd,
+            cmdline,
+            mem,
+            vcpus,
+            disk,
+            overlay,
+            disk_read_only,
+            memory_backend,
+            api_sock,
+        } => {
+            let disk = match disk_config(disk, overlay, disk_read_only) {
+                Ok(d) => d,
+                Err(e) => return fail(e),
+            };
             let boot = match (guest, kernel) {
                 (Some(guest), _) => Boot::Builtin { guest, args: guest_args },
                 (None, Some(kernel)) => Boot::Linux { kernel, initrd, cmdline },
                 (None, None) => return fail("give --guest or --kernel"),
             };
-            let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend };
+            let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend, disk };
             let (tx, rx) = mpsc::channel();
             match Instance::new(config, Box::new(std::io::stdout()), tx) {
                 Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref())),
@@ -232,6 +259,24 @@ fn finish(r: Result<Outcome, String>) -> i32 {
         Ok(Outcome::Failed(msg)) => fail(msg),
         Err(e) => fail(e),
     }
+}
+
+/// The guest's disk: the image itself, or an overlay over it (created when missing,
+/// with the base recorded by its absolute path so the overlay can move).
+fn disk_config(disk: Option<PathBuf>, overlay: Option<PathBuf>, read_only: bool) -> Result<Option<DiskConfig>, String> {
+    let Some(disk) = disk else { return Ok(None) };
+    let path = match overlay {
+        Some(top) => {
+            if !top.exists() {
+                let base = absolute(&disk)?;
+                disk::Disk::create_overlay(&top, &base).map_err(|e| e.to_string())?;
+                eprintln!("cevm: created overlay {} over {}", top.display(), base.display());
+            }
+            top
+        }
+        None => disk,
+    };
+    Ok(Some(DiskConfig { path, read_only }))
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, String> {

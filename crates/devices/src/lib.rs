@@ -6,6 +6,7 @@
 pub mod exit;
 pub mod power;
 pub mod serial;
+pub mod virtio;
 
 pub use exit::ExitPort;
 pub use power::AcpiPower;
@@ -22,6 +23,14 @@ pub enum IoAction {
     PowerOff,
     /// The guest asked for a reset.
     Reboot,
+}
+
+/// A device on the MMIO bus. `offset` is relative to the device's base address.
+pub trait MmioDevice: Send {
+    /// The guest reads `data.len()` bytes at `offset`.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// The guest writes `data` at `offset`.
+    fn write(&mut self, offset: u64, data: &[u8]) -> IoAction;
 }
 
 /// A device on the x86 I/O port bus. `offset` is relative to the device's first port.

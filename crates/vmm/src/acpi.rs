@@ -13,6 +13,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::instance::VirtioMmioSlot;
 use crate::layout::{
     ACPI_END, ACPI_RESET_PORT, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, COM1_BASE, COM1_IRQ, COM1_LEN,
     IOAPIC_ADDR, LAPIC_ADDR, RSDP_ADDR,
@@ -44,7 +45,7 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
 }
 
 /// Writes all tables from RSDP_ADDR on; returns the RSDP's address.
-pub fn create_tables(mem: &GuestMemory, vcpus: u32) -> Result<u64> {
+pub fn create_tables(mem: &GuestMemory, vcpus: u32, virtio: &[VirtioMmioSlot]) -> Result<u64> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, OEM_REV);
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE]));
     dsdt.append_slice(&bytes(&s5));
@@ -58,6 +59,18 @@ pub fn create_tables(mem: &GuestMemory, vcpus: u32) -> Result<u64> {
     let crs = aml::Name::new("_CRS".into(), &com1_crs);
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
     dsdt.append_slice(&bytes(&com1));
+    // virtio-mmio devices: Linux's virtio_mmio driver binds to "LNRO0005".
+    for (i, slot) in virtio.iter().enumerate() {
+        let mem32 = aml::Memory32Fixed::new(true, slot.base as u32, slot.size as u32);
+        let irq = aml::Interrupt::new(true, true, false, false, slot.gsi);
+        let crs = aml::ResourceTemplate::new(vec![&mem32, &irq]);
+        let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+        let uid = aml::Name::new("_UID".into(), &(i as u8));
+        let crs = aml::Name::new("_CRS".into(), &crs);
+        let path = format!("_SB_.VR{i:02}");
+        let dev = aml::Device::new(path.as_str().into(), vec![&hid, &uid, &crs]);
+        dsdt.append_slice(&bytes(&dev));
+    }
 
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE, OEM_REV);
     fadt = fadt.flag(Flags::HwReducedAcpi).flag(Flags::ResetRegSup).flag(Flags::PwrButton).flag(Flags::SlpButton);
@@ -120,7 +133,7 @@ mod tests {
     #[test]
     fn tables_are_found_from_the_rsdp_and_checksum_right() {
         let mem = GuestMemory::new(16 << 20, MemoryBackend::Private).unwrap();
-        let rsdp = create_tables(&mem, 4).unwrap();
+        let rsdp = create_tables(&mem, 4, &[VirtioMmioSlot { base: 0xd000_0000, size: 0x1000, gsi: 5 }]).unwrap();
         let m = mem.mmap();
         let mut sig = [0u8; 8];
         m.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();

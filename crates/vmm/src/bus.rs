@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::{IoAction, PioDevice};
+use devices::{IoAction, MmioDevice, PioDevice};
 
 /// A device shared between the bus (vCPU threads) and its owner (to save its state).
 pub type SharedDevice = Arc<Mutex<dyn PioDevice>>;
@@ -35,6 +35,43 @@ impl PioBus {
     /// A guest write to `port`. Writes to a port without a device are dropped.
     pub fn write(&self, port: u16, data: &[u8]) -> IoAction {
         match self.find(port) {
+            Some((off, dev)) => lock(dev).write(off, data),
+            None => IoAction::None,
+        }
+    }
+}
+
+/// An MMIO device shared between the bus and its owner.
+pub type SharedMmioDevice = Arc<Mutex<dyn MmioDevice>>;
+
+/// Guest-physical MMIO ranges and their devices. Built before the vCPUs start.
+#[derive(Default)]
+pub struct MmioBus {
+    ranges: Vec<(u64, u64, SharedMmioDevice)>,
+}
+
+impl MmioBus {
+    /// Adds `device` at `base .. base + len`. Ranges must not overlap.
+    pub fn insert(&mut self, base: u64, len: u64, device: SharedMmioDevice) {
+        debug_assert!(self.ranges.iter().all(|(b, l, _)| base + len <= *b || *b + *l <= base));
+        self.ranges.push((base, len, device));
+    }
+
+    fn find(&self, addr: u64) -> Option<(u64, &SharedMmioDevice)> {
+        self.ranges.iter().find(|(b, l, _)| addr >= *b && addr - *b < *l).map(|(b, _, d)| (addr - *b, d))
+    }
+
+    /// A guest read at `addr`. Unclaimed addresses read as all ones.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
+            Some((off, dev)) => lock(dev).read(off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// A guest write at `addr`. Writes to unclaimed addresses are dropped.
+    pub fn write(&self, addr: u64, data: &[u8]) -> IoAction {
+        match self.find(addr) {
             Some((off, dev)) => lock(dev).write(off, data),
             None => IoAction::None,
         }

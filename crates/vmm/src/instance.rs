@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use std::path::PathBuf;
 
+use devices::virtio::block::Block;
+use devices::virtio::mmio::MmioTransport;
 use devices::{AcpiPower, ExitPort, Serial};
 use kvm_bindings::{
     kvm_irqchip, kvm_msr_entry, kvm_pit_config, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
@@ -19,11 +21,14 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::bus::{lock, PioBus};
-use crate::layout::{ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, MAX_VCPUS};
+use crate::bus::lock;
+use crate::layout::{
+    ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, MAX_VCPUS, VIRTIO_BLK_GSI,
+    VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
 use crate::memory::{GuestMemory, MemoryBackend};
 use crate::state::{DeviceStates, InstanceState, VcpuState, VmState};
-use crate::vcpu::{self, kick_signal, RunControl, Vcpu, VcpuCommand};
+use crate::vcpu::{self, kick_signal, Buses, RunControl, Vcpu, VcpuCommand};
 use crate::{acpi, boot, linux};
 use crate::{Error, Result, VmEvent};
 
@@ -52,6 +57,24 @@ impl std::fmt::Display for Boot {
     }
 }
 
+/// The guest's disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// The image the virtio-blk device reads and writes: raw or qcow2 (typically
+    /// an overlay whose read-only backing file is the base image).
+    pub path: PathBuf,
+    /// Offer the disk read-only.
+    pub read_only: bool,
+}
+
+/// A virtio-mmio device as the guest firmware tables describe it.
+#[derive(Clone, Copy, Debug)]
+pub struct VirtioMmioSlot {
+    pub base: u64,
+    pub size: u64,
+    pub gsi: u32,
+}
+
 /// What an instance runs: the guest configuration, recorded in every checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceConfig {
@@ -63,6 +86,9 @@ pub struct InstanceConfig {
     pub vcpus: u32,
     /// Where guest memory lives.
     pub memory_backend: MemoryBackend,
+    /// The virtio-blk disk, if any.
+    #[serde(default)]
+    pub disk: Option<DiskConfig>,
 }
 
 /// How long a pause may take before it is reported as a failure.
@@ -92,7 +118,8 @@ pub struct Instance {
     vm: VmFd,
     memory: GuestMemory,
     serial: Arc<Mutex<Serial>>,
-    bus: Arc<PioBus>,
+    buses: Arc<Buses>,
+    block: Option<Arc<Mutex<MmioTransport<Block>>>>,
     ctl: Arc<RunControl>,
     idle_vcpus: Vec<Vcpu>,
     threads: Vec<VcpuThread>,
@@ -124,7 +151,14 @@ impl Instance {
                 }
             }
             Boot::Linux { kernel, initrd, cmdline } => {
-                let entry = linux::load(&inst.memory, kernel, initrd.as_deref(), cmdline, inst.config.vcpus)?;
+                let entry = linux::load(
+                    &inst.memory,
+                    kernel,
+                    initrd.as_deref(),
+                    cmdline,
+                    inst.config.vcpus,
+                    &inst.virtio_slots(),
+                )?;
                 for v in &inst.idle_vcpus {
                     let err = |what: &'static str| {
                         move |e: kvm_ioctls::Error| Error::Vcpu { id: v.id, msg: format!("{what}: {e}") }
@@ -205,11 +239,29 @@ impl Instance {
             None => Serial::new(irq, console),
         };
         let serial = Arc::new(Mutex::new(serial));
-        let mut bus = PioBus::default();
-        bus.insert(COM1_BASE, COM1_LEN, serial.clone());
-        bus.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort)));
+        let mut buses = Buses::default();
+        buses.pio.insert(COM1_BASE, COM1_LEN, serial.clone());
+        buses.pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort)));
         let power = AcpiPower { s5_sleep_type: acpi::S5_SLEEP_TYPE, reset_value: acpi::RESET_VALUE };
-        bus.insert(ACPI_SLEEP_CONTROL_PORT, 3, Arc::new(Mutex::new(power)));
+        buses.pio.insert(ACPI_SLEEP_CONTROL_PORT, 3, Arc::new(Mutex::new(power)));
+        let block = match &config.disk {
+            Some(d) => {
+                let image = disk::Disk::open(&d.path, !d.read_only).map_err(|e| Error::Device(e.to_string()))?;
+                let irq =
+                    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("virtio-blk eventfd: {e}")))?;
+                vm.register_irqfd(&irq, VIRTIO_BLK_GSI).map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+                let dev = Block::new(Arc::new(image), "cevm-disk0");
+                let transport = match devices.and_then(|d| d.virtio_blk.as_ref()) {
+                    Some(st) => MmioTransport::from_state(dev, memory.mmap().clone(), irq, st)
+                        .map_err(|e| Error::Device(format!("virtio-blk: {e}")))?,
+                    None => MmioTransport::new(dev, memory.mmap().clone(), irq),
+                };
+                let transport = Arc::new(Mutex::new(transport));
+                buses.mmio.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone());
+                Some(transport)
+            }
+            None => None,
+        };
 
         let cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -229,7 +281,8 @@ impl Instance {
             vm,
             memory,
             serial,
-            bus: Arc::new(bus),
+            buses: Arc::new(buses),
+            block,
             ctl: Arc::new(RunControl::default()),
             idle_vcpus,
             threads: Vec::new(),
@@ -237,6 +290,22 @@ impl Instance {
             state: RunState::Created,
             _kvm: kvm,
         })
+    }
+
+    /// The virtio-mmio devices, for the firmware tables.
+    pub fn virtio_slots(&self) -> Vec<VirtioMmioSlot> {
+        self.block
+            .iter()
+            .map(|_| VirtioMmioSlot { base: VIRTIO_MMIO_BASE, size: VIRTIO_MMIO_SIZE, gsi: VIRTIO_BLK_GSI })
+            .collect()
+    }
+
+    /// Makes every write the guest's disk completed durable (flushes the image).
+    pub fn flush_disk(&self) -> Result<()> {
+        if let Some(b) = &self.block {
+            lock(b).device().disk().flush().map_err(|e| Error::Device(format!("flushing the disk: {e}")))?;
+        }
+        Ok(())
     }
 
     /// The guest configuration.
@@ -261,10 +330,10 @@ impl Instance {
         }
         for v in self.idle_vcpus.drain(..) {
             let (tx, rx) = mpsc::channel();
-            let (ctl, bus, events) = (self.ctl.clone(), self.bus.clone(), self.events.clone());
+            let (ctl, buses, events) = (self.ctl.clone(), self.buses.clone(), self.events.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.id))
-                .spawn(move || vcpu::run_vcpu_thread(v, ctl, bus, rx, events))
+                .spawn(move || vcpu::run_vcpu_thread(v, ctl, buses, rx, events))
                 .map_err(Error::Thread)?;
             self.threads.push(VcpuThread { handle, commands: tx });
         }
@@ -338,7 +407,10 @@ impl Instance {
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
             pit: self.vm.get_pit2().map_err(|e| Error::Kvm("KVM_GET_PIT2", e))?,
         };
-        let devices = DeviceStates { serial: lock(&self.serial).state() };
+        let devices = DeviceStates {
+            serial: lock(&self.serial).state(),
+            virtio_blk: self.block.as_ref().map(|b| lock(b).state()),
+        };
         Ok(InstanceState { vm, vcpus, devices })
     }
 

@@ -71,6 +71,13 @@ pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// IOAPIC MMIO base (KVM's in-kernel IOAPIC).
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 
+/// First virtio-mmio device (in the 32-bit hole); each takes VIRTIO_MMIO_SIZE.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of a virtio-mmio register block.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Interrupt (GSI) of the virtio block device.
+pub const VIRTIO_BLK_GSI: u32 = 5;
+
 /// ACPI sleep control register (hardware-reduced ACPI): a write with SLP_EN powers off.
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
 /// ACPI sleep status register.

@@ -15,7 +15,7 @@ pub mod memory;
 pub mod state;
 pub mod vcpu;
 
-pub use instance::{Boot, Instance, InstanceConfig};
+pub use instance::{Boot, DiskConfig, Instance, InstanceConfig};
 pub use memory::{GuestMemory, MemoryBackend};
 pub use state::InstanceState;
 

@@ -18,6 +18,7 @@ use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::{load_cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::instance::VirtioMmioSlot;
 use crate::layout::*;
 use crate::memory::GuestMemory;
 use crate::{acpi, Error, Result};
@@ -44,7 +45,14 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 
 /// Loads kernel, initramfs, command line, boot_params and ACPI tables. Returns the
 /// entry point of the boot vCPU.
-pub fn load(mem: &GuestMemory, kernel: &Path, initrd: Option<&Path>, cmdline: &str, vcpus: u32) -> Result<u64> {
+pub fn load(
+    mem: &GuestMemory,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    vcpus: u32,
+    virtio: &[VirtioMmioSlot],
+) -> Result<u64> {
     let m = mem.mmap();
     let mut kfile = File::open(kernel).map_err(|e| Error::Boot(format!("kernel {}: {e}", kernel.display())))?;
     let loaded = BzImage::load(m, None, &mut kfile, Some(GuestAddress(HIMEM_START)))
@@ -84,7 +92,7 @@ pub fn load(mem: &GuestMemory, kernel: &Path, initrd: Option<&Path>, cmdline: &s
     }
 
     let mut params = boot_params { hdr, ..Default::default() };
-    params.acpi_rsdp_addr = acpi::create_tables(mem, vcpus)?;
+    params.acpi_rsdp_addr = acpi::create_tables(mem, vcpus, virtio)?;
     let mut e820 = vec![(0, EBDA_START), (HIMEM_START, low_end - HIMEM_START)];
     if let Some(high) = mem.ranges().get(1) {
         e820.push((high.guest_addr, high.size));

@@ -1,6 +1,7 @@
 //! The saved state of an instance: plain serde structs (DESIGN.md rule 1), one per
 //! component, gathered in [`InstanceState`]. What goes into a checkpoint's `state.json`.
 
+use devices::virtio::mmio::MmioState;
 use devices::SerialState;
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -43,6 +44,9 @@ pub struct VmState {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeviceStates {
     pub serial: SerialState,
+    /// The virtio-blk transport and queues, if the instance has a disk.
+    #[serde(default)]
+    pub virtio_blk: Option<MmioState>,
 }
 
 /// The whole saved state of an instance, apart from guest memory.

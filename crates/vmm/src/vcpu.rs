@@ -18,7 +18,7 @@ use kvm_bindings::{kvm_mp_state, kvm_msr_entry, kvm_run, CpuId, Msrs, KVM_MAX_CP
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::bus::{lock, PioBus};
+use crate::bus::{lock, MmioBus, PioBus};
 use crate::state::VcpuState;
 use crate::{Error, Result, VmEvent};
 
@@ -51,6 +51,13 @@ pub fn install_kick_handler() -> Result<()> {
             .map_err(|e| Error::Vcpu { id: 0, msg: format!("cannot install the kick signal handler: {e}") });
     });
     res
+}
+
+/// The I/O port and MMIO buses every vCPU dispatches its exits to.
+#[derive(Default)]
+pub struct Buses {
+    pub pio: PioBus,
+    pub mmio: MmioBus,
 }
 
 /// Commands a paused vCPU thread takes.
@@ -219,7 +226,7 @@ impl Vcpu {
 pub fn run_vcpu_thread(
     mut vcpu: Vcpu,
     ctl: Arc<RunControl>,
-    bus: Arc<PioBus>,
+    buses: Arc<Buses>,
     commands: Receiver<VcpuCommand>,
     events: Sender<VmEvent>,
 ) {
@@ -254,22 +261,26 @@ pub fn run_vcpu_thread(
             continue;
         }
         let event = match vcpu.fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
+            Ok(VcpuExit::IoOut(port, data)) => match buses.pio.write(port, data) {
                 IoAction::None => None,
                 IoAction::GuestExit(status) => Some(VmEvent::GuestExit { status }),
                 IoAction::PowerOff => Some(VmEvent::PowerOff),
                 IoAction::Reboot => Some(VmEvent::Reboot),
             },
             Ok(VcpuExit::IoIn(port, data)) => {
-                bus.read(port, data);
+                buses.pio.read(port, data);
                 None
             }
-            // No MMIO devices yet: reads see all ones, writes are dropped.
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                buses.mmio.read(addr, data);
                 None
             }
-            Ok(VcpuExit::MmioWrite(..)) => None,
+            Ok(VcpuExit::MmioWrite(addr, data)) => match buses.mmio.write(addr, data) {
+                IoAction::None => None,
+                IoAction::GuestExit(status) => Some(VmEvent::GuestExit { status }),
+                IoAction::PowerOff => Some(VmEvent::PowerOff),
+                IoAction::Reboot => Some(VmEvent::Reboot),
+            },
             // With the in-kernel irqchip KVM handles HLT itself; a HLT exit means the
             // guest stopped for good (e.g. interrupts off).
             Ok(VcpuExit::Hlt) => Some(VmEvent::VcpuFailed { id, error: "guest halted with no way to wake up".into() }),

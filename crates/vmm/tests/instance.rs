@@ -30,6 +30,7 @@ fn config(guest: &str, args: &str, vcpus: u32, backend: MemoryBackend) -> Instan
         mem_size: 32 << 20,
         vcpus,
         memory_backend: backend,
+        disk: None,
     }
 }
 

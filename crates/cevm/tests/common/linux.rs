@@ -2,7 +2,8 @@
 //! nested harness (`scripts/nested/run.sh`: QEMU TCG L1 with kvm_amd) on the PVM
 //! machines of this project, where a Linux guest cannot run directly.
 //!
-//! A scenario is a shell script using `$CEVM`, `$GUEST_KERNEL` and `$GUEST_INITRD`.
+//! A scenario is a shell script using `$CEVM`, `$GUEST_KERNEL` and `$GUEST_INITRD`;
+//! its input files are in `$DATA`, and what it leaves in `$OUT` comes back.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,10 +29,24 @@ fn script_output(script: &str) -> String {
 
 /// Runs `scenario` and returns (its exit status, everything it printed).
 pub fn run_scenario(name: &str, scenario: &str, npt: u8) -> (i32, String) {
+    let (status, text, _) = run_scenario_with_files(name, scenario, npt, &[]);
+    (status, text)
+}
+
+/// Like [`run_scenario`], with `inputs` in `$DATA`; also returns the directory
+/// holding what the scenario left in `$OUT` (the caller removes it).
+pub fn run_scenario_with_files(name: &str, scenario: &str, npt: u8, inputs: &[PathBuf]) -> (i32, String, PathBuf) {
     let dir = super::workdir(&format!("linux-{name}"));
     let file = dir.join("scenario.sh");
+    let outdir = dir.join("out");
+    let datadir = dir.join("data");
+    std::fs::create_dir_all(&outdir).unwrap();
+    std::fs::create_dir_all(&datadir).unwrap();
     std::fs::write(&file, scenario).unwrap();
     let out = if hardware_kvm() {
+        for f in inputs {
+            std::fs::copy(f, datadir.join(f.file_name().unwrap())).unwrap();
+        }
         eprintln!("linux scenario {name}: hardware KVM here, running cevm directly");
         let kernel = format!("{}/vmlinuz", script_output("scripts/guest-kernel.sh"));
         let initrd = script_output("scripts/nested/guest-initrd.sh");
@@ -40,6 +55,8 @@ pub fn run_scenario(name: &str, scenario: &str, npt: u8) -> (i32, String) {
             .env("CEVM", bin())
             .env("GUEST_KERNEL", kernel)
             .env("GUEST_INITRD", initrd)
+            .env("DATA", &datadir)
+            .env("OUT", &outdir)
             .current_dir(&dir)
             .output()
             .unwrap()
@@ -51,10 +68,14 @@ pub fn run_scenario(name: &str, scenario: &str, npt: u8) -> (i32, String) {
             .arg(bin())
             .arg("--npt")
             .arg(npt.to_string())
+            .args(inputs.iter().flat_map(|f| [Path::new("--in"), f.as_path()]))
+            .arg("--out")
+            .arg(&outdir)
             .output()
             .unwrap()
     };
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let _ = std::fs::remove_dir_all(&dir);
-    (out.status.code().unwrap_or(-1), text)
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_dir_all(&datadir);
+    (out.status.code().unwrap_or(-1), text, dir)
 }

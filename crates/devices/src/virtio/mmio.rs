@@ -1,0 +1,283 @@
+//! The virtio-mmio transport: the register block of virtio spec 4.2.2, the queues
+//! (virtio-queue), and the used-buffer interrupt on an eventfd (a KVM irqfd).
+//! Queue notifications are served synchronously on the vCPU that writes them, so
+//! a request is complete when the guest's notifying instruction is: a paused
+//! instance never has a request in flight.
+
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_mmio::*;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::VirtioDevice;
+use crate::{IoAction, MmioDevice};
+
+const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4d56_4543; // "CEVM"
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_DRIVER_OK: u32 = 4;
+
+/// Saved state of one queue (virtio-queue's own state struct has no serde).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+/// Saved state of the transport (registers and queues).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub queues: Vec<QueueState>,
+}
+
+/// A virtio device behind its MMIO register block.
+pub struct MmioTransport<D: VirtioDevice> {
+    device: D,
+    mem: GuestMemoryMmap,
+    irq: EventFd,
+    queues: Vec<Queue>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+}
+
+/// Errors restoring a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A queue of the saved state is not valid.
+    #[error("virtio queue {index}: {reason}")]
+    Queue { index: usize, reason: String },
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// The transport in its reset state.
+    pub fn new(device: D, mem: GuestMemoryMmap, irq: EventFd) -> Self {
+        let queues = device.queue_max_sizes().iter().map(|&m| Queue::new(m).expect("valid queue size")).collect();
+        MmioTransport {
+            device,
+            mem,
+            irq,
+            queues,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+        }
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The transport's state, to save.
+    pub fn state(&self) -> MmioState {
+        MmioState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueState {
+                    max_size: q.max_size(),
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                    event_idx_enabled: q.event_idx_enabled(),
+                })
+                .collect(),
+        }
+    }
+
+    /// A transport in a saved state.
+    pub fn from_state(device: D, mem: GuestMemoryMmap, irq: EventFd, s: &MmioState) -> Result<Self, Error> {
+        let mut t = Self::new(device, mem, irq);
+        if s.queues.len() != t.queues.len() {
+            return Err(Error::Queue { index: s.queues.len(), reason: "wrong number of queues".into() });
+        }
+        for (index, (q, qs)) in t.queues.iter_mut().zip(&s.queues).enumerate() {
+            let bad = |e: virtio_queue::Error| Error::Queue { index, reason: e.to_string() };
+            *q = Queue::new(qs.max_size).map_err(bad)?;
+            q.try_set_size(qs.size).map_err(bad)?;
+            q.try_set_desc_table_address(GuestAddress(qs.desc_table)).map_err(bad)?;
+            q.try_set_avail_ring_address(GuestAddress(qs.avail_ring)).map_err(bad)?;
+            q.try_set_used_ring_address(GuestAddress(qs.used_ring)).map_err(bad)?;
+            q.set_next_avail(qs.next_avail);
+            q.set_next_used(qs.next_used);
+            q.set_event_idx(qs.event_idx_enabled);
+            q.set_ready(qs.ready);
+        }
+        t.device_features_sel = s.device_features_sel;
+        t.driver_features_sel = s.driver_features_sel;
+        t.driver_features = s.driver_features;
+        t.queue_sel = s.queue_sel;
+        t.status = s.status;
+        t.interrupt_status = s.interrupt_status;
+        t.config_generation = s.config_generation;
+        Ok(t)
+    }
+
+    fn features(&self) -> u64 {
+        self.device.device_features() | (1 << VIRTIO_F_VERSION_1)
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.driver_features = 0;
+        self.status = 0;
+        self.interrupt_status = 0;
+        self.queue_sel = 0;
+    }
+
+    fn notify(&mut self, index: usize) {
+        if self.status & STATUS_DRIVER_OK == 0 {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index) else { return };
+        if !queue.ready() {
+            return;
+        }
+        if self.device.process_queue(index, queue, &self.mem) {
+            self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+            // A lost interrupt is the irqfd's failure, not the guest's: it sees the used
+            // ring the next time it looks.
+            let _ = self.irq.write(1);
+        }
+    }
+}
+
+fn set_half(v: &mut u64, high: bool, x: u32) {
+    if high {
+        *v = (*v & 0xffff_ffff) | (u64::from(x) << 32);
+    } else {
+        *v = (*v & !0xffff_ffff) | u64::from(x);
+    }
+}
+
+impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            self.device.read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            return;
+        }
+        let v: u32 = match offset as u32 {
+            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.features() as u32,
+                1 => (self.features() >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.queues.get(self.queue_sel as usize).map_or(0, |q| q.max_size().into()),
+            VIRTIO_MMIO_QUEUE_READY => self.queues.get(self.queue_sel as usize).map_or(0, |q| q.ready().into()),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        };
+        if data.len() == 4 {
+            data.copy_from_slice(&v.to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> IoAction {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            return IoAction::None; // block config space is read-only
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else { return IoAction::None };
+        let v = u32::from_le_bytes(bytes);
+        let features_open = self.status & STATUS_FEATURES_OK == 0;
+        match offset as u32 {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES if features_open && self.driver_features_sel < 2 => {
+                let offered = self.features();
+                set_half(&mut self.driver_features, self.driver_features_sel == 1, v);
+                self.driver_features &= offered;
+            }
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_READY => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_DESC_LOW | VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                let high = offset as u32 == VIRTIO_MMIO_QUEUE_DESC_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    q.set_desc_table_address((!high).then_some(v), high.then_some(v));
+                }
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW | VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                let high = offset as u32 == VIRTIO_MMIO_QUEUE_AVAIL_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    q.set_avail_ring_address((!high).then_some(v), high.then_some(v));
+                }
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW | VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                let high = offset as u32 == VIRTIO_MMIO_QUEUE_USED_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    q.set_used_ring_address((!high).then_some(v), high.then_some(v));
+                }
+            }
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(v as usize),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
+            VIRTIO_MMIO_STATUS => {
+                if v == 0 {
+                    self.reset();
+                } else {
+                    self.status = v;
+                }
+            }
+            _ => {}
+        }
+        IoAction::None
+    }
+}
