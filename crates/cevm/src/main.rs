@@ -66,6 +66,10 @@ enum Cmd {
     Restore {
         /// The checkpoint directory.
         dir: PathBuf,
+        /// Where the restored guest's disk goes (a copy of the checkpoint's; default
+        /// DIR.disk.qcow2 beside the checkpoint). Must not exist.
+        #[arg(long)]
+        overlay: Option<PathBuf>,
         /// Serve the control API on this unix socket.
         #[arg(long)]
         api_sock: Option<PathBuf>,
@@ -172,11 +176,14 @@ fn run(cmd: Cmd) -> i32 {
                 Err(e) => fail(e),
             }
         }
-        Cmd::Restore { dir, api_sock } => {
+        Cmd::Restore { dir, overlay, api_sock } => {
             let (tx, rx) = mpsc::channel();
-            match checkpoint::restore(&dir, Box::new(std::io::stdout()), tx) {
-                Ok(inst) => {
+            match checkpoint::restore(&dir, overlay.as_deref(), Box::new(std::io::stdout()), tx) {
+                Ok((inst, disk)) => {
                     eprintln!("cevm: restored {} (every checksum verified)", dir.display());
+                    if let Some(d) = disk {
+                        eprintln!("cevm: the restored guest's disk is {}", d.display());
+                    }
                     finish(runner::run(inst, rx, api_sock.as_deref()))
                 }
                 Err(e) => fail(format!("cannot restore: {e}")),

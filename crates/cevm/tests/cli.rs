@@ -80,3 +80,33 @@ fn missing_or_bogus_kernels_are_clear_errors() {
     let o = cevm(&["run", "--initrd", "/x"]);
     assert_eq!(o.status.code(), Some(2), "--initrd needs --kernel: {}", stderr(&o));
 }
+
+#[test]
+fn corrupt_and_missing_disk_images_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("cevm-test-baddisk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("corrupt.qcow2");
+    let mut bytes = b"QFI\xfb".to_vec();
+    bytes.extend_from_slice(&[0xee; 4092]);
+    std::fs::write(&bad, bytes).unwrap();
+    let o = cevm(&["run", "--guest", "hello", "--mem", "16M", "--disk", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains(&format!("disk image {}", bad.display())), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
+    let o = cevm(&[
+        "run",
+        "--guest",
+        "hello",
+        "--mem",
+        "16M",
+        "--disk",
+        "/nonexistent/base.qcow2",
+        "--overlay",
+        "/tmp/x.qcow2",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("/nonexistent/base.qcow2"), "{}", stderr(&o));
+    let o = cevm(&["run", "--guest", "hello", "--overlay", "/tmp/x.qcow2"]);
+    assert_eq!(o.status.code(), Some(2), "--overlay needs --disk: {}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}

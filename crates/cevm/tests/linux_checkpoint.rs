@@ -1,13 +1,27 @@
 //! Stop-and-save checkpoint of a running Linux guest (2 vCPUs, busy with a hash
-//! chain), SIGKILL of its VMM, restore: the guest goes on from the checkpoint, its
-//! console keeps working, its clock runs on from where it was, and its result is
-//! the one an undisturbed run computes.
+//! chain whose every step it appends to a file on its virtio-blk qcow2 overlay),
+//! SIGKILL of its VMM, restore: the guest goes on from the checkpoint, its console
+//! keeps working, its clock runs on from where it was, its result is the one an
+//! undisturbed run computes, and its disk holds every step exactly once and
+//! checks clean (`e2fsck -n`).
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
-use common::linux::run_scenario;
+use common::linux::run_scenario_with_files;
+
+fn sh(cmd: &str, dir: &Path) -> String {
+    let o = Command::new("sh").arg("-c").arg(cmd).current_dir(dir).output().unwrap();
+    assert!(
+        o.status.success(),
+        "`{cmd}`: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
 
 const STEPS: u32 = 20;
 
@@ -37,8 +51,11 @@ fn a_checkpointed_killed_and_restored_linux_guest_finishes_right() {
     let scenario = format!(
         r#"
 cd /tmp
+cp "$DATA/base.qcow2" /tmp/base.qcow2
 $CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
-    --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet cevm.test=compute cevm.steps={STEPS}" > /tmp/run1.txt 2>&1 &
+    --disk /tmp/base.qcow2 --overlay /tmp/run.qcow2 \
+    --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet cevm.test=compute cevm.disk=1 cevm.steps={STEPS}" \
+    > /tmp/run1.txt 2>&1 &
 pid=$!
 n=0
 while ! grep -q "step 8/" /tmp/run1.txt; do sleep 0.2; n=$((n+1)); [ $n -gt 1500 ] && break; done
@@ -51,12 +68,15 @@ wait $pid
 echo "cevm-scenario: killed"
 sed 's/^/run1: /' /tmp/run1.txt
 $CEVM verify /tmp/ckpt > /dev/null && echo "cevm-scenario: verified"
-$CEVM restore /tmp/ckpt > /tmp/run2.txt 2>&1
+$CEVM restore /tmp/ckpt --overlay "$OUT/restored.qcow2" > /tmp/run2.txt 2>&1
 echo "cevm-scenario: restore exit=$?"
 sed 's/^/run2: /' /tmp/run2.txt
 "#
     );
-    let (status, out) = run_scenario("checkpoint", &scenario, 1);
+    let dir = common::workdir("ckpt-host");
+    sh("truncate -s 64M b.raw && mkfs.ext4 -q -F b.raw && qemu-img convert -f raw -O qcow2 b.raw base.qcow2 && rm b.raw", &dir);
+    let base = dir.join("base.qcow2");
+    let (status, out, work) = run_scenario_with_files("checkpoint", &scenario, 1, std::slice::from_ref(&base));
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("cevm-scenario: checkpoint exit=0"), "{out}");
     assert!(out.contains("cevm-scenario: verified"), "{out}");
@@ -81,4 +101,19 @@ sed 's/^/run2: /' /tmp/run2.txt
     let at_checkpoint = before.iter().find(|s| s.0 == first_after.0 - 1).map(|s| s.1).unwrap();
     assert!(first_after.1 >= at_checkpoint, "the guest clock went back: {before:?} {after:?}");
     assert!(after.windows(2).all(|w| w[1].1 > w[0].1), "uptime not increasing after restore: {after:?}");
+
+    // The restored disk: every step logged exactly once, in order (the steps the
+    // killed VMM logged after the checkpoint are not there: they were never part
+    // of the restored guest's past), and the file system is clean.
+    let disk = work.join("out/restored.qcow2");
+    assert!(disk.exists(), "the restored disk did not come back: {out}");
+    let (b, d) = (base.display(), disk.display());
+    sh(&format!("qemu-img rebase -u -b {b} -F qcow2 {d} && qemu-img check -q {d}"), &dir);
+    sh(&format!("qemu-img convert -O raw {d} restored.raw && e2fsck -n -f restored.raw"), &dir);
+    let log = sh("debugfs -R 'cat /log.txt' restored.raw 2>/dev/null", &dir);
+    let logged: Vec<u32> =
+        log.lines().filter_map(|l| l.strip_prefix("step ")?.split(' ').next()?.parse().ok()).collect();
+    assert_eq!(logged, (1..=STEPS).collect::<Vec<_>>(), "{log}");
+    let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::remove_dir_all(&dir);
 }

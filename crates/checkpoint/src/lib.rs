@@ -26,6 +26,9 @@ pub enum Error {
     /// The instance could not be paused, saved or restored.
     #[error(transparent)]
     Vmm(#[from] vmm::Error),
+    /// The guest's disk could not be saved or restored.
+    #[error(transparent)]
+    Disk(#[from] disk::Error),
     /// A checked file does not decode into what this cevm expects.
     #[error("{path}: {reason}")]
     Decode { path: PathBuf, reason: String },
@@ -151,9 +154,38 @@ fn write_paused(instance: &mut Instance, out: &Path, strategy: Strategy) -> Resu
         .collect();
     let stats = writer.write_memory(&layout, &sources)?;
     let write_time = t.elapsed();
+    save_disk(instance, &mut writer)?;
     let guest = serde_json::to_value(instance.config()).map_err(|e| Error::Encode(e.to_string()))?;
     writer.commit(strategy.name(), env!("CARGO_PKG_VERSION"), guest)?;
     Ok((stats, state_json.len() as u64, write_time))
+}
+
+/// Name of the disk image in a checkpoint: `disk.qcow2` or `disk.raw`.
+fn disk_file(format: disk::ImageFormat) -> String {
+    format!("disk.{}", format.name())
+}
+
+/// Stop-and-save's disk: with the guest paused, every completed write is flushed,
+/// then the image the guest writes (its overlay) is copied, sparse, into the
+/// checkpoint. Its backing file name is made absolute so the copy finds the base
+/// from the checkpoint directory. The checkpoint then holds exactly the disk that
+/// matches its memory image.
+fn save_disk(instance: &Instance, writer: &mut CheckpointWriter) -> Result<()> {
+    let Some(d) = &instance.config().disk else { return Ok(()) };
+    instance.flush_disk()?;
+    let name = disk_file(disk::probe_format(&d.path)?);
+    let copy = writer.tmp_path().join(&name);
+    disk::copy_image(&d.path, &copy)?;
+    if let Some(backing) = disk::backing_file(&d.path)? {
+        if !Path::new(&backing).is_absolute() {
+            let dir = d.path.parent().unwrap_or(Path::new("."));
+            let abs = std::path::absolute(dir.join(&backing))
+                .map_err(|e| Error::Decode { path: d.path.clone(), reason: format!("backing file {backing}: {e}") })?;
+            disk::set_backing_file(&copy, &abs.to_string_lossy())?;
+        }
+    }
+    writer.add_file(&name)?;
+    Ok(())
 }
 
 /// A checkpoint opened and checked (manifest, state file, sizes), with its
@@ -192,10 +224,48 @@ pub fn open(dir: &Path) -> Result<OpenCheckpoint> {
     Ok(OpenCheckpoint { checkpoint, config, state })
 }
 
+/// Where a restored guest's disk goes when the caller does not say: beside the
+/// checkpoint directory, `<dir>.disk.<format>`.
+pub fn default_restored_disk(dir: &Path, format: disk::ImageFormat) -> PathBuf {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
+    dir.with_file_name(format!("{name}.disk.{}", format.name()))
+}
+
 /// Restores the checkpoint at `dir` into a new instance, memory loaded and checked,
-/// vCPUs not started. Nothing of the guest runs unless every check passed.
-pub fn restore(dir: &Path, console: Box<dyn Write + Send>, events: Sender<VmEvent>) -> Result<Instance> {
-    let open = open(dir)?;
+/// vCPUs not started. Nothing of the guest runs unless every check passed. A
+/// guest disk is copied from the checkpoint to `disk_to` (or
+/// [`default_restored_disk`]), which must not exist: the checkpoint itself stays
+/// untouched, so it can be restored again. Returns the instance and that path.
+pub fn restore(
+    dir: &Path,
+    disk_to: Option<&Path>,
+    console: Box<dyn Write + Send>,
+    events: Sender<VmEvent>,
+) -> Result<(Instance, Option<PathBuf>)> {
+    let mut open = open(dir)?;
+    let mut restored_disk = None;
+    if let Some(d) = &mut open.config.disk {
+        let entry = open.checkpoint.manifest.files.iter().find(|f| f.name.starts_with("disk.")).ok_or_else(|| {
+            Error::Decode {
+                path: dir.join(snapshot::MANIFEST_FILE),
+                reason: "the guest has a disk but the checkpoint holds no disk image".into(),
+            }
+        })?;
+        let src = dir.join(&entry.name);
+        let target = match disk_to {
+            Some(p) => p.to_path_buf(),
+            None => default_restored_disk(dir, disk::probe_format(&src)?),
+        };
+        if target.exists() {
+            return Err(Error::Decode {
+                path: target,
+                reason: "exists; not overwriting it (choose another path for the restored disk)".into(),
+            });
+        }
+        disk::copy_image(&src, &target)?;
+        d.path = target.clone();
+        restored_disk = Some(target);
+    }
     let instance = Instance::restore(open.config, &open.state, console, events)?;
     {
         // SAFETY: the instance's vCPUs have not started and no device touches memory yet.
@@ -204,7 +274,7 @@ pub fn restore(dir: &Path, console: Box<dyn Write + Send>, events: Sender<VmEven
             slices.iter_mut().map(|(a, d)| MemoryTarget { guest_addr: *a, data: d }).collect();
         open.checkpoint.load_memory(&mut targets)?;
     }
-    Ok(instance)
+    Ok((instance, restored_disk))
 }
 
 /// Verifies a checkpoint completely: every file and checksum, and that its state

@@ -144,5 +144,123 @@ impl Disk {
     }
 }
 
+/// Copies an image file, keeping it sparse: only its data extents are copied
+/// (SEEK_DATA/SEEK_HOLE + copy_file_range), holes stay holes. `dst` must not exist.
+pub fn copy_image(src: &Path, dst: &Path) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let rerr = |source| Error::Open { path: src.into(), source };
+    let werr = |source| Error::Create { path: dst.into(), source };
+    let from = std::fs::File::open(src).map_err(rerr)?;
+    let size = from.metadata().map_err(rerr)?.len();
+    let to = std::fs::OpenOptions::new().write(true).create_new(true).open(dst).map_err(werr)?;
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on a descriptor we own; results are checked.
+        let data = unsafe { libc::lseek(from.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(rerr(e));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(rerr(std::io::Error::last_os_error()));
+        }
+        let (mut off_in, mut off_out) = (data, data);
+        let end = (hole as u64).min(size) as i64;
+        while off_in < end {
+            // SAFETY: both descriptors are ours; the offsets are valid locals.
+            let n = unsafe {
+                libc::copy_file_range(
+                    from.as_raw_fd(),
+                    &mut off_in,
+                    to.as_raw_fd(),
+                    &mut off_out,
+                    (end - off_in) as usize,
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(werr(std::io::Error::last_os_error()));
+            }
+            if n == 0 {
+                return Err(werr(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "source shrank while copying",
+                )));
+            }
+        }
+        pos = end as u64;
+    }
+    to.set_len(size).map_err(werr)?;
+    to.sync_all().map_err(werr)
+}
+
+/// The backing file name recorded in a qcow2 image's header (None for raw images
+/// and images without a backing file).
+pub fn backing_file(path: &Path) -> Result<Option<String>, Error> {
+    let err = |source| Error::Open { path: path.into(), source };
+    if probe_format(path)? != ImageFormat::Qcow2 {
+        return Ok(None);
+    }
+    let f = std::fs::File::open(path).map_err(err)?;
+    let mut hdr = [0u8; 24];
+    read_exact_at(&f, &mut hdr, 0).map_err(err)?;
+    let offset = u64::from_be_bytes(hdr[8..16].try_into().unwrap_or_default());
+    let len = u32::from_be_bytes(hdr[16..20].try_into().unwrap_or_default());
+    if offset == 0 || len == 0 {
+        return Ok(None);
+    }
+    let mut name = vec![0u8; len as usize];
+    read_exact_at(&f, &mut name, offset).map_err(err)?;
+    Ok(Some(String::from_utf8_lossy(&name).into_owned()))
+}
+
+fn read_exact_at(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(f, buf, offset)
+}
+
+/// Rewrites the backing file name in a qcow2 image's header.
+///
+/// imago cannot change it (and the product must not depend on `qemu-img rebase
+/// -u`), so this is done by hand, following the qcow2 specification: the name is
+/// stored at `backing_file_offset` (header bytes 8..16, big-endian) with its length
+/// at bytes 16..20, and it lives in the header cluster after the header
+/// extensions, with nothing after it in that cluster. The new name is written in
+/// place and must fit before the end of the first cluster; the old name's tail is
+/// zeroed. The image's data and metadata are not touched.
+pub fn set_backing_file(path: &Path, name: &str) -> Result<(), Error> {
+    use std::os::unix::fs::FileExt;
+    let err = |source| Error::Open { path: path.into(), source };
+    let refuse = |reason: String| Error::Refused { path: path.into(), reason };
+    if probe_format(path)? != ImageFormat::Qcow2 {
+        return Err(refuse("not a qcow2 image".into()));
+    }
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
+    let mut hdr = [0u8; 24];
+    read_exact_at(&f, &mut hdr, 0).map_err(err)?;
+    let offset = u64::from_be_bytes(hdr[8..16].try_into().unwrap_or_default());
+    let old_len = u32::from_be_bytes(hdr[16..20].try_into().unwrap_or_default());
+    let cluster_bits = u32::from_be_bytes(hdr[20..24].try_into().unwrap_or_default());
+    if offset == 0 {
+        return Err(refuse("has no backing file to rename".into()));
+    }
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(refuse(format!("invalid cluster size 2^{cluster_bits}")));
+    }
+    let end = offset + name.len().max(old_len as usize) as u64;
+    if name.is_empty() || name.len() > 1023 || end > 1 << cluster_bits {
+        return Err(refuse(format!("backing file name of {} bytes does not fit in the header cluster", name.len())));
+    }
+    let mut bytes = name.as_bytes().to_vec();
+    bytes.resize(name.len().max(old_len as usize), 0);
+    f.write_all_at(&bytes, offset).map_err(err)?;
+    f.write_all_at(&(name.len() as u32).to_be_bytes(), 16).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
 #[cfg(test)]
 mod tests;

@@ -72,3 +72,46 @@ fn raw_images_read_only_bases_and_bad_images() {
     let e = Disk::create_overlay(&raw, Path::new("disk.raw")).err().unwrap();
     assert!(e.to_string().contains("already exists"), "{e}");
 }
+
+#[test]
+fn the_backing_file_name_can_be_made_absolute() {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("base.qcow2");
+    let top = t.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "4M"]);
+    Disk::create_overlay(&top, Path::new("base.qcow2")).unwrap();
+    assert_eq!(backing_file(&top).unwrap().as_deref(), Some("base.qcow2"));
+    // Move the overlay elsewhere, as a checkpoint does, and point it at the base.
+    let moved = t.path().join("sub");
+    std::fs::create_dir(&moved).unwrap();
+    let moved = moved.join("disk.qcow2");
+    std::fs::copy(&top, &moved).unwrap();
+    set_backing_file(&moved, base.to_str().unwrap()).unwrap();
+    assert_eq!(backing_file(&moved).unwrap().as_deref(), base.to_str());
+    qemu_img(&["check", "-q", moved.to_str().unwrap()]);
+    let info = qemu_img(&["info", "--backing-chain", moved.to_str().unwrap()]);
+    assert!(info.contains(&format!("backing file: {}", base.display())), "{info}");
+    Disk::open(&moved, true).unwrap();
+    // Shorter again: the old tail is cleared.
+    set_backing_file(&moved, "../base.qcow2").unwrap();
+    assert_eq!(backing_file(&moved).unwrap().as_deref(), Some("../base.qcow2"));
+    qemu_img(&["check", "-q", moved.to_str().unwrap()]);
+    assert!(set_backing_file(&base, "x").is_err(), "an image without backing file is refused");
+}
+
+#[test]
+fn copies_keep_holes_and_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("sparse.raw");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(64 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"start", 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"middle", 32 << 20).unwrap();
+    drop(f);
+    let dst = t.path().join("copy.raw");
+    copy_image(&src, &dst).unwrap();
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 1 << 20, "the copy is sparse");
+    assert!(copy_image(&src, &dst).is_err(), "never overwrites");
+}

@@ -169,6 +169,28 @@ impl CheckpointWriter {
         Ok(())
     }
 
+    /// Records a file the caller put into [`tmp_path`](Self::tmp_path) itself (a
+    /// copied disk image, say): fsyncs it and records its size and CRC32.
+    pub fn add_file(&mut self, name: &str) -> Result<(), Error> {
+        use std::io::Read;
+        let path = self.tmp.join(name);
+        let mut f = File::open(&path).map_err(Error::io(&path, "open"))?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(Error::io(&path, "read"))?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&buf[..n]);
+            size += n as u64;
+        }
+        f.sync_all().map_err(Error::io(&path, "fsync"))?;
+        self.files.push(FileEntry { name: name.into(), size, crc32: hex(crc.finalize()) });
+        Ok(())
+    }
+
     /// Writes memory.img: runs of non-zero pages with one `pwrite` each, straight from
     /// the caller's memory; zero pages skipped (holes). The CRC32 over the logical
     /// content is computed in the same pass.
