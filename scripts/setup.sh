@@ -14,16 +14,32 @@ pkgs=(gcc binutils libc6-dev)
 if [ "${1:-}" = "--tests" ]; then
     pkgs+=(busybox-static cpio qemu-system-x86 qemu-utils)
 fi
-need=()
-for pkg in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
-done
+missing() {
+    local pkg
+    need=()
+    for pkg in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+    done
+}
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+missing
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}"
-    sudo_cmd=()
-    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
     "${sudo_cmd[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # Twice at most: installing one package can remove another that conflicts
+    # with it (Debian's qemu-system-x86 removes a newer backported qemu-utils),
+    # and the second pass installs the matching version of what was removed.
+    for _ in 1 2; do
+        DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+        missing
+        ((${#need[@]})) || break
+        echo "setup: installing again what the first pass removed: ${need[*]}"
+    done
+    if ((${#need[@]})); then
+        echo "setup: could not install ${need[*]}" >&2
+        exit 1
+    fi
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (https://rustup.rs) first" >&2; exit 1; }
