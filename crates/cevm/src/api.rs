@@ -7,6 +7,8 @@
 //! | PUT    | /v1/pause       |                                             | [`Status`]                  |
 //! | PUT    | /v1/resume      |                                             | [`Status`]                  |
 //! | PUT    | /v1/checkpoint  | [`CheckpointRequest`]                       | `checkpoint::CheckpointReport` |
+//! | PUT    | /v1/migrate     | [`MigrateRequest`]                          | `migrate::Report`           |
+//! | GET    | /v1/migration   |                                             | `migrate::Progress` of the running (or last) migration |
 //! | PUT    | /v1/quit        |                                             | [`Status`], then the VMM exits |
 //!
 //! Errors answer 4xx/5xx with `{"error": "..."}`. The version is in the path; a
@@ -39,6 +41,22 @@ pub struct CheckpointRequest {
     pub stop: bool,
 }
 
+/// Body of `PUT /v1/migrate`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// `local` (thread-based: a new instance in this process), `unix:PATH` or
+    /// `tcp:HOST:PORT` (process-based: a `cevm run --incoming` there).
+    pub to: String,
+    /// Convergence policy; defaults as `migrate::Params::default()`.
+    #[serde(default)]
+    pub params: migrate::Params,
+}
+
+/// The progress of the running (or last) migration, shared with the API thread
+/// because the control loop is busy migrating while it is asked.
+pub type SharedProgress = std::sync::Arc<std::sync::Mutex<Option<migrate::Progress>>>;
+
 fn default_strategy() -> String {
     "stop-and-save".into()
 }
@@ -61,6 +79,7 @@ pub enum Request {
     Pause,
     Resume,
     Checkpoint(CheckpointRequest),
+    Migrate(MigrateRequest),
     Quit,
 }
 
@@ -83,7 +102,11 @@ pub enum ServeError {
 
 /// Listens on `path` and hands each request to `deliver` with a channel for its
 /// reply. Returns once listening; requests are served on a thread of their own.
-pub fn serve(path: &Path, deliver: Sender<(Request, Sender<Reply>)>) -> Result<(), ServeError> {
+pub fn serve(
+    path: &Path,
+    deliver: Sender<(Request, Sender<Reply>)>,
+    progress: SharedProgress,
+) -> Result<(), ServeError> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(ServeError::InUse(path.to_path_buf()));
@@ -105,7 +128,7 @@ pub fn serve(path: &Path, deliver: Sender<(Request, Sender<Reply>)>) -> Result<(
         .name("api".into())
         .spawn(move || {
             for mut req in server.incoming_requests() {
-                let reply = route(&mut req, &deliver);
+                let reply = route(&mut req, &deliver, &progress);
                 let body = serde_json::to_vec(&reply.1).unwrap_or_default();
                 let resp = tiny_http::Response::from_data(body).with_status_code(reply.0).with_header(
                     tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
@@ -118,7 +141,7 @@ pub fn serve(path: &Path, deliver: Sender<(Request, Sender<Reply>)>) -> Result<(
     Ok(())
 }
 
-fn route(req: &mut tiny_http::Request, deliver: &Sender<(Request, Sender<Reply>)>) -> Reply {
+fn route(req: &mut tiny_http::Request, deliver: &Sender<(Request, Sender<Reply>)>, progress: &SharedProgress) -> Reply {
     use tiny_http::Method::{Get, Put};
     let mut body = String::new();
     if req.as_reader().take(1 << 20).read_to_string(&mut body).is_err() {
@@ -135,9 +158,25 @@ fn route(req: &mut tiny_http::Request, deliver: &Sender<(Request, Sender<Reply>)
             Ok(c) => return error(400, format!("`out` must be an absolute path, not {}", c.out.display())),
             Err(e) => return error(400, format!("bad checkpoint request: {e}")),
         },
-        (_, "/v1/status" | "/v1/pause" | "/v1/resume" | "/v1/quit" | "/v1/checkpoint") => {
-            return error(405, format!("{} is not allowed on {path}", req.method()))
+        (Put, "/v1/migrate") => match serde_json::from_str::<MigrateRequest>(&body) {
+            Ok(m) if m.to == "local" || m.to.parse::<migrate::Endpoint>().is_ok() => Request::Migrate(m),
+            Ok(m) => {
+                let why = m.to.parse::<migrate::Endpoint>().err().unwrap_or_default();
+                return error(400, format!("bad migration target: {why} (or `local`)"));
+            }
+            Err(e) => return error(400, format!("bad migration request: {e}")),
+        },
+        (Get, "/v1/migration") => {
+            let p = progress.lock().map(|p| p.clone()).unwrap_or(None);
+            return match p {
+                Some(p) => (200, serde_json::to_value(p).unwrap_or_default()),
+                None => error(404, "no migration has run in this VMM"),
+            };
         }
+        (
+            _,
+            "/v1/status" | "/v1/pause" | "/v1/resume" | "/v1/quit" | "/v1/checkpoint" | "/v1/migrate" | "/v1/migration",
+        ) => return error(405, format!("{} is not allowed on {path}", req.method())),
         _ => {
             return error(404, format!("no such endpoint {path} (this cevm speaks API version {API_VERSION}: /v1/...)"))
         }

@@ -25,7 +25,7 @@ enum Cmd {
     /// Boot a built-in guest or a Linux kernel (the guest console is this process's stdout).
     Run {
         /// Built-in guest: digest, dirtier or hello.
-        #[arg(long, required_unless_present = "kernel", conflicts_with = "kernel")]
+        #[arg(long, required_unless_present_any = ["kernel", "incoming"], conflicts_with = "kernel")]
         guest: Option<String>,
         /// The built-in guest's arguments, e.g. "mib=2 rounds=8".
         #[arg(long, default_value = "", conflicts_with = "kernel")]
@@ -61,6 +61,29 @@ enum Cmd {
         /// Serve the control API on this unix socket.
         #[arg(long)]
         api_sock: Option<PathBuf>,
+        /// Boot nothing: wait for a live migration at unix:PATH or tcp:HOST:PORT and
+        /// run the guest that arrives (its configuration comes with it).
+        #[arg(long, conflicts_with_all = ["guest", "kernel", "disk"])]
+        incoming: Option<migrate::Endpoint>,
+    },
+    /// Live-migrate a running VM: to a new instance in the same process (`--to
+    /// local`, thread-based) or to a `cevm run --incoming` (unix or TCP).
+    Migrate {
+        /// The VM's API socket.
+        #[arg(long)]
+        api_sock: PathBuf,
+        /// `local`, unix:PATH or tcp:HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// Switch once the rest is expected to move within this many milliseconds.
+        #[arg(long, default_value_t = migrate::Params::default().max_downtime_ms)]
+        max_downtime_ms: f64,
+        /// Give up (the guest stays here) after this many pre-copy rounds.
+        #[arg(long, default_value_t = migrate::Params::default().max_rounds)]
+        max_rounds: u32,
+        /// Never throttle the vCPUs when the guest dirties memory faster than the link.
+        #[arg(long)]
+        no_auto_converge: bool,
     },
     /// Restore a checkpoint and run it on.
     Restore {
@@ -159,7 +182,11 @@ fn run(cmd: Cmd) -> i32 {
             disk_read_only,
             memory_backend,
             api_sock,
+            incoming,
         } => {
+            if let Some(endpoint) = incoming {
+                return run_incoming(&endpoint, api_sock.as_deref());
+            }
             let disk = match disk_config(disk, overlay, disk_read_only) {
                 Ok(d) => d,
                 Err(e) => return fail(e),
@@ -196,6 +223,21 @@ fn run(cmd: Cmd) -> i32 {
             };
             let body = json!({ "out": out, "strategy": strategy, "stop": stop });
             client(&api_sock, "PUT", "/v1/checkpoint", Some(body))
+        }
+        Cmd::Migrate { api_sock, to, max_downtime_ms, max_rounds, no_auto_converge } => {
+            if to != "local" {
+                if let Err(e) = to.parse::<migrate::Endpoint>() {
+                    eprintln!("cevm: error: --to {e} (or `local`)");
+                    return USAGE;
+                }
+            }
+            let params =
+                migrate::Params { max_downtime_ms, max_rounds, auto_converge: !no_auto_converge, ..Default::default() };
+            let body = json!({ "to": to, "params": params });
+            let bar = progress_bar(api_sock.clone());
+            let code = client(&api_sock, "PUT", "/v1/migrate", Some(body));
+            bar.store(true, std::sync::atomic::Ordering::Relaxed);
+            code
         }
         Cmd::Pause { api_sock } => client(&api_sock, "PUT", "/v1/pause", None),
         Cmd::Resume { api_sock } => client(&api_sock, "PUT", "/v1/resume", None),
@@ -239,6 +281,65 @@ fn run(cmd: Cmd) -> i32 {
     }
 }
 
+/// `cevm run --incoming`: waits for one migration, then runs the guest that came.
+fn run_incoming(endpoint: &migrate::Endpoint, api_sock: Option<&Path>) -> i32 {
+    let listener = match endpoint.listen() {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    eprintln!("cevm: waiting for a migration at {endpoint}");
+    let mut t = match listener.accept() {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    drop(listener);
+    let (tx, rx) = mpsc::channel();
+    match migrate::migrate_in(t.as_mut(), Box::new(std::io::stdout()), tx) {
+        Ok((inst, hello)) => {
+            eprintln!("cevm: guest arrived from {} ({}), running", t.peer(), hello.config.boot);
+            drop(t);
+            finish(runner::run(inst, rx, api_sock))
+        }
+        Err(e) => fail(format!("incoming migration failed, nothing runs: {e}")),
+    }
+}
+
+/// While a migration runs, shows its progress on stderr (when stderr is a
+/// terminal) from `GET /v1/migration`. Set the returned flag to stop it.
+fn progress_bar(sock: PathBuf) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::io::IsTerminal;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if !std::io::stderr().is_terminal() {
+        return done;
+    }
+    let d = done.clone();
+    std::thread::spawn(move || {
+        while !d.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            if let Ok(p) = api::call(&sock, "GET", "/v1/migration", None, Duration::from_secs(2)) {
+                let f = |k: &str| p.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+                let total = f("pages_total").max(1.0);
+                let pct = (f("pages_sent") / total * 100.0).min(100.0);
+                let filled = (pct / 5.0) as usize;
+                eprint!(
+                    "\r[{}{}] {:>3.0}% {} round {} dirty {:.0} p/s {:.0} MiB/s expect {:.1} ms throttle {}%   ",
+                    "#".repeat(filled),
+                    " ".repeat(20 - filled.min(20)),
+                    pct,
+                    p.get("phase").and_then(serde_json::Value::as_str).unwrap_or(""),
+                    f("round"),
+                    f("dirty_pages_per_s"),
+                    f("mib_per_s"),
+                    f("expected_downtime_ms"),
+                    f("throttle_pct")
+                );
+            }
+        }
+        eprintln!();
+    });
+    done
+}
+
 /// Turns the end of a VMM run into a message and an exit code.
 fn finish(r: Result<Outcome, String>) -> i32 {
     match r {
@@ -263,6 +364,8 @@ fn finish(r: Result<Outcome, String>) -> i32 {
             eprintln!("cevm: VM stopped by the API");
             OK
         }
+        // The runner already said where the guest went.
+        Ok(Outcome::MigratedAway(_)) => OK,
         Ok(Outcome::Failed(msg)) => fail(msg),
         Err(e) => fail(e),
     }

@@ -3,15 +3,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 
 use checkpoint::Strategy;
 use vmm::instance::RunState;
 use vmm::{Instance, VmEvent};
 
-use crate::api::{self, Reply, Request, Status};
+use crate::api::{self, MigrateRequest, Reply, Request, SharedProgress, Status};
 
 /// How a VMM run ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Outcome {
     /// The guest wrote this status to the exit port.
     GuestExit(u32),
@@ -23,13 +24,32 @@ pub enum Outcome {
     StoppedAfterCheckpoint(PathBuf),
     /// `PUT /v1/quit`.
     Quit,
+    /// The guest was live-migrated to another process; this VMM has no guest left.
+    MigratedAway(migrate::Report),
     /// The guest crashed or a vCPU failed.
     Failed(String),
 }
 
 enum Control {
-    Vm(VmEvent),
+    /// An event of the instance of this generation (each thread-based migration
+    /// starts a new one; events of older instances are stale).
+    Vm(u64, VmEvent),
     Api(Request, Sender<Reply>),
+}
+
+/// Forwards the events of instance generation `gen` into the control loop.
+fn forward_events(events: Receiver<VmEvent>, to: Sender<Control>, gen: u64) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("vm-events".into())
+        .spawn(move || {
+            for ev in events {
+                if to.send(Control::Vm(gen, ev)).is_err() {
+                    break;
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start thread: {e}"))
 }
 
 /// Removes the API socket file when the VMM ends.
@@ -46,35 +66,28 @@ impl Drop for SocketFile {
 /// it ends. With `api_sock`, the control API listens there.
 pub fn run(mut instance: Instance, vm_events: Receiver<VmEvent>, api_sock: Option<&Path>) -> Result<Outcome, String> {
     let (tx, rx) = mpsc::channel::<Control>();
-    let vm_tx = tx.clone();
-    std::thread::Builder::new()
-        .name("vm-events".into())
-        .spawn(move || {
-            for ev in vm_events {
-                if vm_tx.send(Control::Vm(ev)).is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(|e| format!("cannot start thread: {e}"))?;
+    forward_events(vm_events, tx.clone(), 0)?;
+    let progress: SharedProgress = Arc::new(Mutex::new(None));
     let _socket = SocketFile(api_sock.map(Path::to_path_buf));
     if let Some(path) = api_sock {
         let (req_tx, req_rx) = mpsc::channel::<(Request, Sender<Reply>)>();
-        api::serve(path, req_tx).map_err(|e| e.to_string())?;
+        api::serve(path, req_tx, progress.clone()).map_err(|e| e.to_string())?;
+        let api_tx = tx.clone();
         std::thread::Builder::new()
             .name("api-forward".into())
             .spawn(move || {
                 for (req, reply) in req_rx {
-                    if tx.send(Control::Api(req, reply)).is_err() {
+                    if api_tx.send(Control::Api(req, reply)).is_err() {
                         break;
                     }
                 }
             })
             .map_err(|e| format!("cannot start thread: {e}"))?;
-    } else {
-        drop(tx);
     }
-    instance.start().map_err(|e| e.to_string())?;
+    if instance.run_state() == RunState::Created {
+        instance.start().map_err(|e| e.to_string())?;
+    }
+    let mut generation = 0u64;
 
     let mut checkpoints = 0u64;
     let status = |inst: &Instance, checkpoints: u64, state: &str| -> Reply {
@@ -88,19 +101,20 @@ pub fn run(mut instance: Instance, vm_events: Receiver<VmEvent>, api_sock: Optio
             return Err("all event sources closed".into());
         };
         match msg {
-            Control::Vm(VmEvent::GuestExit { status }) => {
+            Control::Vm(gen, _) if gen != generation => {}
+            Control::Vm(_, VmEvent::GuestExit { status }) => {
                 instance.shutdown();
                 return Ok(Outcome::GuestExit(status));
             }
-            Control::Vm(VmEvent::PowerOff) => {
+            Control::Vm(_, VmEvent::PowerOff) => {
                 instance.shutdown();
                 return Ok(Outcome::PowerOff);
             }
-            Control::Vm(VmEvent::Reboot) => {
+            Control::Vm(_, VmEvent::Reboot) => {
                 instance.shutdown();
                 return Ok(Outcome::Reboot);
             }
-            Control::Vm(other) => {
+            Control::Vm(_, other) => {
                 instance.shutdown();
                 return Ok(Outcome::Failed(other.to_string()));
             }
@@ -125,6 +139,44 @@ pub fn run(mut instance: Instance, vm_events: Receiver<VmEvent>, api_sock: Optio
                 let _ = reply.send(status(&instance, checkpoints, "stopping"));
                 instance.shutdown();
                 return Ok(Outcome::Quit);
+            }
+            Control::Api(Request::Migrate(req), reply) => {
+                *progress.lock().unwrap_or_else(|p| p.into_inner()) = Some(migrate::Progress::default());
+                let p = progress.clone();
+                let published = Mutex::new(migrate::Progress::default());
+                match migrate_request(&mut instance, &req, &published, &p, &tx, generation + 1) {
+                    Ok((report, None)) => {
+                        eprintln!(
+                            "cevm: guest migrated to {} (downtime {:.2} ms, {} rounds, {} MiB sent); this VMM ends",
+                            report.to,
+                            report.downtime_ms,
+                            report.rounds,
+                            report.bytes_sent >> 20
+                        );
+                        let _ = reply.send((200, serde_json::to_value(&report).unwrap_or_default()));
+                        instance.shutdown();
+                        return Ok(Outcome::MigratedAway(report));
+                    }
+                    Ok((report, Some(new_instance))) => {
+                        eprintln!(
+                            "cevm: guest migrated to a new instance in this process (downtime {:.2} ms, {} rounds, {} MiB copied)",
+                            report.downtime_ms,
+                            report.rounds,
+                            report.bytes_sent >> 20
+                        );
+                        // The old instance stays frozen until here; without a use for it
+                        // (the CEVM strategy writes its checkpoint from it) it goes.
+                        let mut old = std::mem::replace(&mut instance, new_instance);
+                        generation += 1;
+                        old.shutdown();
+                        drop(old);
+                        let _ = reply.send((200, serde_json::to_value(&report).unwrap_or_default()));
+                    }
+                    Err(e) => {
+                        eprintln!("cevm: migration to {} failed, the guest goes on here: {e}", req.to);
+                        let _ = reply.send(api::error(500, format!("migration failed: {e}")));
+                    }
+                }
             }
             Control::Api(Request::Checkpoint(req), reply) => {
                 let strategy: Strategy = match req.strategy.parse() {
@@ -161,4 +213,61 @@ pub fn run(mut instance: Instance, vm_events: Receiver<VmEvent>, api_sock: Optio
             }
         }
     }
+}
+
+/// Runs one migration of `instance`. Thread-based (`local`): returns the new
+/// instance, running in this process, whose events go to `control` as generation
+/// `next_gen`. Process-based: returns no instance; the guest runs elsewhere.
+fn migrate_request(
+    instance: &mut Instance,
+    req: &MigrateRequest,
+    progress: &Mutex<migrate::Progress>,
+    shared: &SharedProgress,
+    control: &Sender<Control>,
+    next_gen: u64,
+) -> Result<(migrate::Report, Option<Instance>), String> {
+    // Mirror the engine's progress into the API's copy while it runs.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let result = std::thread::scope(|scope| {
+        let (stop2, shared2) = (stop.clone(), shared.clone());
+        scope.spawn(move || {
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                if let (Ok(p), Ok(mut s)) = (progress.lock(), shared2.lock()) {
+                    *s = Some(p.clone());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let r = if req.to == "local" {
+            let (mut src, mut dst) = migrate::channel_pair(8);
+            let (ev_tx, ev_rx) = mpsc::channel();
+            let dest = std::thread::Builder::new()
+                .name("migrate-dest".into())
+                .spawn(move || migrate::migrate_in(&mut dst, Box::new(std::io::stdout()), ev_tx).map(|(i, _)| i))
+                .map_err(|e| format!("cannot start the destination thread: {e}"))?;
+            let report = migrate::migrate_out(instance, &mut src, &req.params, progress);
+            drop(src);
+            let new = dest.join().map_err(|_| "the destination thread panicked".to_string())?;
+            match (report, new) {
+                (Ok(report), Ok(new)) => {
+                    forward_events(ev_rx, control.clone(), next_gen)?;
+                    Ok((report, Some(new)))
+                }
+                (Err(e), _) => Err(e.to_string()),
+                (Ok(_), Err(e)) => Err(format!("the destination failed after the switch: {e}")),
+            }
+        } else {
+            let endpoint: migrate::Endpoint = req.to.parse()?;
+            let mut t = endpoint.connect().map_err(|e| e.to_string())?;
+            migrate::migrate_out(instance, t.as_mut(), &req.params, progress)
+                .map(|r| (r, None))
+                .map_err(|e| e.to_string())
+        };
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
+    if let (Ok(p), Ok(mut s)) = (progress.lock(), shared.lock()) {
+        *s = Some(p.clone());
+    }
+    result
 }

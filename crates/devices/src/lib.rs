@@ -12,6 +12,12 @@ pub use exit::ExitPort;
 pub use power::AcpiPower;
 pub use serial::{Serial, SerialState};
 
+/// Guest memory as cevm maps it: every write the VMM itself makes through it
+/// (device DMA, virtqueue updates, loaders) is recorded in a per-page dirty bitmap,
+/// because KVM's dirty log sees only the guest's own writes and a live migration
+/// needs both.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 /// What the VMM must do after a device handled a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoAction {

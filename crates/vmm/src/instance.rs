@@ -132,7 +132,7 @@ pub struct Instance {
 impl Instance {
     /// A new instance booting the built-in guest of `config`; vCPUs not started yet.
     pub fn new(config: InstanceConfig, console: Box<dyn Write + Send>, events: Sender<VmEvent>) -> Result<Self> {
-        let inst = Self::create(config, console, None, events)?;
+        let inst = Self::create(config, console, None, None, events)?;
         boot::write_long_mode_tables(&inst.memory)?;
         match &inst.config.boot {
             Boot::Builtin { guest, args } => {
@@ -182,6 +182,19 @@ impl Instance {
         console: Box<dyn Write + Send>,
         events: Sender<VmEvent>,
     ) -> Result<Self> {
+        let memory = GuestMemory::new(config.mem_size, config.memory_backend)?;
+        Self::restore_with_memory(config, state, memory, console, events)
+    }
+
+    /// A new instance in the saved `state`, on `memory` that already holds the
+    /// guest's RAM (a live migration's destination fills it before the state arrives).
+    pub fn restore_with_memory(
+        config: InstanceConfig,
+        state: &InstanceState,
+        memory: GuestMemory,
+        console: Box<dyn Write + Send>,
+        events: Sender<VmEvent>,
+    ) -> Result<Self> {
         if state.vcpus.len() != config.vcpus as usize {
             return Err(Error::Config(format!(
                 "the state has {} vCPUs, the configuration {}",
@@ -189,7 +202,14 @@ impl Instance {
                 config.vcpus
             )));
         }
-        let inst = Self::create(config, console, Some(&state.devices), events)?;
+        if memory.size() != config.mem_size {
+            return Err(Error::Config(format!(
+                "the memory holds {} bytes, the configuration {}",
+                memory.size(),
+                config.mem_size
+            )));
+        }
+        let inst = Self::create(config, console, Some(&state.devices), Some(memory), events)?;
         let vm = &inst.vm;
         for (chip, saved) in [&state.vm.pic_master, &state.vm.pic_slave, &state.vm.ioapic].into_iter().enumerate() {
             if saved.chip_id != chip as u32 {
@@ -215,6 +235,7 @@ impl Instance {
         config: InstanceConfig,
         console: Box<dyn Write + Send>,
         devices: Option<&DeviceStates>,
+        memory: Option<GuestMemory>,
         events: Sender<VmEvent>,
     ) -> Result<Self> {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
@@ -229,7 +250,10 @@ impl Instance {
         // to calibrate); its speaker port is a dummy.
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
-        let memory = GuestMemory::new(config.mem_size, config.memory_backend)?;
+        let memory = match memory {
+            Some(m) => m,
+            None => GuestMemory::new(config.mem_size, config.memory_backend)?,
+        };
         memory.register(&vm)?;
 
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
@@ -316,6 +340,24 @@ impl Instance {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// Starts (`true`) or stops KVM's dirty page log on all guest memory.
+    pub fn set_dirty_log(&self, on: bool) -> Result<()> {
+        self.memory.set_dirty_log(&self.vm, on)
+    }
+
+    /// The pages written since the last harvest, one bitmap per RAM range (bit i of
+    /// word j = page 64 j + i): the guest's writes (KVM's dirty log, which must be
+    /// on) and the VMM's own (device DMA, virtqueue updates: vm-memory's bitmap).
+    pub fn harvest_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
+        let mut kvm = self.memory.harvest_dirty_log(&self.vm)?;
+        for (k, v) in kvm.iter_mut().zip(self.memory.harvest_vmm_writes()) {
+            for (a, b) in k.iter_mut().zip(v) {
+                *a |= b;
+            }
+        }
+        Ok(kvm)
     }
 
     /// The run state.

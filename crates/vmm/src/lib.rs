@@ -18,6 +18,8 @@ pub mod vcpu;
 pub use instance::{Boot, DiskConfig, Instance, InstanceConfig};
 pub use memory::{GuestMemory, MemoryBackend};
 pub use state::InstanceState;
+/// The vm-memory version this crate's memory types come from.
+pub use vm_memory;
 
 /// Something that happened to a running instance, reported by its vCPU threads.
 #[derive(Debug, Clone, PartialEq, Eq)]

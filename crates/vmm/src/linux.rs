@@ -101,7 +101,7 @@ pub fn load(
         params.e820_table[i] = boot_e820_entry { addr: *addr, size: *size, r#type: E820_RAM };
     }
     params.e820_entries = e820.len() as u8;
-    LinuxBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap>(
+    LinuxBootConfigurator::write_bootparams::<devices::GuestMemoryMmap>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
         m,
     )

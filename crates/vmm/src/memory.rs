@@ -5,10 +5,11 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use kvm_bindings::kvm_userspace_memory_region;
+use devices::GuestMemoryMmap;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::{HIGH_RAM_START, LOW_RAM_END, MIN_MEM_SIZE, PAGE_SIZE};
 use crate::{Error, Result};
@@ -123,10 +124,40 @@ impl GuestMemory {
 
     /// Registers every range as a KVM memory slot (slot i = range i).
     pub fn register(&self, vm: &VmFd) -> Result<()> {
+        self.set_slots(vm, 0)
+    }
+
+    /// Turns KVM's dirty page logging on or off for every slot (by setting each
+    /// slot again with or without `KVM_MEM_LOG_DIRTY_PAGES`). Turning it on starts
+    /// with a clean log: only writes from then on are reported.
+    pub fn set_dirty_log(&self, vm: &VmFd, on: bool) -> Result<()> {
+        self.set_slots(vm, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// The pages the guest wrote since the last call (or since logging started), one
+    /// bitmap per range (bit i of word j = page 64 j + i of the range). KVM clears
+    /// its log as it reports it.
+    pub fn harvest_dirty_log(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>> {
+        self.mem
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                vm.get_dirty_log(slot as u32, region.len() as usize).map_err(|e| Error::Kvm("KVM_GET_DIRTY_LOG", e))
+            })
+            .collect()
+    }
+
+    /// The pages the VMM itself wrote (devices, loaders) since the last call, one
+    /// bitmap per range in the layout of [`harvest_dirty_log`](Self::harvest_dirty_log).
+    pub fn harvest_vmm_writes(&self) -> Vec<Vec<u64>> {
+        self.mem.iter().map(|r| std::ops::Deref::deref(r).bitmap().get_and_reset()).collect()
+    }
+
+    fn set_slots(&self, vm: &VmFd, flags: u32) -> Result<()> {
         for (slot, region) in self.mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
@@ -150,6 +181,18 @@ impl GuestMemory {
             // the caller guarantees no concurrent writes.
             .map(|r| (r.start_addr().0, unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) }))
             .collect()
+    }
+
+    /// Each range as (guest address, bytes) while the guest may be running: for a
+    /// live migration, which reads pages and sends again any the guest writes.
+    ///
+    /// # Safety
+    /// The guest (and devices) may write these bytes at any time: the caller must
+    /// not rely on their content staying the same, only use them to copy pages out,
+    /// and must track writes (dirty log) to copy changed pages again.
+    pub unsafe fn live_slices(&self) -> Vec<(u64, &[u8])> {
+        // SAFETY: forwarded to the caller's contract, which tolerates concurrent writes.
+        unsafe { self.slices() }
     }
 
     /// Each range as (guest address, mutable bytes), for loading a checkpoint.

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+
+use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::VirtioDevice;

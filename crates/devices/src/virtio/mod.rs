@@ -3,8 +3,8 @@
 pub mod block;
 pub mod mmio;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 /// What a virtio device is, apart from its transport.
 pub trait VirtioDevice: Send {

@@ -1,0 +1,108 @@
+//! The destination side: receives memory and state, builds the new instance, and
+//! runs it only when the source said everything was sent and all of it checked.
+
+use std::io::Write;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use vmm::vm_memory::{Bytes, GuestAddress};
+use vmm::{GuestMemory, Instance, InstanceState, VmEvent};
+
+use crate::protocol::{decode_pages, ErrorMsg, FrameKind, Hello, Resumed, PAGE_SIZE};
+use crate::source::DoneMsg;
+use crate::transport::Transport;
+use crate::{Error, Result};
+
+/// Writes one received page into the new instance's memory (bounds-checked by vm-memory).
+fn write_page(mem: &GuestMemory, gpa: u64, data: &[u8]) -> Result<()> {
+    mem.mmap()
+        .write_slice(data, GuestAddress(gpa))
+        .map_err(|e| Error::Decode(format!("page at {gpa:#x} lies outside the guest's memory: {e}")))
+}
+
+/// How the destination waits for the source between frames.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Receives a migration on `t` and returns the new instance, running (or paused,
+/// if the guest was paused at the source). Nothing of the guest runs unless the
+/// whole state arrived: a connection lost, a damaged frame or an `Error` from the
+/// source ends here with an error, and the partial state is dropped.
+pub fn migrate_in(
+    t: &mut dyn Transport,
+    console: Box<dyn Write + Send>,
+    events: Sender<VmEvent>,
+) -> Result<(Instance, Hello)> {
+    let r = receive(t, console, events);
+    if let Err(e) = &r {
+        // Tell the source why, if it still listens (it then keeps the guest).
+        if !matches!(e, Error::Peer { .. } | Error::Closed { .. }) {
+            let msg = ErrorMsg { error: format!("the destination refuses the migration: {e}") };
+            if let Ok(b) = serde_json::to_vec(&msg) {
+                let _ = t.send(FrameKind::Error, &[&b]);
+            }
+        }
+    }
+    r
+}
+
+fn receive(
+    t: &mut dyn Transport,
+    console: Box<dyn Write + Send>,
+    events: Sender<VmEvent>,
+) -> Result<(Instance, Hello)> {
+    let f = t.recv(None)?;
+    let hello: Hello = match f.kind {
+        FrameKind::Hello => serde_json::from_slice(&f.payload).map_err(|e| Error::Decode(format!("Hello: {e}")))?,
+        FrameKind::Error => return Err(peer_error(t, &f.payload)),
+        got => return Err(Error::Unexpected { peer: t.peer(), got, expected: "Hello" }),
+    };
+    let config = hello.config.clone();
+    let memory = GuestMemory::new(config.mem_size, config.memory_backend)?;
+    t.send(FrameKind::Ready, &[])?;
+    let zero = [0u8; PAGE_SIZE];
+    let mut state: Option<InstanceState> = None;
+    loop {
+        let f = t.recv(Some(FRAME_TIMEOUT))?;
+        match f.kind {
+            FrameKind::Pages => {
+                let (entries, data) = decode_pages(&f.payload)?;
+                let mut pages = data.chunks_exact(PAGE_SIZE);
+                for e in entries {
+                    let page = if e.zero { &zero[..] } else { pages.next().unwrap_or(&zero) };
+                    write_page(&memory, e.gpa, page)?;
+                }
+            }
+            FrameKind::State => {
+                state = Some(serde_json::from_slice(&f.payload).map_err(|e| Error::Decode(format!("State: {e}")))?);
+            }
+            FrameKind::Done => {
+                let t_done = Instant::now();
+                let done: DoneMsg =
+                    serde_json::from_slice(&f.payload).map_err(|e| Error::Decode(format!("Done: {e}")))?;
+                let state = state.ok_or_else(|| Error::Decode("Done came before the instance state".into()))?;
+                let mut inst = Instance::restore_with_memory(config, &state, memory, console, events)?;
+                inst.start()?;
+                if !done.running {
+                    inst.pause()?;
+                }
+                let r = Resumed { restore_ms: t_done.elapsed().as_secs_f64() * 1e3 };
+                let b = serde_json::to_vec(&r).map_err(|e| Error::Decode(e.to_string()))?;
+                if let Err(e) = t.send(FrameKind::Resumed, &[&b]) {
+                    // The source never learns that the guest runs here; it keeps its
+                    // copy paused. Running on is the only way not to lose the guest.
+                    eprintln!("cevm: the guest runs here, but the source could not be told: {e}");
+                }
+                return Ok((inst, hello));
+            }
+            FrameKind::Error => return Err(peer_error(t, &f.payload)),
+            got => return Err(Error::Unexpected { peer: t.peer(), got, expected: "Pages, State or Done" }),
+        }
+    }
+}
+
+fn peer_error(t: &dyn Transport, payload: &[u8]) -> Error {
+    let msg = serde_json::from_slice::<ErrorMsg>(payload)
+        .map(|m| m.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(payload).into_owned());
+    Error::Peer { peer: t.peer(), msg }
+}

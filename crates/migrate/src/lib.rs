@@ -1,0 +1,142 @@
+//! Live migration of a cevm instance: a pre-copy engine ([`source::migrate_out`])
+//! that sends guest memory in rounds under KVM dirty logging while the guest runs,
+//! then switches (pause, last dirty pages, vCPU/VM/device state, hand-over of the
+//! flushed disk), and a receiver ([`dest::migrate_in`]) that builds the new
+//! instance and runs it only once everything arrived and checked.
+//!
+//! The same engine runs over every [`transport::Transport`]: an in-process channel
+//! (thread-based: the destination instance lives in the same process) or a byte
+//! stream (process-based: a unix socket or TCP). The source instance stays frozen
+//! and intact after the switch (the CEVM strategy writes its checkpoint from it).
+
+pub mod dest;
+pub mod protocol;
+pub mod source;
+pub mod transport;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use dest::migrate_in;
+pub use source::migrate_out;
+pub use transport::{channel_pair, Endpoint, Listener, Transport};
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A frame was damaged, of another protocol version, or malformed.
+    #[error(transparent)]
+    Frame(#[from] protocol::FrameError),
+    /// The connection failed.
+    #[error("{peer}: {what}: {source}")]
+    Io { peer: String, what: &'static str, source: std::io::Error },
+    /// The peer closed the connection.
+    #[error("{peer} closed the connection")]
+    Closed { peer: String },
+    /// The peer did not answer in time.
+    #[error("{peer} did not answer in time")]
+    Timeout { peer: String },
+    /// The peer sent a frame that does not belong at this point.
+    #[error("{peer} sent {got:?} where {expected} was expected")]
+    Unexpected { peer: String, got: protocol::FrameKind, expected: &'static str },
+    /// The peer gave up and said why.
+    #[error("{peer} reported: {msg}")]
+    Peer { peer: String, msg: String },
+    /// The instance could not be paused, saved, restored or started.
+    #[error(transparent)]
+    Vmm(#[from] vmm::Error),
+    /// The pre-copy did not converge within the round limit.
+    #[error("did not converge after {rounds} rounds: the guest dirtied {dirty_pages_per_s:.0} pages/s while the link moved {link_pages_per_s:.0} pages/s, {remaining} pages remained (expected downtime {expected_ms:.1} ms > limit {limit_ms} ms); the guest runs on here. Raise --max-downtime-ms or --max-rounds, or enable auto-converge")]
+    NoConvergence {
+        rounds: u32,
+        dirty_pages_per_s: f64,
+        link_pages_per_s: f64,
+        remaining: u64,
+        expected_ms: f64,
+        limit_ms: f64,
+    },
+    /// A payload does not decode.
+    #[error("{0}")]
+    Decode(String),
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How a migration converges.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Params {
+    /// Switch once the remaining dirty pages are expected to move in this time.
+    pub max_downtime_ms: f64,
+    /// Give up (the guest runs on at the source) after this many pre-copy rounds
+    /// without reaching `max_downtime_ms`.
+    pub max_rounds: u32,
+    /// Throttle the vCPUs when the guest dirties memory faster than the link moves
+    /// it: from 20 % of the time in steps of 10 %, up to 99 %.
+    pub auto_converge: bool,
+    /// How long to wait for the destination's answers.
+    pub peer_timeout_s: f64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { max_downtime_ms: 20.0, max_rounds: 30, auto_converge: true, peer_timeout_s: 60.0 }
+    }
+}
+
+impl Params {
+    fn peer_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.peer_timeout_s.clamp(0.1, 86_400.0))
+    }
+}
+
+/// A running migration, as the API and the CLI's progress bar show it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// `connecting`, `precopy`, `switch`, `done` or `failed`.
+    pub phase: String,
+    /// Pre-copy round (0 is the first full pass).
+    pub round: u32,
+    pub pages_total: u64,
+    /// Pages sent so far (data and zero markers; a page sent twice counts twice).
+    pub pages_sent: u64,
+    pub bytes_sent: u64,
+    /// Pages found dirty at the last harvest.
+    pub dirty_pages: u64,
+    /// Guest dirty rate measured over the last round.
+    pub dirty_pages_per_s: f64,
+    /// Link throughput measured over the last round.
+    pub mib_per_s: f64,
+    /// Downtime expected if the switch happened now.
+    pub expected_downtime_ms: f64,
+    /// Share of time the vCPUs are held paused by auto-converge.
+    pub throttle_pct: u32,
+    pub elapsed_ms: f64,
+}
+
+/// What a finished migration cost.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// Where the guest went.
+    pub to: String,
+    /// Guest pause: from stopping the vCPUs here to the destination's vCPUs running.
+    pub downtime_ms: f64,
+    /// Of the downtime: the destination's restore (state in, vCPUs started).
+    pub dest_restore_ms: f64,
+    /// From the request to the guest running at the destination.
+    pub total_ms: f64,
+    /// Pre-copy rounds before the switch (the first full pass included).
+    pub rounds: u32,
+    pub pages_sent: u64,
+    /// Zero pages sent as markers (or skipped in the first pass).
+    pub zero_pages: u64,
+    pub bytes_sent: u64,
+    /// Pages sent during the switch.
+    pub switch_pages: u64,
+    /// Highest auto-converge throttle used.
+    pub max_throttle_pct: u32,
+    /// Bytes of the vCPU, VM and device state.
+    pub state_bytes: u64,
+}

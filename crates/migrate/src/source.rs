@@ -1,0 +1,429 @@
+//! The source side: pre-copy rounds under dirty logging, auto-converge, the switch.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use vmm::instance::RunState;
+use vmm::Instance;
+
+use crate::protocol::{encode_page_table, ErrorMsg, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
+use crate::transport::Transport;
+use crate::{Error, Params, Progress, Report, Result};
+
+/// Pages per `Pages` frame (1 MiB of data at most).
+const BATCH_PAGES: usize = 256;
+/// Auto-converge: first throttle, step, ceiling (percent of time the vCPUs are held).
+const THROTTLE_START: u32 = 20;
+const THROTTLE_STEP: u32 = 10;
+const THROTTLE_MAX: u32 = 99;
+
+/// Body of the `Done` frame.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct DoneMsg {
+    /// Whether the guest was running at the source (a paused guest stays paused).
+    pub running: bool,
+}
+
+/// A RAM range as raw host memory, so that the engine can read pages while it
+/// also pauses and resumes the instance (which needs `&mut Instance`).
+#[derive(Clone, Copy)]
+struct Ram {
+    gpa: u64,
+    host: *const u8,
+    len: usize,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // Word-wise: about as fast as memcmp against a zero page, without one.
+    let (pre, words, post) = {
+        // SAFETY: reading u64s from a byte slice through align_to is sound for any
+        // bit pattern; unaligned head and tail bytes are checked separately.
+        unsafe { page.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// Sends pages in frames of up to [`BATCH_PAGES`], holding the vCPUs paused part of
+/// the time when auto-converge throttles.
+struct PageSender<'t> {
+    t: &'t mut dyn Transport,
+    entries: Vec<PageEntry>,
+    data: Vec<(*const u8, usize)>,
+    pages_sent: u64,
+    zero_pages: u64,
+    bytes_sent: u64,
+    // Throttle bookkeeping for the current round.
+    throttle_pct: u32,
+    held: bool,
+    held_time: Duration,
+    since: Instant,
+    round_start: Instant,
+}
+
+impl<'t> PageSender<'t> {
+    fn new(t: &'t mut dyn Transport) -> Self {
+        PageSender {
+            t,
+            entries: Vec::with_capacity(BATCH_PAGES),
+            data: Vec::with_capacity(BATCH_PAGES),
+            pages_sent: 0,
+            zero_pages: 0,
+            bytes_sent: 0,
+            throttle_pct: 0,
+            held: false,
+            held_time: Duration::ZERO,
+            since: Instant::now(),
+            round_start: Instant::now(),
+        }
+    }
+
+    /// Queues the page at `host` (guest address `gpa`). `skip_zero`: a zero page
+    /// needs no marker (the destination's page is known to be zero).
+    fn push(&mut self, inst: &mut Instance, gpa: u64, host: *const u8, skip_zero: bool) -> Result<()> {
+        // SAFETY: `host` points at a whole guest page inside a mapping the instance
+        // owns for as long as it lives (the caller holds `&mut Instance`). The guest
+        // may write the page while it is read: a torn copy is harmless, because such
+        // a write is in KVM's dirty log and the page is sent again later (the last
+        // time with every vCPU paused).
+        let page = unsafe { std::slice::from_raw_parts(host, PAGE_SIZE) };
+        if is_zero(page) {
+            self.zero_pages += 1;
+            if skip_zero {
+                return Ok(());
+            }
+            self.entries.push(PageEntry { gpa, zero: true });
+        } else {
+            self.entries.push(PageEntry { gpa, zero: false });
+            self.data.push((host, PAGE_SIZE));
+        }
+        if self.entries.len() == BATCH_PAGES {
+            self.flush(inst)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, inst: &mut Instance) -> Result<()> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        self.throttle(inst)?;
+        let table = encode_page_table(&self.entries);
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(self.data.len() + 1);
+        parts.push(&table);
+        for &(p, n) in &self.data {
+            // SAFETY: as in `push`: a page of guest memory that outlives this call.
+            parts.push(unsafe { std::slice::from_raw_parts(p, n) });
+        }
+        self.t.send(FrameKind::Pages, &parts)?;
+        self.pages_sent += self.entries.len() as u64;
+        self.bytes_sent += (table.len() + self.data.len() * PAGE_SIZE) as u64;
+        self.entries.clear();
+        self.data.clear();
+        Ok(())
+    }
+
+    /// Auto-converge: hold the vCPUs paused for `throttle_pct` % of the round's time,
+    /// switching between held and running at frame boundaries.
+    fn throttle(&mut self, inst: &mut Instance) -> Result<()> {
+        let now = Instant::now();
+        if self.held {
+            self.held_time += now - self.since;
+        }
+        self.since = now;
+        let elapsed = (now - self.round_start).as_secs_f64();
+        let want_held = self.throttle_pct > 0
+            && self.held_time.as_secs_f64() < elapsed * f64::from(self.throttle_pct) / 100.0 + 1e-4;
+        if want_held && !self.held && inst.run_state() == RunState::Running {
+            inst.pause()?;
+            self.held = true;
+        } else if !want_held && self.held {
+            inst.resume()?;
+            self.held = false;
+        }
+        Ok(())
+    }
+
+    fn start_round(&mut self) {
+        self.held_time = Duration::ZERO;
+        self.round_start = Instant::now();
+        self.since = self.round_start;
+    }
+
+    /// Lets held vCPUs run again (end of a round, or an error).
+    fn release(&mut self, inst: &mut Instance) -> Result<()> {
+        if self.held {
+            self.held = false;
+            inst.resume()?;
+        }
+        Ok(())
+    }
+}
+
+/// Publishes a change to the migration's progress.
+type Publish<'a> = dyn Fn(&dyn Fn(&mut Progress)) + 'a;
+
+fn count(bitmaps: &[Vec<u64>]) -> u64 {
+    bitmaps.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// Queues every page set in `bitmaps` (one per RAM range).
+fn push_dirty(s: &mut PageSender<'_>, inst: &mut Instance, ram: &[Ram], bitmaps: &[Vec<u64>]) -> Result<()> {
+    for (r, bits) in ram.iter().zip(bitmaps) {
+        for (w, &word) in bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let page = w * 64 + word.trailing_zeros() as usize;
+                word &= word - 1;
+                let off = page * PAGE_SIZE;
+                if off + PAGE_SIZE <= r.len {
+                    // SAFETY: `off + PAGE_SIZE <= len`: inside the range's mapping.
+                    let host = unsafe { r.host.add(off) };
+                    s.push(inst, r.gpa + off as u64, host, false)?;
+                }
+            }
+        }
+    }
+    s.flush(inst)
+}
+
+fn merge(into: &mut [Vec<u64>], from: Vec<Vec<u64>>) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= y;
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Live-migrates `inst` through `t`. On success the guest runs at the destination
+/// and `inst` stays paused, its memory and state intact (frozen at the switch).
+/// On failure before the switch completed, `inst` runs on as before (or stays
+/// paused if it was), and the error says why. One case is different: if the
+/// destination got everything but its answer never came, the guest may be running
+/// there, so `inst` stays paused and the error says so.
+pub fn migrate_out(
+    inst: &mut Instance,
+    t: &mut dyn Transport,
+    params: &Params,
+    progress: &Mutex<Progress>,
+) -> Result<Report> {
+    let t0 = Instant::now();
+    let update = |f: &dyn Fn(&mut Progress)| {
+        if let Ok(mut p) = progress.lock() {
+            f(&mut p);
+            p.elapsed_ms = ms(t0.elapsed());
+        }
+    };
+    update(&|p| p.phase = "connecting".into());
+    let was_running = inst.run_state() == RunState::Running;
+    let hello = Hello { cevm_version: env!("CARGO_PKG_VERSION").into(), config: inst.config().clone() };
+    let hello = serde_json::to_vec(&hello).map_err(|e| Error::Decode(e.to_string()))?;
+    t.send(FrameKind::Hello, &[&hello])?;
+    expect(t, FrameKind::Ready, "Ready", params)?;
+
+    inst.set_dirty_log(true)?;
+    let r = precopy_and_switch(inst, t, params, &update, t0, was_running);
+    // The source's log is of no more use, whatever happened (a later migration
+    // starts a fresh one).
+    let _ = inst.set_dirty_log(false);
+    match &r {
+        Ok(_) => update(&|p| p.phase = "done".into()),
+        Err(e) => {
+            let msg = ErrorMsg { error: format!("the source gives up: {e}") };
+            if let Ok(b) = serde_json::to_vec(&msg) {
+                let _ = t.send(FrameKind::Error, &[&b]);
+            }
+            update(&|p| p.phase = "failed".into());
+        }
+    }
+    r
+}
+
+fn precopy_and_switch(
+    inst: &mut Instance,
+    t: &mut dyn Transport,
+    params: &Params,
+    update: &Publish<'_>,
+    t0: Instant,
+    was_running: bool,
+) -> Result<Report> {
+    // Writes the VMM made before now (boot loaders) are covered by the full pass.
+    inst.harvest_dirty_pages()?;
+    let ram: Vec<Ram> = {
+        // SAFETY: only the base pointers and lengths are kept; pages are read through
+        // them while `inst` (which owns the mappings) is borrowed by this function.
+        let slices = unsafe { inst.memory().live_slices() };
+        slices.iter().map(|(gpa, s)| Ram { gpa: *gpa, host: s.as_ptr(), len: s.len() }).collect()
+    };
+    let extents = inst.memory().data_extents();
+    let pages_total = inst.memory().pages();
+    let mut s = PageSender::new(t);
+    let mut rounds = 0u32;
+    let mut max_throttle = 0u32;
+
+    // Round 0: every page that may hold data. The destination's memory starts
+    // zeroed, so zero pages need not even be marked.
+    let result = (|| -> Result<Vec<Vec<u64>>> {
+        update(&|p| {
+            p.phase = "precopy".into();
+            p.pages_total = pages_total;
+        });
+        s.start_round();
+        let mut last_harvest = Instant::now();
+        for (r, ext) in ram.iter().zip(&extents) {
+            for e in ext {
+                let mut off = (e.start as usize) & !(PAGE_SIZE - 1);
+                while off < e.end as usize && off + PAGE_SIZE <= r.len {
+                    // SAFETY: `off + PAGE_SIZE <= len`: inside the range's mapping.
+                    let host = unsafe { r.host.add(off) };
+                    s.push(inst, r.gpa + off as u64, host, true)?;
+                    off += PAGE_SIZE;
+                }
+            }
+        }
+        s.flush(inst)?;
+        s.release(inst)?;
+        let mut sent_in_round = s.bytes_sent;
+        let mut round_time = last_harvest.elapsed();
+        rounds = 1;
+        loop {
+            let dirty = inst.harvest_dirty_pages()?;
+            let since = last_harvest.elapsed();
+            last_harvest = Instant::now();
+            let n = count(&dirty);
+            let bytes_per_s = sent_in_round as f64 / round_time.as_secs_f64().max(1e-6);
+            let dirty_per_s = n as f64 / since.as_secs_f64().max(1e-6);
+            let expected_ms = (n as f64 * PAGE_SIZE as f64) / bytes_per_s.max(1.0) * 1e3;
+            let (ps, bs, th) = (s.pages_sent, s.bytes_sent, s.throttle_pct);
+            update(&|p| {
+                p.round = rounds;
+                p.pages_sent = ps;
+                p.bytes_sent = bs;
+                p.dirty_pages = n;
+                p.dirty_pages_per_s = dirty_per_s;
+                p.mib_per_s = bytes_per_s / (1 << 20) as f64;
+                p.expected_downtime_ms = expected_ms;
+                p.throttle_pct = th;
+            });
+            if expected_ms <= params.max_downtime_ms {
+                return Ok(dirty);
+            }
+            if rounds >= params.max_rounds {
+                return Err(Error::NoConvergence {
+                    rounds,
+                    dirty_pages_per_s: dirty_per_s,
+                    link_pages_per_s: bytes_per_s / PAGE_SIZE as f64,
+                    remaining: n,
+                    expected_ms,
+                    limit_ms: params.max_downtime_ms,
+                });
+            }
+            // The guest dirtied more than half of what the link moved: throttle it.
+            if params.auto_converge && rounds >= 2 && (n * PAGE_SIZE as u64) as f64 > 0.5 * sent_in_round as f64 {
+                s.throttle_pct = match s.throttle_pct {
+                    0 => THROTTLE_START,
+                    p => (p + THROTTLE_STEP).min(THROTTLE_MAX),
+                };
+                max_throttle = max_throttle.max(s.throttle_pct);
+            }
+            let before = s.bytes_sent;
+            let start = Instant::now();
+            s.start_round();
+            push_dirty(&mut s, inst, &ram, &dirty)?;
+            s.release(inst)?;
+            sent_in_round = s.bytes_sent - before;
+            round_time = start.elapsed();
+            rounds += 1;
+        }
+    })();
+    let mut pending = match result {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = s.release(inst);
+            return Err(e);
+        }
+    };
+
+    // The switch: stop the vCPUs, send what they dirtied last, the state and the
+    // disk hand-over, and wait for the destination to run.
+    update(&|p| p.phase = "switch".into());
+    let t_switch = Instant::now();
+    let before_switch = s.pages_sent;
+    let sent = (|| -> Result<u64> {
+        inst.pause()?;
+        merge(&mut pending, inst.harvest_dirty_pages()?);
+        push_dirty(&mut s, inst, &ram, &pending)?;
+        // Every write the guest's disk completed reaches the image before the
+        // destination opens it.
+        inst.flush_disk()?;
+        let state = inst.save_state()?;
+        let state = serde_json::to_vec(&state).map_err(|e| Error::Decode(e.to_string()))?;
+        s.t.send(FrameKind::State, &[&state])?;
+        Ok(state.len() as u64)
+    })();
+    let state_bytes = match sent {
+        Ok(n) => n,
+        Err(e) => {
+            if was_running {
+                inst.resume()?;
+            }
+            return Err(e);
+        }
+    };
+    let done = serde_json::to_vec(&DoneMsg { running: was_running }).map_err(|e| Error::Decode(e.to_string()))?;
+    if let Err(e) = s.t.send(FrameKind::Done, &[&done]) {
+        if was_running {
+            inst.resume()?;
+        }
+        return Err(e);
+    }
+    let resumed = match expect(s.t, FrameKind::Resumed, "Resumed", params) {
+        Ok(f) => f,
+        Err(Error::Peer { peer, msg }) => {
+            // The destination refused the state: the guest is still only here.
+            if was_running {
+                inst.resume()?;
+            }
+            return Err(Error::Peer { peer, msg });
+        }
+        Err(e) => {
+            return Err(Error::Decode(format!(
+                "{e}; the destination had the whole state and may be running the guest, so the source stays paused \
+                 (resume it with `cevm resume` only if the destination is not running)"
+            )))
+        }
+    };
+    let downtime = t_switch.elapsed();
+    let resumed: Resumed = serde_json::from_slice(&resumed).map_err(|e| Error::Decode(format!("Resumed: {e}")))?;
+    Ok(Report {
+        to: s.t.peer(),
+        downtime_ms: ms(downtime),
+        dest_restore_ms: resumed.restore_ms,
+        total_ms: ms(t0.elapsed()),
+        rounds,
+        pages_sent: s.pages_sent,
+        zero_pages: s.zero_pages,
+        bytes_sent: s.bytes_sent,
+        switch_pages: s.pages_sent - before_switch,
+        max_throttle_pct: max_throttle,
+        state_bytes,
+    })
+}
+
+/// Waits for a frame of `kind`; an `Error` frame becomes [`Error::Peer`].
+fn expect(t: &mut dyn Transport, kind: FrameKind, name: &'static str, params: &Params) -> Result<Vec<u8>> {
+    let f = t.recv(Some(params.peer_timeout()))?;
+    if f.kind == kind {
+        return Ok(f.payload);
+    }
+    if f.kind == FrameKind::Error {
+        let msg = serde_json::from_slice::<ErrorMsg>(&f.payload)
+            .map(|m| m.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&f.payload).into_owned());
+        return Err(Error::Peer { peer: t.peer(), msg });
+    }
+    Err(Error::Unexpected { peer: t.peer(), got: f.kind, expected: name })
+}
