@@ -9,7 +9,11 @@ for i in 1 2 3 4 5; do
     t0=$(up)
     $CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --cmdline "$cmd cevm.test=boot" > /tmp/boot.txt 2>&1 &
     pid=$!
-    while ! grep -q "cevm-guest: init" /tmp/boot.txt; do sleep 0.05; done
+    n=0
+    while ! grep -q "cevm-guest: init" /tmp/boot.txt; do
+        sleep 0.05; n=$((n + 1))
+        if [ $n -gt 1200 ]; then echo "bench: boot run $i did not reach init in 60 s:"; cat /tmp/boot.txt; kill -9 $pid; break; fi
+    done
     t1=$(up)
     wait $pid
     echo "bench: boot-to-init run $i: $(echo "$t1 - $t0" | bc 2>/dev/null || awk "BEGIN {print $t1 - $t0}") s"
@@ -17,7 +21,11 @@ done
 $CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 512M --api-sock /tmp/api.sock \
     --cmdline "$cmd cevm.test=compute cevm.steps=100000 cevm.fill=256" > /tmp/big.txt 2>&1 &
 pid=$!
-while ! grep -q "step 2/" /tmp/big.txt; do sleep 0.2; done
+n=0
+while ! grep -q "step 2/" /tmp/big.txt; do
+    sleep 0.2; n=$((n + 1))
+    if [ $n -gt 3000 ]; then echo "bench: the 512M guest did not start computing in 600 s:"; cat /tmp/big.txt; kill -9 $pid; exit 1; fi
+done
 for i in 1 2 3 4 5; do
     $CEVM checkpoint --api-sock /tmp/api.sock --out /tmp/ckpt > /tmp/ck.json
     echo "bench: stop-and-save 512M run $i: pause_ms=$(grep '"pause_ms"' /tmp/ck.json | tr -dc '0-9.') data_pages=$(grep '"data_pages"' /tmp/ck.json | tr -dc '0-9')"
