@@ -84,6 +84,9 @@ enum Cmd {
         /// Never throttle the vCPUs when the guest dirties memory faster than the link.
         #[arg(long)]
         no_auto_converge: bool,
+        /// Cap the migration stream at this many MiB/s (0: no cap).
+        #[arg(long, default_value_t = 0.0)]
+        max_bandwidth_mib_s: f64,
     },
     /// Restore a checkpoint and run it on.
     Restore {
@@ -224,15 +227,20 @@ fn run(cmd: Cmd) -> i32 {
             let body = json!({ "out": out, "strategy": strategy, "stop": stop });
             client(&api_sock, "PUT", "/v1/checkpoint", Some(body))
         }
-        Cmd::Migrate { api_sock, to, max_downtime_ms, max_rounds, no_auto_converge } => {
+        Cmd::Migrate { api_sock, to, max_downtime_ms, max_rounds, no_auto_converge, max_bandwidth_mib_s } => {
             if to != "local" {
                 if let Err(e) = to.parse::<migrate::Endpoint>() {
                     eprintln!("cevm: error: --to {e} (or `local`)");
                     return USAGE;
                 }
             }
-            let params =
-                migrate::Params { max_downtime_ms, max_rounds, auto_converge: !no_auto_converge, ..Default::default() };
+            let params = migrate::Params {
+                max_downtime_ms,
+                max_rounds,
+                auto_converge: !no_auto_converge,
+                max_bandwidth_mib_s,
+                ..Default::default()
+            };
             let body = json!({ "to": to, "params": params });
             let bar = progress_bar(api_sock.clone());
             let code = client(&api_sock, "PUT", "/v1/migrate", Some(body));

@@ -78,11 +78,20 @@ pub struct Params {
     pub auto_converge: bool,
     /// How long to wait for the destination's answers.
     pub peer_timeout_s: f64,
+    /// Cap on the migration stream, MiB/s (0: none), to leave a shared link to
+    /// others; the pre-copy then converges only if the guest dirties less.
+    pub max_bandwidth_mib_s: f64,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { max_downtime_ms: 20.0, max_rounds: 30, auto_converge: true, peer_timeout_s: 60.0 }
+        Params {
+            max_downtime_ms: 20.0,
+            max_rounds: 30,
+            auto_converge: true,
+            peer_timeout_s: 60.0,
+            max_bandwidth_mib_s: 0.0,
+        }
     }
 }
 

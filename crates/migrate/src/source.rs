@@ -43,8 +43,7 @@ fn is_zero(page: &[u8]) -> bool {
     pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
 
-/// Sends pages in frames of up to [`BATCH_PAGES`], holding the vCPUs paused part of
-/// the time when auto-converge throttles.
+/// Sends pages in frames of up to [`BATCH_PAGES`], paced to the bandwidth cap.
 struct PageSender<'t> {
     t: &'t mut dyn Transport,
     entries: Vec<PageEntry>,
@@ -52,16 +51,15 @@ struct PageSender<'t> {
     pages_sent: u64,
     zero_pages: u64,
     bytes_sent: u64,
-    // Throttle bookkeeping for the current round.
-    throttle_pct: u32,
-    held: bool,
-    held_time: Duration,
-    since: Instant,
-    round_start: Instant,
+    /// Bandwidth cap in bytes/s (0: none), and the pacing clock: when the bytes
+    /// sent since `pace_start` are due at that rate.
+    cap: f64,
+    pace_start: Instant,
+    pace_bytes: u64,
 }
 
 impl<'t> PageSender<'t> {
-    fn new(t: &'t mut dyn Transport) -> Self {
+    fn new(t: &'t mut dyn Transport, cap_mib_s: f64) -> Self {
         PageSender {
             t,
             entries: Vec::with_capacity(BATCH_PAGES),
@@ -69,17 +67,15 @@ impl<'t> PageSender<'t> {
             pages_sent: 0,
             zero_pages: 0,
             bytes_sent: 0,
-            throttle_pct: 0,
-            held: false,
-            held_time: Duration::ZERO,
-            since: Instant::now(),
-            round_start: Instant::now(),
+            cap: cap_mib_s.max(0.0) * (1 << 20) as f64,
+            pace_start: Instant::now(),
+            pace_bytes: 0,
         }
     }
 
     /// Queues the page at `host` (guest address `gpa`). `skip_zero`: a zero page
     /// needs no marker (the destination's page is known to be zero).
-    fn push(&mut self, inst: &mut Instance, gpa: u64, host: *const u8, skip_zero: bool) -> Result<()> {
+    fn push(&mut self, gpa: u64, host: *const u8, skip_zero: bool) -> Result<()> {
         // SAFETY: `host` points at a whole guest page inside a mapping the instance
         // owns for as long as it lives (the caller holds `&mut Instance`). The guest
         // may write the page while it is read: a torn copy is harmless, because such
@@ -97,16 +93,15 @@ impl<'t> PageSender<'t> {
             self.data.push((host, PAGE_SIZE));
         }
         if self.entries.len() == BATCH_PAGES {
-            self.flush(inst)?;
+            self.flush()?;
         }
         Ok(())
     }
 
-    fn flush(&mut self, inst: &mut Instance) -> Result<()> {
+    fn flush(&mut self) -> Result<()> {
         if self.entries.is_empty() {
             return Ok(());
         }
-        self.throttle(inst)?;
         let table = encode_page_table(&self.entries);
         let mut parts: Vec<&[u8]> = Vec::with_capacity(self.data.len() + 1);
         parts.push(&table);
@@ -115,46 +110,19 @@ impl<'t> PageSender<'t> {
             parts.push(unsafe { std::slice::from_raw_parts(p, n) });
         }
         self.t.send(FrameKind::Pages, &parts)?;
+        let bytes = (table.len() + self.data.len() * PAGE_SIZE) as u64;
         self.pages_sent += self.entries.len() as u64;
-        self.bytes_sent += (table.len() + self.data.len() * PAGE_SIZE) as u64;
+        self.bytes_sent += bytes;
+        if self.cap > 0.0 {
+            self.pace_bytes += bytes;
+            let due = self.pace_start + Duration::from_secs_f64(self.pace_bytes as f64 / self.cap);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
         self.entries.clear();
         self.data.clear();
-        Ok(())
-    }
-
-    /// Auto-converge: hold the vCPUs paused for `throttle_pct` % of the round's time,
-    /// switching between held and running at frame boundaries.
-    fn throttle(&mut self, inst: &mut Instance) -> Result<()> {
-        let now = Instant::now();
-        if self.held {
-            self.held_time += now - self.since;
-        }
-        self.since = now;
-        let elapsed = (now - self.round_start).as_secs_f64();
-        let want_held = self.throttle_pct > 0
-            && self.held_time.as_secs_f64() < elapsed * f64::from(self.throttle_pct) / 100.0 + 1e-4;
-        if want_held && !self.held && inst.run_state() == RunState::Running {
-            inst.pause()?;
-            self.held = true;
-        } else if !want_held && self.held {
-            inst.resume()?;
-            self.held = false;
-        }
-        Ok(())
-    }
-
-    fn start_round(&mut self) {
-        self.held_time = Duration::ZERO;
-        self.round_start = Instant::now();
-        self.since = self.round_start;
-    }
-
-    /// Lets held vCPUs run again (end of a round, or an error).
-    fn release(&mut self, inst: &mut Instance) -> Result<()> {
-        if self.held {
-            self.held = false;
-            inst.resume()?;
-        }
         Ok(())
     }
 }
@@ -167,7 +135,7 @@ fn count(bitmaps: &[Vec<u64>]) -> u64 {
 }
 
 /// Queues every page set in `bitmaps` (one per RAM range).
-fn push_dirty(s: &mut PageSender<'_>, inst: &mut Instance, ram: &[Ram], bitmaps: &[Vec<u64>]) -> Result<()> {
+fn push_dirty(s: &mut PageSender<'_>, ram: &[Ram], bitmaps: &[Vec<u64>]) -> Result<()> {
     for (r, bits) in ram.iter().zip(bitmaps) {
         for (w, &word) in bits.iter().enumerate() {
             let mut word = word;
@@ -178,12 +146,12 @@ fn push_dirty(s: &mut PageSender<'_>, inst: &mut Instance, ram: &[Ram], bitmaps:
                 if off + PAGE_SIZE <= r.len {
                     // SAFETY: `off + PAGE_SIZE <= len`: inside the range's mapping.
                     let host = unsafe { r.host.add(off) };
-                    s.push(inst, r.gpa + off as u64, host, false)?;
+                    s.push(r.gpa + off as u64, host, false)?;
                 }
             }
         }
     }
-    s.flush(inst)
+    s.flush()
 }
 
 fn merge(into: &mut [Vec<u64>], from: Vec<Vec<u64>>) {
@@ -260,9 +228,10 @@ fn precopy_and_switch(
     };
     let extents = inst.memory().data_extents();
     let pages_total = inst.memory().pages();
-    let mut s = PageSender::new(t);
+    let mut s = PageSender::new(t, params.max_bandwidth_mib_s);
     let mut rounds = 0u32;
     let mut max_throttle = 0u32;
+    let mut throttle = 0u32;
 
     // Round 0: every page that may hold data. The destination's memory starts
     // zeroed, so zero pages need not even be marked.
@@ -271,7 +240,6 @@ fn precopy_and_switch(
             p.phase = "precopy".into();
             p.pages_total = pages_total;
         });
-        s.start_round();
         let mut last_harvest = Instant::now();
         for (r, ext) in ram.iter().zip(&extents) {
             for e in ext {
@@ -279,13 +247,12 @@ fn precopy_and_switch(
                 while off < e.end as usize && off + PAGE_SIZE <= r.len {
                     // SAFETY: `off + PAGE_SIZE <= len`: inside the range's mapping.
                     let host = unsafe { r.host.add(off) };
-                    s.push(inst, r.gpa + off as u64, host, true)?;
+                    s.push(r.gpa + off as u64, host, true)?;
                     off += PAGE_SIZE;
                 }
             }
         }
-        s.flush(inst)?;
-        s.release(inst)?;
+        s.flush()?;
         let mut sent_in_round = s.bytes_sent;
         let mut round_time = last_harvest.elapsed();
         rounds = 1;
@@ -297,7 +264,7 @@ fn precopy_and_switch(
             let bytes_per_s = sent_in_round as f64 / round_time.as_secs_f64().max(1e-6);
             let dirty_per_s = n as f64 / since.as_secs_f64().max(1e-6);
             let expected_ms = (n as f64 * PAGE_SIZE as f64) / bytes_per_s.max(1.0) * 1e3;
-            let (ps, bs, th) = (s.pages_sent, s.bytes_sent, s.throttle_pct);
+            let (ps, bs, th) = (s.pages_sent, s.bytes_sent, throttle);
             update(&|p| {
                 p.round = rounds;
                 p.pages_sent = ps;
@@ -323,29 +290,24 @@ fn precopy_and_switch(
             }
             // The guest dirtied more than half of what the link moved: throttle it.
             if params.auto_converge && rounds >= 2 && (n * PAGE_SIZE as u64) as f64 > 0.5 * sent_in_round as f64 {
-                s.throttle_pct = match s.throttle_pct {
+                throttle = match throttle {
                     0 => THROTTLE_START,
                     p => (p + THROTTLE_STEP).min(THROTTLE_MAX),
                 };
-                max_throttle = max_throttle.max(s.throttle_pct);
+                max_throttle = max_throttle.max(throttle);
+                inst.set_throttle(throttle)?;
             }
             let before = s.bytes_sent;
             let start = Instant::now();
-            s.start_round();
-            push_dirty(&mut s, inst, &ram, &dirty)?;
-            s.release(inst)?;
+            push_dirty(&mut s, &ram, &dirty)?;
             sent_in_round = s.bytes_sent - before;
             round_time = start.elapsed();
             rounds += 1;
         }
     })();
-    let mut pending = match result {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = s.release(inst);
-            return Err(e);
-        }
-    };
+    // The switch pauses the vCPUs anyway; after a failure the guest runs at full speed.
+    let _ = inst.set_throttle(0);
+    let mut pending = result?;
 
     // The switch: stop the vCPUs, send what they dirtied last, the state and the
     // disk hand-over, and wait for the destination to run.
@@ -355,7 +317,7 @@ fn precopy_and_switch(
     let sent = (|| -> Result<u64> {
         inst.pause()?;
         merge(&mut pending, inst.harvest_dirty_pages()?);
-        push_dirty(&mut s, inst, &ram, &pending)?;
+        push_dirty(&mut s, &ram, &pending)?;
         // Every write the guest's disk completed reaches the image before the
         // destination opens it.
         inst.flush_disk()?;

@@ -101,6 +101,13 @@ struct VcpuThread {
     commands: Sender<VcpuCommand>,
 }
 
+/// The thread that kicks every vCPU each [`vcpu::THROTTLE_SLICE`] while a
+/// throttle is set, so that each sleeps its share (see `RunControl::set_throttle`).
+struct Throttler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
 /// Run state of an instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunState {
@@ -123,6 +130,7 @@ pub struct Instance {
     ctl: Arc<RunControl>,
     idle_vcpus: Vec<Vcpu>,
     threads: Vec<VcpuThread>,
+    throttler: Option<Throttler>,
     events: Sender<VmEvent>,
     state: RunState,
     // Declared last: the KVM system fd outlives the VM's.
@@ -310,6 +318,7 @@ impl Instance {
             ctl: Arc::new(RunControl::default()),
             idle_vcpus,
             threads: Vec::new(),
+            throttler: None,
             events,
             state: RunState::Created,
             _kvm: kvm,
@@ -456,8 +465,44 @@ impl Instance {
         Ok(InstanceState { vm, vcpus, devices })
     }
 
+    /// Makes every vCPU sleep `pct` % of its time (0 ends it): live migration's
+    /// auto-converge, when the guest dirties memory faster than the link moves it.
+    pub fn set_throttle(&mut self, pct: u32) -> Result<()> {
+        self.ctl.set_throttle(pct);
+        if pct == 0 {
+            if let Some(t) = self.throttler.take() {
+                t.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = t.handle.join();
+            }
+            return Ok(());
+        }
+        if self.throttler.is_some() || self.threads.is_empty() {
+            return Ok(());
+        }
+        use std::os::unix::thread::JoinHandleExt;
+        let targets: Vec<libc::pthread_t> = self.threads.iter().map(|t| t.handle.as_pthread_t()).collect();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || {
+                while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                    for &t in &targets {
+                        // SAFETY: the vCPU threads outlive this thread: `set_throttle(0)`
+                        // and `shutdown` join it before they join them.
+                        unsafe { libc::pthread_kill(t, kick_signal()) };
+                    }
+                    std::thread::sleep(vcpu::THROTTLE_SLICE);
+                }
+            })
+            .map_err(Error::Thread)?;
+        self.throttler = Some(Throttler { stop, handle });
+        Ok(())
+    }
+
     /// Stops and joins every vCPU thread.
     pub fn shutdown(&mut self) {
+        let _ = self.set_throttle(0);
         if self.state == RunState::Running {
             // A vCPU that does not pause still gets Exit below and ends with the process.
             let _ = self.pause();

@@ -9,7 +9,7 @@
 //! waits for commands.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, Once};
 
@@ -76,9 +76,43 @@ pub struct RunControl {
     pause: AtomicBool,
     paused: Mutex<u32>,
     cv: Condvar,
+    /// Share of time (percent) each vCPU sleeps: live migration's auto-converge.
+    throttle_pct: AtomicU32,
 }
 
+/// Running time between two throttle sleeps of a vCPU (the throttle thread kicks
+/// every vCPU this often while a throttle is set).
+pub const THROTTLE_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
+
 impl RunControl {
+    /// Sets the throttle: each vCPU, when kicked, sleeps `pct` % of its time.
+    pub fn set_throttle(&self, pct: u32) {
+        self.throttle_pct.store(pct.min(99), Ordering::SeqCst);
+    }
+
+    /// The current throttle, percent.
+    pub fn throttle(&self) -> u32 {
+        self.throttle_pct.load(Ordering::SeqCst)
+    }
+
+    /// A kicked vCPU's throttle sleep: `slice · p / (100 − p)` after a running
+    /// slice, in steps of 1 ms so that a pause request is never held up.
+    fn throttle_sleep(&self) {
+        let p = self.throttle();
+        if p == 0 {
+            return;
+        }
+        let total = THROTTLE_SLICE * p / (100 - p);
+        let end = std::time::Instant::now() + total;
+        while !self.pause_requested() {
+            let now = std::time::Instant::now();
+            if now >= end {
+                break;
+            }
+            std::thread::sleep((end - now).min(std::time::Duration::from_millis(1)));
+        }
+    }
+
     /// Asks every vCPU to pause (the caller then kicks the threads).
     pub fn request_pause(&self) {
         self.pause.store(true, Ordering::SeqCst);
@@ -321,6 +355,7 @@ pub fn run_vcpu_thread(
             Ok(other) => Some(VmEvent::VcpuFailed { id, error: format!("unexpected KVM exit: {other:?}") }),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.fd.set_kvm_immediate_exit(0);
+                ctl.throttle_sleep();
                 None
             }
             Err(e) => Some(VmEvent::VcpuFailed { id, error: format!("KVM_RUN: {e}") }),
