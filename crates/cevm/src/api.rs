@@ -51,6 +51,13 @@ pub struct MigrateRequest {
     /// Convergence policy; defaults as `migrate::Params::default()`.
     #[serde(default)]
     pub params: migrate::Params,
+    /// CPUs for the thread that runs the migration (e.g. `1`; default: anywhere).
+    #[serde(default)]
+    pub migration_cpus: Option<vmm::placement::CpuList>,
+    /// CPUs for the new instance's vCPU threads, thread-based only (a process-based
+    /// destination places its own with `cevm run --incoming --vcpu-cpus`).
+    #[serde(default)]
+    pub dest_vcpu_cpus: Option<vmm::placement::CpuList>,
 }
 
 /// The progress of the running (or last) migration, shared with the API thread

@@ -65,6 +65,9 @@ enum Cmd {
         /// run the guest that arrives (its configuration comes with it).
         #[arg(long, conflicts_with_all = ["guest", "kernel", "disk"])]
         incoming: Option<migrate::Endpoint>,
+        /// Place the vCPU threads: vCPU i on the i-th CPU of this list (e.g. 0,1 or 2-3).
+        #[arg(long)]
+        vcpu_cpus: Option<vmm::placement::CpuList>,
     },
     /// Live-migrate a running VM: to a new instance in the same process (`--to
     /// local`, thread-based) or to a `cevm run --incoming` (unix or TCP).
@@ -87,6 +90,12 @@ enum Cmd {
         /// Cap the migration stream at this many MiB/s (0: no cap).
         #[arg(long, default_value_t = 0.0)]
         max_bandwidth_mib_s: f64,
+        /// CPUs for the thread that runs the migration.
+        #[arg(long)]
+        migration_cpus: Option<vmm::placement::CpuList>,
+        /// CPUs for the new instance's vCPU threads (with --to local).
+        #[arg(long)]
+        dest_vcpu_cpus: Option<vmm::placement::CpuList>,
     },
     /// Restore a checkpoint and run it on.
     Restore {
@@ -99,6 +108,9 @@ enum Cmd {
         /// Serve the control API on this unix socket.
         #[arg(long)]
         api_sock: Option<PathBuf>,
+        /// Place the vCPU threads: vCPU i on the i-th CPU of this list.
+        #[arg(long)]
+        vcpu_cpus: Option<vmm::placement::CpuList>,
     },
     /// Checkpoint a running VM.
     Checkpoint {
@@ -186,9 +198,10 @@ fn run(cmd: Cmd) -> i32 {
             memory_backend,
             api_sock,
             incoming,
+            vcpu_cpus,
         } => {
             if let Some(endpoint) = incoming {
-                return run_incoming(&endpoint, api_sock.as_deref());
+                return run_incoming(&endpoint, api_sock.as_deref(), vcpu_cpus.as_ref());
             }
             let disk = match disk_config(disk, overlay, disk_read_only) {
                 Ok(d) => d,
@@ -202,11 +215,11 @@ fn run(cmd: Cmd) -> i32 {
             let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend, disk };
             let (tx, rx) = mpsc::channel();
             match Instance::new(config, Box::new(std::io::stdout()), tx) {
-                Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref())),
+                Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref())),
                 Err(e) => fail(e),
             }
         }
-        Cmd::Restore { dir, overlay, api_sock } => {
+        Cmd::Restore { dir, overlay, api_sock, vcpu_cpus } => {
             let (tx, rx) = mpsc::channel();
             match checkpoint::restore(&dir, overlay.as_deref(), Box::new(std::io::stdout()), tx) {
                 Ok((inst, disk)) => {
@@ -214,7 +227,7 @@ fn run(cmd: Cmd) -> i32 {
                     if let Some(d) = disk {
                         eprintln!("cevm: the restored guest's disk is {}", d.display());
                     }
-                    finish(runner::run(inst, rx, api_sock.as_deref()))
+                    finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref()))
                 }
                 Err(e) => fail(format!("cannot restore: {e}")),
             }
@@ -227,7 +240,16 @@ fn run(cmd: Cmd) -> i32 {
             let body = json!({ "out": out, "strategy": strategy, "stop": stop });
             client(&api_sock, "PUT", "/v1/checkpoint", Some(body))
         }
-        Cmd::Migrate { api_sock, to, max_downtime_ms, max_rounds, no_auto_converge, max_bandwidth_mib_s } => {
+        Cmd::Migrate {
+            api_sock,
+            to,
+            max_downtime_ms,
+            max_rounds,
+            no_auto_converge,
+            max_bandwidth_mib_s,
+            migration_cpus,
+            dest_vcpu_cpus,
+        } => {
             if to != "local" {
                 if let Err(e) = to.parse::<migrate::Endpoint>() {
                     eprintln!("cevm: error: --to {e} (or `local`)");
@@ -241,7 +263,12 @@ fn run(cmd: Cmd) -> i32 {
                 max_bandwidth_mib_s,
                 ..Default::default()
             };
-            let body = json!({ "to": to, "params": params });
+            let body = json!({
+                "to": to,
+                "params": params,
+                "migration_cpus": migration_cpus,
+                "dest_vcpu_cpus": dest_vcpu_cpus,
+            });
             let bar = progress_bar(api_sock.clone());
             let code = client(&api_sock, "PUT", "/v1/migrate", Some(body));
             bar.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -290,7 +317,11 @@ fn run(cmd: Cmd) -> i32 {
 }
 
 /// `cevm run --incoming`: waits for one migration, then runs the guest that came.
-fn run_incoming(endpoint: &migrate::Endpoint, api_sock: Option<&Path>) -> i32 {
+fn run_incoming(
+    endpoint: &migrate::Endpoint,
+    api_sock: Option<&Path>,
+    vcpu_cpus: Option<&vmm::placement::CpuList>,
+) -> i32 {
     let listener = match endpoint.listen() {
         Ok(l) => l,
         Err(e) => return fail(e),
@@ -302,11 +333,12 @@ fn run_incoming(endpoint: &migrate::Endpoint, api_sock: Option<&Path>) -> i32 {
     };
     drop(listener);
     let (tx, rx) = mpsc::channel();
-    match migrate::migrate_in(t.as_mut(), Box::new(std::io::stdout()), tx) {
+    let cpus = vcpu_cpus.map(|c| c.0.clone()).unwrap_or_default();
+    match migrate::migrate_in(t.as_mut(), Box::new(std::io::stdout()), tx, &cpus) {
         Ok((inst, hello)) => {
             eprintln!("cevm: guest arrived from {} ({}), running", t.peer(), hello.config.boot);
             drop(t);
-            finish(runner::run(inst, rx, api_sock))
+            finish(runner::run(inst, rx, api_sock, None))
         }
         Err(e) => fail(format!("incoming migration failed, nothing runs: {e}")),
     }

@@ -63,8 +63,14 @@ impl Drop for SocketFile {
 }
 
 /// Starts `instance` (whose vCPU events arrive on `vm_events`) and serves it until
-/// it ends. With `api_sock`, the control API listens there.
-pub fn run(mut instance: Instance, vm_events: Receiver<VmEvent>, api_sock: Option<&Path>) -> Result<Outcome, String> {
+/// it ends. With `api_sock`, the control API listens there; with `vcpu_cpus`, the
+/// vCPU threads are placed on those CPUs (see `Instance::place_vcpus`).
+pub fn run(
+    mut instance: Instance,
+    vm_events: Receiver<VmEvent>,
+    api_sock: Option<&Path>,
+    vcpu_cpus: Option<&vmm::placement::CpuList>,
+) -> Result<Outcome, String> {
     let (tx, rx) = mpsc::channel::<Control>();
     forward_events(vm_events, tx.clone(), 0)?;
     let progress: SharedProgress = Arc::new(Mutex::new(None));
@@ -86,6 +92,9 @@ pub fn run(mut instance: Instance, vm_events: Receiver<VmEvent>, api_sock: Optio
     }
     if instance.run_state() == RunState::Created {
         instance.start().map_err(|e| e.to_string())?;
+    }
+    if let Some(c) = vcpu_cpus {
+        instance.place_vcpus(&c.0).map_err(|e| e.to_string())?;
     }
     let mut generation = 0u64;
 
@@ -238,12 +247,20 @@ fn migrate_request(
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         });
+        let me = vmm::placement::this_thread();
+        let before = vmm::placement::affinity(me);
+        if let Some(c) = &req.migration_cpus {
+            vmm::placement::set_affinity(me, &c.0).map_err(|e| e.to_string())?;
+        }
         let r = if req.to == "local" {
             let (mut src, mut dst) = migrate::channel_pair(8);
             let (ev_tx, ev_rx) = mpsc::channel();
+            let dest_cpus = req.dest_vcpu_cpus.clone().unwrap_or_default().0;
             let dest = std::thread::Builder::new()
                 .name("migrate-dest".into())
-                .spawn(move || migrate::migrate_in(&mut dst, Box::new(std::io::stdout()), ev_tx).map(|(i, _)| i))
+                .spawn(move || {
+                    migrate::migrate_in(&mut dst, Box::new(std::io::stdout()), ev_tx, &dest_cpus).map(|(i, _)| i)
+                })
                 .map_err(|e| format!("cannot start the destination thread: {e}"))?;
             let report = migrate::migrate_out(instance, &mut src, &req.params, progress);
             drop(src);
@@ -263,6 +280,8 @@ fn migrate_request(
                 .map(|r| (r, None))
                 .map_err(|e| e.to_string())
         };
+        // The control thread goes back to where it was allowed before.
+        let _ = vmm::placement::set_affinity(me, &before);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         r
     });

@@ -43,8 +43,13 @@ fn thread_based_migration_mid_run_keeps_the_digest_on_one_and_two_vcpus() {
         let sock = dir.join("api.sock");
         let mut vm = run_guest("digest", ARGS, "32M", vcpus, Some(&sock));
         vm.wait_line(T, |l| l == "round 2/6").expect("guest never reached round 2");
-        let report = migrate(&sock, "local", json!({})).unwrap();
+        // Placement: the migration thread on CPU 0, the new vCPUs on CPU 1.
+        let body = json!({ "to": "local", "migration_cpus": [0], "dest_vcpu_cpus": [1] });
+        let report = api::call(&sock, "PUT", "/v1/migrate", Some(&body), T).unwrap();
         assert_eq!(report["to"], "the in-process destination", "{report}");
+        assert_eq!(report["placement"]["migration_thread"], json!([0]), "{report}");
+        assert_eq!(report["placement"]["destination_vcpus"], json!(vec![vec![1]; vcpus as usize]), "{report}");
+        assert_eq!(report["placement"]["source_vcpus"].as_array().unwrap().len(), vcpus as usize, "{report}");
         assert!(report["pages_sent"].as_u64().unwrap() > 256, "{report}");
         // The same VMM process goes on with the new instance, API included.
         let status = api::call(&sock, "GET", "/v1/status", None, T).unwrap();

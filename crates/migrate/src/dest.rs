@@ -27,12 +27,16 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 /// if the guest was paused at the source). Nothing of the guest runs unless the
 /// whole state arrived: a connection lost, a damaged frame or an `Error` from the
 /// source ends here with an error, and the partial state is dropped.
+///
+/// `vcpu_cpus` places the new vCPU threads (see `Instance::place_vcpus`; empty:
+/// anywhere).
 pub fn migrate_in(
     t: &mut dyn Transport,
     console: Box<dyn Write + Send>,
     events: Sender<VmEvent>,
+    vcpu_cpus: &[usize],
 ) -> Result<(Instance, Hello)> {
-    let r = receive(t, console, events);
+    let r = receive(t, console, events, vcpu_cpus);
     if let Err(e) = &r {
         // Tell the source why, if it still listens (it then keeps the guest).
         if !matches!(e, Error::Peer { .. } | Error::Closed { .. }) {
@@ -49,6 +53,7 @@ fn receive(
     t: &mut dyn Transport,
     console: Box<dyn Write + Send>,
     events: Sender<VmEvent>,
+    vcpu_cpus: &[usize],
 ) -> Result<(Instance, Hello)> {
     let f = t.recv(None)?;
     let hello: Hello = match f.kind {
@@ -82,10 +87,11 @@ fn receive(
                 let state = state.ok_or_else(|| Error::Decode("Done came before the instance state".into()))?;
                 let mut inst = Instance::restore_with_memory(config, &state, memory, console, events)?;
                 inst.start()?;
+                inst.place_vcpus(vcpu_cpus)?;
                 if !done.running {
                     inst.pause()?;
                 }
-                let r = Resumed { restore_ms: t_done.elapsed().as_secs_f64() * 1e3 };
+                let r = Resumed { restore_ms: t_done.elapsed().as_secs_f64() * 1e3, vcpu_cpus: inst.vcpu_placement() };
                 let b = serde_json::to_vec(&r).map_err(|e| Error::Decode(e.to_string()))?;
                 if let Err(e) = t.send(FrameKind::Resumed, &[&b]) {
                     // The source never learns that the guest runs here; it keeps its

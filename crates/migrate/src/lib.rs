@@ -148,4 +148,17 @@ pub struct Report {
     pub max_throttle_pct: u32,
     /// Bytes of the vCPU, VM and device state.
     pub state_bytes: u64,
+    /// Where the threads ran.
+    pub placement: Placement,
+}
+
+/// The CPUs each thread of a migration was allowed on (read back, not requested).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Placement {
+    /// Source vCPU threads, in vCPU order.
+    pub source_vcpus: Vec<Vec<usize>>,
+    /// The thread that ran the pre-copy and the switch.
+    pub migration_thread: Vec<usize>,
+    /// Destination vCPU threads, as the destination reported them.
+    pub destination_vcpus: Vec<Vec<usize>>,
 }

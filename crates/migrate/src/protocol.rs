@@ -164,6 +164,9 @@ pub struct Hello {
 pub struct Resumed {
     /// From `Done` received to vCPUs running, on the destination's clock.
     pub restore_ms: f64,
+    /// The CPUs each destination vCPU thread may run on.
+    #[serde(default)]
+    pub vcpu_cpus: Vec<Vec<usize>>,
 }
 
 /// Payload of an `Error` frame.
@@ -183,7 +186,7 @@ pub struct PageEntry {
 /// The table of a `Pages` frame: `u32` count, `u32` 0, then one `u64` per page
 /// (its page-aligned guest-physical address, bit 0 set for a zero page). The data
 /// of the non-zero pages follows the table, in table order, `PAGE_SIZE` bytes each
-/// (sent straight from guest memory, not copied into the table).
+/// (copied out of guest memory once, into the frame).
 pub fn encode_page_table(entries: &[PageEntry]) -> Vec<u8> {
     let mut t = Vec::with_capacity(8 + 8 * entries.len());
     t.extend_from_slice(&(entries.len() as u32).to_le_bytes());

@@ -8,7 +8,7 @@ use vmm::Instance;
 
 use crate::protocol::{encode_page_table, ErrorMsg, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
 use crate::transport::Transport;
-use crate::{Error, Params, Progress, Report, Result};
+use crate::{Error, Params, Placement, Progress, Report, Result};
 
 /// Pages per `Pages` frame (1 MiB of data at most).
 const BATCH_PAGES: usize = 256;
@@ -102,15 +102,17 @@ impl<'t> PageSender<'t> {
         if self.entries.is_empty() {
             return Ok(());
         }
-        let table = encode_page_table(&self.entries);
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(self.data.len() + 1);
-        parts.push(&table);
+        // The pages are copied out of guest memory once, into the frame: the frame's
+        // checksum must cover exactly the bytes sent, and a running guest may change
+        // a page between checksumming and writing it.
+        let mut payload = encode_page_table(&self.entries);
+        payload.reserve(self.data.len() * PAGE_SIZE);
         for &(p, n) in &self.data {
             // SAFETY: as in `push`: a page of guest memory that outlives this call.
-            parts.push(unsafe { std::slice::from_raw_parts(p, n) });
+            payload.extend_from_slice(unsafe { std::slice::from_raw_parts(p, n) });
         }
-        self.t.send(FrameKind::Pages, &parts)?;
-        let bytes = (table.len() + self.data.len() * PAGE_SIZE) as u64;
+        let bytes = payload.len() as u64;
+        self.t.send_owned(FrameKind::Pages, payload)?;
         self.pages_sent += self.entries.len() as u64;
         self.bytes_sent += bytes;
         if self.cap > 0.0 {
@@ -187,13 +189,18 @@ pub fn migrate_out(
     };
     update(&|p| p.phase = "connecting".into());
     let was_running = inst.run_state() == RunState::Running;
+    let source_vcpus = inst.vcpu_placement();
     let hello = Hello { cevm_version: env!("CARGO_PKG_VERSION").into(), config: inst.config().clone() };
     let hello = serde_json::to_vec(&hello).map_err(|e| Error::Decode(e.to_string()))?;
     t.send(FrameKind::Hello, &[&hello])?;
     expect(t, FrameKind::Ready, "Ready", params)?;
 
     inst.set_dirty_log(true)?;
-    let r = precopy_and_switch(inst, t, params, &update, t0, was_running);
+    let r = precopy_and_switch(inst, t, params, &update, t0, was_running).map(|mut r| {
+        r.placement.source_vcpus = source_vcpus;
+        r.placement.migration_thread = vmm::placement::affinity(vmm::placement::this_thread());
+        r
+    });
     // The source's log is of no more use, whatever happened (a later migration
     // starts a fresh one).
     let _ = inst.set_dirty_log(false);
@@ -372,6 +379,7 @@ fn precopy_and_switch(
         switch_pages: s.pages_sent - before_switch,
         max_throttle_pct: max_throttle,
         state_bytes,
+        placement: Placement { destination_vcpus: resumed.vcpu_cpus, ..Default::default() },
     })
 }
 

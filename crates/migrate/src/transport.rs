@@ -21,9 +21,14 @@ pub struct Frame {
 
 /// A bidirectional carrier of migration frames.
 pub trait Transport: Send {
-    /// Sends one frame whose payload is `parts`, in order (page data goes straight
-    /// from guest memory: stream transports write the parts with vectored writes).
+    /// Sends one frame whose payload is `parts`, in order (stream transports write
+    /// the parts with vectored writes, without gathering them first).
     fn send(&mut self, kind: FrameKind, parts: &[&[u8]]) -> Result<()>;
+    /// Sends one frame whose whole payload is `payload` (an in-process transport
+    /// moves it instead of copying).
+    fn send_owned(&mut self, kind: FrameKind, payload: Vec<u8>) -> Result<()> {
+        self.send(kind, &[&payload])
+    }
     /// Receives the next frame, checked; waits at most `timeout` (`None`: forever).
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame>;
     /// What the peer is, for messages.
@@ -137,6 +142,10 @@ pub fn channel_pair(depth: usize) -> (ChannelTransport, ChannelTransport) {
 impl Transport for ChannelTransport {
     fn send(&mut self, kind: FrameKind, parts: &[&[u8]]) -> Result<()> {
         let payload = parts.concat();
+        self.tx.send(Frame { kind, payload }).map_err(|_| Error::Closed { peer: self.name.into() })
+    }
+
+    fn send_owned(&mut self, kind: FrameKind, payload: Vec<u8>) -> Result<()> {
         self.tx.send(Frame { kind, payload }).map_err(|_| Error::Closed { peer: self.name.into() })
     }
 

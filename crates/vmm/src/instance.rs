@@ -500,6 +500,25 @@ impl Instance {
         Ok(())
     }
 
+    /// Places the vCPU threads: vCPU i on `cpus[i % len]` (one CPU each, so that
+    /// an instance's vCPUs do not fight over one core while others are free).
+    pub fn place_vcpus(&self, cpus: &[usize]) -> Result<()> {
+        if cpus.is_empty() {
+            return Ok(());
+        }
+        use std::os::unix::thread::JoinHandleExt;
+        for (i, t) in self.threads.iter().enumerate() {
+            crate::placement::set_affinity(t.handle.as_pthread_t(), &[cpus[i % cpus.len()]])?;
+        }
+        Ok(())
+    }
+
+    /// The CPUs each vCPU thread may run on, in vCPU order.
+    pub fn vcpu_placement(&self) -> Vec<Vec<usize>> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.threads.iter().map(|t| crate::placement::affinity(t.handle.as_pthread_t())).collect()
+    }
+
     /// Stops and joins every vCPU thread.
     pub fn shutdown(&mut self) {
         let _ = self.set_throttle(0);

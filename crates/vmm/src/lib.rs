@@ -12,6 +12,7 @@ pub mod instance;
 pub mod layout;
 pub mod linux;
 pub mod memory;
+pub mod placement;
 pub mod state;
 pub mod vcpu;
 
