@@ -144,8 +144,9 @@ fn write_paused(instance: &mut Instance, out: &Path, strategy: Strategy) -> Resu
     let memory = instance.memory();
     let extents = memory.data_extents();
     memory.prefault(&extents);
-    // SAFETY: the instance is paused (every vCPU stopped) and has no DMA-capable
-    // device, so nothing writes guest memory while the slices live.
+    // SAFETY: the instance is paused (every vCPU stopped), and its only device that
+    // writes guest memory (virtio-blk) does so from a vCPU thread serving a guest
+    // notification, so nothing writes guest memory while the slices live.
     let slices = unsafe { memory.slices() };
     let sources: Vec<MemorySource<'_>> = slices
         .iter()
