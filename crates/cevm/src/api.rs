@@ -60,9 +60,18 @@ pub struct MigrateRequest {
     pub dest_vcpu_cpus: Option<vmm::placement::CpuList>,
 }
 
-/// The progress of the running (or last) migration, shared with the API thread
-/// because the control loop is busy migrating while it is asked.
-pub type SharedProgress = std::sync::Arc<std::sync::Mutex<Option<migrate::Progress>>>;
+/// The progress of the running (or last) migration, which the engine updates and
+/// the API thread reads itself (the control loop is busy migrating while asked).
+/// An empty `phase`: no migration has run.
+pub type SharedProgress = std::sync::Arc<std::sync::Mutex<migrate::Progress>>;
+
+/// Where a migration goes: `None` for `local` (thread-based), else the endpoint.
+pub fn migration_target(to: &str) -> Result<Option<migrate::Endpoint>, String> {
+    if to == "local" {
+        return Ok(None);
+    }
+    to.parse().map(Some).map_err(|e| format!("{e} (or `local`)"))
+}
 
 fn default_strategy() -> String {
     "stop-and-save".into()
@@ -166,18 +175,18 @@ fn route(req: &mut tiny_http::Request, deliver: &Sender<(Request, Sender<Reply>)
             Err(e) => return error(400, format!("bad checkpoint request: {e}")),
         },
         (Put, "/v1/migrate") => match serde_json::from_str::<MigrateRequest>(&body) {
-            Ok(m) if m.to == "local" || m.to.parse::<migrate::Endpoint>().is_ok() => Request::Migrate(m),
-            Ok(m) => {
-                let why = m.to.parse::<migrate::Endpoint>().err().unwrap_or_default();
-                return error(400, format!("bad migration target: {why} (or `local`)"));
-            }
+            Ok(m) => match migration_target(&m.to) {
+                Ok(_) => Request::Migrate(m),
+                Err(why) => return error(400, format!("bad migration target: {why}")),
+            },
             Err(e) => return error(400, format!("bad migration request: {e}")),
         },
         (Get, "/v1/migration") => {
-            let p = progress.lock().map(|p| p.clone()).unwrap_or(None);
-            return match p {
-                Some(p) => (200, serde_json::to_value(p).unwrap_or_default()),
-                None => error(404, "no migration has run in this VMM"),
+            let p = progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            return if p.phase.is_empty() {
+                error(404, "no migration has run in this VMM")
+            } else {
+                (200, serde_json::to_value(p).unwrap_or_default())
             };
         }
         (

@@ -250,11 +250,9 @@ fn run(cmd: Cmd) -> i32 {
             migration_cpus,
             dest_vcpu_cpus,
         } => {
-            if to != "local" {
-                if let Err(e) = to.parse::<migrate::Endpoint>() {
-                    eprintln!("cevm: error: --to {e} (or `local`)");
-                    return USAGE;
-                }
+            if let Err(e) = api::migration_target(&to) {
+                eprintln!("cevm: error: --to {e}");
+                return USAGE;
             }
             let params = migrate::Params {
                 max_downtime_ms,

@@ -73,7 +73,7 @@ pub fn run(
 ) -> Result<Outcome, String> {
     let (tx, rx) = mpsc::channel::<Control>();
     forward_events(vm_events, tx.clone(), 0)?;
-    let progress: SharedProgress = Arc::new(Mutex::new(None));
+    let progress: SharedProgress = Arc::new(Mutex::new(migrate::Progress::default()));
     let _socket = SocketFile(api_sock.map(Path::to_path_buf));
     if let Some(path) = api_sock {
         let (req_tx, req_rx) = mpsc::channel::<(Request, Sender<Reply>)>();
@@ -150,10 +150,8 @@ pub fn run(
                 return Ok(Outcome::Quit);
             }
             Control::Api(Request::Migrate(req), reply) => {
-                *progress.lock().unwrap_or_else(|p| p.into_inner()) = Some(migrate::Progress::default());
-                let p = progress.clone();
-                let published = Mutex::new(migrate::Progress::default());
-                match migrate_request(&mut instance, &req, &published, &p, &tx, generation + 1) {
+                *progress.lock().unwrap_or_else(|p| p.into_inner()) = migrate::Progress::default();
+                match migrate_request(&mut instance, &req, &progress, &tx, generation + 1) {
                     Ok((report, None)) => {
                         eprintln!(
                             "cevm: guest migrated to {} (downtime {:.2} ms, {} rounds, {} MiB sent); this VMM ends",
@@ -174,11 +172,10 @@ pub fn run(
                             report.bytes_sent >> 20
                         );
                         // The old instance stays frozen until here; without a use for it
-                        // (the CEVM strategy writes its checkpoint from it) it goes.
-                        let mut old = std::mem::replace(&mut instance, new_instance);
+                        // (the CEVM strategy writes its checkpoint from it) it goes
+                        // (dropping it ends its vCPU threads).
+                        drop(std::mem::replace(&mut instance, new_instance));
                         generation += 1;
-                        old.shutdown();
-                        drop(old);
                         let _ = reply.send((200, serde_json::to_value(&report).unwrap_or_default()));
                     }
                     Err(e) => {
@@ -224,35 +221,26 @@ pub fn run(
     }
 }
 
-/// Runs one migration of `instance`. Thread-based (`local`): returns the new
-/// instance, running in this process, whose events go to `control` as generation
-/// `next_gen`. Process-based: returns no instance; the guest runs elsewhere.
+/// Runs one migration of `instance`, the engine publishing its progress in
+/// `progress`. Thread-based (`local`): returns the new instance, running in this
+/// process, whose events go to `control` as generation `next_gen`. Process-based:
+/// returns no instance; the guest runs elsewhere.
 fn migrate_request(
     instance: &mut Instance,
     req: &MigrateRequest,
     progress: &Mutex<migrate::Progress>,
-    shared: &SharedProgress,
     control: &Sender<Control>,
     next_gen: u64,
 ) -> Result<(migrate::Report, Option<Instance>), String> {
-    // Mirror the engine's progress into the API's copy while it runs.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let result = std::thread::scope(|scope| {
-        let (stop2, shared2) = (stop.clone(), shared.clone());
-        scope.spawn(move || {
-            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                if let (Ok(p), Ok(mut s)) = (progress.lock(), shared2.lock()) {
-                    *s = Some(p.clone());
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        });
-        let me = vmm::placement::this_thread();
-        let before = vmm::placement::affinity(me);
-        if let Some(c) = &req.migration_cpus {
-            vmm::placement::set_affinity(me, &c.0).map_err(|e| e.to_string())?;
-        }
-        let r = if req.to == "local" {
+    let target = api::migration_target(&req.to)?;
+    let me = vmm::placement::this_thread();
+    let before = vmm::placement::affinity(me);
+    if let Some(c) = &req.migration_cpus {
+        vmm::placement::set_affinity(me, &c.0).map_err(|e| e.to_string())?;
+    }
+    // Whatever happens, the control thread goes back to its CPUs afterwards.
+    let r = (|| match target {
+        None => {
             let (mut src, mut dst) = migrate::channel_pair(8);
             let (ev_tx, ev_rx) = mpsc::channel();
             let dest_cpus = req.dest_vcpu_cpus.clone().unwrap_or_default().0;
@@ -273,20 +261,14 @@ fn migrate_request(
                 (Err(e), _) => Err(e.to_string()),
                 (Ok(_), Err(e)) => Err(format!("the destination failed after the switch: {e}")),
             }
-        } else {
-            let endpoint: migrate::Endpoint = req.to.parse()?;
+        }
+        Some(endpoint) => {
             let mut t = endpoint.connect().map_err(|e| e.to_string())?;
             migrate::migrate_out(instance, t.as_mut(), &req.params, progress)
                 .map(|r| (r, None))
                 .map_err(|e| e.to_string())
-        };
-        // The control thread goes back to where it was allowed before.
-        let _ = vmm::placement::set_affinity(me, &before);
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        r
-    });
-    if let (Ok(p), Ok(mut s)) = (progress.lock(), shared.lock()) {
-        *s = Some(p.clone());
-    }
-    result
+        }
+    })();
+    let _ = vmm::placement::set_affinity(me, &before);
+    r
 }

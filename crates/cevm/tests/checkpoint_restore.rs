@@ -8,17 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use cevm::api;
-use cevm::child::{digest_of, CevmChild};
 use common::*;
 use serde_json::json;
-
-/// The digest an undisturbed run prints; the run must exit 0.
-fn digest_to_end(c: &mut CevmChild) -> String {
-    let line = c.wait_line(T, |l| digest_of(l).is_some()).unwrap_or_else(|| panic!("no digest; console: {:?}", c.seen));
-    let st = c.finish(T).expect("cevm did not exit");
-    assert!(st.success(), "cevm exited with {st:?}; console: {:?}", c.seen);
-    digest_of(&line).unwrap().to_string()
-}
 
 /// run -> checkpoint after round 2 -> SIGKILL -> restore: same digest as undisturbed.
 fn checkpoint_kill_restore(vcpus: u32) {

@@ -20,14 +20,6 @@ use serde_json::{json, Value};
 
 const ARGS: &str = "mib=1 rounds=6";
 
-/// The digest an undisturbed run prints; the run must exit 0.
-fn digest_to_end(c: &mut CevmChild) -> String {
-    let line = c.wait_line(T, |l| digest_of(l).is_some()).unwrap_or_else(|| panic!("no digest; console: {:?}", c.seen));
-    let st = c.finish(T).expect("cevm did not exit");
-    assert!(st.success(), "cevm exited with {st:?}; console: {:?}", c.seen);
-    digest_of(&line).unwrap().to_string()
-}
-
 fn reference_digest(vcpus: u32) -> String {
     digest_to_end(&mut run_guest("digest", ARGS, "32M", vcpus, None))
 }
@@ -72,9 +64,7 @@ fn process_based_migration_over_a_unix_socket_keeps_the_digest() {
     let mut dst = CevmChild::spawn(bin(), &["run", "--incoming", &to], None).unwrap();
     let mut src = run_guest("digest", ARGS, "32M", 2, Some(&sock));
     src.wait_line(T, |l| l == "round 2/6").expect("guest never reached round 2");
-    while !dst_sock.exists() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_file(&dst_sock);
     let report = migrate(&sock, &to, json!({})).unwrap();
     assert_eq!(report["to"], to.as_str(), "{report}");
     assert!(report["downtime_ms"].as_f64().unwrap() > 0.0, "{report}");
@@ -209,9 +199,7 @@ fn a_destination_killed_mid_migration_leaves_the_source_running_unharmed() {
     let mut dst = CevmChild::spawn(bin(), &["run", "--incoming", &to], None).unwrap();
     let mut src = run_guest("digest", ARGS, "32M", 1, Some(&sock));
     src.wait_line(T, |l| l == "round 1/6").expect("guest never reached round 1");
-    while !dst_sock.exists() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_file(&dst_sock);
     // At 1 MiB/s the first pass takes over a second: kill the destination in it.
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(400));
@@ -242,9 +230,7 @@ fn fake_source(name: &str, after_hello: Vec<u8>, hello_version: Option<u32>) -> 
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    while !dst_sock.exists() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_file(&dst_sock);
     let mut s = UnixStream::connect(&dst_sock).unwrap();
     let config = vmm::InstanceConfig {
         boot: vmm::Boot::Builtin { guest: "digest".into(), args: ARGS.into() },

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use vmm::vm_memory::{Bytes, GuestAddress};
 use vmm::{GuestMemory, Instance, InstanceState, VmEvent};
 
-use crate::protocol::{decode_pages, ErrorMsg, FrameKind, Hello, Resumed, PAGE_SIZE};
+use crate::protocol::{decode_pages, FrameKind, Hello, Resumed, PAGE_SIZE};
 use crate::source::DoneMsg;
-use crate::transport::Transport;
+use crate::transport::{send_error, Transport};
 use crate::{Error, Result};
 
 /// Writes one received page into the new instance's memory (bounds-checked by vm-memory).
@@ -40,10 +40,7 @@ pub fn migrate_in(
     if let Err(e) = &r {
         // Tell the source why, if it still listens (it then keeps the guest).
         if !matches!(e, Error::Peer { .. } | Error::Closed { .. }) {
-            let msg = ErrorMsg { error: format!("the destination refuses the migration: {e}") };
-            if let Ok(b) = serde_json::to_vec(&msg) {
-                let _ = t.send(FrameKind::Error, &[&b]);
-            }
+            send_error(t, format!("the destination refuses the migration: {e}"));
         }
     }
     r
@@ -58,7 +55,7 @@ fn receive(
     let f = t.recv(None)?;
     let hello: Hello = match f.kind {
         FrameKind::Hello => serde_json::from_slice(&f.payload).map_err(|e| Error::Decode(format!("Hello: {e}")))?,
-        FrameKind::Error => return Err(peer_error(t, &f.payload)),
+        FrameKind::Error => return Err(Error::from_error_frame(t.peer(), &f.payload)),
         got => return Err(Error::Unexpected { peer: t.peer(), got, expected: "Hello" }),
     };
     let config = hello.config.clone();
@@ -100,15 +97,8 @@ fn receive(
                 }
                 return Ok((inst, hello));
             }
-            FrameKind::Error => return Err(peer_error(t, &f.payload)),
+            FrameKind::Error => return Err(Error::from_error_frame(t.peer(), &f.payload)),
             got => return Err(Error::Unexpected { peer: t.peer(), got, expected: "Pages, State or Done" }),
         }
     }
-}
-
-fn peer_error(t: &dyn Transport, payload: &[u8]) -> Error {
-    let msg = serde_json::from_slice::<ErrorMsg>(payload)
-        .map(|m| m.error)
-        .unwrap_or_else(|_| String::from_utf8_lossy(payload).into_owned());
-    Error::Peer { peer: t.peer(), msg }
 }

@@ -61,6 +61,16 @@ pub enum Error {
     Decode(String),
 }
 
+impl Error {
+    /// The error a peer's `Error` frame carries (its text, if not the expected JSON).
+    pub(crate) fn from_error_frame(peer: String, payload: &[u8]) -> Self {
+        let msg = serde_json::from_slice::<protocol::ErrorMsg>(payload)
+            .map(|m| m.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(payload).into_owned());
+        Error::Peer { peer, msg }
+    }
+}
+
 /// Result of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use vmm::instance::RunState;
 use vmm::Instance;
 
-use crate::protocol::{encode_page_table, ErrorMsg, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
-use crate::transport::Transport;
+use crate::protocol::{encode_page_table, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
+use crate::transport::{send_error, Transport};
 use crate::{Error, Params, Placement, Progress, Report, Result};
 
 /// Pages per `Pages` frame (1 MiB of data at most).
@@ -156,14 +156,6 @@ fn push_dirty(s: &mut PageSender<'_>, ram: &[Ram], bitmaps: &[Vec<u64>]) -> Resu
     s.flush()
 }
 
-fn merge(into: &mut [Vec<u64>], from: Vec<Vec<u64>>) {
-    for (a, b) in into.iter_mut().zip(from) {
-        for (x, y) in a.iter_mut().zip(b) {
-            *x |= y;
-        }
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -207,10 +199,7 @@ pub fn migrate_out(
     match &r {
         Ok(_) => update(&|p| p.phase = "done".into()),
         Err(e) => {
-            let msg = ErrorMsg { error: format!("the source gives up: {e}") };
-            if let Ok(b) = serde_json::to_vec(&msg) {
-                let _ = t.send(FrameKind::Error, &[&b]);
-            }
+            send_error(t, format!("the source gives up: {e}"));
             update(&|p| p.phase = "failed".into());
         }
     }
@@ -237,7 +226,7 @@ fn precopy_and_switch(
     let pages_total = inst.memory().pages();
     let mut s = PageSender::new(t, params.max_bandwidth_mib_s);
     let mut rounds = 0u32;
-    let mut max_throttle = 0u32;
+    // Auto-converge only ever raises it, so its last value is its highest.
     let mut throttle = 0u32;
 
     // Round 0: every page that may hold data. The destination's memory starts
@@ -301,7 +290,6 @@ fn precopy_and_switch(
                     0 => THROTTLE_START,
                     p => (p + THROTTLE_STEP).min(THROTTLE_MAX),
                 };
-                max_throttle = max_throttle.max(throttle);
                 inst.set_throttle(throttle)?;
             }
             let before = s.bytes_sent;
@@ -323,7 +311,7 @@ fn precopy_and_switch(
     let before_switch = s.pages_sent;
     let sent = (|| -> Result<u64> {
         inst.pause()?;
-        merge(&mut pending, inst.harvest_dirty_pages()?);
+        vmm::memory::union_dirty(&mut pending, inst.harvest_dirty_pages()?);
         push_dirty(&mut s, &ram, &pending)?;
         // Every write the guest's disk completed reaches the image before the
         // destination opens it.
@@ -377,7 +365,7 @@ fn precopy_and_switch(
         zero_pages: s.zero_pages,
         bytes_sent: s.bytes_sent,
         switch_pages: s.pages_sent - before_switch,
-        max_throttle_pct: max_throttle,
+        max_throttle_pct: throttle,
         state_bytes,
         placement: Placement { destination_vcpus: resumed.vcpu_cpus, ..Default::default() },
     })
@@ -390,10 +378,7 @@ fn expect(t: &mut dyn Transport, kind: FrameKind, name: &'static str, params: &P
         return Ok(f.payload);
     }
     if f.kind == FrameKind::Error {
-        let msg = serde_json::from_slice::<ErrorMsg>(&f.payload)
-            .map(|m| m.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&f.payload).into_owned());
-        return Err(Error::Peer { peer: t.peer(), msg });
+        return Err(Error::from_error_frame(t.peer(), &f.payload));
     }
     Err(Error::Unexpected { peer: t.peer(), got: f.kind, expected: name })
 }

@@ -35,6 +35,15 @@ pub trait Transport: Send {
     fn peer(&self) -> String;
 }
 
+/// Tells the peer why this side gives up, in an `Error` frame. Best effort: the
+/// peer may already be gone, and the caller reports its own error either way.
+pub(crate) fn send_error(t: &mut dyn Transport, why: String) {
+    let msg = crate::protocol::ErrorMsg { error: why };
+    if let Ok(b) = serde_json::to_vec(&msg) {
+        let _ = t.send(FrameKind::Error, &[&b]);
+    }
+}
+
 /// Frames over a byte stream (unix socket, TCP).
 pub struct StreamTransport<S> {
     stream: S,

@@ -360,13 +360,9 @@ impl Instance {
     /// word j = page 64 j + i): the guest's writes (KVM's dirty log, which must be
     /// on) and the VMM's own (device DMA, virtqueue updates: vm-memory's bitmap).
     pub fn harvest_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
-        let mut kvm = self.memory.harvest_dirty_log(&self.vm)?;
-        for (k, v) in kvm.iter_mut().zip(self.memory.harvest_vmm_writes()) {
-            for (a, b) in k.iter_mut().zip(v) {
-                *a |= b;
-            }
-        }
-        Ok(kvm)
+        let mut dirty = self.memory.harvest_dirty_log(&self.vm)?;
+        crate::memory::union_dirty(&mut dirty, self.memory.harvest_vmm_writes());
+        Ok(dirty)
     }
 
     /// The run state.

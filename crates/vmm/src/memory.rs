@@ -259,6 +259,16 @@ impl GuestMemory {
     }
 }
 
+/// Adds the pages of `from` to `into`: both are per-range dirty bitmaps in the
+/// layout of [`GuestMemory::harvest_dirty_log`].
+pub fn union_dirty(into: &mut [Vec<u64>], from: Vec<Vec<u64>>) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= y;
+        }
+    }
+}
+
 /// The data extents of `file` within [start, start + len), relative to `start`.
 fn file_extents(file: &File, start: u64, len: u64) -> std::io::Result<Vec<Range<u64>>> {
     let fd = file.as_raw_fd();

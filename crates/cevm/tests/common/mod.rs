@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use cevm::api;
-use cevm::child::CevmChild;
+use cevm::child::{digest_of, CevmChild};
 use serde_json::{json, Value};
 
 /// Generous timeout for anything a guest does (these machines emulate guest code).
@@ -42,6 +42,24 @@ pub fn restore(dir: &Path, sock: Option<&Path>) -> CevmChild {
         a.extend(["--api-sock", s.to_str().unwrap()]);
     }
     CevmChild::spawn(bin(), &a, None).unwrap()
+}
+
+/// Reads a guest's console to its `digest=` line and returns the digest; the run
+/// must then exit 0.
+pub fn digest_to_end(c: &mut CevmChild) -> String {
+    let line = c.wait_line(T, |l| digest_of(l).is_some()).unwrap_or_else(|| panic!("no digest; console: {:?}", c.seen));
+    let st = c.finish(T).expect("cevm did not exit");
+    assert!(st.success(), "cevm exited with {st:?}; console: {:?}", c.seen);
+    digest_of(&line).unwrap().to_string()
+}
+
+/// Waits until `path` exists (a socket a child process is about to create).
+pub fn wait_for_file(path: &Path) {
+    let deadline = std::time::Instant::now() + T;
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A checkpoint through the API (`stop` leaves the VM stopped).
