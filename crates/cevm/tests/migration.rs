@@ -173,7 +173,8 @@ fn a_guest_dirtying_faster_than_the_link_fails_clearly_or_is_throttled_into_conv
     // (4096 pages/s): without throttling the pre-copy cannot converge.
     let mut vm = run_guest("dirtier", "mib=4 rate=0 seconds=25", "32M", 1, Some(&sock));
     vm.wait_line(T, |l| l.contains("t=1s")).expect("dirtier did not start");
-    let capped = json!({ "max_bandwidth_mib_s": 16.0, "auto_converge": false, "max_rounds": 4 });
+    let capped =
+        json!({ "max_bandwidth_mib_s": 16.0, "max_downtime_ms": 20.0, "auto_converge": false, "max_rounds": 4 });
     let e = migrate(&sock, "local", capped).unwrap_err().to_string();
     assert!(e.contains("did not converge after 4 rounds") && e.contains("the guest runs on here"), "{e}");
     // The guest ran on, unharmed.
@@ -182,7 +183,7 @@ fn a_guest_dirtying_faster_than_the_link_fails_clearly_or_is_throttled_into_conv
     let seen = vm.seen.len();
     vm.wait_line(T, |l| l.starts_with("dirtier: t=")).expect("the guest stopped after a failed migration");
     // Auto-converge throttles the vCPUs until the rest fits the downtime limit.
-    let report = migrate(&sock, "local", json!({ "max_bandwidth_mib_s": 16.0 })).unwrap();
+    let report = migrate(&sock, "local", json!({ "max_bandwidth_mib_s": 16.0, "max_downtime_ms": 20.0 })).unwrap();
     assert!(report["max_throttle_pct"].as_u64().unwrap() >= 20, "{report}");
     vm.wait_line(T, |l| l.starts_with("dirtier: done")).expect("the migrated guest did not finish");
     assert!(vm.finish(T).unwrap().success());

@@ -6,7 +6,7 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use vmm::vm_memory::{Bytes, GuestAddress};
-use vmm::{GuestMemory, Instance, InstanceState, VmEvent};
+use vmm::{GuestMemory, Instance, InstanceState, Shell, VmEvent};
 
 use crate::protocol::{decode_pages, FrameKind, Hello, Resumed, PAGE_SIZE};
 use crate::source::DoneMsg;
@@ -59,7 +59,10 @@ fn receive(
         got => return Err(Error::Unexpected { peer: t.peer(), got, expected: "Hello" }),
     };
     let config = hello.config.clone();
-    let memory = GuestMemory::new(config.mem_size, config.memory_backend)?;
+    // The KVM VM, its memory and vCPUs are made now, while the source still runs
+    // the guest, so that the switch only loads the state into them.
+    let shell = Shell::new(&config, None)?;
+    let memory = shell.memory();
     t.send(FrameKind::Ready, &[])?;
     let zero = [0u8; PAGE_SIZE];
     let mut state: Option<InstanceState> = None;
@@ -71,7 +74,7 @@ fn receive(
                 let mut pages = data.chunks_exact(PAGE_SIZE);
                 for e in entries {
                     let page = if e.zero { &zero[..] } else { pages.next().unwrap_or(&zero) };
-                    write_page(&memory, e.gpa, page)?;
+                    write_page(memory, e.gpa, page)?;
                 }
             }
             FrameKind::State => {
@@ -82,7 +85,7 @@ fn receive(
                 let done: DoneMsg =
                     serde_json::from_slice(&f.payload).map_err(|e| Error::Decode(format!("Done: {e}")))?;
                 let state = state.ok_or_else(|| Error::Decode("Done came before the instance state".into()))?;
-                let mut inst = Instance::restore_with_memory(config, &state, memory, console, events)?;
+                let mut inst = Instance::restore_into(shell, config, &state, console, events)?;
                 inst.start()?;
                 inst.place_vcpus(vcpu_cpus)?;
                 if !done.running {

@@ -78,7 +78,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
-    /// Switch once the remaining dirty pages are expected to move in this time.
+    /// Switch once the remaining dirty pages are expected to move in this time
+    /// (at the link rate measured in the last round). The switch also pauses the
+    /// vCPUs and moves their state, about 1 ms more here (see `cevm bench migrate`).
     pub max_downtime_ms: f64,
     /// Give up (the guest runs on at the source) after this many pre-copy rounds
     /// without reaching `max_downtime_ms`.
@@ -96,7 +98,7 @@ pub struct Params {
 impl Default for Params {
     fn default() -> Self {
         Params {
-            max_downtime_ms: 20.0,
+            max_downtime_ms: 1.0,
             max_rounds: 30,
             auto_converge: true,
             peer_timeout_s: 60.0,

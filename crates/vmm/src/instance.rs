@@ -119,6 +119,60 @@ pub enum RunState {
     Paused,
 }
 
+/// A KVM VM with its interrupt controllers, timer, memory and vCPUs (CPUID set),
+/// but no devices and no guest state yet: what takes time to make, and needs
+/// nothing from the guest's state. Becomes an [`Instance`] by
+/// [`Instance::restore_into`].
+pub struct Shell {
+    vm: VmFd,
+    memory: GuestMemory,
+    vcpus: Vec<Vcpu>,
+    // Declared last: the KVM system fd outlives the VM's.
+    kvm: Kvm,
+}
+
+impl Shell {
+    /// Makes the VM for `config`, on `memory` or on new zeroed memory.
+    pub fn new(config: &InstanceConfig, memory: Option<GuestMemory>) -> Result<Self> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(Error::Config(format!("{} vCPUs: between 1 and {MAX_VCPUS} are supported", config.vcpus)));
+        }
+        vcpu::install_kick_handler()?;
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm.create_irq_chip().map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        // The i8254 timer, in the kernel like the interrupt controllers (Linux uses it
+        // to calibrate); its speaker port is a dummy.
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+        let memory = match memory {
+            Some(m) => m,
+            None => GuestMemory::new(config.mem_size, config.memory_backend)?,
+        };
+        memory.register(&vm)?;
+        let cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut vcpus = Vec::new();
+        let mut msr_indices = Arc::new(Vec::new());
+        for id in 0..config.vcpus {
+            let fd = vm.create_vcpu(u64::from(id)).map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            fd.set_cpuid2(&vcpu_cpuid(&cpuid, id)?)
+                .map_err(|e| Error::Vcpu { id, msg: format!("KVM_SET_CPUID2: {e}") })?;
+            if id == 0 {
+                msr_indices = Arc::new(saveable_msrs(&kvm, &fd)?);
+            }
+            vcpus.push(Vcpu::new(id, fd, msr_indices.clone()));
+        }
+        Ok(Shell { vm, memory, vcpus, kvm })
+    }
+
+    /// The guest memory, to fill before the state is loaded.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+}
+
 /// One KVM VM and everything that belongs to it.
 pub struct Instance {
     config: InstanceConfig,
@@ -190,34 +244,36 @@ impl Instance {
         console: Box<dyn Write + Send>,
         events: Sender<VmEvent>,
     ) -> Result<Self> {
-        let memory = GuestMemory::new(config.mem_size, config.memory_backend)?;
-        Self::restore_with_memory(config, state, memory, console, events)
+        let shell = Shell::new(&config, None)?;
+        Self::restore_into(shell, config, state, console, events)
     }
 
-    /// A new instance in the saved `state`, on `memory` that already holds the
-    /// guest's RAM (a live migration's destination fills it before the state arrives).
-    pub fn restore_with_memory(
+    /// A new instance in the saved `state`, built on a [`Shell`] made earlier: a
+    /// live migration's destination makes the KVM VM, its memory and vCPUs while
+    /// the pages still arrive, and only loads the state here, during the switch.
+    pub fn restore_into(
+        shell: Shell,
         config: InstanceConfig,
         state: &InstanceState,
-        memory: GuestMemory,
         console: Box<dyn Write + Send>,
         events: Sender<VmEvent>,
     ) -> Result<Self> {
-        if state.vcpus.len() != config.vcpus as usize {
+        if state.vcpus.len() != config.vcpus as usize || shell.vcpus.len() != config.vcpus as usize {
             return Err(Error::Config(format!(
-                "the state has {} vCPUs, the configuration {}",
+                "the state has {} vCPUs, the configuration {}, the VM {}",
                 state.vcpus.len(),
-                config.vcpus
+                config.vcpus,
+                shell.vcpus.len()
             )));
         }
-        if memory.size() != config.mem_size {
+        if shell.memory.size() != config.mem_size {
             return Err(Error::Config(format!(
                 "the memory holds {} bytes, the configuration {}",
-                memory.size(),
+                shell.memory.size(),
                 config.mem_size
             )));
         }
-        let inst = Self::create(config, console, Some(&state.devices), Some(memory), events)?;
+        let inst = Self::create(config, console, Some(&state.devices), Some(shell), events)?;
         let vm = &inst.vm;
         for (chip, saved) in [&state.vm.pic_master, &state.vm.pic_slave, &state.vm.ioapic].into_iter().enumerate() {
             if saved.chip_id != chip as u32 {
@@ -238,32 +294,19 @@ impl Instance {
         Ok(inst)
     }
 
-    /// KVM VM, irqchip, memory, devices and vCPUs common to new and restored instances.
+    /// Devices on a [`Shell`] (made here if none is given): common to new and
+    /// restored instances.
     fn create(
         config: InstanceConfig,
         console: Box<dyn Write + Send>,
         devices: Option<&DeviceStates>,
-        memory: Option<GuestMemory>,
+        shell: Option<Shell>,
         events: Sender<VmEvent>,
     ) -> Result<Self> {
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(Error::Config(format!("{} vCPUs: between 1 and {MAX_VCPUS} are supported", config.vcpus)));
-        }
-        vcpu::install_kick_handler()?;
-        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
-        let vm = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
-        vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
-        vm.create_irq_chip().map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
-        // The i8254 timer, in the kernel like the interrupt controllers (Linux uses it
-        // to calibrate); its speaker port is a dummy.
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        vm.create_pit2(pit).map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
-        let memory = match memory {
-            Some(m) => m,
-            None => GuestMemory::new(config.mem_size, config.memory_backend)?,
+        let Shell { kvm, vm, memory, vcpus: idle_vcpus } = match shell {
+            Some(s) => s,
+            None => Shell::new(&config, None)?,
         };
-        memory.register(&vm)?;
-
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
         vm.register_irqfd(&irq, COM1_IRQ).map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
         let serial = match devices {
@@ -295,19 +338,6 @@ impl Instance {
             None => None,
         };
 
-        let cpuid =
-            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
-        let mut idle_vcpus = Vec::new();
-        let mut msr_indices = Arc::new(Vec::new());
-        for id in 0..config.vcpus {
-            let fd = vm.create_vcpu(u64::from(id)).map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-            fd.set_cpuid2(&vcpu_cpuid(&cpuid, id)?)
-                .map_err(|e| Error::Vcpu { id, msg: format!("KVM_SET_CPUID2: {e}") })?;
-            if id == 0 {
-                msr_indices = Arc::new(saveable_msrs(&kvm, &fd)?);
-            }
-            idle_vcpus.push(Vcpu::new(id, fd, msr_indices.clone()));
-        }
         Ok(Instance {
             config,
             vm,

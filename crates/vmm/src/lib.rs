@@ -16,7 +16,7 @@ pub mod placement;
 pub mod state;
 pub mod vcpu;
 
-pub use instance::{Boot, DiskConfig, Instance, InstanceConfig};
+pub use instance::{Boot, DiskConfig, Instance, InstanceConfig, Shell};
 pub use memory::{GuestMemory, MemoryBackend};
 pub use state::InstanceState;
 /// The vm-memory version this crate's memory types come from.
