@@ -241,26 +241,13 @@ fn migrate_request(
     // Whatever happens, the control thread goes back to its CPUs afterwards.
     let r = (|| match target {
         None => {
-            let (mut src, mut dst) = migrate::channel_pair(8);
             let (ev_tx, ev_rx) = mpsc::channel();
             let dest_cpus = req.dest_vcpu_cpus.clone().unwrap_or_default().0;
-            let dest = std::thread::Builder::new()
-                .name("migrate-dest".into())
-                .spawn(move || {
-                    migrate::migrate_in(&mut dst, Box::new(std::io::stdout()), ev_tx, &dest_cpus).map(|(i, _)| i)
-                })
-                .map_err(|e| format!("cannot start the destination thread: {e}"))?;
-            let report = migrate::migrate_out(instance, &mut src, &req.params, progress);
-            drop(src);
-            let new = dest.join().map_err(|_| "the destination thread panicked".to_string())?;
-            match (report, new) {
-                (Ok(report), Ok(new)) => {
-                    forward_events(ev_rx, control.clone(), next_gen)?;
-                    Ok((report, Some(new)))
-                }
-                (Err(e), _) => Err(e.to_string()),
-                (Ok(_), Err(e)) => Err(format!("the destination failed after the switch: {e}")),
-            }
+            let console = Box::new(std::io::stdout());
+            let (report, new) = migrate::migrate_local(instance, &req.params, progress, console, ev_tx, &dest_cpus)
+                .map_err(|e| e.to_string())?;
+            forward_events(ev_rx, control.clone(), next_gen)?;
+            Ok((report, Some(new)))
         }
         Some(endpoint) => {
             let mut t = endpoint.connect().map_err(|e| e.to_string())?;

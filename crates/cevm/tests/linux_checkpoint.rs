@@ -7,44 +7,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
-use common::linux::run_scenario_with_files;
-
-fn sh(cmd: &str, dir: &Path) -> String {
-    let o = Command::new("sh").arg("-c").arg(cmd).current_dir(dir).output().unwrap();
-    assert!(
-        o.status.success(),
-        "`{cmd}`: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use common::linux::{base_image, compute_steps, hash_chain_result, logged_steps, run_scenario_with_files, sh};
 
 const STEPS: u32 = 20;
-
-/// The result the guest's hash chain must reach (busybox md5sum = coreutils md5sum).
-fn expected_result() -> String {
-    let script = format!(
-        "h=start; i=1; while [ $i -le {STEPS} ]; do h=$(echo \"$h $i\" | md5sum | cut -c1-16); i=$((i + 1)); done; echo $h"
-    );
-    let o = Command::new("sh").arg("-c").arg(script).output().unwrap();
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-/// (step, uptime) of every "step" line with the given prefix.
-fn steps(out: &str, prefix: &str) -> Vec<(u32, f64)> {
-    out.lines()
-        .filter_map(|l| l.strip_prefix(prefix)?.strip_prefix("cevm-guest: step "))
-        .filter_map(|l| {
-            let step = l.split('/').next()?.parse().ok()?;
-            let up = l.split("up=").nth(1)?.trim().parse().ok()?;
-            Some((step, up))
-        })
-        .collect()
-}
 
 #[test]
 fn a_checkpointed_killed_and_restored_linux_guest_finishes_right() {
@@ -74,8 +39,7 @@ sed 's/^/run2: /' /tmp/run2.txt
 "#
     );
     let dir = common::workdir("ckpt-host");
-    sh("truncate -s 64M b.raw && mkfs.ext4 -q -F b.raw && qemu-img convert -f raw -O qcow2 b.raw base.qcow2 && rm b.raw", &dir);
-    let base = dir.join("base.qcow2");
+    let base = base_image(&dir);
     let (status, out, work) = run_scenario_with_files("checkpoint", &scenario, 1, std::slice::from_ref(&base));
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("cevm-scenario: checkpoint exit=0"), "{out}");
@@ -87,13 +51,13 @@ sed 's/^/run2: /' /tmp/run2.txt
         .lines()
         .find_map(|l| l.strip_prefix("run2: cevm-guest: result "))
         .unwrap_or_else(|| panic!("the restored guest printed no result: {out}"));
-    assert_eq!(result.trim(), expected_result());
+    assert_eq!(result.trim(), hash_chain_result(STEPS));
     assert!(out.contains("run2: cevm: guest powered off"), "{out}");
 
     // The restored guest continues after the checkpoint (no step is redone from
     // scratch) and its clock runs on from where it was: uptimes keep increasing.
-    let before = steps(&out, "run1: ");
-    let after = steps(&out, "run2: ");
+    let before = compute_steps(&out, "run1: ");
+    let after = compute_steps(&out, "run2: ");
     assert!(before.iter().any(|s| s.0 == 8), "{out}");
     let first_after = after.first().unwrap_or_else(|| panic!("no steps after restore: {out}"));
     assert!(first_after.0 > 8 && first_after.0 <= before.last().unwrap().0 + 1, "{before:?} {after:?}");
@@ -110,10 +74,7 @@ sed 's/^/run2: /' /tmp/run2.txt
     let (b, d) = (base.display(), disk.display());
     sh(&format!("qemu-img rebase -u -b {b} -F qcow2 {d} && qemu-img check -q {d}"), &dir);
     sh(&format!("qemu-img convert -O raw {d} restored.raw && e2fsck -n -f restored.raw"), &dir);
-    let log = sh("debugfs -R 'cat /log.txt' restored.raw 2>/dev/null", &dir);
-    let logged: Vec<u32> =
-        log.lines().filter_map(|l| l.strip_prefix("step ")?.split(' ').next()?.parse().ok()).collect();
-    assert_eq!(logged, (1..=STEPS).collect::<Vec<_>>(), "{log}");
+    assert_eq!(logged_steps("restored.raw", &dir), (1..=STEPS).collect::<Vec<_>>());
     let _ = std::fs::remove_dir_all(&work);
     let _ = std::fs::remove_dir_all(&dir);
 }

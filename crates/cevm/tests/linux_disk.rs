@@ -4,27 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use common::linux::run_scenario_with_files;
-
-fn sh(cmd: &str, dir: &Path) -> String {
-    let o = Command::new("sh").arg("-c").arg(cmd).current_dir(dir).output().unwrap();
-    assert!(
-        o.status.success(),
-        "`{cmd}`: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// A 64 MiB ext4 file system as a qcow2 base image, made with the host's tools.
-fn base_image(dir: &Path) -> PathBuf {
-    sh("truncate -s 64M base.raw && mkfs.ext4 -q -F base.raw && qemu-img convert -f raw -O qcow2 base.raw base.qcow2 && rm base.raw", dir);
-    dir.join("base.qcow2")
-}
+use common::linux::{base_image, run_scenario_with_files, sh};
 
 #[test]
 fn guest_files_on_a_qcow2_overlay_survive_a_reboot_and_read_from_outside() {

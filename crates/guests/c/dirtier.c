@@ -5,7 +5,10 @@
  * fast as the vCPU goes), and prints the pages/s achieved each second.
  *
  * args: mib=<working set, default 16> rate=<pages/s, default 0> seconds=<default 10, 0 = forever>
- * prints: "dirtier: ..." header, "dirtier: t=<s>s pages/s=<n> total=<n>" each second,
+ *       fill=1: first write every page of the working set once, as fast as it goes
+ *       idle=1: after the fill, halt for good (an idle guest whose memory holds data)
+ * prints: "dirtier: ..." header, "dirtier: filled pages=<n>" after a fill,
+ *         "dirtier: t=<s>s pages/s=<n> total=<n>" each second,
  *         "dirtier: done pages=<n>" at the end; exits 0 (1 on bad arguments). */
 #include "cevm_guest.h"
 
@@ -38,6 +41,16 @@ void guest_main(struct boot_info *bi, u64 cpu)
     if (tsc_hz == 0) {
         puts("dirtier: TSC frequency unknown\n");
         guest_exit(1);
+    }
+
+    if (arg_u64(bi, "fill", 0) || arg_u64(bi, "idle", 0)) {
+        for (u64 p = 0; p < pages; p++)
+            *(volatile u64 *)(area + p * PAGE) = p + 1;
+        puts("dirtier: filled pages=");
+        put_dec(pages);
+        puts("\n");
+        if (arg_u64(bi, "idle", 0))
+            park();
     }
 
     u64 t0 = rdtsc();

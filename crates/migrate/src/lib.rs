@@ -10,6 +10,7 @@
 //! and intact after the switch (the CEVM strategy writes its checkpoint from it).
 
 pub mod dest;
+pub mod local;
 pub mod protocol;
 pub mod source;
 pub mod transport;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use dest::migrate_in;
+pub use local::migrate_local;
 pub use source::migrate_out;
 pub use transport::{channel_pair, Endpoint, Listener, Transport};
 

@@ -79,3 +79,50 @@ pub fn run_scenario_with_files(name: &str, scenario: &str, npt: u8, inputs: &[Pa
     let _ = std::fs::remove_dir_all(&datadir);
     (out.status.code().unwrap_or(-1), text, dir)
 }
+
+/// Runs `cmd` with `sh -c` in `dir`; panics with its output if it fails.
+pub fn sh(cmd: &str, dir: &Path) -> String {
+    let o = Command::new("sh").arg("-c").arg(cmd).current_dir(dir).output().unwrap();
+    assert!(
+        o.status.success(),
+        "`{cmd}`: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A 64 MiB ext4 file system as a qcow2 base image in `dir`, made with the host's tools.
+pub fn base_image(dir: &Path) -> PathBuf {
+    sh("truncate -s 64M base.raw && mkfs.ext4 -q -F base.raw && qemu-img convert -f raw -O qcow2 base.raw base.qcow2 && rm base.raw", dir);
+    dir.join("base.qcow2")
+}
+
+/// The result the guest's `cevm.test=compute` hash chain reaches after `steps`
+/// steps, computed here (busybox md5sum = coreutils md5sum).
+pub fn hash_chain_result(steps: u32) -> String {
+    let script = format!(
+        "h=start; i=1; while [ $i -le {steps} ]; do h=$(echo \"$h $i\" | md5sum | cut -c1-16); i=$((i + 1)); done; echo $h"
+    );
+    let o = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// (step, uptime) of every compute "step" line of `out` with the given prefix.
+pub fn compute_steps(out: &str, prefix: &str) -> Vec<(u32, f64)> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix(prefix)?.strip_prefix("cevm-guest: step "))
+        .filter_map(|l| {
+            let step = l.split('/').next()?.parse().ok()?;
+            let up = l.split("up=").nth(1)?.trim().parse().ok()?;
+            Some((step, up))
+        })
+        .collect()
+}
+
+/// The step numbers the compute test logged in /log.txt of the ext4 image
+/// `raw` (relative to `dir`), read with debugfs.
+pub fn logged_steps(raw: &str, dir: &Path) -> Vec<u32> {
+    let log = sh(&format!("debugfs -R 'cat /log.txt' {raw} 2>/dev/null"), dir);
+    log.lines().filter_map(|l| l.strip_prefix("step ")?.split(' ').next()?.parse().ok()).collect()
+}
