@@ -12,6 +12,8 @@ use vmm::{Boot, Instance, InstanceConfig, MemoryBackend};
 
 use crate::size::parse_size;
 
+mod migrate;
+
 /// The benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -34,6 +36,36 @@ pub enum BenchCmd {
         #[arg(long, default_value = "shared")]
         memory_backend: MemoryBackend,
     },
+    /// Live migration of a guest whose memory all holds data, idle or dirtying at
+    /// set rates, thread- and process-based: downtime, total time, bytes, rounds.
+    Migrate {
+        /// Guest memory sizes, comma-separated.
+        #[arg(long, default_value = "256M,1G", value_delimiter = ',', value_parser = parse_size)]
+        sizes: Vec<u64>,
+        /// Dirty rates, comma-separated: idle, pages per second, or max (as fast as
+        /// the vCPU writes).
+        #[arg(long, default_value = "idle,10000,50000,max", value_delimiter = ',')]
+        rates: Vec<migrate::Rate>,
+        /// Where the destination runs: thread (in this process), process (over a
+        /// unix socket).
+        #[arg(long, default_value = "thread,process", value_delimiter = ',')]
+        modes: Vec<migrate::Mode>,
+        /// Migrations per case (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Switch once the last dirty pages are expected to move in this time.
+        #[arg(long, default_value_t = ::migrate::Params::default().max_downtime_ms)]
+        max_downtime_ms: f64,
+        /// Do not throttle the vCPUs when the guest outruns the copy.
+        #[arg(long)]
+        no_auto_converge: bool,
+        /// Directory for the destinations' sockets.
+        #[arg(long, default_value = "bench-work")]
+        dir: PathBuf,
+        /// Also write every report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 /// Runs one benchmark.
@@ -41,6 +73,11 @@ pub fn run(cmd: BenchCmd) -> Result<(), String> {
     match cmd {
         BenchCmd::StopAndSave { sizes, runs, dir, json, memory_backend } => {
             stop_and_save(&sizes, runs.max(1), &dir, json.as_deref(), memory_backend)
+        }
+        BenchCmd::Migrate { sizes, rates, modes, runs, max_downtime_ms, no_auto_converge, dir, json } => {
+            let params =
+                ::migrate::Params { max_downtime_ms, auto_converge: !no_auto_converge, ..::migrate::Params::default() };
+            migrate::run(&migrate::Options { sizes, rates, modes, runs: runs.max(1), params, dir, json })
         }
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use cevm::api;
 use cevm::child::{digest_of, CevmChild};
 use common::*;
-use migrate::protocol::{encode_header, encode_page_table, FrameKind, Hello, PageEntry, HEADER_LEN};
+use migrate::protocol::{encode_header, encode_page_table, FrameKind, Hello, PageEntry, HEADER_LEN, PROTOCOL_VERSION};
 use serde_json::{json, Value};
 
 const ARGS: &str = "mib=1 rounds=6";
@@ -280,7 +280,8 @@ fn the_destination_refuses_a_corrupted_frame_a_partial_state_and_another_version
     // A source of another protocol version.
     let (code, out) = fake_source("mig-version", Vec::new(), Some(99));
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("version 99") && out.contains("this cevm speaks version 1"), "{out}");
+    let ours = format!("this cevm speaks version {PROTOCOL_VERSION}");
+    assert!(out.contains("version 99") && out.contains(&ours), "{out}");
     assert!(!out.contains("panicked"), "{out}");
 }
 
@@ -306,7 +307,8 @@ fn a_source_meeting_another_protocol_version_keeps_its_guest() {
     src.wait_line(T, |l| l == "round 2/6").expect("guest never reached round 2");
     let e = migrate(&sock, &format!("unix:{}", fake.display()), json!({})).unwrap_err().to_string();
     peer.join().unwrap();
-    assert!(e.contains("protocol version 99") && e.contains("this cevm speaks version 1"), "{e}");
+    let ours = format!("this cevm speaks version {PROTOCOL_VERSION}");
+    assert!(e.contains("protocol version 99") && e.contains(&ours), "{e}");
     assert_eq!(digest_to_end(&mut src), reference_digest(1));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -77,6 +77,7 @@ fn receive(
                     write_page(memory, e.gpa, page)?;
                 }
             }
+            FrameKind::Sync => t.send(FrameKind::Synced, &[])?,
             FrameKind::State => {
                 state = Some(serde_json::from_slice(&f.payload).map_err(|e| Error::Decode(format!("State: {e}")))?);
             }
@@ -101,7 +102,7 @@ fn receive(
                 return Ok((inst, hello));
             }
             FrameKind::Error => return Err(Error::from_error_frame(t.peer(), &f.payload)),
-            got => return Err(Error::Unexpected { peer: t.peer(), got, expected: "Pages, State or Done" }),
+            got => return Err(Error::Unexpected { peer: t.peer(), got, expected: "Pages, Sync, State or Done" }),
         }
     }
 }

@@ -15,14 +15,14 @@
 //! ```
 //!
 //! A session: source `Hello` → destination `Ready` (it could set up memory) →
-//! source `Pages`... (pre-copy rounds) → the switch: last `Pages`, `State`, `Done`
-//! → destination `Resumed` once its vCPUs run. Either side may send `Error`
+//! source `Pages`... (pre-copy rounds, each closed by `Sync` → `Synced`) → the
+//! switch: last `Pages`, `State`, `Done` → destination `Resumed` once its vCPUs run. Either side may send `Error`
 //! instead and end the session.
 
 use serde::{Deserialize, Serialize};
 
 /// Version of the migration stream. A peer speaking another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"CVMG";
 /// Bytes of a frame header.
@@ -51,6 +51,10 @@ pub enum FrameKind {
     Resumed = 6,
     /// Either way: the sender gives up; the payload says why ([`ErrorMsg`]).
     Error = 7,
+    /// Source → destination: answer `Synced` once every earlier frame is in memory.
+    Sync = 8,
+    /// Destination → source: every frame before the `Sync` is in memory.
+    Synced = 9,
 }
 
 impl FrameKind {
@@ -63,6 +67,8 @@ impl FrameKind {
             5 => FrameKind::Done,
             6 => FrameKind::Resumed,
             7 => FrameKind::Error,
+            8 => FrameKind::Sync,
+            9 => FrameKind::Synced,
             _ => return None,
         })
     }

@@ -98,6 +98,15 @@ impl<'t> PageSender<'t> {
         Ok(())
     }
 
+    /// Waits until the destination has put every page sent so far into its
+    /// memory. A round then ends when its pages are really there: the link rate
+    /// it measures includes the destination's work, and the switch does not
+    /// wait behind pages still queued from the last round.
+    fn sync(&mut self, params: &Params) -> Result<()> {
+        self.t.send(FrameKind::Sync, &[])?;
+        expect(self.t, FrameKind::Synced, "Synced", params).map(|_| ())
+    }
+
     fn flush(&mut self) -> Result<()> {
         if self.entries.is_empty() {
             return Ok(());
@@ -249,6 +258,7 @@ fn precopy_and_switch(
             }
         }
         s.flush()?;
+        s.sync(params)?;
         let mut sent_in_round = s.bytes_sent;
         let mut round_time = last_harvest.elapsed();
         rounds = 1;
@@ -295,6 +305,7 @@ fn precopy_and_switch(
             let before = s.bytes_sent;
             let start = Instant::now();
             push_dirty(&mut s, &ram, &dirty)?;
+            s.sync(params)?;
             sent_in_round = s.bytes_sent - before;
             round_time = start.elapsed();
             rounds += 1;

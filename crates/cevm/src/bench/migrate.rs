@@ -1,0 +1,253 @@
+//! `cevm bench migrate`: live migration of a guest whose whole memory holds data,
+//! idle or dirtying at set rates, thread-based and process-based; downtime, total
+//! time, bytes and rounds, median of several runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vmm::{Boot, Instance, InstanceConfig, MemoryBackend};
+
+use super::{median_min_max, LineSink};
+
+/// How fast the guest dirties its memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rate {
+    /// Memory filled with data, then the vCPU halts.
+    Idle,
+    /// This many pages per second, one write per page, across the whole memory.
+    PagesPerS(u64),
+    /// As fast as the vCPU writes.
+    Max,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "idle" => Ok(Rate::Idle),
+            "max" => Ok(Rate::Max),
+            n => n
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(Rate::PagesPerS)
+                .ok_or_else(|| format!("`{s}`: a rate is idle, max or pages per second (a positive number)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rate::Idle => write!(f, "idle"),
+            Rate::PagesPerS(n) => write!(f, "{n} pages/s"),
+            Rate::Max => write!(f, "max"),
+        }
+    }
+}
+
+/// Where the destination runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// A new instance in this process (in-process channel).
+    Thread,
+    /// A `cevm run --incoming` process, over a unix socket.
+    Process,
+}
+
+/// What `cevm bench migrate` measures.
+pub struct Options {
+    pub sizes: Vec<u64>,
+    pub rates: Vec<Rate>,
+    pub modes: Vec<Mode>,
+    pub runs: usize,
+    pub params: migrate::Params,
+    pub dir: PathBuf,
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Case {
+    mem_size: u64,
+    rate: Rate,
+    mode: Mode,
+    /// What the dirtier reported in the second before the first migration.
+    measured_pages_per_s: u64,
+    reports: Vec<migrate::Report>,
+}
+
+/// Waits for a console line for which `pred` holds; returns it.
+fn wait_line(lines: &Receiver<String>, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).map_err(|_| "the guest did not print what was expected in time")?;
+        if pred(&line) {
+            return Ok(line);
+        }
+    }
+}
+
+/// Migrates `inst` once to a fresh destination of `mode`, then drops the
+/// destination and lets `inst` run on, so that every run starts from the same
+/// running guest.
+fn migrate_once(
+    inst: &mut Instance,
+    mode: Mode,
+    params: &migrate::Params,
+    dir: &Path,
+    n: usize,
+) -> Result<migrate::Report, String> {
+    let progress = Mutex::new(migrate::Progress::default());
+    let report = match mode {
+        Mode::Thread => {
+            let (ev_tx, _events) = mpsc::channel();
+            let console = Box::new(std::io::sink());
+            let (report, dest) = migrate::migrate_local(inst, params, &progress, console, ev_tx, &[])
+                .map_err(|e| format!("thread-based migration: {e}"))?;
+            drop(dest);
+            report
+        }
+        Mode::Process => {
+            let sock = dir.join(format!("dst-{}-{n}.sock", std::process::id()));
+            let to = format!("unix:{}", sock.display());
+            let exe = std::env::current_exe().map_err(|e| format!("cannot find the cevm binary: {e}"))?;
+            let mut child = std::process::Command::new(exe)
+                .args(["run", "--incoming", &to])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start the destination process: {e}"))?;
+            let r = (|| {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !sock.exists() {
+                    if Instant::now() > deadline {
+                        return Err("the destination process did not listen within 30 s".to_string());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let endpoint: migrate::Endpoint = to.parse()?;
+                let mut t = endpoint.connect().map_err(|e| e.to_string())?;
+                migrate::migrate_out(inst, t.as_mut(), params, &progress).map_err(|e| format!("migration to {to}: {e}"))
+            })();
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(&sock);
+            r?
+        }
+    };
+    // The benchmark's own choice: the source, frozen at the switch, runs on (the
+    // destination's copy is gone), so the next run migrates the same guest.
+    inst.resume().map_err(|e| e.to_string())?;
+    Ok(report)
+}
+
+pub fn run(o: &Options) -> Result<(), String> {
+    std::fs::create_dir_all(&o.dir).map_err(|e| format!("{}: {e}", o.dir.display()))?;
+    println!(
+        "migration benchmark: {} runs per case, max downtime {} ms (pages), auto-converge {}",
+        o.runs,
+        o.params.max_downtime_ms,
+        if o.params.auto_converge { "on" } else { "off" }
+    );
+    println!(
+        "guest: the dirtier on 1 vCPU; every page of memory but the guest's own 8 MiB written before the first run"
+    );
+    let mut cases = Vec::new();
+    for &mem in &o.sizes {
+        let ws_mib = (mem >> 20).saturating_sub(8);
+        for &rate in &o.rates {
+            let args = match rate {
+                Rate::Idle => format!("mib={ws_mib} idle=1"),
+                Rate::PagesPerS(r) => format!("mib={ws_mib} fill=1 rate={r} seconds=0"),
+                Rate::Max => format!("mib={ws_mib} fill=1 rate=0 seconds=0"),
+            };
+            let config = InstanceConfig {
+                boot: Boot::Builtin { guest: "dirtier".into(), args },
+                mem_size: mem,
+                vcpus: 1,
+                memory_backend: MemoryBackend::Shared,
+                disk: None,
+            };
+            let (line_tx, lines) = mpsc::channel();
+            let (ev_tx, _events) = mpsc::channel();
+            let mut inst = Instance::new(config, Box::new(LineSink { buf: Vec::new(), tx: line_tx }), ev_tx)
+                .map_err(|e| e.to_string())?;
+            inst.start().map_err(|e| e.to_string())?;
+            wait_line(&lines, Duration::from_secs(600), |l| l.starts_with("dirtier: filled"))?;
+            let mut measured = 0;
+            if rate != Rate::Idle {
+                // A whole second at the set rate, to migrate a guest in its steady state.
+                let l = wait_line(&lines, Duration::from_secs(30), |l| l.starts_with("dirtier: t="))?;
+                let l = wait_line(&lines, Duration::from_secs(30), |l| l.starts_with("dirtier: t=")).unwrap_or(l);
+                measured = l.split("pages/s=").nth(1).and_then(|s| s.split(' ').next()?.parse().ok()).unwrap_or(0);
+            }
+            for &mode in &o.modes {
+                let mut reports = Vec::new();
+                for n in 0..o.runs {
+                    std::thread::sleep(Duration::from_millis(300));
+                    let r = migrate_once(&mut inst, mode, &o.params, &o.dir, n)?;
+                    println!(
+                        "  {:>5} MiB {:>13} {:>7} run {}: downtime {:.2} ms (restore {:.2}), total {:.0} ms, {:.0} MiB, {} rounds, throttle {} %",
+                        mem >> 20,
+                        rate.to_string(),
+                        format!("{mode:?}").to_lowercase(),
+                        n + 1,
+                        r.downtime_ms,
+                        r.dest_restore_ms,
+                        r.total_ms,
+                        r.bytes_sent as f64 / (1 << 20) as f64,
+                        r.rounds,
+                        r.max_throttle_pct
+                    );
+                    reports.push(r);
+                }
+                cases.push(Case { mem_size: mem, rate, mode, measured_pages_per_s: measured, reports });
+            }
+            inst.shutdown();
+            // Whatever the guest printed meanwhile is of no more use.
+            while lines.try_recv().is_ok() {}
+        }
+    }
+
+    println!();
+    println!("| guest | dirty rate (measured pages/s) | mode | downtime ms | of it, destination restore ms | total ms | MiB sent | rounds | max throttle % |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for c in &cases {
+        let f = |get: fn(&migrate::Report) -> f64| {
+            let v: Vec<f64> = c.reports.iter().map(get).collect();
+            median_min_max(&v)
+        };
+        let (d, dmin, dmax) = f(|r| r.downtime_ms);
+        let (t, tmin, tmax) = f(|r| r.total_ms);
+        println!(
+            "| {} MiB | {} ({}) | {} | {:.2} ({:.2}-{:.2}) | {:.2} | {:.0} ({:.0}-{:.0}) | {:.0} | {:.0} | {:.0} |",
+            c.mem_size >> 20,
+            c.rate,
+            c.measured_pages_per_s,
+            format!("{:?}", c.mode).to_lowercase(),
+            d,
+            dmin,
+            dmax,
+            f(|r| r.dest_restore_ms).0,
+            t,
+            tmin,
+            tmax,
+            f(|r| r.bytes_sent as f64 / (1 << 20) as f64).0,
+            f(|r| r.rounds as f64).0,
+            f(|r| r.max_throttle_pct as f64).0,
+        );
+    }
+    println!("(medians of {} runs, min-max in parentheses; downtime: from pausing the source's vCPUs to the destination's answer that its vCPUs run)", o.runs);
+    if let Some(p) = &o.json {
+        let text = serde_json::to_string_pretty(&cases).map_err(|e| e.to_string())?;
+        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
