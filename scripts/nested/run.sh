@@ -9,18 +9,21 @@
 # is copied to the --out directory (through a transfer disk).
 #
 # usage: scripts/nested/run.sh SCENARIO.sh [--cevm PATH] [--npt 0|1] [--timeout SECONDS]
-#                              [--verbose] [--in FILE]... [--out DIR]
+#                              [--verbose] [--with-qemu] [--in FILE]... [--out DIR]
+# --with-qemu puts this machine's qemu-system-x86_64 (and its firmware) into L1
+# too, for benchmarks that compare with QEMU on the same nested /dev/kvm.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 top="$(cd "$here/../.." && pwd)"
 scenario="$1"; shift
-cevm="$top/target/release/cevm"; npt=1; timeout=900; l1_quiet=quiet; inputs=(); outdir=
+cevm="$top/target/release/cevm"; npt=1; timeout=900; l1_quiet=quiet; inputs=(); outdir=; with_qemu=0
 while [ $# -gt 0 ]; do
     case "$1" in
     --cevm) cevm="$2"; shift 2 ;;
     --npt) npt="$2"; shift 2 ;;
     --timeout) timeout="$2"; shift 2 ;;
     --verbose) l1_quiet="loglevel=7"; shift ;;
+    --with-qemu) with_qemu=1; shift ;;
     --in) inputs+=("$2"); shift 2 ;;
     --out) outdir="$2"; shift 2 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
@@ -37,8 +40,18 @@ cp /bin/busybox "$root/bin/busybox"
 cp "$here/l1-init" "$root/init"
 cp "$scenario" "$root/scenario.sh"
 cp "$cevm" "$root/bin/cevm"
-# cevm's shared libraries, at the paths the dynamic loader looks for them.
-for lib in $(ldd "$cevm" | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do
+bins=("$cevm")
+if [ "$with_qemu" = 1 ]; then
+    qemu=$(command -v qemu-system-x86_64) || { echo "run.sh: --with-qemu: qemu-system-x86_64 is not installed (scripts/setup.sh --tests)" >&2; exit 2; }
+    # At its host path: QEMU finds its firmware relative to its own location.
+    mkdir -p "$root/usr/bin"
+    cp "$qemu" "$root/usr/bin/qemu-system-x86_64"
+    bins+=("$qemu")
+    mkdir -p "$root/usr/share"
+    cp -rL /usr/share/qemu /usr/share/seabios "$root/usr/share/"
+fi
+# The shared libraries, at the paths the dynamic loader looks for them.
+for lib in $(for b in "${bins[@]}"; do ldd "$b"; done | awk '/=>/ {print $3} /ld-linux/ {print $1}' | sort -u); do
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
 done

@@ -12,7 +12,9 @@ use vmm::{Boot, Instance, InstanceConfig, MemoryBackend};
 
 use crate::size::parse_size;
 
+mod linux;
 mod migrate;
+mod qemu;
 
 /// The benchmarks.
 #[derive(Subcommand)]
@@ -59,10 +61,55 @@ pub enum BenchCmd {
         /// Do not throttle the vCPUs when the guest outruns the copy.
         #[arg(long)]
         no_auto_converge: bool,
+        /// Dirty tracking, comma-separated: 0 for KVM's dirty bitmap log, else
+        /// KVM's dirty ring with that many entries per vCPU.
+        #[arg(long, default_value = "0", value_delimiter = ',')]
+        dirty_ring: Vec<u32>,
         /// Directory for the destinations' sockets.
         #[arg(long, default_value = "bench-work")]
         dir: PathBuf,
         /// Also write every report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Live migration of a Linux guest, idle or dirtying, by cevm (thread- and
+    /// process-based) and, with --qemu, by QEMU over QMP in the same run.
+    MigrateLinux {
+        /// Linux kernel (bzImage).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Initramfs built by scripts/nested/guest-initrd.sh (its init knows the workloads).
+        #[arg(long)]
+        initrd: PathBuf,
+        /// Guest memory.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        mem: u64,
+        /// MiB of guest memory the guest fills with data after boot.
+        #[arg(long, default_value_t = 64)]
+        fill_mib: u64,
+        /// MiB the dirty workload keeps rewriting.
+        #[arg(long, default_value_t = 32)]
+        dirty_mib: u64,
+        /// Workloads, comma-separated: idle, dirty.
+        #[arg(long, default_value = "idle,dirty", value_delimiter = ',')]
+        workloads: Vec<linux::Workload>,
+        /// cevm modes, comma-separated: thread, process.
+        #[arg(long, default_value = "thread,process", value_delimiter = ',')]
+        modes: Vec<migrate::Mode>,
+        /// QEMU binary to compare with (e.g. qemu-system-x86_64).
+        #[arg(long)]
+        qemu: Option<String>,
+        /// Migrations per case (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Switch once the last dirty pages are expected to move in this time
+        /// (QEMU's downtime-limit is set to it, rounded up to whole ms).
+        #[arg(long, default_value_t = ::migrate::Params::default().max_downtime_ms)]
+        max_downtime_ms: f64,
+        /// Directory for sockets and QEMU's console files.
+        #[arg(long, default_value = "bench-work")]
+        dir: PathBuf,
+        /// Also write every sample as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -74,10 +121,40 @@ pub fn run(cmd: BenchCmd) -> Result<(), String> {
         BenchCmd::StopAndSave { sizes, runs, dir, json, memory_backend } => {
             stop_and_save(&sizes, runs.max(1), &dir, json.as_deref(), memory_backend)
         }
-        BenchCmd::Migrate { sizes, rates, modes, runs, max_downtime_ms, no_auto_converge, dir, json } => {
+        BenchCmd::Migrate { sizes, rates, modes, runs, max_downtime_ms, no_auto_converge, dirty_ring, dir, json } => {
             let params =
                 ::migrate::Params { max_downtime_ms, auto_converge: !no_auto_converge, ..::migrate::Params::default() };
-            migrate::run(&migrate::Options { sizes, rates, modes, runs: runs.max(1), params, dir, json })
+            migrate::run(&migrate::Options { sizes, rates, modes, runs: runs.max(1), params, dirty_ring, dir, json })
+        }
+        BenchCmd::MigrateLinux {
+            kernel,
+            initrd,
+            mem,
+            fill_mib,
+            dirty_mib,
+            workloads,
+            modes,
+            qemu,
+            runs,
+            max_downtime_ms,
+            dir,
+            json,
+        } => {
+            let params = ::migrate::Params { max_downtime_ms, ..::migrate::Params::default() };
+            linux::run(&linux::Options {
+                kernel,
+                initrd,
+                mem,
+                fill_mib,
+                dirty_mib,
+                workloads,
+                modes,
+                qemu,
+                runs: runs.max(1),
+                params,
+                dir,
+                json,
+            })
         }
     }
 }
@@ -191,6 +268,7 @@ fn stop_and_save(
             vcpus: 1,
             memory_backend,
             disk: None,
+            dirty_ring: 0,
         };
         let (line_tx, lines) = mpsc::channel();
         let (ev_tx, _events) = mpsc::channel();

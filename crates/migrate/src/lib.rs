@@ -148,6 +148,8 @@ pub struct Report {
     pub downtime_ms: f64,
     /// Of the downtime: the destination's restore (state in, vCPUs started).
     pub dest_restore_ms: f64,
+    /// Of the downtime: the source's steps.
+    pub switch: SwitchParts,
     /// From the request to the guest running at the destination.
     pub total_ms: f64,
     /// Pre-copy rounds before the switch (the first full pass included).
@@ -164,6 +166,18 @@ pub struct Report {
     pub state_bytes: u64,
     /// Where the threads ran.
     pub placement: Placement,
+}
+
+/// Where the source's part of the downtime went; the rest of it is the
+/// destination's restore and the messages between the two.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SwitchParts {
+    /// Stopping the vCPUs.
+    pub pause_ms: f64,
+    /// Collecting and sending the pages dirtied since the last round.
+    pub last_pages_ms: f64,
+    /// Flushing the disk, saving vCPU, VM and device state, sending it.
+    pub state_ms: f64,
 }
 
 /// The CPUs each thread of a migration was allowed on (read back, not requested).

@@ -8,7 +8,7 @@ use vmm::Instance;
 
 use crate::protocol::{encode_page_table, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
 use crate::transport::{send_error, Transport};
-use crate::{Error, Params, Placement, Progress, Report, Result};
+use crate::{Error, Params, Placement, Progress, Report, Result, SwitchParts};
 
 /// Pages per `Pages` frame (1 MiB of data at most).
 const BATCH_PAGES: usize = 256;
@@ -320,16 +320,23 @@ fn precopy_and_switch(
     update(&|p| p.phase = "switch".into());
     let t_switch = Instant::now();
     let before_switch = s.pages_sent;
+    let mut parts = SwitchParts::default();
     let sent = (|| -> Result<u64> {
+        let t = Instant::now();
         inst.pause()?;
+        parts.pause_ms = ms(t.elapsed());
+        let t = Instant::now();
         vmm::memory::union_dirty(&mut pending, inst.harvest_dirty_pages()?);
         push_dirty(&mut s, &ram, &pending)?;
+        parts.last_pages_ms = ms(t.elapsed());
+        let t = Instant::now();
         // Every write the guest's disk completed reaches the image before the
         // destination opens it.
         inst.flush_disk()?;
         let state = inst.save_state()?;
         let state = serde_json::to_vec(&state).map_err(|e| Error::Decode(e.to_string()))?;
         s.t.send(FrameKind::State, &[&state])?;
+        parts.state_ms = ms(t.elapsed());
         Ok(state.len() as u64)
     })();
     let state_bytes = match sent {
@@ -370,6 +377,7 @@ fn precopy_and_switch(
         to: s.t.peer(),
         downtime_ms: ms(downtime),
         dest_restore_ms: resumed.restore_ms,
+        switch: parts,
         total_ms: ms(t0.elapsed()),
         rounds,
         pages_sent: s.pages_sent,

@@ -67,6 +67,8 @@ pub struct Options {
     pub modes: Vec<Mode>,
     pub runs: usize,
     pub params: migrate::Params,
+    /// Dirty tracking variants: 0 the bitmap log, n a ring of n entries.
+    pub dirty_ring: Vec<u32>,
     pub dir: PathBuf,
     pub json: Option<PathBuf>,
 }
@@ -76,13 +78,27 @@ struct Case {
     mem_size: u64,
     rate: Rate,
     mode: Mode,
+    /// 0: KVM's dirty bitmap log; n: its dirty ring, n entries per vCPU.
+    dirty_ring: u32,
     /// What the dirtier reported in the second before the first migration.
     measured_pages_per_s: u64,
     reports: Vec<migrate::Report>,
 }
 
+fn tracking(ring: u32) -> String {
+    if ring == 0 {
+        "bitmap".into()
+    } else {
+        format!("ring {ring}")
+    }
+}
+
 /// Waits for a console line for which `pred` holds; returns it.
-fn wait_line(lines: &Receiver<String>, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String, String> {
+pub(super) fn wait_line(
+    lines: &Receiver<String>,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -96,7 +112,7 @@ fn wait_line(lines: &Receiver<String>, timeout: Duration, pred: impl Fn(&str) ->
 /// Migrates `inst` once to a fresh destination of `mode`, then drops the
 /// destination and lets `inst` run on, so that every run starts from the same
 /// running guest.
-fn migrate_once(
+pub(super) fn migrate_once(
     inst: &mut Instance,
     mode: Mode,
     params: &migrate::Params,
@@ -162,7 +178,7 @@ pub fn run(o: &Options) -> Result<(), String> {
     let mut cases = Vec::new();
     for &mem in &o.sizes {
         let ws_mib = (mem >> 20).saturating_sub(8);
-        for &rate in &o.rates {
+        for (&rate, &ring) in o.rates.iter().flat_map(|r| o.dirty_ring.iter().map(move |d| (r, d))) {
             let args = match rate {
                 Rate::Idle => format!("mib={ws_mib} idle=1"),
                 Rate::PagesPerS(r) => format!("mib={ws_mib} fill=1 rate={r} seconds=0"),
@@ -174,6 +190,7 @@ pub fn run(o: &Options) -> Result<(), String> {
                 vcpus: 1,
                 memory_backend: MemoryBackend::Shared,
                 disk: None,
+                dirty_ring: ring,
             };
             let (line_tx, lines) = mpsc::channel();
             let (ev_tx, _events) = mpsc::channel();
@@ -194,10 +211,11 @@ pub fn run(o: &Options) -> Result<(), String> {
                     std::thread::sleep(Duration::from_millis(300));
                     let r = migrate_once(&mut inst, mode, &o.params, &o.dir, n)?;
                     println!(
-                        "  {:>5} MiB {:>13} {:>7} run {}: downtime {:.2} ms (restore {:.2}), total {:.0} ms, {:.0} MiB, {} rounds, throttle {} %",
+                        "  {:>5} MiB {:>13} {:>7} {} run {}: downtime {:.2} ms (restore {:.2}), total {:.0} ms, {:.0} MiB, {} rounds, throttle {} %",
                         mem >> 20,
                         rate.to_string(),
                         format!("{mode:?}").to_lowercase(),
+                        tracking(ring),
                         n + 1,
                         r.downtime_ms,
                         r.dest_restore_ms,
@@ -208,7 +226,14 @@ pub fn run(o: &Options) -> Result<(), String> {
                     );
                     reports.push(r);
                 }
-                cases.push(Case { mem_size: mem, rate, mode, measured_pages_per_s: measured, reports });
+                cases.push(Case {
+                    mem_size: mem,
+                    rate,
+                    mode,
+                    dirty_ring: ring,
+                    measured_pages_per_s: measured,
+                    reports,
+                });
             }
             inst.shutdown();
             // Whatever the guest printed meanwhile is of no more use.
@@ -217,8 +242,8 @@ pub fn run(o: &Options) -> Result<(), String> {
     }
 
     println!();
-    println!("| guest | dirty rate (measured pages/s) | mode | downtime ms | of it, destination restore ms | total ms | MiB sent | rounds | max throttle % |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| guest | dirty rate (measured pages/s) | mode | dirty tracking | downtime ms | of it, destination restore ms | total ms | MiB sent | rounds | max throttle % |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for c in &cases {
         let f = |get: fn(&migrate::Report) -> f64| {
             let v: Vec<f64> = c.reports.iter().map(get).collect();
@@ -227,11 +252,12 @@ pub fn run(o: &Options) -> Result<(), String> {
         let (d, dmin, dmax) = f(|r| r.downtime_ms);
         let (t, tmin, tmax) = f(|r| r.total_ms);
         println!(
-            "| {} MiB | {} ({}) | {} | {:.2} ({:.2}-{:.2}) | {:.2} | {:.0} ({:.0}-{:.0}) | {:.0} | {:.0} | {:.0} |",
+            "| {} MiB | {} ({}) | {} | {} | {:.2} ({:.2}-{:.2}) | {:.2} | {:.0} ({:.0}-{:.0}) | {:.0} | {:.0} | {:.0} |",
             c.mem_size >> 20,
             c.rate,
             c.measured_pages_per_s,
             format!("{:?}", c.mode).to_lowercase(),
+            tracking(c.dirty_ring),
             d,
             dmin,
             dmax,
