@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vmm::vm_memory::{Bytes, GuestAddress};
 use vmm::{GuestMemory, Instance, InstanceState, Shell, VmEvent};
 
-use crate::protocol::{decode_pages, FrameKind, Hello, Resumed, PAGE_SIZE};
+use crate::protocol::{decode_pages, decode_state, FrameKind, Hello, Resumed, PAGE_SIZE};
 use crate::source::DoneMsg;
 use crate::transport::{send_error, Transport};
 use crate::{Error, Result};
@@ -66,6 +66,7 @@ fn receive(
     t.send(FrameKind::Ready, &[])?;
     let zero = [0u8; PAGE_SIZE];
     let mut state: Option<InstanceState> = None;
+    let mut state_decode_ms = 0.0;
     loop {
         let f = t.recv(Some(FRAME_TIMEOUT))?;
         match f.kind {
@@ -79,7 +80,9 @@ fn receive(
             }
             FrameKind::Sync => t.send(FrameKind::Synced, &[])?,
             FrameKind::State => {
-                state = Some(serde_json::from_slice(&f.payload).map_err(|e| Error::Decode(format!("State: {e}")))?);
+                let t = Instant::now();
+                state = Some(decode_state(&f.payload)?);
+                state_decode_ms = t.elapsed().as_secs_f64() * 1e3;
             }
             FrameKind::Done => {
                 let t_done = Instant::now();
@@ -92,7 +95,11 @@ fn receive(
                 if !done.running {
                     inst.pause()?;
                 }
-                let r = Resumed { restore_ms: t_done.elapsed().as_secs_f64() * 1e3, vcpu_cpus: inst.vcpu_placement() };
+                let r = Resumed {
+                    restore_ms: t_done.elapsed().as_secs_f64() * 1e3,
+                    state_decode_ms,
+                    vcpu_cpus: inst.vcpu_placement(),
+                };
                 let b = serde_json::to_vec(&r).map_err(|e| Error::Decode(e.to_string()))?;
                 if let Err(e) = t.send(FrameKind::Resumed, &[&b]) {
                     // The source never learns that the guest runs here; it keeps its

@@ -148,6 +148,8 @@ pub struct Report {
     pub downtime_ms: f64,
     /// Of the downtime: the destination's restore (state in, vCPUs started).
     pub dest_restore_ms: f64,
+    /// Of the downtime: the destination decoding the state.
+    pub dest_state_decode_ms: f64,
     /// Of the downtime: the source's steps.
     pub switch: SwitchParts,
     /// From the request to the guest running at the destination.

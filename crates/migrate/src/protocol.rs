@@ -22,7 +22,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the migration stream. A peer speaking another version is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"CVMG";
 /// Bytes of a frame header.
@@ -43,7 +43,9 @@ pub enum FrameKind {
     Ready = 2,
     /// Source → destination: a batch of guest pages ([`encode_pages`]).
     Pages = 3,
-    /// Source → destination: the instance state (JSON of `vmm::InstanceState`).
+    /// Source → destination: the instance state (`vmm::InstanceState` in postcard's
+    /// binary serde format: KVM's state structs travel as raw bytes, which JSON
+    /// would spell out number by number, in the middle of the guest's downtime).
     State = 4,
     /// Source → destination: everything is sent; start the guest.
     Done = 5,
@@ -170,9 +172,22 @@ pub struct Hello {
 pub struct Resumed {
     /// From `Done` received to vCPUs running, on the destination's clock.
     pub restore_ms: f64,
+    /// Decoding the `State` frame (before `Done`), on the destination's clock.
+    #[serde(default)]
+    pub state_decode_ms: f64,
     /// The CPUs each destination vCPU thread may run on.
     #[serde(default)]
     pub vcpu_cpus: Vec<Vec<usize>>,
+}
+
+/// Encodes the instance state for a `State` frame.
+pub fn encode_state(state: &vmm::InstanceState) -> Result<Vec<u8>, FrameError> {
+    postcard::to_stdvec(state).map_err(|e| FrameError::Payload { kind: FrameKind::State, reason: e.to_string() })
+}
+
+/// Decodes a `State` frame's payload.
+pub fn decode_state(payload: &[u8]) -> Result<vmm::InstanceState, FrameError> {
+    postcard::from_bytes(payload).map_err(|e| FrameError::Payload { kind: FrameKind::State, reason: e.to_string() })
 }
 
 /// Payload of an `Error` frame.

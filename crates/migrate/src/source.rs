@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use vmm::instance::RunState;
 use vmm::Instance;
 
-use crate::protocol::{encode_page_table, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
+use crate::protocol::{encode_page_table, encode_state, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
 use crate::transport::{send_error, Transport};
 use crate::{Error, Params, Placement, Progress, Report, Result, SwitchParts};
 
@@ -334,7 +334,7 @@ fn precopy_and_switch(
         // destination opens it.
         inst.flush_disk()?;
         let state = inst.save_state()?;
-        let state = serde_json::to_vec(&state).map_err(|e| Error::Decode(e.to_string()))?;
+        let state = encode_state(&state)?;
         s.t.send(FrameKind::State, &[&state])?;
         parts.state_ms = ms(t.elapsed());
         Ok(state.len() as u64)
@@ -377,6 +377,7 @@ fn precopy_and_switch(
         to: s.t.peer(),
         downtime_ms: ms(downtime),
         dest_restore_ms: resumed.restore_ms,
+        dest_state_decode_ms: resumed.state_decode_ms,
         switch: parts,
         total_ms: ms(t0.elapsed()),
         rounds,

@@ -96,12 +96,13 @@ fn cevm_rows(w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<(), String
             std::thread::sleep(Duration::from_millis(500));
             let r = migrate_once(&mut inst, mode, &o.params, &o.dir, n)?;
             println!(
-                "  {w:?} {vmm} run {}: downtime {:.2} ms (pause {:.2}, last pages {:.2}, state {:.2}, destination restore {:.2}), total {:.0} ms, {:.0} MiB, {} rounds, throttle {} %",
+                "  {w:?} {vmm} run {}: downtime {:.2} ms (pause {:.2}, last pages {:.2}, state {:.2}, destination decode {:.2} + restore {:.2}), total {:.0} ms, {:.0} MiB, {} rounds, throttle {} %",
                 n + 1,
                 r.downtime_ms,
                 r.switch.pause_ms,
                 r.switch.last_pages_ms,
                 r.switch.state_ms,
+                r.dest_state_decode_ms,
                 r.dest_restore_ms,
                 r.total_ms,
                 r.bytes_sent as f64 / (1 << 20) as f64,

@@ -171,8 +171,8 @@ pub fn migrate(
         throttle = throttle.max(info["cpu-throttle-percentage"].as_u64().unwrap_or(0));
         match info["status"].as_str() {
             // QEMU marks the migration completed a moment before it fills in the
-            // times: wait for them.
-            Some("completed") if info.get("total-time").is_some() => {
+            // times (they read 0 until then): wait for them.
+            Some("completed") if info["total-time"].as_f64().is_some_and(|t| t > 0.0) => {
                 let num = |v: &Value| v.as_f64().unwrap_or(0.0);
                 return Ok(MigrationResult {
                     downtime_ms: num(&info["downtime"]),
