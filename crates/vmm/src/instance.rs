@@ -107,6 +107,46 @@ struct VcpuThread {
     commands: Sender<VcpuCommand>,
 }
 
+/// What a vCPU thread made in advance needs to run its vCPU.
+struct VcpuStart {
+    vcpu: Vcpu,
+    ctl: Arc<RunControl>,
+    buses: Arc<Buses>,
+    commands: mpsc::Receiver<VcpuCommand>,
+    events: Sender<VmEvent>,
+}
+
+/// A vCPU thread made with its [`Shell`], waiting for its [`VcpuStart`]; it
+/// ends if the sender goes away first (a shell dropped unused leaves it to end
+/// by itself; an instance joins it). Making threads early keeps their
+/// creation (a stack mapping, a clone; milliseconds under nested
+/// virtualization) out of a migration's switch.
+struct ParkedThread {
+    handle: JoinHandle<()>,
+    start: Sender<VcpuStart>,
+}
+
+impl ParkedThread {
+    fn new(id: u32) -> Result<Self> {
+        let (start, rx) = mpsc::channel::<VcpuStart>();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                if let Ok(s) = rx.recv() {
+                    vcpu::run_vcpu_thread(s.vcpu, s.ctl, s.buses, s.commands, s.events)
+                }
+            })
+            .map_err(Error::Thread)?;
+        Ok(ParkedThread { handle, start })
+    }
+
+    /// Lets the thread end without running anything, and waits for it.
+    fn dismiss(self) {
+        drop(self.start);
+        let _ = self.handle.join();
+    }
+}
+
 /// The thread that kicks every vCPU each [`vcpu::THROTTLE_SLICE`] while a
 /// throttle is set, so that each sleeps its share (see `RunControl::set_throttle`).
 struct Throttler {
@@ -133,6 +173,7 @@ pub struct Shell {
     vm: VmFd,
     memory: GuestMemory,
     vcpus: Vec<Vcpu>,
+    threads: Vec<ParkedThread>,
     rings: Vec<DirtyRing>,
     // Declared last: the KVM system fd outlives the VM's.
     kvm: Kvm,
@@ -178,7 +219,8 @@ impl Shell {
             }
             vcpus.push(Vcpu::new(id, fd, msr_indices.clone()));
         }
-        Ok(Shell { vm, memory, vcpus, rings, kvm })
+        let threads = (0..config.vcpus).map(ParkedThread::new).collect::<Result<Vec<_>>>()?;
+        Ok(Shell { vm, memory, vcpus, threads, rings, kvm })
     }
 
     /// The guest memory, to fill before the state is loaded.
@@ -197,6 +239,8 @@ pub struct Instance {
     block: Option<Arc<Mutex<MmioTransport<Block>>>>,
     ctl: Arc<RunControl>,
     idle_vcpus: Vec<Vcpu>,
+    /// Threads waiting to run `idle_vcpus`, one each (see [`ParkedThread`]).
+    parked: Vec<ParkedThread>,
     threads: Vec<VcpuThread>,
     throttler: Option<Throttler>,
     events: Sender<VmEvent>,
@@ -319,7 +363,7 @@ impl Instance {
         shell: Option<Shell>,
         events: Sender<VmEvent>,
     ) -> Result<Self> {
-        let Shell { kvm, vm, memory, vcpus: idle_vcpus, rings } = match shell {
+        let Shell { kvm, vm, memory, vcpus: idle_vcpus, threads: parked, rings } = match shell {
             Some(s) => s,
             None => Shell::new(&config, None)?,
         };
@@ -363,6 +407,7 @@ impl Instance {
             block,
             ctl: Arc::new(RunControl::default()),
             idle_vcpus,
+            parked,
             threads: Vec::new(),
             throttler: None,
             events,
@@ -438,14 +483,15 @@ impl Instance {
         if self.state != RunState::Created {
             return Err(Error::RunState("the instance was already started"));
         }
-        for v in self.idle_vcpus.drain(..) {
-            let (tx, rx) = mpsc::channel();
+        for (vcpu, parked) in self.idle_vcpus.drain(..).zip(self.parked.drain(..)) {
+            let (tx, commands) = mpsc::channel();
             let (ctl, buses, events) = (self.ctl.clone(), self.buses.clone(), self.events.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{}", v.id))
-                .spawn(move || vcpu::run_vcpu_thread(v, ctl, buses, rx, events))
-                .map_err(Error::Thread)?;
-            self.threads.push(VcpuThread { handle, commands: tx });
+            let id = vcpu.id;
+            parked
+                .start
+                .send(VcpuStart { vcpu, ctl, buses, commands, events })
+                .map_err(|_| Error::Vcpu { id, msg: "its thread ended before it started".into() })?;
+            self.threads.push(VcpuThread { handle: parked.handle, commands: tx });
         }
         self.state = RunState::Running;
         Ok(())
@@ -588,6 +634,9 @@ impl Instance {
         for t in self.threads.drain(..) {
             let _ = t.commands.send(VcpuCommand::Exit);
             let _ = t.handle.join();
+        }
+        for p in self.parked.drain(..) {
+            p.dismiss();
         }
         self.state = RunState::Created;
     }

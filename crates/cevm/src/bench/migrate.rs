@@ -211,13 +211,17 @@ pub fn run(o: &Options) -> Result<(), String> {
                     std::thread::sleep(Duration::from_millis(300));
                     let r = migrate_once(&mut inst, mode, &o.params, &o.dir, n)?;
                     println!(
-                        "  {:>5} MiB {:>13} {:>7} {} run {}: downtime {:.2} ms (restore {:.2}), total {:.0} ms, {:.0} MiB, {} rounds, throttle {} %",
+                        "  {:>5} MiB {:>13} {:>7} {} run {}: downtime {:.2} ms (pause {:.2}, last pages {:.2}, state {:.2}, destination decode {:.2} + restore {:.2}), total {:.0} ms, {:.0} MiB, {} rounds, throttle {} %",
                         mem >> 20,
                         rate.to_string(),
                         format!("{mode:?}").to_lowercase(),
                         tracking(ring),
                         n + 1,
                         r.downtime_ms,
+                        r.switch.pause_ms,
+                        r.switch.last_pages_ms,
+                        r.switch.state_ms,
+                        r.dest_state_decode_ms,
                         r.dest_restore_ms,
                         r.total_ms,
                         r.bytes_sent as f64 / (1 << 20) as f64,
