@@ -61,10 +61,6 @@ pub enum BenchCmd {
         /// Do not throttle the vCPUs when the guest outruns the copy.
         #[arg(long)]
         no_auto_converge: bool,
-        /// Dirty tracking, comma-separated: 0 for KVM's dirty bitmap log, else
-        /// KVM's dirty ring with that many entries per vCPU.
-        #[arg(long, default_value = "0", value_delimiter = ',')]
-        dirty_ring: Vec<u32>,
         /// Directory for the destinations' sockets.
         #[arg(long, default_value = "bench-work")]
         dir: PathBuf,
@@ -121,10 +117,10 @@ pub fn run(cmd: BenchCmd) -> Result<(), String> {
         BenchCmd::StopAndSave { sizes, runs, dir, json, memory_backend } => {
             stop_and_save(&sizes, runs.max(1), &dir, json.as_deref(), memory_backend)
         }
-        BenchCmd::Migrate { sizes, rates, modes, runs, max_downtime_ms, no_auto_converge, dirty_ring, dir, json } => {
+        BenchCmd::Migrate { sizes, rates, modes, runs, max_downtime_ms, no_auto_converge, dir, json } => {
             let params =
                 ::migrate::Params { max_downtime_ms, auto_converge: !no_auto_converge, ..::migrate::Params::default() };
-            migrate::run(&migrate::Options { sizes, rates, modes, runs: runs.max(1), params, dirty_ring, dir, json })
+            migrate::run(&migrate::Options { sizes, rates, modes, runs: runs.max(1), params, dir, json })
         }
         BenchCmd::MigrateLinux {
             kernel,
@@ -268,7 +264,6 @@ fn stop_and_save(
             vcpus: 1,
             memory_backend,
             disk: None,
-            dirty_ring: 0,
         };
         let (line_tx, lines) = mpsc::channel();
         let (ev_tx, _events) = mpsc::channel();

@@ -58,10 +58,6 @@ enum Cmd {
         /// Where guest memory lives: shared (memfd) or private (anonymous).
         #[arg(long, default_value = "shared")]
         memory_backend: MemoryBackend,
-        /// Live migration tracks dirty pages with KVM's dirty ring of this many
-        /// entries per vCPU (a power of two) instead of the dirty bitmap log.
-        #[arg(long, default_value_t = 0)]
-        dirty_ring: u32,
         /// Serve the control API on this unix socket.
         #[arg(long)]
         api_sock: Option<PathBuf>,
@@ -200,7 +196,6 @@ fn run(cmd: Cmd) -> i32 {
             overlay,
             disk_read_only,
             memory_backend,
-            dirty_ring,
             api_sock,
             incoming,
             vcpu_cpus,
@@ -217,7 +212,7 @@ fn run(cmd: Cmd) -> i32 {
                 (None, Some(kernel)) => Boot::Linux { kernel, initrd, cmdline },
                 (None, None) => return fail("give --guest or --kernel"),
             };
-            let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend, disk, dirty_ring };
+            let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend, disk };
             let (tx, rx) = mpsc::channel();
             match Instance::new(config, Box::new(std::io::stdout()), tx) {
                 Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref())),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vmm::vm_memory::{Bytes, GuestAddress};
 use vmm::{GuestMemory, Instance, InstanceState, Shell, VmEvent};
 
-use crate::protocol::{decode_pages, decode_state, FrameKind, Hello, Resumed, PAGE_SIZE};
+use crate::protocol::{decode_pages, decode_state, monotonic_us, FrameKind, Hello, Resumed, PAGE_SIZE};
 use crate::source::DoneMsg;
 use crate::transport::{send_error, Transport};
 use crate::{Error, Result};
@@ -92,12 +92,14 @@ fn receive(
                 let mut inst = Instance::restore_into(shell, config, &state, console, events)?;
                 inst.start()?;
                 inst.place_vcpus(vcpu_cpus)?;
+                let started_at_us = monotonic_us();
                 if !done.running {
                     inst.pause()?;
                 }
                 let r = Resumed {
                     restore_ms: t_done.elapsed().as_secs_f64() * 1e3,
                     state_decode_ms,
+                    started_at_us,
                     vcpu_cpus: inst.vcpu_placement(),
                 };
                 let b = serde_json::to_vec(&r).map_err(|e| Error::Decode(e.to_string()))?;

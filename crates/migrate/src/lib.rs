@@ -144,8 +144,15 @@ pub struct Progress {
 pub struct Report {
     /// Where the guest went.
     pub to: String,
-    /// Guest pause: from stopping the vCPUs here to the destination's vCPUs running.
+    /// Guest pause: from stopping the vCPUs here to the destination starting its
+    /// vCPUs. Read on the host's monotonic clock when the destination runs on
+    /// this host (`downtime_exact`), else estimated: the source's part of the
+    /// switch, half the link's round trip, the destination's restore.
     pub downtime_ms: f64,
+    pub downtime_exact: bool,
+    /// From stopping the vCPUs here to the destination's answer arriving: the
+    /// downtime plus the answer's way back (an upper bound of the downtime).
+    pub switch_round_trip_ms: f64,
     /// Of the downtime: the destination's restore (state in, vCPUs started).
     pub dest_restore_ms: f64,
     /// Of the downtime: the destination decoding the state.

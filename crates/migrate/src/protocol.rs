@@ -175,9 +175,22 @@ pub struct Resumed {
     /// Decoding the `State` frame (before `Done`), on the destination's clock.
     #[serde(default)]
     pub state_decode_ms: f64,
+    /// When the destination's vCPUs were started, on its CLOCK_MONOTONIC (µs):
+    /// the downtime's end, exact when the source shares that clock.
+    #[serde(default)]
+    pub started_at_us: u64,
     /// The CPUs each destination vCPU thread may run on.
     #[serde(default)]
     pub vcpu_cpus: Vec<Vec<usize>>,
+}
+
+/// This host's CLOCK_MONOTONIC in µs: one clock for every process here (unlike
+/// `Instant`, whose value cannot be sent), to time a switch across processes.
+pub fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
 /// Encodes the instance state for a `State` frame.

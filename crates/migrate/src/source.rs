@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use vmm::instance::RunState;
 use vmm::Instance;
 
-use crate::protocol::{encode_page_table, encode_state, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
+use crate::protocol::{encode_page_table, encode_state, monotonic_us, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
 use crate::transport::{send_error, Transport};
 use crate::{Error, Params, Placement, Progress, Report, Result, SwitchParts};
 
@@ -56,6 +56,8 @@ struct PageSender<'t> {
     cap: f64,
     pace_start: Instant,
     pace_bytes: u64,
+    /// Round trip of the last `Sync`: the link's latency, for the downtime estimate.
+    sync_rtt: Duration,
 }
 
 impl<'t> PageSender<'t> {
@@ -70,6 +72,7 @@ impl<'t> PageSender<'t> {
             cap: cap_mib_s.max(0.0) * (1 << 20) as f64,
             pace_start: Instant::now(),
             pace_bytes: 0,
+            sync_rtt: Duration::ZERO,
         }
     }
 
@@ -103,8 +106,11 @@ impl<'t> PageSender<'t> {
     /// it measures includes the destination's work, and the switch does not
     /// wait behind pages still queued from the last round.
     fn sync(&mut self, params: &Params) -> Result<()> {
+        let t = Instant::now();
         self.t.send(FrameKind::Sync, &[])?;
-        expect(self.t, FrameKind::Synced, "Synced", params).map(|_| ())
+        expect(self.t, FrameKind::Synced, "Synced", params)?;
+        self.sync_rtt = t.elapsed();
+        Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -319,6 +325,7 @@ fn precopy_and_switch(
     // disk hand-over, and wait for the destination to run.
     update(&|p| p.phase = "switch".into());
     let t_switch = Instant::now();
+    let t_switch_us = monotonic_us();
     let before_switch = s.pages_sent;
     let mut parts = SwitchParts::default();
     let sent = (|| -> Result<u64> {
@@ -355,6 +362,7 @@ fn precopy_and_switch(
         }
         return Err(e);
     }
+    let done_sent = t_switch.elapsed();
     let resumed = match expect(s.t, FrameKind::Resumed, "Resumed", params) {
         Ok(f) => f,
         Err(Error::Peer { peer, msg }) => {
@@ -371,11 +379,23 @@ fn precopy_and_switch(
             )))
         }
     };
-    let downtime = t_switch.elapsed();
+    let round_trip = ms(t_switch.elapsed());
     let resumed: Resumed = serde_json::from_slice(&resumed).map_err(|e| Error::Decode(format!("Resumed: {e}")))?;
+    // The guest was paused until the destination started its vCPUs: read on the
+    // common clock when the destination is on this host, else estimated as the
+    // source's part, the one-way latency of `Done` (half a round trip) and the
+    // destination's restore. Either way no more than the round trip.
+    let exact = s.t.shares_clock() && resumed.started_at_us >= t_switch_us;
+    let downtime_ms = if exact {
+        (resumed.started_at_us - t_switch_us) as f64 / 1e3
+    } else {
+        ms(done_sent) + ms(s.sync_rtt) / 2.0 + resumed.restore_ms
+    };
     Ok(Report {
         to: s.t.peer(),
-        downtime_ms: ms(downtime),
+        downtime_ms: downtime_ms.min(round_trip),
+        downtime_exact: exact,
+        switch_round_trip_ms: round_trip,
         dest_restore_ms: resumed.restore_ms,
         dest_state_decode_ms: resumed.state_decode_ms,
         switch: parts,

@@ -33,6 +33,8 @@ pub trait Transport: Send {
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame>;
     /// What the peer is, for messages.
     fn peer(&self) -> String;
+    /// Whether the peer runs on this host, so that its CLOCK_MONOTONIC is ours.
+    fn shares_clock(&self) -> bool;
 }
 
 /// Tells the peer why this side gives up, in an `Error` frame. Best effort: the
@@ -53,16 +55,20 @@ pub struct StreamTransport<S> {
 /// What a stream needs besides Read + Write: a read timeout.
 pub trait TimedStream: Read + Write + Send {
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    /// A unix socket's peer is on this host; a TCP peer is taken to be elsewhere.
+    const SAME_HOST: bool;
 }
 impl TimedStream for UnixStream {
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(t)
     }
+    const SAME_HOST: bool = true;
 }
 impl TimedStream for TcpStream {
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(t)
     }
+    const SAME_HOST: bool = false;
 }
 
 impl<S: TimedStream> StreamTransport<S> {
@@ -127,6 +133,10 @@ impl<S: TimedStream> Transport for StreamTransport<S> {
     fn peer(&self) -> String {
         self.peer.clone()
     }
+
+    fn shares_clock(&self) -> bool {
+        S::SAME_HOST
+    }
 }
 
 /// One end of an in-process channel pair (thread-based migration). Frames are
@@ -170,6 +180,10 @@ impl Transport for ChannelTransport {
 
     fn peer(&self) -> String {
         self.name.into()
+    }
+
+    fn shares_clock(&self) -> bool {
+        true
     }
 }
 

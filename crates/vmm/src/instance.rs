@@ -22,7 +22,6 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::bus::lock;
-use crate::dirty_ring::{self, DirtyRing};
 use crate::layout::{
     ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, MAX_VCPUS, VIRTIO_BLK_GSI,
     VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
@@ -90,11 +89,6 @@ pub struct InstanceConfig {
     /// The virtio-blk disk, if any.
     #[serde(default)]
     pub disk: Option<DiskConfig>,
-    /// How live migration finds the pages the guest dirtied: 0 for KVM's dirty
-    /// bitmap log, else KVM's dirty ring with this many entries per vCPU (a power
-    /// of two). See `cevm bench migrate --dirty-ring` for how they compare.
-    #[serde(default)]
-    pub dirty_ring: u32,
 }
 
 /// How long a pause may take before it is reported as a failure.
@@ -174,7 +168,6 @@ pub struct Shell {
     memory: GuestMemory,
     vcpus: Vec<Vcpu>,
     threads: Vec<ParkedThread>,
-    rings: Vec<DirtyRing>,
     // Declared last: the KVM system fd outlives the VM's.
     kvm: Kvm,
 }
@@ -194,9 +187,6 @@ impl Shell {
         // to calibrate); its speaker port is a dummy.
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
-        if config.dirty_ring > 0 {
-            dirty_ring::enable(&kvm, &vm, config.dirty_ring)?;
-        }
         let memory = match memory {
             Some(m) => m,
             None => GuestMemory::new(config.mem_size, config.memory_backend)?,
@@ -205,7 +195,6 @@ impl Shell {
         let cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let mut vcpus = Vec::new();
-        let mut rings = Vec::new();
         let mut msr_indices = Arc::new(Vec::new());
         for id in 0..config.vcpus {
             let fd = vm.create_vcpu(u64::from(id)).map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
@@ -214,13 +203,10 @@ impl Shell {
             if id == 0 {
                 msr_indices = Arc::new(saveable_msrs(&kvm, &fd)?);
             }
-            if config.dirty_ring > 0 {
-                rings.push(DirtyRing::map(&fd, config.dirty_ring)?);
-            }
             vcpus.push(Vcpu::new(id, fd, msr_indices.clone()));
         }
         let threads = (0..config.vcpus).map(ParkedThread::new).collect::<Result<Vec<_>>>()?;
-        Ok(Shell { vm, memory, vcpus, threads, rings, kvm })
+        Ok(Shell { vm, memory, vcpus, threads, kvm })
     }
 
     /// The guest memory, to fill before the state is loaded.
@@ -245,8 +231,6 @@ pub struct Instance {
     throttler: Option<Throttler>,
     events: Sender<VmEvent>,
     state: RunState,
-    /// The vCPUs' dirty rings (empty: the dirty bitmap log is used).
-    rings: Mutex<Vec<DirtyRing>>,
     // Declared last: the KVM system fd outlives the VM's.
     _kvm: Kvm,
 }
@@ -363,7 +347,7 @@ impl Instance {
         shell: Option<Shell>,
         events: Sender<VmEvent>,
     ) -> Result<Self> {
-        let Shell { kvm, vm, memory, vcpus: idle_vcpus, threads: parked, rings } = match shell {
+        let Shell { kvm, vm, memory, vcpus: idle_vcpus, threads: parked } = match shell {
             Some(s) => s,
             None => Shell::new(&config, None)?,
         };
@@ -412,7 +396,6 @@ impl Instance {
             throttler: None,
             events,
             state: RunState::Created,
-            rings: Mutex::new(rings),
             _kvm: kvm,
         })
     }
@@ -452,23 +435,7 @@ impl Instance {
     /// word j = page 64 j + i): the guest's writes (KVM's dirty log, which must be
     /// on) and the VMM's own (device DMA, virtqueue updates: vm-memory's bitmap).
     pub fn harvest_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
-        let mut rings = lock(&self.rings);
-        let mut dirty = if rings.is_empty() {
-            self.memory.harvest_dirty_log(&self.vm)?
-        } else {
-            let mut bitmaps: Vec<Vec<u64>> =
-                self.memory.ranges().iter().map(|r| vec![0u64; (r.size / 4096).div_ceil(64) as usize]).collect();
-            for ring in rings.iter_mut() {
-                ring.collect(|slot, page| {
-                    if let Some(word) = bitmaps.get_mut(slot as usize).and_then(|b| b.get_mut((page / 64) as usize)) {
-                        *word |= 1 << (page % 64);
-                    }
-                });
-            }
-            dirty_ring::reset(&self.vm)?;
-            bitmaps
-        };
-        drop(rings);
+        let mut dirty = self.memory.harvest_dirty_log(&self.vm)?;
         crate::memory::union_dirty(&mut dirty, self.memory.harvest_vmm_writes());
         Ok(dirty)
     }

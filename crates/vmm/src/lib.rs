@@ -8,7 +8,6 @@
 pub mod acpi;
 pub mod boot;
 pub mod bus;
-pub mod dirty_ring;
 pub mod instance;
 pub mod layout;
 pub mod linux;

@@ -352,12 +352,6 @@ pub fn run_vcpu_thread(
                 ),
             }),
             Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
-            // Its dirty ring is full: it may run again once the migration collected
-            // the ring (KVM re-checks on entry), so wait a little and retry.
-            Ok(VcpuExit::Unsupported(crate::dirty_ring::EXIT_DIRTY_RING_FULL)) => {
-                std::thread::sleep(std::time::Duration::from_micros(100));
-                None
-            }
             Ok(other) => Some(VmEvent::VcpuFailed { id, error: format!("unexpected KVM exit: {other:?}") }),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.fd.set_kvm_immediate_exit(0);

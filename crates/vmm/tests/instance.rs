@@ -31,7 +31,6 @@ fn config(guest: &str, args: &str, vcpus: u32, backend: MemoryBackend) -> Instan
         vcpus,
         memory_backend: backend,
         disk: None,
-        dirty_ring: 0,
     }
 }
 

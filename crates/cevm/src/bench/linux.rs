@@ -72,7 +72,6 @@ fn cevm_rows(w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<(), String
         vcpus: 1,
         memory_backend: MemoryBackend::Shared,
         disk: None,
-        dirty_ring: 0,
     };
     let (line_tx, lines) = mpsc::channel();
     let (ev_tx, _events) = mpsc::channel();

@@ -67,8 +67,6 @@ pub struct Options {
     pub modes: Vec<Mode>,
     pub runs: usize,
     pub params: migrate::Params,
-    /// Dirty tracking variants: 0 the bitmap log, n a ring of n entries.
-    pub dirty_ring: Vec<u32>,
     pub dir: PathBuf,
     pub json: Option<PathBuf>,
 }
@@ -78,19 +76,9 @@ struct Case {
     mem_size: u64,
     rate: Rate,
     mode: Mode,
-    /// 0: KVM's dirty bitmap log; n: its dirty ring, n entries per vCPU.
-    dirty_ring: u32,
     /// What the dirtier reported in the second before the first migration.
     measured_pages_per_s: u64,
     reports: Vec<migrate::Report>,
-}
-
-fn tracking(ring: u32) -> String {
-    if ring == 0 {
-        "bitmap".into()
-    } else {
-        format!("ring {ring}")
-    }
 }
 
 /// Waits for a console line for which `pred` holds; returns it.
@@ -178,7 +166,7 @@ pub fn run(o: &Options) -> Result<(), String> {
     let mut cases = Vec::new();
     for &mem in &o.sizes {
         let ws_mib = (mem >> 20).saturating_sub(8);
-        for (&rate, &ring) in o.rates.iter().flat_map(|r| o.dirty_ring.iter().map(move |d| (r, d))) {
+        for &rate in &o.rates {
             let args = match rate {
                 Rate::Idle => format!("mib={ws_mib} idle=1"),
                 Rate::PagesPerS(r) => format!("mib={ws_mib} fill=1 rate={r} seconds=0"),
@@ -190,7 +178,6 @@ pub fn run(o: &Options) -> Result<(), String> {
                 vcpus: 1,
                 memory_backend: MemoryBackend::Shared,
                 disk: None,
-                dirty_ring: ring,
             };
             let (line_tx, lines) = mpsc::channel();
             let (ev_tx, _events) = mpsc::channel();
@@ -211,13 +198,13 @@ pub fn run(o: &Options) -> Result<(), String> {
                     std::thread::sleep(Duration::from_millis(300));
                     let r = migrate_once(&mut inst, mode, &o.params, &o.dir, n)?;
                     println!(
-                        "  {:>5} MiB {:>13} {:>7} {} run {}: downtime {:.2} ms (pause {:.2}, last pages {:.2}, state {:.2}, destination decode {:.2} + restore {:.2}), total {:.0} ms, {:.0} MiB, {} rounds, throttle {} %",
+                        "  {:>5} MiB {:>13} {:>7} run {}: downtime {:.2} ms, round trip {:.2} (pause {:.2}, last pages {:.2}, state {:.2}, destination decode {:.2} + restore {:.2}), total {:.0} ms, {:.0} MiB, {} rounds, throttle {} %",
                         mem >> 20,
                         rate.to_string(),
                         format!("{mode:?}").to_lowercase(),
-                        tracking(ring),
                         n + 1,
                         r.downtime_ms,
+                        r.switch_round_trip_ms,
                         r.switch.pause_ms,
                         r.switch.last_pages_ms,
                         r.switch.state_ms,
@@ -230,14 +217,7 @@ pub fn run(o: &Options) -> Result<(), String> {
                     );
                     reports.push(r);
                 }
-                cases.push(Case {
-                    mem_size: mem,
-                    rate,
-                    mode,
-                    dirty_ring: ring,
-                    measured_pages_per_s: measured,
-                    reports,
-                });
+                cases.push(Case { mem_size: mem, rate, mode, measured_pages_per_s: measured, reports });
             }
             inst.shutdown();
             // Whatever the guest printed meanwhile is of no more use.
@@ -246,7 +226,7 @@ pub fn run(o: &Options) -> Result<(), String> {
     }
 
     println!();
-    println!("| guest | dirty rate (measured pages/s) | mode | dirty tracking | downtime ms | of it, destination restore ms | total ms | MiB sent | rounds | max throttle % |");
+    println!("| guest | dirty rate (measured pages/s) | mode | downtime ms | switch round trip ms | of it, destination restore ms | total ms | MiB sent | rounds | max throttle % |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for c in &cases {
         let f = |get: fn(&migrate::Report) -> f64| {
@@ -256,15 +236,15 @@ pub fn run(o: &Options) -> Result<(), String> {
         let (d, dmin, dmax) = f(|r| r.downtime_ms);
         let (t, tmin, tmax) = f(|r| r.total_ms);
         println!(
-            "| {} MiB | {} ({}) | {} | {} | {:.2} ({:.2}-{:.2}) | {:.2} | {:.0} ({:.0}-{:.0}) | {:.0} | {:.0} | {:.0} |",
+            "| {} MiB | {} ({}) | {} | {:.2} ({:.2}-{:.2}) | {:.2} | {:.2} | {:.0} ({:.0}-{:.0}) | {:.0} | {:.0} | {:.0} |",
             c.mem_size >> 20,
             c.rate,
             c.measured_pages_per_s,
             format!("{:?}", c.mode).to_lowercase(),
-            tracking(c.dirty_ring),
             d,
             dmin,
             dmax,
+            f(|r| r.switch_round_trip_ms).0,
             f(|r| r.dest_restore_ms).0,
             t,
             tmin,
@@ -274,7 +254,10 @@ pub fn run(o: &Options) -> Result<(), String> {
             f(|r| r.max_throttle_pct as f64).0,
         );
     }
-    println!("(medians of {} runs, min-max in parentheses; downtime: from pausing the source's vCPUs to the destination's answer that its vCPUs run)", o.runs);
+    println!(
+        "(medians of {} runs, min-max in parentheses; downtime: from pausing the source's vCPUs to the destination starting its own, on this host's monotonic clock; round trip: until the source hears so)",
+        o.runs
+    );
     if let Some(p) = &o.json {
         let text = serde_json::to_string_pretty(&cases).map_err(|e| e.to_string())?;
         std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
