@@ -168,6 +168,15 @@ pub enum Completion {
     Flush,
 }
 
+/// What one [`NewSide::poll`] produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Polled {
+    /// Messages to send to the old side, in order.
+    pub to_old: Vec<ToOld>,
+    /// Guest requests finished, in submission order, with their ids.
+    pub completed: Vec<(u64, Completion)>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum NewState {
     Integrating,
@@ -269,7 +278,7 @@ impl NewSide {
 
     /// Serves queued guest requests in order for as long as none waits for T;
     /// returns the messages to send to the old side and the finished requests.
-    pub fn poll(&mut self, u: &mut dyn OverlayU) -> Result<(Vec<ToOld>, Vec<(u64, Completion)>)> {
+    pub fn poll(&mut self, u: &mut dyn OverlayU) -> Result<Polled> {
         let mut done = Vec::new();
         while let Some((_, req)) = self.queue.front() {
             let wanted = self.wanted_from_t(req);
@@ -303,7 +312,7 @@ impl NewSide {
             };
             done.push((id, completion));
         }
-        Ok((std::mem::take(&mut self.outbox), done))
+        Ok(Polled { to_old: std::mem::take(&mut self.outbox), completed: done })
     }
 
     /// The T-only clusters `req` needs T's data for: all it reads; those a write

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use integrate::{Completion, ImageT, NewSide, OldSide, OverlayU, Request, Result, ToNew, ToOld};
+use integrate::{Completion, ImageT, NewSide, OldSide, OverlayU, Polled, Request, Result, ToNew, ToOld};
 
 const CS: u64 = 64;
 const CLUSTERS: u64 = 12;
@@ -169,9 +169,9 @@ fn schedule(seed: u64) {
                 }
             }
             _ => {
-                let (out, done) = new.poll(&mut u).unwrap();
-                to_old.extend(out);
-                for (id, completion) in done {
+                let polled = new.poll(&mut u).unwrap();
+                to_old.extend(polled.to_old);
+                for (id, completion) in polled.completed {
                     let (want, req) = pending.pop_front().unwrap_or_else(|| panic!("seed {seed}: extra completion"));
                     assert_eq!(id, want, "seed {seed}: completed out of order");
                     match (req, completion) {
@@ -216,9 +216,8 @@ fn a_write_that_covers_a_t_only_cluster_needs_nothing_from_t() {
     let mut u = ModelU { b: vec![0; SIZE as usize], held: HashMap::new() };
     let mut new = NewSide::new([1], CS, SIZE);
     new.submit(7, Request::Write { off: CS, data: vec![9; CS as usize] }).unwrap();
-    let (out, done) = new.poll(&mut u).unwrap();
-    assert!(out.is_empty(), "{out:?}");
-    assert_eq!(done, vec![(7, Completion::Write)]);
+    let p = new.poll(&mut u).unwrap();
+    assert_eq!(p, Polled { to_old: vec![], completed: vec![(7, Completion::Write)] });
     // Integration's copy of T's cluster 1 then must not overwrite the guest's data.
     new.on_message(ToNew::Cluster { cluster: 1, data: vec![5; CS as usize] }, &mut u).unwrap();
     assert_eq!(u.held[&1], vec![9; CS as usize]);
@@ -229,12 +228,10 @@ fn a_partial_write_to_a_t_only_cluster_waits_for_t_and_merges() {
     let mut u = ModelU { b: vec![0; SIZE as usize], held: HashMap::new() };
     let mut new = NewSide::new([2], CS, SIZE);
     new.submit(1, Request::Write { off: 2 * CS + 8, data: vec![9; 8] }).unwrap();
-    let (out, done) = new.poll(&mut u).unwrap();
-    assert_eq!(out, vec![ToOld::ReadT { cluster: 2 }]);
-    assert!(done.is_empty());
+    let p = new.poll(&mut u).unwrap();
+    assert_eq!(p, Polled { to_old: vec![ToOld::ReadT { cluster: 2 }], completed: vec![] });
     new.on_message(ToNew::TData { cluster: 2, data: vec![5; CS as usize] }, &mut u).unwrap();
-    let (_, done) = new.poll(&mut u).unwrap();
-    assert_eq!(done, vec![(1, Completion::Write)]);
+    assert_eq!(new.poll(&mut u).unwrap().completed, vec![(1, Completion::Write)]);
     let mut want = vec![5; CS as usize];
     want[8..16].fill(9);
     assert_eq!(u.held[&2], want);
