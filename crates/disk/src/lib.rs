@@ -142,6 +142,39 @@ impl Disk {
         self.access.flush()?;
         self.access.sync()
     }
+
+    /// The cluster size of a qcow2 image and the clusters the image itself holds
+    /// (data or explicit zeroes), in address order; not those its backing file
+    /// provides. This is the "allocated clusters of T" a CEVM integration walks.
+    pub fn own_clusters(&self) -> Result<(u64, Vec<u64>), Error> {
+        use imago::ShallowMapping;
+        let err = |source| Error::Open { path: self.path.clone(), source };
+        if self.format != ImageFormat::Qcow2 {
+            return Err(Error::Refused { path: self.path.clone(), reason: "not a qcow2 image".into() });
+        }
+        let f = std::fs::File::open(&self.path).map_err(err)?;
+        let mut hdr = [0u8; 24];
+        read_exact_at(&f, &mut hdr, 0).map_err(err)?;
+        let cluster = 1u64 << u32::from_be_bytes(hdr[20..24].try_into().unwrap_or_default()).min(30);
+        let (size, mut off, mut own) = (self.size(), 0u64, Vec::new());
+        while off < size {
+            let (mapping, len) = self.access.get_shallow_mapping(off, size - off).map_err(err)?;
+            let len = len.max(1);
+            let held = match mapping {
+                ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => true,
+                ShallowMapping::Zero { explicit, .. } => explicit,
+                ShallowMapping::Indirect { .. } => false,
+                ShallowMapping::Eof { .. } => break,
+                _ => true,
+            };
+            if held {
+                own.extend(off / cluster..(off + len).div_ceil(cluster));
+            }
+            off += len;
+        }
+        own.dedup();
+        Ok((cluster, own))
+    }
 }
 
 /// Copies an image file, keeping it sparse: only its data extents are copied

@@ -115,3 +115,171 @@ fn copies_keep_holes_and_bytes() {
     assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 1 << 20, "the copy is sparse");
     assert!(copy_image(&src, &dst).is_err(), "never overwrites");
 }
+
+#[test]
+fn own_clusters_are_exactly_the_ones_qemu_img_maps_to_the_overlay() {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("base.qcow2");
+    let top = t.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
+    qemu_io("write -P 0xab 0 1M", &base);
+    Disk::create_overlay(&top, &base).unwrap();
+    {
+        let d = Disk::open(&top, true).unwrap();
+        d.write(&[1; 4096], 0).unwrap(); // a partial cluster
+        d.write(&[2; 200_000], 3 << 20).unwrap(); // spans clusters
+        d.write(&[3; 512], (7 << 20) + 65_300).unwrap(); // straddles a boundary
+        d.flush().unwrap();
+    }
+    qemu_io("write -z 5M 64k", &top); // an explicit zero cluster
+    let d = Disk::open(&top, false).unwrap();
+    let (cluster, own) = d.own_clusters().unwrap();
+    assert_eq!(cluster, 65536);
+    // The oracle: qemu-img's map of the overlay's own (depth 0) data and zeroes.
+    let map = qemu_img(&["map", "--output=json", top.to_str().unwrap()]);
+    let mut want = Vec::new();
+    for line in map.lines().filter(|l| l.contains("\"depth\": 0")) {
+        let num = |key: &str| -> u64 {
+            let rest = &line[line.find(key).unwrap() + key.len()..];
+            rest.trim_start_matches([':', ' ']).split([',', '}']).next().unwrap().trim().parse().unwrap()
+        };
+        let (start, length) = (num("\"start\""), num("\"length\""));
+        want.extend(start / cluster..(start + length).div_ceil(cluster));
+    }
+    assert_eq!(own, want, "{map}");
+    assert_eq!(own, vec![0, 48, 49, 50, 51, 80, 112, 113], "{map}");
+    // A raw image has no backing layer to tell apart.
+    let raw = t.path().join("r.raw");
+    std::fs::write(&raw, [0u8; 4096]).unwrap();
+    assert!(Disk::open(&raw, false).unwrap().own_clusters().is_err());
+}
+
+/// The CEVM disk protocols (crate `integrate`) over real qcow2 files: T, the
+/// overlay at the switch, is only read; U, a fresh overlay over the same base,
+/// takes the guest's writes and T's integrated clusters.
+mod integration_over_qcow2 {
+    use std::collections::VecDeque;
+
+    use integrate::{Completion, ImageT, NewSide, OldSide, OverlayU, Request, ToNew, ToOld};
+
+    use super::*;
+
+    struct U<'a>(&'a Disk);
+    struct T<'a>(&'a Disk, u64);
+    fn io(e: std::io::Error) -> integrate::Error {
+        integrate::Error::Io(e.to_string())
+    }
+    impl OverlayU for U<'_> {
+        fn read(&mut self, off: u64, buf: &mut [u8]) -> integrate::Result<()> {
+            self.0.read(buf, off).map_err(io)
+        }
+        fn write(&mut self, off: u64, data: &[u8]) -> integrate::Result<()> {
+            self.0.write(data, off).map_err(io)
+        }
+        fn flush(&mut self) -> integrate::Result<()> {
+            self.0.flush().map_err(io)
+        }
+    }
+    impl ImageT for T<'_> {
+        fn read_cluster(&mut self, cluster: u64, buf: &mut [u8]) -> integrate::Result<()> {
+            self.0.read(buf, cluster * self.1).map_err(io)
+        }
+    }
+
+    fn read_all(d: &Disk) -> Vec<u8> {
+        let mut v = vec![0; d.size() as usize];
+        d.read(&mut v, 0).unwrap();
+        v
+    }
+
+    fn run(seed: u64) {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let (b, t, u) = (dir.path().join("b.qcow2"), dir.path().join("t.qcow2"), dir.path().join("u.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", b.to_str().unwrap(), "4M"]);
+        qemu_io("write -P 0xab 0 3M", &b);
+        Disk::create_overlay(&t, &b).unwrap();
+        {
+            // The guest's writes before the switch.
+            let td = Disk::open(&t, true).unwrap();
+            for _ in 0..rng.usize(0..12) {
+                let mut data = vec![0; rng.usize(1..150_000)];
+                rng.fill(&mut data);
+                td.write(&data, rng.u64(0..(4 << 20) - data.len() as u64)).unwrap();
+            }
+            td.flush().unwrap();
+        }
+        Disk::create_overlay(&u, &b).unwrap();
+        let td = Disk::open(&t, false).unwrap();
+        let ud = Disk::open(&u, true).unwrap();
+        let at_switch = read_all(&td);
+        let (cs, own) = td.own_clusters().unwrap();
+        let mut reference = at_switch.clone();
+        let size = td.size();
+        let mut old = OldSide::new(own.clone(), cs as usize);
+        let mut new = NewSide::new(own.clone(), cs, size);
+        let (mut tt, mut uu) = (T(&td, cs), U(&ud));
+        let (mut to_new, mut to_old) = (VecDeque::<ToNew>::new(), VecDeque::<ToOld>::new());
+        let mut pending = VecDeque::new();
+        let (requests, mut submitted) = (rng.u64(0..40), 0);
+        while !(submitted == requests && pending.is_empty() && new.done() && old.done()) {
+            match rng.u8(0..5) {
+                0 if submitted < requests => {
+                    let off = rng.u64(0..size - 1);
+                    let len = rng.u64(1..=(size - off).min(200_000));
+                    let req = if rng.bool() {
+                        Request::Read { off, len }
+                    } else {
+                        let mut data = vec![0; len as usize];
+                        rng.fill(&mut data);
+                        Request::Write { off, data }
+                    };
+                    new.submit(submitted, req.clone()).unwrap();
+                    pending.push_back(req);
+                    submitted += 1;
+                }
+                1 => to_new.extend(old.step(&mut tt).unwrap()),
+                2 => {
+                    if let Some(m) = to_new.pop_front() {
+                        new.on_message(m, &mut uu).unwrap();
+                    }
+                }
+                3 => {
+                    if let Some(m) = to_old.pop_front() {
+                        to_new.extend(old.on_message(m, &mut tt).unwrap());
+                    }
+                }
+                _ => {
+                    let p = new.poll(&mut uu).unwrap();
+                    to_old.extend(p.to_old);
+                    for (_, c) in p.completed {
+                        match (pending.pop_front().unwrap(), c) {
+                            (Request::Read { off, len }, Completion::Read(d)) => {
+                                assert!(d == reference[off as usize..(off + len) as usize], "seed {seed}: stale read")
+                            }
+                            (Request::Write { off, data }, Completion::Write) => {
+                                reference[off as usize..off as usize + data.len()].copy_from_slice(&data)
+                            }
+                            (r, c) => panic!("seed {seed}: {r:?} -> {c:?}"),
+                        }
+                    }
+                }
+            }
+        }
+        ud.flush().unwrap();
+        assert!(read_all(&ud) == reference, "seed {seed}: U over B is not the disk");
+        assert!(read_all(&td) == at_switch, "seed {seed}: T over B is not the disk at the switch");
+        assert_eq!(td.own_clusters().unwrap().1, own, "seed {seed}: T was written");
+        drop((td, ud));
+        qemu_img(&["check", "-q", u.to_str().unwrap()]);
+        qemu_img(&["check", "-q", t.to_str().unwrap()]);
+    }
+
+    #[test]
+    fn integration_and_guest_io_interleaved_on_qcow2_files() {
+        let base = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() << 8;
+        for i in 0..12 {
+            run(base + i);
+        }
+    }
+}
