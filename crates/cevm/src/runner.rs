@@ -35,6 +35,27 @@ enum Control {
     /// starts a new one; events of older instances are stale).
     Vm(u64, VmEvent),
     Api(Request, Sender<Reply>),
+    /// A CEVM checkpoint's writer finished (the reply goes to its requester).
+    CheckpointWritten(Result<checkpoint::CheckpointReport, String>, Sender<Reply>),
+}
+
+/// The thread writing a CEVM checkpoint from the frozen old instance; the VMM
+/// waits for it before it ends, so a checkpoint under way is not cut short.
+#[derive(Default)]
+struct Writer(Option<std::thread::JoinHandle<()>>);
+
+impl Writer {
+    fn busy(&self) -> bool {
+        self.0.as_ref().is_some_and(|h| !h.is_finished())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 /// Forwards the events of instance generation `gen` into the control loop.
@@ -105,6 +126,7 @@ pub fn run(
         (200, serde_json::to_value(s).unwrap_or_default())
     };
     let state_name = |inst: &Instance| if inst.run_state() == RunState::Paused { "paused" } else { "running" };
+    let mut writer = Writer::default();
     loop {
         let Ok(msg) = rx.recv() else {
             return Err("all event sources closed".into());
@@ -184,6 +206,24 @@ pub fn run(
                     }
                 }
             }
+            Control::CheckpointWritten(result, reply) => match result {
+                Ok(report) => {
+                    checkpoints += 1;
+                    eprintln!(
+                        "cevm: checkpoint {} committed to {} (cevm: guest paused {:.2} ms for the switch, {} data pages written meanwhile in {:.0} ms)",
+                        checkpoints,
+                        report.dir.display(),
+                        report.pause_ms,
+                        report.memory.data_pages,
+                        report.total_ms
+                    );
+                    let _ = reply.send((200, serde_json::to_value(&report).unwrap_or_default()));
+                }
+                Err(e) => {
+                    eprintln!("cevm: checkpoint failed, the guest goes on: {e}");
+                    let _ = reply.send(api::error(500, format!("checkpoint failed (the guest goes on): {e}")));
+                }
+            },
             Control::Api(Request::Checkpoint(req), reply) => {
                 let strategy: Strategy = match req.strategy.parse() {
                     Ok(s) => s,
@@ -192,8 +232,27 @@ pub fn run(
                         continue;
                     }
                 };
+                if writer.busy() {
+                    let _ =
+                        reply.send(api::error(409, "a CEVM checkpoint is still being written; try again when it is"));
+                    continue;
+                }
                 let result = match strategy {
                     Strategy::StopAndSave => checkpoint::stop_and_save(&mut instance, &req.out, req.stop),
+                    Strategy::Cevm => {
+                        match cevm_checkpoint(&mut instance, &req, &progress, &tx, generation + 1, reply) {
+                            Ok(Some(handle)) => {
+                                generation += 1;
+                                writer = Writer(Some(handle));
+                            }
+                            Ok(None) => {}
+                            Err((code, e, reply)) => {
+                                eprintln!("cevm: checkpoint to {} failed, the guest goes on: {e}", req.out.display());
+                                let _ = reply.send(api::error(code, e));
+                            }
+                        }
+                        continue;
+                    }
                 };
                 match result {
                     Ok(report) => {
@@ -218,6 +277,60 @@ pub fn run(
                 }
             }
         }
+    }
+}
+
+/// Why a CEVM checkpoint did not start: HTTP status, message, and the reply
+/// channel handed back so the caller can answer.
+type Refusal = (u16, String, Sender<Reply>);
+
+/// The CEVM strategy, thread-based: live-migrates `instance` to a new instance
+/// in this process (which then runs the guest, its events as generation
+/// `next_gen`) and starts a thread in which the old instance, frozen at the
+/// switch, writes the checkpoint; that thread answers `reply` through `control`.
+/// Returns the thread, or why nothing was started (the guest goes on as before).
+fn cevm_checkpoint(
+    instance: &mut Instance,
+    req: &api::CheckpointRequest,
+    progress: &Mutex<migrate::Progress>,
+    control: &Sender<Control>,
+    next_gen: u64,
+    reply: Sender<Reply>,
+) -> Result<Option<std::thread::JoinHandle<()>>, Refusal> {
+    let t0 = std::time::Instant::now();
+    if req.stop {
+        return Err((400, "--stop ends the VM: use the stop-and-save strategy for that".into(), reply));
+    }
+    if instance.config().disk.is_some() {
+        return Err((400, "the cevm strategy does not take guests with a disk yet; use stop-and-save".into(), reply));
+    }
+    let m = MigrateRequest {
+        to: "local".into(),
+        params: migrate::Params::default(),
+        migration_cpus: None,
+        dest_vcpu_cpus: None,
+    };
+    let new = match migrate_request(instance, &m, progress, control, next_gen) {
+        Ok((_, None)) => return Err((500, "the live migration left no new instance".into(), reply)),
+        Ok((report, Some(new))) => (report, new),
+        Err(e) => return Err((500, format!("checkpoint failed (the guest goes on): live migration: {e}"), reply)),
+    };
+    let (report, new) = new;
+    let mut old = std::mem::replace(instance, new);
+    let (control, out, on_error) = (control.clone(), req.out.clone(), reply.clone());
+    let handle = std::thread::Builder::new()
+        .name("checkpoint-writer".into())
+        .spawn(move || {
+            let r = checkpoint::write_frozen(&mut old, &out, report.downtime_ms, t0).map_err(|e| e.to_string());
+            // The old instance's work is done: its vCPU threads end here.
+            drop(old);
+            let _ = control.send(Control::CheckpointWritten(r, reply));
+        })
+        .map_err(|e| e.to_string());
+    match handle {
+        Ok(h) => Ok(Some(h)),
+        // Without a writer there is no checkpoint; the guest runs on in the new instance.
+        Err(e) => Err((500, format!("cannot start the checkpoint writer: {e}"), on_error)),
     }
 }
 

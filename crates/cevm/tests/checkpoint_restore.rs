@@ -96,3 +96,37 @@ fn api_pause_resume_status_quit_on_a_0600_socket() {
     assert!(!sock.exists(), "the socket file is removed when the VMM exits");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The CEVM strategy (thread-based): the guest moves to a new instance in the same
+/// VMM and runs to the right digest there, while the old instance, frozen at the
+/// switch, writes the checkpoint; the checkpoint restores to the right digest too.
+#[test]
+fn cevm_checkpoint_the_guest_runs_on_right_and_the_checkpoint_restores_right() {
+    let dir = workdir("cevm-ckpt");
+    let sock = dir.join("api.sock");
+    let ckpt = dir.join("ckpt");
+    let args = "mib=1 rounds=6";
+    let mut reference = run_guest("digest", args, "32M", 2, None);
+    let want = digest_to_end(&mut reference);
+    let mut vm = run_guest("digest", args, "32M", 2, Some(&sock));
+    vm.wait_line(T, |l| l == "round 2/6").expect("guest never reached round 2");
+    let body = json!({ "out": ckpt, "strategy": "cevm", "stop": true });
+    let e = api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).unwrap_err().to_string();
+    assert!(e.contains("stop-and-save"), "{e}");
+    let body = json!({ "out": ckpt, "strategy": "cevm" });
+    let report = api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
+    assert_eq!(report["strategy"], "cevm", "{report}");
+    assert!(report["memory"]["data_pages"].as_u64().unwrap() > 256, "{report}");
+    let pause = report["pause_ms"].as_f64().unwrap();
+    assert!(pause > 0.0 && pause < report["total_ms"].as_f64().unwrap(), "{report}");
+    let status = api::call(&sock, "GET", "/v1/status", None, T).unwrap();
+    assert_eq!(status["checkpoints"], 1, "{status}");
+    // The guest finishes right in the new instance.
+    assert_eq!(digest_to_end(&mut vm), want, "the guest's digest after the CEVM switch differs");
+    verify_ok(&ckpt);
+    let mut restored = restore(&ckpt, None);
+    let digest = digest_to_end(&mut restored);
+    assert!(!restored.seen.iter().any(|l| l == "round 1/6" || l == "round 2/6"), "{:?}", restored.seen);
+    assert_eq!(digest, want, "the restored CEVM checkpoint's digest differs");
+    let _ = std::fs::remove_dir_all(&dir);
+}
