@@ -232,17 +232,36 @@ fn allocated_bytes(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
-/// Waits for the dirtier's per-second line showing at least `pages` pages written.
-fn wait_dirtied(lines: &Receiver<String>, pages: u64, timeout: Duration) -> Result<(), String> {
+/// Creates and starts an instance of `config` whose console comes back line by line.
+fn start_guest(config: InstanceConfig) -> Result<(Instance, Receiver<String>), String> {
+    let (line_tx, lines) = mpsc::channel();
+    // The benchmarks end their instances themselves; guest events are not watched.
+    let (ev_tx, _events) = mpsc::channel();
+    let mut inst =
+        Instance::new(config, Box::new(LineSink { buf: Vec::new(), tx: line_tx }), ev_tx).map_err(|e| e.to_string())?;
+    inst.start().map_err(|e| e.to_string())?;
+    Ok((inst, lines))
+}
+
+/// Waits for a console line for which `pred` holds; returns it.
+fn wait_line(lines: &Receiver<String>, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines.recv_timeout(left).map_err(|_| "the dirtier guest did not cover its working set in time")?;
-        let total = line.split("total=").nth(1).and_then(|t| t.trim().parse::<u64>().ok());
-        if total.is_some_and(|t| t >= pages) {
-            return Ok(());
+        let line = lines.recv_timeout(left).map_err(|_| "the guest did not print what was expected in time")?;
+        if pred(&line) {
+            return Ok(line);
         }
     }
+}
+
+/// Waits for the dirtier's per-second line showing at least `pages` pages written.
+fn wait_dirtied(lines: &Receiver<String>, pages: u64, timeout: Duration) -> Result<(), String> {
+    let covered =
+        |l: &str| l.split("total=").nth(1).and_then(|t| t.trim().parse::<u64>().ok()).is_some_and(|t| t >= pages);
+    wait_line(lines, timeout, covered)
+        .map(drop)
+        .map_err(|_| "the dirtier guest did not cover its working set in time".to_string())
 }
 
 fn stop_and_save(
@@ -265,11 +284,7 @@ fn stop_and_save(
             memory_backend,
             disk: None,
         };
-        let (line_tx, lines) = mpsc::channel();
-        let (ev_tx, _events) = mpsc::channel();
-        let mut inst = Instance::new(config, Box::new(LineSink { buf: Vec::new(), tx: line_tx }), ev_tx)
-            .map_err(|e| e.to_string())?;
-        inst.start().map_err(|e| e.to_string())?;
+        let (mut inst, lines) = start_guest(config)?;
         wait_dirtied(&lines, ws_mib * 256, Duration::from_secs(600))?;
         let mut samples = Vec::new();
         let ckpt = dir.join(format!("ckpt-{}", mem >> 20));

@@ -301,8 +301,8 @@ fn cevm_checkpoint(
     if req.stop {
         return Err((400, "--stop ends the VM: use the stop-and-save strategy for that".into(), reply));
     }
-    if instance.config().disk.is_some() {
-        return Err((400, "the cevm strategy does not take guests with a disk yet; use stop-and-save".into(), reply));
+    if let Err(e) = checkpoint::cevm_supports(instance.config()) {
+        return Err((400, e.to_string(), reply));
     }
     let m = MigrateRequest {
         to: "local".into(),

@@ -35,6 +35,9 @@ pub enum Error {
     /// The state could not be serialized.
     #[error("cannot serialize the instance state: {0}")]
     Encode(String),
+    /// The strategy cannot checkpoint this guest.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Result of this crate.
@@ -125,17 +128,43 @@ pub fn stop_and_save(instance: &mut Instance, out: &Path, stop: bool) -> Result<
         instance.resume()?;
     }
     let pause_ms = ms(t0.elapsed());
-    let (memory, state_bytes, write_time) = written?;
-    Ok(CheckpointReport {
+    Ok(report(out, Strategy::StopAndSave, pause_ms, t0, written?, stop))
+}
+
+/// The report of a committed checkpoint: `written` as [`write_paused`] returns it.
+fn report(
+    out: &Path,
+    strategy: Strategy,
+    pause_ms: f64,
+    t0: Instant,
+    written: (MemoryStats, u64, Duration),
+    stopped: bool,
+) -> CheckpointReport {
+    let (memory, state_bytes, write_time) = written;
+    CheckpointReport {
         dir: out.to_path_buf(),
-        strategy: Strategy::StopAndSave,
+        strategy,
         pause_ms,
         total_ms: ms(t0.elapsed()),
         write_mib_per_s: memory.data_bytes as f64 / (1 << 20) as f64 / write_time.as_secs_f64().max(1e-9),
         memory,
         state_bytes,
-        stopped: stop,
-    })
+        stopped,
+    }
+}
+
+/// Whether the cevm strategy can checkpoint a guest of `config`; asked before
+/// its live migration starts.
+pub fn cevm_supports(config: &InstanceConfig) -> Result<()> {
+    if config.disk.is_some() {
+        // Its disk would go on with the new instance: the disk protocols of the
+        // `integrate` crate (T kept as the checkpoint's disk, U for the new
+        // instance) are not wired in yet.
+        return Err(Error::Unsupported(
+            "the cevm strategy does not take guests with a disk yet; use stop-and-save".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// CEVM's second half: `frozen` is the old instance of a live migration, paused
@@ -145,23 +174,9 @@ pub fn stop_and_save(instance: &mut Instance, out: &Path, stop: bool) -> Result<
 /// checkpoint was asked for. On failure `out`, if it held an older checkpoint,
 /// still holds it, and the guest is unaffected.
 pub fn write_frozen(frozen: &mut Instance, out: &Path, pause_ms: f64, t0: Instant) -> Result<CheckpointReport> {
-    if frozen.config().disk.is_some() {
-        // Its disk has gone on with the new instance: the disk protocols of the
-        // `integrate` crate (T kept as the checkpoint's disk, U for the new
-        // instance) are not wired in yet.
-        return Err(Error::Encode("the cevm strategy does not take guests with a disk yet; use stop-and-save".into()));
-    }
-    let (memory, state_bytes, write_time) = write_paused(frozen, out, Strategy::Cevm)?;
-    Ok(CheckpointReport {
-        dir: out.to_path_buf(),
-        strategy: Strategy::Cevm,
-        pause_ms,
-        total_ms: ms(t0.elapsed()),
-        write_mib_per_s: memory.data_bytes as f64 / (1 << 20) as f64 / write_time.as_secs_f64().max(1e-9),
-        memory,
-        state_bytes,
-        stopped: false,
-    })
+    cevm_supports(frozen.config())?;
+    let written = write_paused(frozen, out, Strategy::Cevm)?;
+    Ok(report(out, Strategy::Cevm, pause_ms, t0, written, false))
 }
 
 /// Writes the checkpoint of a paused instance. Returns memory stats, state size and

@@ -3,15 +3,14 @@
 //! QMP, on the same kernel, initramfs, command line, memory size and workload.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use serde::Serialize;
-use vmm::{Boot, Instance, InstanceConfig, MemoryBackend};
+use vmm::{Boot, InstanceConfig, MemoryBackend};
 
-use super::migrate::{migrate_once, wait_line, Mode};
+use super::migrate::{migrate_once, Mode};
 use super::qemu::{self, Qemu};
-use super::{median_min_max, LineSink};
+use super::{median_min_max, start_guest, wait_line};
 
 /// What the Linux guest does while it is migrated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -50,6 +49,28 @@ struct Row {
     throttle_pct: Vec<u64>,
 }
 
+impl Row {
+    fn new(workload: Workload, vmm: String) -> Self {
+        Row {
+            workload,
+            vmm,
+            downtime_ms: vec![],
+            total_ms: vec![],
+            bytes_sent: vec![],
+            rounds: vec![],
+            throttle_pct: vec![],
+        }
+    }
+
+    fn push(&mut self, downtime_ms: f64, total_ms: f64, bytes_sent: u64, rounds: u64, throttle_pct: u64) {
+        self.downtime_ms.push(downtime_ms);
+        self.total_ms.push(total_ms);
+        self.bytes_sent.push(bytes_sent);
+        self.rounds.push(rounds);
+        self.throttle_pct.push(throttle_pct);
+    }
+}
+
 fn cmdline(w: Workload, o: &Options) -> String {
     let test = match w {
         Workload::Idle => "idle".to_string(),
@@ -73,24 +94,12 @@ fn cevm_rows(w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<(), String
         memory_backend: MemoryBackend::Shared,
         disk: None,
     };
-    let (line_tx, lines) = mpsc::channel();
-    let (ev_tx, _events) = mpsc::channel();
-    let mut inst =
-        Instance::new(config, Box::new(LineSink { buf: Vec::new(), tx: line_tx }), ev_tx).map_err(|e| e.to_string())?;
-    inst.start().map_err(|e| e.to_string())?;
+    let (mut inst, lines) = start_guest(config)?;
     wait_line(&lines, Duration::from_secs(900), |l| l.contains(marker(w)))?;
     std::thread::sleep(Duration::from_secs(1));
     for &mode in &o.modes {
         let vmm = format!("cevm {}", format!("{mode:?}").to_lowercase());
-        let mut row = Row {
-            workload: w,
-            vmm: vmm.clone(),
-            downtime_ms: vec![],
-            total_ms: vec![],
-            bytes_sent: vec![],
-            rounds: vec![],
-            throttle_pct: vec![],
-        };
+        let mut row = Row::new(w, vmm.clone());
         for n in 0..o.runs {
             std::thread::sleep(Duration::from_millis(500));
             let r = migrate_once(&mut inst, mode, &o.params, &o.dir, n)?;
@@ -108,11 +117,7 @@ fn cevm_rows(w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<(), String
                 r.rounds,
                 r.max_throttle_pct
             );
-            row.downtime_ms.push(r.downtime_ms);
-            row.total_ms.push(r.total_ms);
-            row.bytes_sent.push(r.bytes_sent);
-            row.rounds.push(u64::from(r.rounds));
-            row.throttle_pct.push(u64::from(r.max_throttle_pct));
+            row.push(r.downtime_ms, r.total_ms, r.bytes_sent, u64::from(r.rounds), u64::from(r.max_throttle_pct));
         }
         rows.push(row);
     }
@@ -131,15 +136,7 @@ fn qemu_row(bin: &str, w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<
         std::thread::sleep(Duration::from_secs(1));
         // QEMU's downtime limit is in whole milliseconds; cevm's page budget, rounded up.
         let limit = o.params.max_downtime_ms.ceil().max(1.0) as u64;
-        let mut row = Row {
-            workload: w,
-            vmm: format!("QEMU (downtime-limit {limit} ms)"),
-            downtime_ms: vec![],
-            total_ms: vec![],
-            bytes_sent: vec![],
-            rounds: vec![],
-            throttle_pct: vec![],
-        };
+        let mut row = Row::new(w, format!("QEMU (downtime-limit {limit} ms)"));
         for n in 0..o.runs {
             std::thread::sleep(Duration::from_millis(500));
             let sock = o.dir.join(format!("qemu-mig-{}-{n}.sock", std::process::id()));
@@ -160,11 +157,7 @@ fn qemu_row(bin: &str, w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<
                 m.rounds,
                 m.throttle_pct
             );
-            row.downtime_ms.push(m.downtime_ms);
-            row.total_ms.push(m.total_ms);
-            row.bytes_sent.push(m.bytes_sent);
-            row.rounds.push(m.rounds);
-            row.throttle_pct.push(m.throttle_pct);
+            row.push(m.downtime_ms, m.total_ms, m.bytes_sent, m.rounds, m.throttle_pct);
         }
         rows.push(row);
         Ok(())

@@ -3,14 +3,14 @@
 //! time, bytes and rounds, median of several runs.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vmm::{Boot, Instance, InstanceConfig, MemoryBackend};
 
-use super::{median_min_max, LineSink};
+use super::{median_min_max, start_guest, wait_line};
 
 /// How fast the guest dirties its memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -79,22 +79,6 @@ struct Case {
     /// What the dirtier reported in the second before the first migration.
     measured_pages_per_s: u64,
     reports: Vec<migrate::Report>,
-}
-
-/// Waits for a console line for which `pred` holds; returns it.
-pub(super) fn wait_line(
-    lines: &Receiver<String>,
-    timeout: Duration,
-    pred: impl Fn(&str) -> bool,
-) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines.recv_timeout(left).map_err(|_| "the guest did not print what was expected in time")?;
-        if pred(&line) {
-            return Ok(line);
-        }
-    }
 }
 
 /// Migrates `inst` once to a fresh destination of `mode`, then drops the
@@ -179,11 +163,7 @@ pub fn run(o: &Options) -> Result<(), String> {
                 memory_backend: MemoryBackend::Shared,
                 disk: None,
             };
-            let (line_tx, lines) = mpsc::channel();
-            let (ev_tx, _events) = mpsc::channel();
-            let mut inst = Instance::new(config, Box::new(LineSink { buf: Vec::new(), tx: line_tx }), ev_tx)
-                .map_err(|e| e.to_string())?;
-            inst.start().map_err(|e| e.to_string())?;
+            let (mut inst, lines) = start_guest(config)?;
             wait_line(&lines, Duration::from_secs(600), |l| l.starts_with("dirtier: filled"))?;
             let mut measured = 0;
             if rate != Rate::Idle {
