@@ -39,6 +39,12 @@ pub struct CheckpointRequest {
     /// Leave the VM stopped after the checkpoint (the VMM then exits).
     #[serde(default)]
     pub stop: bool,
+    /// The cevm strategy's new instance: `local` (default; thread-based, in this
+    /// VMM) or `unix:PATH` / `tcp:HOST:PORT`, a `cevm run --incoming` there
+    /// (process-based: the guest goes on there, this VMM writes the checkpoint
+    /// and ends).
+    #[serde(default)]
+    pub to: Option<String>,
 }
 
 /// Body of `PUT /v1/migrate`.

@@ -120,12 +120,18 @@ enum Cmd {
         /// Directory to commit the checkpoint to (replaced atomically if it exists).
         #[arg(long)]
         out: PathBuf,
-        /// Strategy: stop-and-save.
+        /// Strategy: stop-and-save (pause, write, resume) or cevm (live-migrate
+        /// to a new instance, the old one writes the checkpoint meanwhile).
         #[arg(long, default_value = "stop-and-save")]
         strategy: String,
         /// Leave the VM stopped after the checkpoint (its VMM exits).
         #[arg(long)]
         stop: bool,
+        /// cevm strategy: where the new instance runs: `local` (thread-based, in
+        /// the same VMM) or `unix:PATH` / `tcp:HOST:PORT` of a `cevm run
+        /// --incoming` (process-based; the old VMM ends once it wrote the checkpoint).
+        #[arg(long)]
+        to: Option<String>,
     },
     /// Pause a running VM.
     Pause {
@@ -232,12 +238,12 @@ fn run(cmd: Cmd) -> i32 {
                 Err(e) => fail(format!("cannot restore: {e}")),
             }
         }
-        Cmd::Checkpoint { api_sock, out, strategy, stop } => {
+        Cmd::Checkpoint { api_sock, out, strategy, stop, to } => {
             let out = match absolute(&out) {
                 Ok(p) => p,
                 Err(e) => return fail(e),
             };
-            let body = json!({ "out": out, "strategy": strategy, "stop": stop });
+            let body = json!({ "out": out, "strategy": strategy, "stop": stop, "to": to });
             client(&api_sock, "PUT", "/v1/checkpoint", Some(body))
         }
         Cmd::Migrate {
@@ -335,7 +341,15 @@ fn run_incoming(
     match migrate::migrate_in(t.as_mut(), Box::new(std::io::stdout()), tx, &cpus) {
         Ok((inst, hello)) => {
             eprintln!("cevm: guest arrived from {} ({}), running", t.peer(), hello.config.boot);
-            drop(t);
+            if hello.cevm {
+                // The source writes a checkpoint from its frozen copy; the guest's
+                // disk comes over in the background (disk hand-over).
+                if let Err(e) = migrate::handover::serve_new_side(t, &inst) {
+                    eprintln!("cevm: disk hand-over: {e}");
+                }
+            } else {
+                drop(t);
+            }
             finish(runner::run(inst, rx, api_sock, None))
         }
         Err(e) => fail(format!("incoming migration failed, nothing runs: {e}")),

@@ -172,9 +172,13 @@ pub fn run(
                 return Ok(Outcome::Quit);
             }
             Control::Api(Request::Migrate(req), reply) => {
+                if let Some(why) = busy(&writer, &instance) {
+                    let _ = reply.send(api::error(409, why));
+                    continue;
+                }
                 *progress.lock().unwrap_or_else(|p| p.into_inner()) = migrate::Progress::default();
                 match migrate_request(&mut instance, &req, &progress, &tx, generation + 1) {
-                    Ok((report, None)) => {
+                    Ok(Migrated { report, new: None, .. }) => {
                         eprintln!(
                             "cevm: guest migrated to {} (downtime {:.2} ms, {} rounds, {} MiB sent); this VMM ends",
                             report.to,
@@ -186,7 +190,7 @@ pub fn run(
                         instance.shutdown();
                         return Ok(Outcome::MigratedAway(report));
                     }
-                    Ok((report, Some(new_instance))) => {
+                    Ok(Migrated { report, new: Some(new_instance), .. }) => {
                         eprintln!(
                             "cevm: guest migrated to a new instance in this process (downtime {:.2} ms, {} rounds, {} MiB copied)",
                             report.downtime_ms,
@@ -206,24 +210,10 @@ pub fn run(
                     }
                 }
             }
-            Control::CheckpointWritten(result, reply) => match result {
-                Ok(report) => {
-                    checkpoints += 1;
-                    eprintln!(
-                        "cevm: checkpoint {} committed to {} (cevm: guest paused {:.2} ms for the switch, {} data pages written meanwhile in {:.0} ms)",
-                        checkpoints,
-                        report.dir.display(),
-                        report.pause_ms,
-                        report.memory.data_pages,
-                        report.total_ms
-                    );
-                    let _ = reply.send((200, serde_json::to_value(&report).unwrap_or_default()));
-                }
-                Err(e) => {
-                    eprintln!("cevm: checkpoint failed, the guest goes on: {e}");
-                    let _ = reply.send(api::error(500, format!("checkpoint failed (the guest goes on): {e}")));
-                }
-            },
+            Control::CheckpointWritten(result, reply) => {
+                checkpoints += u64::from(result.is_ok());
+                let _ = reply.send(cevm_written(&result, checkpoints));
+            }
             Control::Api(Request::Checkpoint(req), reply) => {
                 let strategy: Strategy = match req.strategy.parse() {
                     Ok(s) => s,
@@ -232,20 +222,23 @@ pub fn run(
                         continue;
                     }
                 };
-                if writer.busy() {
-                    let _ =
-                        reply.send(api::error(409, "a CEVM checkpoint is still being written; try again when it is"));
+                if let Some(why) = busy(&writer, &instance) {
+                    let _ = reply.send(api::error(409, why));
                     continue;
                 }
                 let result = match strategy {
                     Strategy::StopAndSave => checkpoint::stop_and_save(&mut instance, &req.out, req.stop),
                     Strategy::Cevm => {
                         match cevm_checkpoint(&mut instance, &req, &progress, &tx, generation + 1, reply) {
-                            Ok(Some(handle)) => {
+                            Ok(CevmStarted::Writing(handle)) => {
                                 generation += 1;
                                 writer = Writer(Some(handle));
                             }
-                            Ok(None) => {}
+                            Ok(CevmStarted::Replaced) => generation += 1,
+                            Ok(CevmStarted::WrittenAway(report)) => {
+                                instance.shutdown();
+                                return Ok(Outcome::MigratedAway(report));
+                            }
                             Err((code, e, reply)) => {
                                 eprintln!("cevm: checkpoint to {} failed, the guest goes on: {e}", req.out.display());
                                 let _ = reply.send(api::error(code, e));
@@ -284,11 +277,41 @@ pub fn run(
 /// channel handed back so the caller can answer.
 type Refusal = (u16, String, Sender<Reply>);
 
-/// The CEVM strategy, thread-based: live-migrates `instance` to a new instance
-/// in this process (which then runs the guest, its events as generation
-/// `next_gen`) and starts a thread in which the old instance, frozen at the
-/// switch, writes the checkpoint; that thread answers `reply` through `control`.
-/// Returns the thread, or why nothing was started (the guest goes on as before).
+/// Why the guest cannot be checkpointed or migrated right now, if it cannot.
+fn busy(writer: &Writer, instance: &Instance) -> Option<&'static str> {
+    if writer.busy() {
+        return Some("a CEVM checkpoint is still being written; try again when it is");
+    }
+    if instance.disk().is_some_and(|d| d.integrating()) {
+        return Some("the guest's disk is still being handed over from a CEVM checkpoint; try again when it is");
+    }
+    None
+}
+
+/// A CEVM checkpoint under way.
+enum CevmStarted {
+    /// Thread-based: the guest runs in the new instance here; this thread
+    /// writes the checkpoint and answers the request.
+    Writing(std::thread::JoinHandle<()>),
+    /// The new instance runs the guest here, but there is no checkpoint (the
+    /// request was answered).
+    Replaced,
+    /// Process-based: the guest runs in another VMM; the checkpoint was written
+    /// from the frozen instance here (the request is answered) and this VMM ends.
+    WrittenAway(migrate::Report),
+}
+
+/// The CEVM strategy: live-migrates `instance` to a new instance and writes the
+/// checkpoint from the old one, frozen at the switch, while the guest runs on.
+///
+/// - Thread-based (`to` absent or `local`): the new instance is made in this
+///   process (its events as generation `next_gen`) and replaces `instance`; a
+///   thread writes the checkpoint and answers `reply` through `control`.
+/// - Process-based (`to` an endpoint of a `cevm run --incoming`): the guest
+///   goes there; the checkpoint is written here before this returns.
+///
+/// A guest's writable disk is handed over meanwhile (`checkpoint::write_frozen`).
+/// Returns why nothing was started (the guest goes on as before), if so.
 fn cevm_checkpoint(
     instance: &mut Instance,
     req: &api::CheckpointRequest,
@@ -296,7 +319,7 @@ fn cevm_checkpoint(
     control: &Sender<Control>,
     next_gen: u64,
     reply: Sender<Reply>,
-) -> Result<Option<std::thread::JoinHandle<()>>, Refusal> {
+) -> Result<CevmStarted, Refusal> {
     let t0 = std::time::Instant::now();
     if req.stop {
         return Err((400, "--stop ends the VM: use the stop-and-save strategy for that".into(), reply));
@@ -304,34 +327,93 @@ fn cevm_checkpoint(
     if let Err(e) = checkpoint::cevm_supports(instance.config()) {
         return Err((400, e.to_string(), reply));
     }
+    let to = req.to.clone().unwrap_or_else(|| "local".into());
+    if let Err(e) = api::migration_target(&to) {
+        return Err((400, format!("--to: {e}"), reply));
+    }
     let m = MigrateRequest {
-        to: "local".into(),
-        params: migrate::Params::default(),
+        to,
+        params: migrate::Params { cevm: true, ..Default::default() },
         migration_cpus: None,
         dest_vcpu_cpus: None,
     };
-    let new = match migrate_request(instance, &m, progress, control, next_gen) {
-        Ok((_, None)) => return Err((500, "the live migration left no new instance".into(), reply)),
-        Ok((report, Some(new))) => (report, new),
+    let Migrated { report, new, link } = match migrate_request(instance, &m, progress, control, next_gen) {
+        Ok(r) => r,
         Err(e) => return Err((500, format!("checkpoint failed (the guest goes on): live migration: {e}"), reply)),
     };
-    let (report, new) = new;
+    // Without its link the hand-over cannot run: the new instance then completes
+    // its disk from T by itself, and there is no checkpoint.
+    let handover = match link.map(migrate::handover::old_side_link).transpose() {
+        Ok(h) => h.map(|(inbound, outbox)| checkpoint::Handover { inbound, outbox }),
+        Err(e) => {
+            let e = format!("checkpoint failed (the guest goes on in the new instance): disk hand-over: {e}");
+            let _ = reply.send(api::error(500, e));
+            return Ok(match new {
+                Some(new) => {
+                    drop(std::mem::replace(instance, new));
+                    CevmStarted::Replaced
+                }
+                None => CevmStarted::WrittenAway(report),
+            });
+        }
+    };
+    let Some(new) = new else {
+        // Process-based: nothing runs here any more; write, answer, end.
+        let r = checkpoint::write_frozen(instance, &req.out, report.downtime_ms, t0, handover);
+        let _ = reply.send(cevm_written(&r.map_err(|e| e.to_string()), 1));
+        return Ok(CevmStarted::WrittenAway(report));
+    };
     let mut old = std::mem::replace(instance, new);
     let (control, out, on_error) = (control.clone(), req.out.clone(), reply.clone());
-    let handle = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("checkpoint-writer".into())
         .spawn(move || {
-            let r = checkpoint::write_frozen(&mut old, &out, report.downtime_ms, t0).map_err(|e| e.to_string());
+            let r =
+                checkpoint::write_frozen(&mut old, &out, report.downtime_ms, t0, handover).map_err(|e| e.to_string());
             // The old instance's work is done: its vCPU threads end here.
             drop(old);
             let _ = control.send(Control::CheckpointWritten(r, reply));
         })
-        .map_err(|e| e.to_string());
-    match handle {
-        Ok(h) => Ok(Some(h)),
-        // Without a writer there is no checkpoint; the guest runs on in the new instance.
-        Err(e) => Err((500, format!("cannot start the checkpoint writer: {e}"), on_error)),
+        .map(CevmStarted::Writing)
+        // The OS refused a thread: the hand-over went with the closure, so the new
+        // instance completes its disk from T; the guest runs on there.
+        .map_err(|e| (500, format!("cannot start the checkpoint writer: {e}"), on_error))
+}
+
+/// Logs a CEVM checkpoint's outcome (the `n`th checkpoint of this VMM) and
+/// makes the API's answer.
+fn cevm_written(r: &Result<checkpoint::CheckpointReport, String>, n: u64) -> Reply {
+    match r {
+        Ok(report) => {
+            eprintln!(
+                "cevm: checkpoint {n} committed to {} (cevm: guest paused {:.2} ms for the switch, {} data pages written meanwhile in {:.0} ms)",
+                report.dir.display(),
+                report.pause_ms,
+                report.memory.data_pages,
+                report.total_ms
+            );
+            if let Some(e) = report.disk_handover.as_ref().and_then(|d| d.error.as_ref()) {
+                eprintln!(
+                    "cevm: the disk hand-over did not end normally ({e}); the checkpoint holds the disk of the switch"
+                );
+            }
+            (200, serde_json::to_value(report).unwrap_or_default())
+        }
+        Err(e) => {
+            eprintln!("cevm: checkpoint failed, the guest goes on: {e}");
+            api::error(500, format!("checkpoint failed (the guest goes on): {e}"))
+        }
     }
+}
+
+/// A finished migration.
+struct Migrated {
+    report: migrate::Report,
+    /// Thread-based: the new instance, running the guest here.
+    new: Option<Instance>,
+    /// A CEVM checkpoint's migration of a guest with a disk: the old side's end
+    /// of the disk hand-over.
+    link: Option<Box<dyn migrate::Transport>>,
 }
 
 /// Runs one migration of `instance`, the engine publishing its progress in
@@ -344,7 +426,7 @@ fn migrate_request(
     progress: &Mutex<migrate::Progress>,
     control: &Sender<Control>,
     next_gen: u64,
-) -> Result<(migrate::Report, Option<Instance>), String> {
+) -> Result<Migrated, String> {
     let target = api::migration_target(&req.to)?;
     let me = vmm::placement::this_thread();
     let before = vmm::placement::affinity(me);
@@ -357,16 +439,18 @@ fn migrate_request(
             let (ev_tx, ev_rx) = mpsc::channel();
             let dest_cpus = req.dest_vcpu_cpus.clone().unwrap_or_default().0;
             let console = Box::new(std::io::stdout());
-            let (report, new) = migrate::migrate_local(instance, &req.params, progress, console, ev_tx, &dest_cpus)
+            let done = migrate::migrate_local(instance, &req.params, progress, console, ev_tx, &dest_cpus)
                 .map_err(|e| e.to_string())?;
             forward_events(ev_rx, control.clone(), next_gen)?;
-            Ok((report, Some(new)))
+            Ok(Migrated { report: done.report, new: Some(done.instance), link: done.handover })
         }
         Some(endpoint) => {
             let mut t = endpoint.connect().map_err(|e| e.to_string())?;
-            migrate::migrate_out(instance, t.as_mut(), &req.params, progress)
-                .map(|r| (r, None))
-                .map_err(|e| e.to_string())
+            let report =
+                migrate::migrate_out(instance, t.as_mut(), &req.params, progress).map_err(|e| e.to_string())?;
+            // A CEVM checkpoint's disk hand-over goes on over the same connection.
+            let link = (req.params.cevm && migrate::handover::hands_over_disk(instance.config())).then_some(t);
+            Ok(Migrated { report, new: None, link })
         }
     })();
     let _ = vmm::placement::set_affinity(me, &before);

@@ -95,6 +95,36 @@ pub struct CheckpointReport {
     pub write_mib_per_s: f64,
     /// Whether the instance was left stopped (`--stop`) instead of resumed.
     pub stopped: bool,
+    /// CEVM with a disk: how the disk hand-over to the new instance went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_handover: Option<DiskHandover>,
+}
+
+/// The old instance's part of a CEVM disk hand-over.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DiskHandover {
+    /// Clusters of T integrated into the new instance's overlay, in address order.
+    pub clusters: u64,
+    /// Clusters the new instance asked for ahead of the cursor.
+    pub t_reads: u64,
+    /// Bytes of T's data sent.
+    pub bytes: u64,
+    /// From the switch to the end of the integration.
+    pub ms: f64,
+    /// Whether T went into the checkpoint as a second name of the same file
+    /// (else it was copied: another file system).
+    pub linked: bool,
+    /// Why the integration did not end normally (the checkpoint holds the disk of
+    /// the switch either way; the new instance completed its disk from T).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The old instance's end of a CEVM disk hand-over (over a channel or the
+/// migration connection): what the new instance sends, and a way to answer.
+pub struct Handover {
+    pub inbound: std::sync::mpsc::Receiver<integrate::ToOld>,
+    pub outbox: disk::handover::Outbox<disk::handover::FromOld>,
 }
 
 /// The memory layout of an instance, as the checkpoint records it.
@@ -122,7 +152,7 @@ pub fn stop_and_save(instance: &mut Instance, out: &Path, stop: bool) -> Result<
     let t0 = Instant::now();
     let was_running = instance.run_state() == vmm::instance::RunState::Running;
     instance.pause()?;
-    let written = write_paused(instance, out, Strategy::StopAndSave);
+    let written = write_paused(instance, out, Strategy::StopAndSave, None);
     // An instance the user had paused before stays paused.
     if was_running && !stop {
         instance.resume()?;
@@ -137,10 +167,10 @@ fn report(
     strategy: Strategy,
     pause_ms: f64,
     t0: Instant,
-    written: (MemoryStats, u64, Duration),
+    written: Written,
     stopped: bool,
 ) -> CheckpointReport {
-    let (memory, state_bytes, write_time) = written;
+    let Written { memory, state_bytes, write_time, disk_handover } = written;
     CheckpointReport {
         dir: out.to_path_buf(),
         strategy,
@@ -150,19 +180,31 @@ fn report(
         memory,
         state_bytes,
         stopped,
+        disk_handover,
     }
 }
 
 /// Whether the cevm strategy can checkpoint a guest of `config`; asked before
-/// its live migration starts.
+/// its live migration starts. A writable disk must be a qcow2 overlay over a
+/// base image: the new instance then writes a fresh overlay U over the same
+/// base while the old one, T, becomes the checkpoint's disk.
 pub fn cevm_supports(config: &InstanceConfig) -> Result<()> {
-    if config.disk.is_some() {
-        // Its disk would go on with the new instance: the disk protocols of the
-        // `integrate` crate (T kept as the checkpoint's disk, U for the new
-        // instance) are not wired in yet.
-        return Err(Error::Unsupported(
-            "the cevm strategy does not take guests with a disk yet; use stop-and-save".into(),
-        ));
+    let Some(d) = config.disk.as_ref().filter(|d| !d.read_only) else { return Ok(()) };
+    let overlay = disk::probe_format(&d.path)? == disk::ImageFormat::Qcow2 && disk::backing_file(&d.path)?.is_some();
+    if !overlay {
+        return Err(Error::Unsupported(format!(
+            "the cevm strategy needs the guest's disk to be a qcow2 overlay over a base image, and {} is not; make \
+             one (qemu-img create -f qcow2 -b BASE -F FORMAT OVERLAY) or use stop-and-save",
+            d.path.display()
+        )));
+    }
+    let leftover = disk::handover::overlay_path(&d.path);
+    if leftover.exists() {
+        return Err(Error::Unsupported(format!(
+            "{} is left over from an interrupted cevm checkpoint (its data belongs to no checkpoint); remove it to \
+             checkpoint this disk again",
+            leftover.display()
+        )));
     }
     Ok(())
 }
@@ -173,18 +215,61 @@ pub fn cevm_supports(config: &InstanceConfig) -> Result<()> {
 /// committed atomically. `pause_ms` is the switch's downtime; `t0` when the
 /// checkpoint was asked for. On failure `out`, if it held an older checkpoint,
 /// still holds it, and the guest is unaffected.
-pub fn write_frozen(frozen: &mut Instance, out: &Path, pause_ms: f64, t0: Instant) -> Result<CheckpointReport> {
-    cevm_supports(frozen.config())?;
-    let written = write_paused(frozen, out, Strategy::Cevm)?;
+///
+/// With `handover` (a guest with a writable disk), the disk hand-over runs
+/// meanwhile: T, the overlay the guest wrote until the switch, is integrated
+/// into the new instance's overlay U, and becomes the checkpoint's disk. It runs
+/// to its end even when writing the checkpoint fails, since the guest's disk
+/// depends on it.
+pub fn write_frozen(
+    frozen: &mut Instance,
+    out: &Path,
+    pause_ms: f64,
+    t0: Instant,
+    handover: Option<Handover>,
+) -> Result<CheckpointReport> {
+    cevm_supports_frozen(frozen.config())?;
+    let written = write_paused(frozen, out, Strategy::Cevm, handover)?;
     Ok(report(out, Strategy::Cevm, pause_ms, t0, written, false))
 }
 
-/// Writes the checkpoint of a paused instance. Returns memory stats, state size and
-/// the time spent writing memory.
-fn write_paused(instance: &mut Instance, out: &Path, strategy: Strategy) -> Result<(MemoryStats, u64, Duration)> {
+/// [`cevm_supports`] for the old instance after the switch, when the new
+/// instance's overlay may already exist.
+fn cevm_supports_frozen(config: &InstanceConfig) -> Result<()> {
+    match &config.disk {
+        Some(d) if !d.read_only && disk::probe_format(&d.path)? != disk::ImageFormat::Qcow2 => {
+            Err(Error::Unsupported("the cevm strategy needs the guest's disk to be a qcow2 overlay".into()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What writing a checkpoint produced.
+struct Written {
+    memory: MemoryStats,
+    state_bytes: u64,
+    /// Time spent writing memory.
+    write_time: Duration,
+    disk_handover: Option<DiskHandover>,
+}
+
+/// Writes the checkpoint of a paused instance: state, memory, disk (copied, or,
+/// with `handover`, T handed over as described at [`write_frozen`]).
+fn write_paused(
+    instance: &mut Instance,
+    out: &Path,
+    strategy: Strategy,
+    handover: Option<Handover>,
+) -> Result<Written> {
     let state = instance.save_state()?;
     let state_json = serde_json::to_vec(&state).map_err(|e| Error::Encode(e.to_string()))?;
     let mut writer = CheckpointWriter::create(out)?;
+    // The hand-over starts first and runs beside the memory write; whatever
+    // happens to the checkpoint, it is waited for (see `DiskJob`).
+    let job = match handover {
+        Some(h) if instance.config().disk.is_some() => Some(DiskJob::start(instance, writer.tmp_path(), h)?),
+        _ => None,
+    };
     writer.write_file(snapshot::STATE_FILE, &state_json)?;
     let layout = memory_layout(instance);
     let t = Instant::now();
@@ -202,10 +287,115 @@ fn write_paused(instance: &mut Instance, out: &Path, strategy: Strategy) -> Resu
         .collect();
     let stats = writer.write_memory(&layout, &sources)?;
     let write_time = t.elapsed();
-    save_disk(instance, &mut writer)?;
+    let disk_handover = match job {
+        Some(job) => Some(job.finish(&mut writer)?),
+        None => {
+            save_disk(instance, &mut writer)?;
+            None
+        }
+    };
     let guest = serde_json::to_value(instance.config()).map_err(|e| Error::Encode(e.to_string()))?;
     writer.commit(strategy.name(), env!("CARGO_PKG_VERSION"), guest)?;
-    Ok((stats, state_json.len() as u64, write_time))
+    Ok(Written { memory: stats, state_bytes: state_json.len() as u64, write_time, disk_handover })
+}
+
+/// How T went into the checkpoint's temporary directory.
+enum KeptT {
+    /// A second name of the same file (T is never written after the switch).
+    Linked,
+    /// Another file system: T, kept open, is copied before the commit (whatever
+    /// name it has by then).
+    ToCopy(std::fs::File),
+}
+
+/// A CEVM disk hand-over under way in the old instance: T kept for the
+/// checkpoint, the checkpointing protocol on a thread. Dropping it waits for
+/// that thread, so the new instance's disk is never left half integrated.
+struct DiskJob {
+    t_path: PathBuf,
+    dst: PathBuf,
+    kept: Option<KeptT>,
+    thread: Option<std::thread::JoinHandle<std::result::Result<disk::handover::OldSideReport, String>>>,
+}
+
+impl DiskJob {
+    fn start(instance: &Instance, tmp: &Path, h: Handover) -> Result<Self> {
+        let gd = instance.disk().ok_or_else(|| Error::Unsupported("the guest has no disk to hand over".into()))?;
+        let t_path = gd.current_path();
+        let dst = tmp.join(disk_file(disk::ImageFormat::Qcow2));
+        // Before the first message, so T is kept even once U takes its name.
+        let kept = match std::fs::hard_link(&t_path, &dst) {
+            Ok(()) => KeptT::Linked,
+            Err(_) => KeptT::ToCopy(
+                std::fs::File::open(&t_path).map_err(|source| disk::Error::Open { path: t_path.clone(), source })?,
+            ),
+        };
+        let Handover { inbound, outbox } = h;
+        let thread = std::thread::Builder::new()
+            .name("disk-integrate".into())
+            .spawn(move || disk::handover::run_old_side(gd.image(), inbound, outbox))
+            .map_err(|e| Error::Unsupported(format!("cannot start the disk integration thread: {e}")))?;
+        Ok(DiskJob { t_path, dst, kept: Some(kept), thread: Some(thread) })
+    }
+
+    fn join(&mut self) -> std::result::Result<disk::handover::OldSideReport, String> {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err("the disk integration thread panicked".into()),
+            None => Err("the disk integration was already waited for".into()),
+        }
+    }
+
+    /// Waits for the integration and puts T into the checkpoint.
+    fn finish(mut self, writer: &mut CheckpointWriter) -> Result<DiskHandover> {
+        let kept = self.kept.take().expect("set at start");
+        let linked = matches!(kept, KeptT::Linked);
+        if let KeptT::ToCopy(file) = &kept {
+            disk::copy_image_from(file, &self.t_path, &self.dst)?;
+        }
+        let result = self.join();
+        if linked && result.is_err() {
+            // The integration did not end: U may never have taken T's name, so
+            // the guest disk's path may still be T. The checkpoint gets a file of
+            // its own, so that nothing written there later can change it.
+            let tmp = self.dst.with_extension("copy");
+            disk::copy_image(&self.dst, &tmp)?;
+            std::fs::rename(&tmp, &self.dst)
+                .map_err(|source| disk::Error::Create { path: self.dst.clone(), source })?;
+        }
+        absolute_backing(&self.dst, &self.t_path)?;
+        writer.add_file(&disk_file(disk::ImageFormat::Qcow2))?;
+        let mut report = DiskHandover { linked, ..Default::default() };
+        match result {
+            Ok(r) => {
+                (report.clusters, report.t_reads, report.bytes, report.ms) = (r.clusters, r.t_reads, r.bytes, r.ms)
+            }
+            Err(e) => report.error = Some(e),
+        }
+        Ok(report)
+    }
+}
+
+impl Drop for DiskJob {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.join();
+        }
+    }
+}
+
+/// Makes the backing file name of `copy` (a copy of `original`) absolute, so the
+/// copy finds its base from the checkpoint directory.
+fn absolute_backing(copy: &Path, original: &Path) -> Result<()> {
+    if let Some(backing) = disk::backing_file(copy)? {
+        if !Path::new(&backing).is_absolute() {
+            let dir = original.parent().unwrap_or(Path::new("."));
+            let abs = std::path::absolute(dir.join(&backing))
+                .map_err(|e| Error::Decode { path: original.into(), reason: format!("backing file {backing}: {e}") })?;
+            disk::set_backing_file(copy, &abs.to_string_lossy())?;
+        }
+    }
+    Ok(())
 }
 
 /// Name of the disk image in a checkpoint: `disk.qcow2` or `disk.raw`.
@@ -219,19 +409,13 @@ fn disk_file(format: disk::ImageFormat) -> String {
 /// from the checkpoint directory. The checkpoint then holds exactly the disk that
 /// matches its memory image.
 fn save_disk(instance: &Instance, writer: &mut CheckpointWriter) -> Result<()> {
-    let Some(d) = &instance.config().disk else { return Ok(()) };
+    let Some(d) = instance.disk() else { return Ok(()) };
     instance.flush_disk()?;
-    let name = disk_file(disk::probe_format(&d.path)?);
+    let path = d.current_path();
+    let name = disk_file(disk::probe_format(&path)?);
     let copy = writer.tmp_path().join(&name);
-    disk::copy_image(&d.path, &copy)?;
-    if let Some(backing) = disk::backing_file(&d.path)? {
-        if !Path::new(&backing).is_absolute() {
-            let dir = d.path.parent().unwrap_or(Path::new("."));
-            let abs = std::path::absolute(dir.join(&backing))
-                .map_err(|e| Error::Decode { path: d.path.clone(), reason: format!("backing file {backing}: {e}") })?;
-            disk::set_backing_file(&copy, &abs.to_string_lossy())?;
-        }
-    }
+    disk::copy_image(&path, &copy)?;
+    absolute_backing(&copy, &path)?;
     writer.add_file(&name)?;
     Ok(())
 }

@@ -7,6 +7,10 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+pub mod handover;
+
+pub use handover::GuestDisk;
+
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
@@ -59,6 +63,8 @@ pub struct Disk {
     path: PathBuf,
     format: ImageFormat,
     writable: bool,
+    /// A qcow2 image's cluster size (from its header); 0 for raw images.
+    cluster_size: u64,
 }
 
 impl Disk {
@@ -81,7 +87,11 @@ impl Disk {
                     .map_err(open_err)?,
             ),
         };
-        Ok(Disk { access, path: path.into(), format, writable })
+        let cluster_size = match format {
+            ImageFormat::Qcow2 => qcow2_cluster_size(path).map_err(open_err)?,
+            ImageFormat::Raw => 0,
+        };
+        Ok(Disk { access, path: path.into(), format, writable, cluster_size })
     }
 
     /// Creates a qcow2 overlay at `overlay` whose backing file is `base` (recorded
@@ -152,10 +162,7 @@ impl Disk {
         if self.format != ImageFormat::Qcow2 {
             return Err(Error::Refused { path: self.path.clone(), reason: "not a qcow2 image".into() });
         }
-        let f = std::fs::File::open(&self.path).map_err(err)?;
-        let mut hdr = [0u8; 24];
-        read_exact_at(&f, &mut hdr, 0).map_err(err)?;
-        let cluster = 1u64 << u32::from_be_bytes(hdr[20..24].try_into().unwrap_or_default()).min(30);
+        let cluster = self.cluster_size;
         let (size, mut off, mut own) = (self.size(), 0u64, Vec::new());
         while off < size {
             let (mapping, len) = self.access.get_shallow_mapping(off, size - off).map_err(err)?;
@@ -180,10 +187,16 @@ impl Disk {
 /// Copies an image file, keeping it sparse: only its data extents are copied
 /// (SEEK_DATA/SEEK_HOLE + copy_file_range), holes stay holes. `dst` must not exist.
 pub fn copy_image(src: &Path, dst: &Path) -> Result<(), Error> {
+    let from = std::fs::File::open(src).map_err(|source| Error::Open { path: src.into(), source })?;
+    copy_image_from(&from, src, dst)
+}
+
+/// [`copy_image`] from an open file (`src` names it in errors): the copy is of
+/// the file opened, whatever its name is by now.
+pub fn copy_image_from(from: &std::fs::File, src: &Path, dst: &Path) -> Result<(), Error> {
     use std::os::fd::AsRawFd;
     let rerr = |source| Error::Open { path: src.into(), source };
     let werr = |source| Error::Create { path: dst.into(), source };
-    let from = std::fs::File::open(src).map_err(rerr)?;
     let size = from.metadata().map_err(rerr)?.len();
     let to = std::fs::OpenOptions::new().write(true).create_new(true).open(dst).map_err(werr)?;
     let mut pos = 0u64;
@@ -250,6 +263,18 @@ pub fn backing_file(path: &Path) -> Result<Option<String>, Error> {
     let mut name = vec![0u8; len as usize];
     read_exact_at(&f, &mut name, offset).map_err(err)?;
     Ok(Some(String::from_utf8_lossy(&name).into_owned()))
+}
+
+/// The cluster size a qcow2 header records (bytes 20..24: its log2).
+fn qcow2_cluster_size(path: &Path) -> std::io::Result<u64> {
+    let f = std::fs::File::open(path)?;
+    let mut hdr = [0u8; 24];
+    read_exact_at(&f, &mut hdr, 0)?;
+    let bits = u32::from_be_bytes(hdr[20..24].try_into().unwrap_or_default());
+    if !(9..=21).contains(&bits) {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("invalid cluster size 2^{bits}")));
+    }
+    Ok(1 << bits)
 }
 
 fn read_exact_at(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {

@@ -283,3 +283,148 @@ mod integration_over_qcow2 {
         }
     }
 }
+
+/// The hand-over drivers (`handover`): the old side on one thread over T, the
+/// new side's message pump on another, and the guest's requests on a third,
+/// against real qcow2 files, with the old side ending normally or going away
+/// half way.
+mod handover_threads {
+    use std::sync::mpsc;
+    use std::sync::Arc;
+
+    use crate::handover::{overlay_path, run_old_side, serve_new_side, FromOld, Outbox};
+    use crate::GuestDisk;
+
+    use super::*;
+
+    fn read_all(read: impl Fn(&mut [u8], u64), size: u64) -> Vec<u8> {
+        let mut v = vec![0; size as usize];
+        read(&mut v, 0);
+        v
+    }
+
+    /// `stop_after`: the old side goes away after sending this many messages.
+    fn run(seed: u64, stop_after: Option<usize>) {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let (b, t) = (dir.path().join("b.qcow2"), dir.path().join("disk.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", b.to_str().unwrap(), "4M"]);
+        qemu_io("write -P 0xab 0 3M", &b);
+        Disk::create_overlay(&t, Path::new("b.qcow2")).unwrap();
+        {
+            let td = Disk::open(&t, true).unwrap();
+            for _ in 0..rng.usize(1..12) {
+                let mut data = vec![0; rng.usize(1..300_000)];
+                rng.fill(&mut data);
+                td.write(&data, rng.u64(0..(4 << 20) - data.len() as u64)).unwrap();
+            }
+            td.flush().unwrap();
+        }
+        // What the checkpoint keeps: T under a second name, before anything runs.
+        let kept = dir.path().join("checkpoint-disk.qcow2");
+        std::fs::hard_link(&t, &kept).unwrap();
+        let t_old = Disk::open(&t, false).unwrap();
+        let size = t_old.size();
+        let at_switch = read_all(|b, o| t_old.read(b, o).unwrap(), size);
+
+        let gd = Arc::new(GuestDisk::for_integration(&t).unwrap());
+        assert!(overlay_path(&t).exists() && gd.integrating());
+        let (to_new, from_old) = mpsc::sync_channel::<FromOld>(4);
+        let (to_old, from_new) = mpsc::channel();
+        gd.connect(Box::new(move |m| to_old.send(m).map_err(|e| e.to_string())));
+        let mut sent = 0usize;
+        let outbox: Outbox<FromOld> = Box::new(move |m| {
+            sent += 1;
+            if stop_after.is_some_and(|n| sent > n) {
+                return Err("old side stopped by the test".into());
+            }
+            to_new.send(m).map_err(|e| e.to_string())
+        });
+        let old = std::thread::spawn(move || run_old_side(&t_old, from_new, outbox));
+        let pump = {
+            let gd = gd.clone();
+            std::thread::spawn(move || serve_new_side(&gd, from_old))
+        };
+        // The guest, meanwhile.
+        let mut reference = at_switch.clone();
+        for _ in 0..rng.usize(0..40) {
+            let off = rng.u64(0..size - 1);
+            let len = rng.u64(1..=(size - off).min(200_000)) as usize;
+            if rng.bool() {
+                let mut got = vec![0; len];
+                gd.read(&mut got, off).unwrap();
+                assert!(got == reference[off as usize..off as usize + len], "seed {seed}: stale read");
+            } else {
+                let mut data = vec![0; len];
+                rng.fill(&mut data);
+                gd.write(&data, off).unwrap();
+                reference[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+        }
+        let old_result = old.join().unwrap();
+        let pump_result = pump.join().unwrap();
+        // Every run has at least four messages (Begin, a cluster, IntegrateEnd,
+        // UpdateDone), so a stop after at most two always cuts the protocol short.
+        match old_result {
+            Ok(r) => {
+                assert!(stop_after.is_none_or(|n| n > 2), "seed {seed}: the old side was not stopped");
+                pump_result.unwrap_or_else(|e| panic!("seed {seed}: new side: {e}"));
+                assert!(r.clusters > 0, "seed {seed}: T held clusters");
+            }
+            Err(e) => {
+                assert!(stop_after.is_some(), "seed {seed}: old side: {e}");
+                let e = pump_result.expect_err("the new side saw the old side go");
+                assert!(e.contains("read from T directly"), "seed {seed}: {e}");
+            }
+        }
+        assert!(!gd.integrating(), "seed {seed}: the integration ended");
+        assert_eq!(gd.current_path(), t, "seed {seed}: U took the guest disk's name");
+        assert!(!overlay_path(&t).exists(), "seed {seed}: U's temporary name is gone");
+        assert!(read_all(|b, o| gd.read(b, o).unwrap(), size) == reference, "seed {seed}: the guest's disk");
+        gd.flush().unwrap();
+        drop(gd);
+        let now = Disk::open(&t, false).unwrap();
+        assert!(
+            read_all(|b, o| now.read(b, o).unwrap(), size) == reference,
+            "seed {seed}: the file at the disk's path"
+        );
+        assert_eq!(crate::backing_file(&t).unwrap().as_deref(), Some("b.qcow2"), "seed {seed}: U's backing is B");
+        let k = Disk::open(&kept, false).unwrap();
+        assert!(read_all(|b, o| k.read(b, o).unwrap(), size) == at_switch, "seed {seed}: T is the disk at the switch");
+        drop((now, k));
+        qemu_img(&["check", "-q", t.to_str().unwrap()]);
+        qemu_img(&["check", "-q", kept.to_str().unwrap()]);
+    }
+
+    #[test]
+    fn the_guest_keeps_its_disk_and_t_stays_the_disk_at_the_switch() {
+        let base = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() << 8;
+        for i in 0..8 {
+            run(base + i, None);
+        }
+    }
+
+    #[test]
+    fn when_the_old_side_goes_away_the_new_side_finishes_from_t() {
+        let base = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() << 8;
+        for (i, stop) in [0, 1, 2, 5, 17].into_iter().enumerate() {
+            run(base + 100 + i as u64, Some(stop));
+        }
+    }
+
+    #[test]
+    fn a_disk_that_is_no_overlay_or_has_a_leftover_u_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("r.raw");
+        std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+        let e = GuestDisk::for_integration(&raw).err().unwrap().to_string();
+        assert!(e.contains("qcow2 overlay"), "{e}");
+        let (b, t) = (dir.path().join("b.qcow2"), dir.path().join("t.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", b.to_str().unwrap(), "1M"]);
+        Disk::create_overlay(&t, Path::new("b.qcow2")).unwrap();
+        std::fs::write(overlay_path(&t), b"left over").unwrap();
+        let e = GuestDisk::for_integration(&t).err().unwrap().to_string();
+        assert!(e.contains("left over"), "{e}");
+        assert_eq!(std::fs::read(overlay_path(&t)).unwrap(), b"left over", "not touched");
+    }
+}

@@ -223,6 +223,13 @@ impl NewSide {
         self.state == NewState::Done
     }
 
+    /// The clusters whose current data is still only in T, in address order (what
+    /// the new side must still get from T, e.g. by reading T itself when the old
+    /// side is gone).
+    pub fn t_only_clusters(&self) -> Vec<u64> {
+        self.t_only.iter().copied().collect()
+    }
+
     /// Queues a guest request (served in order by [`NewSide::poll`]).
     pub fn submit(&mut self, id: u64, req: Request) -> Result<()> {
         let (off, len) = match &req {

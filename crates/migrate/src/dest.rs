@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm::vm_memory::{Bytes, GuestAddress};
@@ -61,7 +62,12 @@ fn receive(
     let config = hello.config.clone();
     // The KVM VM, its memory and vCPUs are made now, while the source still runs
     // the guest, so that the switch only loads the state into them.
-    let shell = Shell::new(&config, None)?;
+    let mut shell = Shell::new(&config, None)?;
+    if let (true, Some(d)) = (hello.cevm && crate::handover::hands_over_disk(&config), &config.disk) {
+        // A CEVM checkpoint: the old instance keeps T, the guest's writes go to a
+        // new overlay U (made now, out of the downtime).
+        shell.set_disk(Arc::new(disk::GuestDisk::for_integration(&d.path)?));
+    }
     let memory = shell.memory();
     t.send(FrameKind::Ready, &[])?;
     let zero = [0u8; PAGE_SIZE];

@@ -10,6 +10,7 @@
 //! and intact after the switch (the CEVM strategy writes its checkpoint from it).
 
 pub mod dest;
+pub mod handover;
 pub mod local;
 pub mod protocol;
 pub mod source;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use dest::migrate_in;
-pub use local::migrate_local;
+pub use local::{migrate_local, Local};
 pub use source::migrate_out;
 pub use transport::{channel_pair, Endpoint, Listener, Transport};
 
@@ -61,6 +62,9 @@ pub enum Error {
     /// A payload does not decode.
     #[error("{0}")]
     Decode(String),
+    /// The destination cannot prepare the guest's disk.
+    #[error(transparent)]
+    Disk(#[from] disk::Error),
 }
 
 impl Error {
@@ -95,6 +99,11 @@ pub struct Params {
     /// Cap on the migration stream, MiB/s (0: none), to leave a shared link to
     /// others; the pre-copy then converges only if the guest dirties less.
     pub max_bandwidth_mib_s: f64,
+    /// Set by the CEVM checkpoint strategy, never by users: the destination
+    /// writes the guest's disk into a new overlay U, and after the switch the
+    /// disk hand-over runs over this connection ([`handover`]).
+    #[serde(skip)]
+    pub cevm: bool,
 }
 
 impl Default for Params {
@@ -105,6 +114,7 @@ impl Default for Params {
             auto_converge: true,
             peer_timeout_s: 60.0,
             max_bandwidth_mib_s: 0.0,
+            cevm: false,
         }
     }
 }

@@ -17,12 +17,14 @@
 //! A session: source `Hello` → destination `Ready` (it could set up memory) →
 //! source `Pages`... (pre-copy rounds, each closed by `Sync` → `Synced`) → the
 //! switch: last `Pages`, `State`, `Done` → destination `Resumed` once its vCPUs run. Either side may send `Error`
-//! instead and end the session.
+//! instead and end the session. After the switch of a CEVM checkpoint of a guest
+//! with a disk (`Hello::cevm`), the disk hand-over's messages follow as `Disk`
+//! frames both ways until it ends.
 
 use serde::{Deserialize, Serialize};
 
 /// Version of the migration stream. A peer speaking another version is refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"CVMG";
 /// Bytes of a frame header.
@@ -57,6 +59,9 @@ pub enum FrameKind {
     Sync = 8,
     /// Destination → source: every frame before the `Sync` is in memory.
     Synced = 9,
+    /// Either way, after the switch of a CEVM checkpoint: a message of the disk
+    /// hand-over (`disk::handover::FromOld` or `integrate::ToOld`, postcard).
+    Disk = 10,
 }
 
 impl FrameKind {
@@ -71,6 +76,7 @@ impl FrameKind {
             7 => FrameKind::Error,
             8 => FrameKind::Sync,
             9 => FrameKind::Synced,
+            10 => FrameKind::Disk,
             _ => return None,
         })
     }
@@ -165,6 +171,10 @@ pub struct Hello {
     pub cevm_version: String,
     /// The guest configuration (`vmm::InstanceConfig`).
     pub config: vmm::InstanceConfig,
+    /// A CEVM checkpoint's migration: the destination writes the guest's disk
+    /// into a new overlay U, and the disk hand-over follows the switch.
+    #[serde(default)]
+    pub cevm: bool,
 }
 
 /// The destination's last frame: the guest runs there.

@@ -197,7 +197,8 @@ pub fn migrate_out(
     update(&|p| p.phase = "connecting".into());
     let was_running = inst.run_state() == RunState::Running;
     let source_vcpus = inst.vcpu_placement();
-    let hello = Hello { cevm_version: env!("CARGO_PKG_VERSION").into(), config: inst.config().clone() };
+    let hello =
+        Hello { cevm_version: env!("CARGO_PKG_VERSION").into(), config: inst.config().clone(), cevm: params.cevm };
     let hello = serde_json::to_vec(&hello).map_err(|e| Error::Decode(e.to_string()))?;
     t.send(FrameKind::Hello, &[&hello])?;
     expect(t, FrameKind::Ready, "Ready", params)?;

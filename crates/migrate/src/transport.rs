@@ -35,6 +35,10 @@ pub trait Transport: Send {
     fn peer(&self) -> String;
     /// Whether the peer runs on this host, so that its CLOCK_MONOTONIC is ours.
     fn shares_clock(&self) -> bool;
+    /// Two ends of the same connection, one to send on and one to receive on,
+    /// for two threads: `(sender, receiver)`. Each fails the other direction as
+    /// a closed connection would.
+    fn split(self: Box<Self>) -> Result<(Box<dyn Transport>, Box<dyn Transport>)>;
 }
 
 /// Tells the peer why this side gives up, in an `Error` frame. Best effort: the
@@ -53,8 +57,10 @@ pub struct StreamTransport<S> {
 }
 
 /// What a stream needs besides Read + Write: a read timeout.
-pub trait TimedStream: Read + Write + Send {
+pub trait TimedStream: Read + Write + Send + Sized + 'static {
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    /// A second handle on the same stream.
+    fn duplicate(&self) -> std::io::Result<Self>;
     /// A unix socket's peer is on this host; a TCP peer is taken to be elsewhere.
     const SAME_HOST: bool;
 }
@@ -62,11 +68,17 @@ impl TimedStream for UnixStream {
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(t)
     }
+    fn duplicate(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
     const SAME_HOST: bool = true;
 }
 impl TimedStream for TcpStream {
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(t)
+    }
+    fn duplicate(&self) -> std::io::Result<Self> {
+        self.try_clone()
     }
     const SAME_HOST: bool = false;
 }
@@ -137,6 +149,16 @@ impl<S: TimedStream> Transport for StreamTransport<S> {
     fn shares_clock(&self) -> bool {
         S::SAME_HOST
     }
+
+    fn split(self: Box<Self>) -> Result<(Box<dyn Transport>, Box<dyn Transport>)> {
+        let other = self.stream.duplicate().map_err(|e| Error::Io {
+            peer: self.peer.clone(),
+            what: "duplicating the connection",
+            source: e,
+        })?;
+        let reader = StreamTransport { stream: other, peer: self.peer.clone() };
+        Ok((self, Box::new(reader)))
+    }
 }
 
 /// One end of an in-process channel pair (thread-based migration). Frames are
@@ -184,6 +206,14 @@ impl Transport for ChannelTransport {
 
     fn shares_clock(&self) -> bool {
         true
+    }
+
+    fn split(self: Box<Self>) -> Result<(Box<dyn Transport>, Box<dyn Transport>)> {
+        // Each half gets a dead channel for the direction it does not use.
+        let (dead_tx, _) = mpsc::sync_channel(0);
+        let (_, dead_rx) = mpsc::sync_channel(0);
+        let ChannelTransport { tx, rx, name } = *self;
+        Ok((Box::new(ChannelTransport { tx, rx: dead_rx, name }), Box::new(ChannelTransport { tx: dead_tx, rx, name })))
     }
 }
 

@@ -168,6 +168,9 @@ pub struct Shell {
     memory: GuestMemory,
     vcpus: Vec<Vcpu>,
     threads: Vec<ParkedThread>,
+    /// The guest's disk, when prepared ahead (a CEVM switch's overlay U); else
+    /// the instance opens the configuration's disk.
+    disk: Option<Arc<disk::GuestDisk>>,
     // Declared last: the KVM system fd outlives the VM's.
     kvm: Kvm,
 }
@@ -206,12 +209,17 @@ impl Shell {
             vcpus.push(Vcpu::new(id, fd, msr_indices.clone()));
         }
         let threads = (0..config.vcpus).map(ParkedThread::new).collect::<Result<Vec<_>>>()?;
-        Ok(Shell { vm, memory, vcpus, threads, kvm })
+        Ok(Shell { vm, memory, vcpus, threads, disk: None, kvm })
     }
 
     /// The guest memory, to fill before the state is loaded.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// Gives the instance this disk instead of opening the configuration's.
+    pub fn set_disk(&mut self, disk: Arc<disk::GuestDisk>) {
+        self.disk = Some(disk);
     }
 }
 
@@ -347,7 +355,7 @@ impl Instance {
         shell: Option<Shell>,
         events: Sender<VmEvent>,
     ) -> Result<Self> {
-        let Shell { kvm, vm, memory, vcpus: idle_vcpus, threads: parked } = match shell {
+        let Shell { kvm, vm, memory, vcpus: idle_vcpus, threads: parked, disk: prepared } = match shell {
             Some(s) => s,
             None => Shell::new(&config, None)?,
         };
@@ -365,11 +373,16 @@ impl Instance {
         buses.pio.insert(ACPI_SLEEP_CONTROL_PORT, 3, Arc::new(Mutex::new(power)));
         let block = match &config.disk {
             Some(d) => {
-                let image = disk::Disk::open(&d.path, !d.read_only).map_err(|e| Error::Device(e.to_string()))?;
+                let image = match prepared {
+                    Some(p) => p,
+                    None => Arc::new(disk::GuestDisk::plain(
+                        disk::Disk::open(&d.path, !d.read_only).map_err(|e| Error::Device(e.to_string()))?,
+                    )),
+                };
                 let irq =
                     EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("virtio-blk eventfd: {e}")))?;
                 vm.register_irqfd(&irq, VIRTIO_BLK_GSI).map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
-                let dev = Block::new(Arc::new(image), "cevm-disk0");
+                let dev = Block::new(image, "cevm-disk0");
                 let transport = match devices.and_then(|d| d.virtio_blk.as_ref()) {
                     Some(st) => MmioTransport::from_state(dev, memory.mmap().clone(), irq, st)
                         .map_err(|e| Error::Device(format!("virtio-blk: {e}")))?,
@@ -414,6 +427,11 @@ impl Instance {
             lock(b).device().disk().flush().map_err(|e| Error::Device(format!("flushing the disk: {e}")))?;
         }
         Ok(())
+    }
+
+    /// The guest's disk, if it has one.
+    pub fn disk(&self) -> Option<Arc<disk::GuestDisk>> {
+        self.block.as_ref().map(|b| lock(b).device().disk().clone())
     }
 
     /// The guest configuration.

@@ -96,10 +96,10 @@ pub(super) fn migrate_once(
         Mode::Thread => {
             let (ev_tx, _events) = mpsc::channel();
             let console = Box::new(std::io::sink());
-            let (report, dest) = migrate::migrate_local(inst, params, &progress, console, ev_tx, &[])
+            let done = migrate::migrate_local(inst, params, &progress, console, ev_tx, &[])
                 .map_err(|e| format!("thread-based migration: {e}"))?;
-            drop(dest);
-            report
+            drop(done.instance);
+            done.report
         }
         Mode::Process => {
             let sock = dir.join(format!("dst-{}-{n}.sock", std::process::id()));

@@ -1,5 +1,8 @@
-//! virtio-blk over a [`disk::Disk`] (raw or qcow2 through imago): read, write,
-//! flush (a real fsync of the image) and get-id.
+//! virtio-blk over a [`disk::GuestDisk`] (raw or qcow2 through imago, or a new
+//! instance's overlay while a CEVM integration runs): read, write, flush (a real
+//! fsync of the image) and get-id. Requests are served synchronously on the vCPU
+//! thread that notified the queue; one that needs data the old instance still
+//! holds waits for it there, as it would wait for a slow disk.
 
 use std::sync::Arc;
 
@@ -20,14 +23,14 @@ const HEADER_LEN: u32 = 16;
 
 /// A virtio block device.
 pub struct Block {
-    disk: Arc<disk::Disk>,
+    disk: Arc<disk::GuestDisk>,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     config: [u8; 8],
 }
 
 impl Block {
     /// A block device on `disk`, whose get-id answer is `id` (at most 20 bytes kept).
-    pub fn new(disk: Arc<disk::Disk>, id: &str) -> Self {
+    pub fn new(disk: Arc<disk::GuestDisk>, id: &str) -> Self {
         let mut idb = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = id.len().min(idb.len());
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
@@ -36,7 +39,7 @@ impl Block {
     }
 
     /// The disk behind the device.
-    pub fn disk(&self) -> &Arc<disk::Disk> {
+    pub fn disk(&self) -> &Arc<disk::GuestDisk> {
         &self.disk
     }
 
