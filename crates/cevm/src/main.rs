@@ -68,6 +68,8 @@ enum Cmd {
         /// Place the vCPU threads: vCPU i on the i-th CPU of this list (e.g. 0,1 or 2-3).
         #[arg(long)]
         vcpu_cpus: Option<vmm::placement::CpuList>,
+        #[command(flatten)]
+        periodic: PeriodicArgs,
     },
     /// Live-migrate a running VM: to a new instance in the same process (`--to
     /// local`, thread-based) or to a `cevm run --incoming` (unix or TCP).
@@ -111,6 +113,8 @@ enum Cmd {
         /// Place the vCPU threads: vCPU i on the i-th CPU of this list.
         #[arg(long)]
         vcpu_cpus: Option<vmm::placement::CpuList>,
+        #[command(flatten)]
+        periodic: PeriodicArgs,
     },
     /// Checkpoint a running VM.
     Checkpoint {
@@ -178,6 +182,41 @@ enum Cmd {
     },
 }
 
+/// Periodic checkpoints of `cevm run` and `cevm restore`.
+#[derive(clap::Args, Debug)]
+struct PeriodicArgs {
+    /// Take a checkpoint every DURATION (e.g. 90s, 10m, 1h) into --checkpoint-dir.
+    #[arg(long, requires = "checkpoint_dir", value_parser = size::parse_duration)]
+    checkpoint_every: Option<std::time::Duration>,
+    /// Where periodic checkpoints go: DIR/ckpt-000001, ... and DIR/latest, a
+    /// link to the newest committed one (`cevm restore DIR/latest`).
+    #[arg(long, requires = "checkpoint_every")]
+    checkpoint_dir: Option<PathBuf>,
+    /// How many periodic checkpoints to keep; older ones are removed only once a
+    /// newer one is committed.
+    #[arg(long, default_value_t = 2, requires = "checkpoint_every")]
+    keep: usize,
+    /// Strategy of the periodic checkpoints: cevm or stop-and-save.
+    #[arg(long, default_value = "cevm", requires = "checkpoint_every")]
+    checkpoint_strategy: checkpoint::Strategy,
+}
+
+impl PeriodicArgs {
+    /// The policy for a guest of `config`, checked before anything runs.
+    fn policy(self, config: &InstanceConfig) -> Result<Option<runner::Periodic>, String> {
+        let (Some(every), Some(dir)) = (self.checkpoint_every, self.checkpoint_dir) else { return Ok(None) };
+        if every.is_zero() {
+            return Err("--checkpoint-every must be longer than zero".into());
+        }
+        if self.checkpoint_strategy == checkpoint::Strategy::Cevm {
+            checkpoint::cevm_supports(config).map_err(|e| format!("--checkpoint-strategy cevm: {e}"))?;
+        }
+        let dir = absolute(&dir)?;
+        let series = checkpoint::series::Series::open(&dir, self.keep).map_err(|e| e.to_string())?;
+        Ok(Some(runner::Periodic { every, series, strategy: self.checkpoint_strategy }))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ExitCode::from(run(cli.cmd).clamp(0, 255) as u8)
@@ -205,6 +244,7 @@ fn run(cmd: Cmd) -> i32 {
             api_sock,
             incoming,
             vcpu_cpus,
+            periodic,
         } => {
             if let Some(endpoint) = incoming {
                 return run_incoming(&endpoint, api_sock.as_deref(), vcpu_cpus.as_ref());
@@ -219,13 +259,17 @@ fn run(cmd: Cmd) -> i32 {
                 (None, None) => return fail("give --guest or --kernel"),
             };
             let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend, disk };
+            let periodic = match periodic.policy(&config) {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
             let (tx, rx) = mpsc::channel();
             match Instance::new(config, Box::new(std::io::stdout()), tx) {
-                Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref())),
+                Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref(), periodic)),
                 Err(e) => fail(e),
             }
         }
-        Cmd::Restore { dir, overlay, api_sock, vcpu_cpus } => {
+        Cmd::Restore { dir, overlay, api_sock, vcpu_cpus, periodic } => {
             let (tx, rx) = mpsc::channel();
             match checkpoint::restore(&dir, overlay.as_deref(), Box::new(std::io::stdout()), tx) {
                 Ok((inst, disk)) => {
@@ -233,7 +277,11 @@ fn run(cmd: Cmd) -> i32 {
                     if let Some(d) = disk {
                         eprintln!("cevm: the restored guest's disk is {}", d.display());
                     }
-                    finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref()))
+                    let periodic = match periodic.policy(inst.config()) {
+                        Ok(p) => p,
+                        Err(e) => return fail(e),
+                    };
+                    finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref(), periodic))
                 }
                 Err(e) => fail(format!("cannot restore: {e}")),
             }
@@ -350,7 +398,7 @@ fn run_incoming(
             } else {
                 drop(t);
             }
-            finish(runner::run(inst, rx, api_sock, None))
+            finish(runner::run(inst, rx, api_sock, None, None))
         }
         Err(e) => fail(format!("incoming migration failed, nothing runs: {e}")),
     }

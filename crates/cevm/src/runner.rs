@@ -37,6 +37,16 @@ enum Control {
     Api(Request, Sender<Reply>),
     /// A CEVM checkpoint's writer finished (the reply goes to its requester).
     CheckpointWritten(Result<checkpoint::CheckpointReport, String>, Sender<Reply>),
+    /// The answer to a periodic checkpoint into this directory.
+    PeriodicDone(PathBuf, Reply),
+}
+
+/// Periodic checkpoints (`--checkpoint-every`): taken like `PUT /v1/checkpoint`
+/// requests, into a [`checkpoint::series::Series`].
+pub struct Periodic {
+    pub every: std::time::Duration,
+    pub series: checkpoint::series::Series,
+    pub strategy: Strategy,
 }
 
 /// The thread writing a CEVM checkpoint from the frozen old instance; the VMM
@@ -91,6 +101,7 @@ pub fn run(
     vm_events: Receiver<VmEvent>,
     api_sock: Option<&Path>,
     vcpu_cpus: Option<&vmm::placement::CpuList>,
+    mut periodic: Option<Periodic>,
 ) -> Result<Outcome, String> {
     let (tx, rx) = mpsc::channel::<Control>();
     forward_events(vm_events, tx.clone(), 0)?;
@@ -127,9 +138,24 @@ pub fn run(
     };
     let state_name = |inst: &Instance| if inst.run_state() == RunState::Paused { "paused" } else { "running" };
     let mut writer = Writer::default();
+    let mut due = periodic.as_ref().map(|p| std::time::Instant::now() + p.every);
     loop {
-        let Ok(msg) = rx.recv() else {
-            return Err("all event sources closed".into());
+        let msg = match due {
+            Some(at) => match rx.recv_timeout(at.saturating_duration_since(std::time::Instant::now())) {
+                Ok(m) => m,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let p = periodic.as_mut().expect("due only with a policy");
+                    due = Some(at + p.every);
+                    if let Some(why) = busy(&writer, &instance) {
+                        eprintln!("cevm: periodic checkpoint skipped: {why}");
+                    } else {
+                        periodic_checkpoint(p, &tx)?;
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err("all event sources closed".into()),
+            },
+            None => rx.recv().map_err(|_| "all event sources closed".to_string())?,
         };
         match msg {
             Control::Vm(gen, _) if gen != generation => {}
@@ -210,6 +236,19 @@ pub fn run(
                     }
                 }
             }
+            Control::PeriodicDone(dir, (code, _)) => {
+                // A failed one was reported where it failed; the older ones stay.
+                if let (200, Some(p)) = (code, periodic.as_ref()) {
+                    match p.series.committed(&dir) {
+                        Ok(removed) => {
+                            for r in removed {
+                                eprintln!("cevm: removed the older checkpoint {}", r.display());
+                            }
+                        }
+                        Err(e) => eprintln!("cevm: periodic checkpoints: {e}"),
+                    }
+                }
+            }
             Control::CheckpointWritten(result, reply) => {
                 checkpoints += u64::from(result.is_ok());
                 let _ = reply.send(cevm_written(&result, checkpoints));
@@ -271,6 +310,24 @@ pub fn run(
             }
         }
     }
+}
+
+/// Asks this control loop for the next periodic checkpoint, as an API request
+/// would; its answer comes back as `Control::PeriodicDone`.
+fn periodic_checkpoint(p: &mut Periodic, control: &Sender<Control>) -> Result<(), String> {
+    let out = p.series.next_path();
+    let req = api::CheckpointRequest { out: out.clone(), strategy: p.strategy.name().into(), stop: false, to: None };
+    let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
+    let back = control.clone();
+    std::thread::Builder::new()
+        .name("periodic-reply".into())
+        .spawn(move || {
+            if let Ok(r) = reply_rx.recv() {
+                let _ = back.send(Control::PeriodicDone(out, r));
+            }
+        })
+        .map_err(|e| format!("cannot start thread: {e}"))?;
+    control.send(Control::Api(Request::Checkpoint(req), reply_tx)).map_err(|_| "the control loop is gone".to_string())
 }
 
 /// Why a CEVM checkpoint did not start: HTTP status, message, and the reply

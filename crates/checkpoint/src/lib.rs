@@ -6,6 +6,8 @@
 //! checkpoint, `T_cpt`). Later strategies (migration-only, CEVM thread/process-based)
 //! are added to [`Strategy`] and compared against it.
 
+pub mod series;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;

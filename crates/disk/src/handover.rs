@@ -375,6 +375,15 @@ impl GuestDisk {
         }
     }
 
+    /// Waits until no integration is under way (it ended, or failed for good).
+    pub fn wait_integrated(&self) {
+        let Some(int) = &self.integration else { return };
+        let mut st = lock(&int.state);
+        while !st.done && st.failed.is_none() {
+            st = int.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     /// Takes one message of the old side. Returns whether the integration is over.
     pub fn deliver(&self, m: FromOld) -> Result<bool, String> {
         let Some(int) = &self.integration else { return Err("no disk integration on this disk".into()) };

@@ -623,6 +623,13 @@ impl Instance {
         for p in self.parked.drain(..) {
             p.dismiss();
         }
+        // A guest that ended during a CEVM disk hand-over: its last writes are in
+        // the new overlay, which takes the disk's name only when the hand-over
+        // ends; wait for that, so the disk left behind is the guest's.
+        if let Some(d) = self.disk().filter(|d| d.integrating()) {
+            eprintln!("cevm: waiting for the disk hand-over to end");
+            d.wait_integrated();
+        }
         self.state = RunState::Created;
     }
 }

@@ -108,6 +108,26 @@ pub fn hash_chain_result(steps: u32) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
+/// The result the guest's `cevm.test=files` reaches after `steps` steps: the
+/// same files made here with the same commands, hashed the same way.
+pub fn files_result(steps: u32) -> String {
+    let dir = super::workdir("files-result");
+    let script = format!(
+        r#"h=start; i=1; mkdir files
+while [ $i -le {steps} ]; do
+    h=$(echo "$h $i" | md5sum | cut -c1-16)
+    yes "$h" | head -c 131072 > files/f$i
+    echo "$i $h" | dd of=files/state conv=notrunc 2>/dev/null
+    echo "step $i h=$h" >> log.txt
+    i=$((i + 1))
+done
+(cat log.txt files/state; j=1; while [ $j -le {steps} ]; do cat files/f$j; j=$((j + 1)); done) | md5sum | cut -c1-16"#
+    );
+    let r = sh(&script, &dir).trim().to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
 /// (step, uptime) of every compute "step" line of `out` with the given prefix.
 pub fn compute_steps(out: &str, prefix: &str) -> Vec<(u32, f64)> {
     out.lines()
