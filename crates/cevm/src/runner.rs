@@ -250,6 +250,9 @@ pub fn run(
                 }
             }
             Control::CheckpointWritten(result, reply) => {
+                // Its last act was to send this: wait for it to end, so that the next
+                // request does not find it still busy.
+                writer = Writer::default();
                 checkpoints += u64::from(result.is_ok());
                 let _ = reply.send(cevm_written(&result, checkpoints));
             }

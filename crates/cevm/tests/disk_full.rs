@@ -3,33 +3,8 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use cevm::api;
 use common::*;
-
-/// A small tmpfs, unmounted when dropped.
-struct SmallFs(PathBuf);
-impl SmallFs {
-    fn mount(path: PathBuf, size: &str) -> Self {
-        std::fs::create_dir_all(&path).unwrap();
-        let st =
-            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "cevm-test"]).arg(&path).status();
-        assert!(
-            st.as_ref().is_ok_and(|s| s.success()),
-            "cannot mount a tmpfs at {} ({st:?}): this test needs root, as /dev/kvm does here",
-            path.display()
-        );
-        SmallFs(path)
-    }
-}
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 #[test]
 fn a_full_disk_fails_the_checkpoint_but_not_the_guest_nor_the_previous_checkpoint() {

@@ -101,6 +101,17 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(120);
 pub fn run_old_side(t: &Disk, inbound: Receiver<ToOld>, mut send: Outbox<FromOld>) -> Result<OldSideReport, String> {
     let start = Instant::now();
     let (cluster_size, own) = t.own_clusters().map_err(|e| e.to_string())?;
+    let total = own.len();
+    let mut sent = 0usize;
+    // A message that cannot be sent means the new instance is gone.
+    let mut send = move |m: FromOld| {
+        let is_cluster = matches!(m, FromOld::Protocol(ToNew::Cluster { .. }));
+        send(m).map_err(|e| {
+            format!("the new instance went away during the disk integration, after {sent} of {total} clusters ({e})")
+        })?;
+        sent += usize::from(is_cluster);
+        Ok::<(), String>(())
+    };
     send(FromOld::Begin { cluster_size, runs: to_runs(&own) })?;
     let mut old = OldSide::new(own, cluster_size as usize);
     let mut image = Image(t, cluster_size);

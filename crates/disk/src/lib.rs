@@ -230,7 +230,15 @@ pub fn copy_image_from(from: &std::fs::File, src: &Path, dst: &Path) -> Result<(
                 )
             };
             if n < 0 {
-                return Err(werr(std::io::Error::last_os_error()));
+                let e = std::io::Error::last_os_error();
+                // Between some file systems (tmpfs and ext4, say) the kernel will
+                // not copy in place: copy through a buffer instead.
+                if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) {
+                    copy_range_buffered(from, &to, off_in as u64, end as u64).map_err(werr)?;
+                    off_in = end;
+                    continue;
+                }
+                return Err(werr(e));
             }
             if n == 0 {
                 return Err(werr(std::io::Error::new(
@@ -243,6 +251,20 @@ pub fn copy_image_from(from: &std::fs::File, src: &Path, dst: &Path) -> Result<(
     }
     to.set_len(size).map_err(werr)?;
     to.sync_all().map_err(werr)
+}
+
+/// Copies bytes [start, end) of `from` to the same offsets of `to` through a buffer.
+fn copy_range_buffered(from: &std::fs::File, to: &std::fs::File, start: u64, end: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = start;
+    while off < end {
+        let n = ((end - off) as usize).min(buf.len());
+        from.read_exact_at(&mut buf[..n], off)?;
+        to.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
 }
 
 /// The backing file name recorded in a qcow2 image's header (None for raw images

@@ -90,4 +90,28 @@ pub fn created(dir: &Path) -> u64 {
     m["created_unix_ms"].as_u64().unwrap()
 }
 
+/// A small tmpfs, unmounted when dropped.
+pub struct SmallFs(pub PathBuf);
+impl SmallFs {
+    pub fn mount(path: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "cevm-test"])
+            .arg(&path)
+            .status();
+        assert!(
+            st.as_ref().is_ok_and(|s| s.success()),
+            "cannot mount a tmpfs at {} ({st:?}): this test needs root, as /dev/kvm does here",
+            path.display()
+        );
+        SmallFs(path)
+    }
+}
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub mod linux;
