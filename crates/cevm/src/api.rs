@@ -45,6 +45,17 @@ pub struct CheckpointRequest {
     /// and ends).
     #[serde(default)]
     pub to: Option<String>,
+    /// cevm strategy, placement (seed: "scheduling possibilities"): CPUs for the
+    /// thread that runs the live migration.
+    #[serde(default)]
+    pub migration_cpus: Option<vmm::placement::CpuList>,
+    /// cevm strategy, thread-based: CPUs for the new instance's vCPU threads.
+    #[serde(default)]
+    pub dest_vcpu_cpus: Option<vmm::placement::CpuList>,
+    /// cevm strategy: CPUs for the thread that writes the checkpoint from the
+    /// old instance (and the disk hand-over it starts).
+    #[serde(default)]
+    pub writer_cpus: Option<vmm::placement::CpuList>,
 }
 
 /// Body of `PUT /v1/migrate`.

@@ -15,6 +15,7 @@ use crate::size::parse_size;
 mod linux;
 mod migrate;
 mod qemu;
+mod turnaround;
 
 /// The benchmarks.
 #[derive(Subcommand)]
@@ -109,6 +110,44 @@ pub enum BenchCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The seed's turnaround times of one fixed-size job with n checkpoints, per
+    /// strategy and placement: T_comp, T_cpt, T_mg, T_cevm, T_o, downtime per
+    /// checkpoint, the job's worst second, peak memory.
+    Turnaround {
+        /// Guest memory.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        mem: u64,
+        /// MiB of guest memory holding data (filled before the job starts).
+        #[arg(long, default_value_t = 768)]
+        data_mib: u64,
+        /// MiB the job keeps rewriting.
+        #[arg(long, default_value_t = 64)]
+        ws_mib: u64,
+        /// Pages the job writes per second.
+        #[arg(long, default_value_t = 20000)]
+        rate: u64,
+        /// Length of the job without checkpoints, seconds.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Checkpoints per job.
+        #[arg(long, default_value_t = 3)]
+        n: usize,
+        /// Strategies, comma-separated: stop-and-save, migrate, cevm-thread, cevm-process.
+        #[arg(long, default_value = "stop-and-save,migrate,cevm-thread,cevm-process", value_delimiter = ',')]
+        strategies: Vec<turnaround::Strategy>,
+        /// Placements, comma-separated: same (all on CPU 0), spread (migration and writer on CPU 1).
+        #[arg(long, default_value = "same,spread", value_delimiter = ',')]
+        placements: Vec<turnaround::Placement>,
+        /// Runs of each case (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Directory for checkpoints, sockets and the VMMs' log.
+        #[arg(long, default_value = "bench-work")]
+        dir: PathBuf,
+        /// Also write every run as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 /// Runs one benchmark.
@@ -121,6 +160,21 @@ pub fn run(cmd: BenchCmd) -> Result<(), String> {
             let params =
                 ::migrate::Params { max_downtime_ms, auto_converge: !no_auto_converge, ..::migrate::Params::default() };
             migrate::run(&migrate::Options { sizes, rates, modes, runs: runs.max(1), params, dir, json })
+        }
+        BenchCmd::Turnaround { mem, data_mib, ws_mib, rate, seconds, n, strategies, placements, runs, dir, json } => {
+            turnaround::run(&turnaround::Options {
+                mem,
+                data_mib,
+                ws_mib,
+                rate,
+                seconds,
+                n: n.max(1),
+                strategies,
+                placements,
+                runs: runs.max(1),
+                dir: std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?,
+                json,
+            })
         }
         BenchCmd::MigrateLinux {
             kernel,

@@ -319,7 +319,15 @@ pub fn run(
 /// would; its answer comes back as `Control::PeriodicDone`.
 fn periodic_checkpoint(p: &mut Periodic, control: &Sender<Control>) -> Result<(), String> {
     let out = p.series.next_path();
-    let req = api::CheckpointRequest { out: out.clone(), strategy: p.strategy.name().into(), stop: false, to: None };
+    let req = api::CheckpointRequest {
+        out: out.clone(),
+        strategy: p.strategy.name().into(),
+        stop: false,
+        to: None,
+        migration_cpus: None,
+        dest_vcpu_cpus: None,
+        writer_cpus: None,
+    };
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
     let back = control.clone();
     std::thread::Builder::new()
@@ -391,11 +399,25 @@ fn cevm_checkpoint(
     if let Err(e) = api::migration_target(&to) {
         return Err((400, format!("--to: {e}"), reply));
     }
+    if req.dest_vcpu_cpus.is_some() && to != "local" {
+        let msg = "dest_vcpu_cpus is for a new instance in this VMM; a process-based one places its own vCPUs (cevm run --incoming --vcpu-cpus)";
+        return Err((400, msg.into(), reply));
+    }
     let m = MigrateRequest {
         to,
         params: migrate::Params { cevm: true, ..Default::default() },
-        migration_cpus: None,
-        dest_vcpu_cpus: None,
+        migration_cpus: req.migration_cpus.clone(),
+        dest_vcpu_cpus: req.dest_vcpu_cpus.clone(),
+    };
+    let writer_cpus = req.writer_cpus.clone().map(|c| c.0);
+    // Pins the calling thread (the writer) to `writer_cpus`; returns where it was.
+    let pin_writer = move || -> Result<Vec<usize>, String> {
+        let me = vmm::placement::this_thread();
+        let before = vmm::placement::affinity(me);
+        if let Some(c) = &writer_cpus {
+            vmm::placement::set_affinity(me, c).map_err(|e| format!("writer_cpus: {e}"))?;
+        }
+        Ok(before)
     };
     let Migrated { report, new, link } = match migrate_request(instance, &m, progress, control, next_gen) {
         Ok(r) => r,
@@ -419,7 +441,10 @@ fn cevm_checkpoint(
     };
     let Some(new) = new else {
         // Process-based: nothing runs here any more; write, answer, end.
-        let r = checkpoint::write_frozen(instance, &req.out, report.downtime_ms, t0, handover);
+        let r = match pin_writer() {
+            Ok(_) => checkpoint::write_frozen(instance, &req.out, report.downtime_ms, t0, handover),
+            Err(e) => Err(checkpoint::Error::Unsupported(e)),
+        };
         let _ = reply.send(cevm_written(&r.map_err(|e| e.to_string()), 1));
         return Ok(CevmStarted::WrittenAway(report));
     };

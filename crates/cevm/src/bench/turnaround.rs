@@ -1,0 +1,451 @@
+//! `cevm bench turnaround`: the seed's turnaround times, every term measured on
+//! one job of fixed size.
+//!
+//! The job: the dirtier guest writes `work` pages at a set rate (time a pause
+//! costs it is not made up, so every pause delays its end), in a working set,
+//! after filling more of its memory with data. It runs under `cevm run`, as a
+//! user runs it, with `n` checkpoints spread evenly over it, taken through the
+//! API; and once without any (the baseline, `T_comp`). Runs of all strategies
+//! are interleaved, so the machine's drift touches them alike.
+//!
+//! Per strategy, with `T_run` the job's own time (from the end of its fill to its
+//! last page) and `T_vm` until every VMM process of it ended:
+//! - the per-checkpoint cost to the job `(T_run - T_comp) / n`: the seed's
+//!   `T_cpt` (stop-and-save), `T_mg` (live migration only), `T_cevm` (CEVM);
+//! - `T_o = T_vm - T_run`: what remains after the job ended (a checkpoint still
+//!   being written); so `T_vm = T_comp + n·T_x + T_o` holds by construction;
+//! - each checkpoint's guest downtime as the VMM reports it, the job's worst
+//!   second (pages written that second / the set rate), and the peak resident
+//!   memory of all its VMM processes together.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::median_min_max;
+use crate::api;
+
+/// A way to take the job's checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// `cevm checkpoint --strategy stop-and-save` (the seed's traditional checkpoint).
+    StopAndSave,
+    /// `cevm migrate --to local`: a live migration only, nothing written (`T_mg`).
+    Migrate,
+    /// `cevm checkpoint --strategy cevm` (new instance in the same VMM).
+    CevmThread,
+    /// `cevm checkpoint --strategy cevm --to unix:...` (new instance in a new VMM process).
+    CevmProcess,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "stop-and-save" => Strategy::StopAndSave,
+            "migrate" => Strategy::Migrate,
+            "cevm-thread" => Strategy::CevmThread,
+            "cevm-process" => Strategy::CevmProcess,
+            _ => return Err(format!("`{s}`: strategies are stop-and-save, migrate, cevm-thread, cevm-process")),
+        })
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+/// Where the threads of a checkpoint run (the seed's "scheduling possibilities").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Placement {
+    /// Everything on CPU 0: vCPU, migration, new instance's vCPU, writer.
+    Same,
+    /// The guest's vCPU stays on CPU 0 (old and new instance); the migration and
+    /// the checkpoint writer run on CPU 1.
+    Spread,
+}
+
+impl std::str::FromStr for Placement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "same" => Ok(Placement::Same),
+            "spread" => Ok(Placement::Spread),
+            _ => Err(format!("`{s}`: placements are same, spread")),
+        }
+    }
+}
+
+impl Placement {
+    /// (vCPUs, migration thread, writer).
+    fn cpus(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Placement::Same => ("0", "0", "0"),
+            Placement::Spread => ("0", "1", "1"),
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Placement::Same => "same",
+            Placement::Spread => "spread",
+        }
+    }
+}
+
+pub struct Options {
+    pub mem: u64,
+    pub data_mib: u64,
+    pub ws_mib: u64,
+    pub rate: u64,
+    pub seconds: u64,
+    pub n: usize,
+    pub strategies: Vec<Strategy>,
+    pub placements: Vec<Placement>,
+    pub runs: usize,
+    pub dir: PathBuf,
+    pub json: Option<PathBuf>,
+}
+
+/// One run of the job.
+#[derive(Clone, Debug, Serialize)]
+struct Run {
+    /// None: the baseline.
+    strategy: Option<Strategy>,
+    placement: Placement,
+    /// The job's own time, seconds.
+    t_run: f64,
+    /// Until every VMM process ended, seconds.
+    t_vm: f64,
+    /// Each checkpoint's guest downtime, ms.
+    downtimes_ms: Vec<f64>,
+    /// Each checkpoint's time from request to answer (committed), ms.
+    request_ms: Vec<f64>,
+    /// Pages written in each whole second of the job.
+    per_second: Vec<u64>,
+    /// Peak resident memory of the job's VMM processes together, MiB.
+    peak_rss_mib: f64,
+}
+
+/// A `cevm` process of the job, its console lines going to one channel.
+struct Vmm {
+    child: Child,
+}
+
+fn spawn(args: &[String], lines: &Sender<(Instant, String)>, log: &Path) -> Result<Vmm, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the cevm binary: {e}"))?;
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot start cevm: {e}"))?;
+    let out = child.stdout.take().ok_or("no stdout pipe")?;
+    let tx = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Vmm { child })
+}
+
+/// Samples the resident memory of `pids` together every 20 ms; keeps the peak (KiB).
+fn rss_sampler(pids: Arc<Mutex<Vec<u32>>>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let total: u64 = pids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+                .filter_map(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                })
+                .sum();
+            peak = peak.max(total);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak
+    })
+}
+
+const T: Duration = Duration::from_secs(600);
+
+/// Waits for a console line for which `pred` holds; returns when it was read.
+fn wait_for(
+    lines: &Receiver<(Instant, String)>,
+    seen: &mut Vec<String>,
+    pred: impl Fn(&str) -> bool,
+) -> Result<Instant, String> {
+    loop {
+        let (at, l) = lines.recv_timeout(T).map_err(|_| "the guest did not print what was expected in time")?;
+        let hit = pred(&l);
+        seen.push(l);
+        if hit {
+            return Ok(at);
+        }
+    }
+}
+
+fn number(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+/// Runs the job once, with `n` checkpoints of `strategy` (None: none).
+fn run_once(o: &Options, strategy: Option<Strategy>, placement: Placement, tag: &str) -> Result<Run, String> {
+    let (vcpus, mig, writer) = placement.cpus();
+    // The API takes CPU lists as arrays.
+    let cpu = |c: &str| json!([c.parse::<usize>().unwrap_or(0)]);
+    let (vcpus_j, mig, writer) = (cpu(vcpus), cpu(mig), cpu(writer));
+    let work = o.rate * o.seconds;
+    let dir = &o.dir;
+    let log = dir.join("turnaround-vmm.log");
+    let sock = |k: usize| dir.join(format!("api-{tag}-{k}.sock"));
+    let (tx, lines) = mpsc::channel();
+    let args: Vec<String> = [
+        "run",
+        "--guest",
+        "dirtier",
+        "--guest-args",
+        &format!("mib={} rate={} work={work} data={}", o.ws_mib, o.rate, o.data_mib),
+        "--mem",
+        &format!("{}M", o.mem >> 20),
+        "--vcpu-cpus",
+        vcpus,
+        "--api-sock",
+        &sock(0).to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut vmms = vec![spawn(&args, &tx, &log)?];
+    let pids = Arc::new(Mutex::new(vec![vmms[0].child.id()]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = rss_sampler(pids.clone(), stop.clone());
+    let mut seen = Vec::new();
+    let result = (|| -> Result<Run, String> {
+        let t_fill = wait_for(&lines, &mut seen, |l| l.starts_with("dirtier: filled"))?;
+        let (mut downtimes, mut request_ms) = (Vec::new(), Vec::new());
+        let mut api_sock = sock(0);
+        if let Some(s) = strategy {
+            let period = Duration::from_secs_f64(o.seconds as f64 / (o.n + 1) as f64);
+            for k in 1..=o.n {
+                let due = t_fill + period * k as u32;
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                let out = dir.join(format!("ckpt-{tag}"));
+                let t = Instant::now();
+                let (path, body) = match s {
+                    Strategy::StopAndSave => ("/v1/checkpoint", json!({ "out": out, "strategy": "stop-and-save" })),
+                    Strategy::Migrate => {
+                        ("/v1/migrate", json!({ "to": "local", "migration_cpus": mig, "dest_vcpu_cpus": vcpus_j }))
+                    }
+                    Strategy::CevmThread => (
+                        "/v1/checkpoint",
+                        json!({ "out": out, "strategy": "cevm", "migration_cpus": mig,
+                                "dest_vcpu_cpus": vcpus_j, "writer_cpus": writer }),
+                    ),
+                    Strategy::CevmProcess => {
+                        let inc = dir.join(format!("in-{tag}-{k}.sock"));
+                        let to = format!("unix:{}", inc.display());
+                        let a: Vec<String> = ["run", "--incoming", &to, "--vcpu-cpus", vcpus, "--api-sock"]
+                            .iter()
+                            .map(|s| s.to_string())
+                            .chain([sock(k).to_string_lossy().into_owned()])
+                            .collect();
+                        let v = spawn(&a, &tx, &log)?;
+                        pids.lock().unwrap_or_else(|p| p.into_inner()).push(v.child.id());
+                        vmms.push(v);
+                        let deadline = Instant::now() + T;
+                        while !inc.exists() && Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        (
+                            "/v1/checkpoint",
+                            json!({ "out": out, "strategy": "cevm", "to": to, "migration_cpus": mig,
+                                    "writer_cpus": writer }),
+                        )
+                    }
+                };
+                let r = api::call(&api_sock, "PUT", path, Some(&body), T)
+                    .map_err(|e| format!("{s} checkpoint {k}: {e}"))?;
+                request_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                downtimes.push(match s {
+                    Strategy::Migrate => number(&r, "downtime_ms"),
+                    _ => number(&r, "pause_ms"),
+                });
+                if s == Strategy::CevmProcess {
+                    api_sock = sock(k);
+                }
+            }
+        }
+        let t_done = wait_for(&lines, &mut seen, |l| l.starts_with("dirtier: done"))?;
+        for v in &mut vmms {
+            let st = v.child.wait().map_err(|e| e.to_string())?;
+            if !st.success() {
+                return Err(format!("a cevm process of the job ended with {st}; see {}", log.display()));
+            }
+        }
+        let t_end = Instant::now();
+        while let Ok((_, l)) = lines.try_recv() {
+            seen.push(l);
+        }
+        let per_second = seen
+            .iter()
+            .filter_map(|l| l.strip_prefix("dirtier: t=")?.split("pages/s=").nth(1)?.split(' ').next()?.parse().ok())
+            .collect();
+        Ok(Run {
+            strategy,
+            placement,
+            t_run: (t_done - t_fill).as_secs_f64(),
+            t_vm: (t_end - t_fill).as_secs_f64(),
+            downtimes_ms: downtimes,
+            request_ms,
+            per_second,
+            peak_rss_mib: 0.0,
+        })
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let peak_kib = sampler.join().unwrap_or(0);
+    for v in &mut vmms {
+        let _ = v.child.kill();
+        let _ = v.child.wait();
+    }
+    let _ = std::fs::remove_dir_all(dir.join(format!("ckpt-{tag}")));
+    let mut run = result?;
+    run.peak_rss_mib = peak_kib as f64 / 1024.0;
+    Ok(run)
+}
+
+fn ms(s: f64) -> f64 {
+    s * 1e3
+}
+
+pub fn run(o: &Options) -> Result<(), String> {
+    std::fs::create_dir_all(&o.dir).map_err(|e| format!("{}: {e}", o.dir.display()))?;
+    let work = o.rate * o.seconds;
+    println!(
+        "turnaround benchmark: the dirtier, {} MiB guest, {} MiB of data, writing {} pages/s over a {} MiB working set, {work} pages ({} s) per job; n = {} checkpoints spread evenly; {} runs of each case, interleaved",
+        o.mem >> 20,
+        o.data_mib,
+        o.rate,
+        o.ws_mib,
+        o.seconds,
+        o.n,
+        o.runs
+    );
+    let mut runs: Vec<Run> = Vec::new();
+    for r in 0..o.runs {
+        let b = run_once(o, None, Placement::Same, &format!("base-{r}"))?;
+        println!("  run {}: baseline: job {:.3} s", r + 1, b.t_run);
+        runs.push(b);
+        for &p in &o.placements {
+            for &s in &o.strategies {
+                let x = run_once(o, Some(s), p, &format!("{s}-{}-{r}", p.name()))?;
+                println!(
+                    "  run {}: {s} ({}): job {:.3} s, VMMs ended {:.3} s, downtimes {:?} ms, requests {:?} ms, peak RSS {:.0} MiB",
+                    r + 1,
+                    p.name(),
+                    x.t_run,
+                    x.t_vm,
+                    x.downtimes_ms.iter().map(|d| (d * 100.0).round() / 100.0).collect::<Vec<_>>(),
+                    x.request_ms.iter().map(|d| d.round()).collect::<Vec<_>>(),
+                    x.peak_rss_mib
+                );
+                runs.push(x);
+            }
+        }
+    }
+
+    // Per run index, each strategy against that run's own baseline.
+    let base: Vec<&Run> = runs.iter().filter(|r| r.strategy.is_none()).collect();
+    let t_comp: Vec<f64> = base.iter().map(|r| r.t_run).collect();
+    let (tc, tc_min, tc_max) = median_min_max(&t_comp);
+    println!();
+    println!(
+        "T_comp (no checkpoint): {tc:.3} s ({tc_min:.3}-{tc_max:.3}); the job alone: {:.3} s at the set rate",
+        o.seconds
+    );
+    println!();
+    println!("| strategy | placement | per-checkpoint cost to the job, ms (T_cpt / T_mg / T_cevm) | T_o ms | cost + T_o/n ms | guest downtime per checkpoint ms | request to answer ms | worst second, % of rate | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let n = o.n as f64;
+    let mut summary: Vec<(Strategy, Placement, f64)> = Vec::new();
+    for &p in &o.placements {
+        for &s in &o.strategies {
+            let mine: Vec<(usize, &Run)> =
+                runs.iter().filter(|r| r.strategy == Some(s) && r.placement == p).enumerate().collect();
+            let cost: Vec<f64> = mine.iter().map(|(i, r)| ms(r.t_run - base[*i].t_run) / n).collect();
+            let t_o: Vec<f64> =
+                mine.iter().map(|(i, r)| ms((r.t_vm - r.t_run) - (base[*i].t_vm - base[*i].t_run))).collect();
+            let total: Vec<f64> = cost.iter().zip(&t_o).map(|(c, t)| c + t / n).collect();
+            let downs: Vec<f64> = mine.iter().flat_map(|(_, r)| r.downtimes_ms.clone()).collect();
+            let reqs: Vec<f64> = mine.iter().flat_map(|(_, r)| r.request_ms.clone()).collect();
+            let worst: Vec<f64> = mine
+                .iter()
+                .map(|(_, r)| r.per_second.iter().copied().min().unwrap_or(0) as f64 / o.rate as f64 * 100.0)
+                .collect();
+            let rss: Vec<f64> = mine.iter().map(|(_, r)| r.peak_rss_mib).collect();
+            let f = |v: &[f64], prec: usize| {
+                let (m, a, b) = median_min_max(v);
+                format!("{m:.prec$} ({a:.prec$}-{b:.prec$})")
+            };
+            println!(
+                "| {s} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.name(),
+                f(&cost, 1),
+                f(&t_o, 1),
+                f(&total, 1),
+                f(&downs, 2),
+                f(&reqs, 0),
+                f(&worst, 1),
+                f(&rss, 0)
+            );
+            summary.push((s, p, median_min_max(&total).0));
+        }
+    }
+    println!("(medians over {} runs, min-max in parentheses; cost = (job time - that run's T_comp) / n; T_o = time the VMMs ran on after the job ended, beyond the baseline's; downtime as each VMM reports it)", o.runs);
+    for &p in &o.placements {
+        let get = |s: Strategy| summary.iter().find(|x| x.0 == s && x.1 == p).map(|x| x.2);
+        if let (Some(mg), Some(cpt)) = (get(Strategy::Migrate), get(Strategy::StopAndSave)) {
+            for s in [Strategy::CevmThread, Strategy::CevmProcess] {
+                if let Some(c) = get(s) {
+                    let holds = mg <= c && c <= cpt;
+                    println!(
+                        "{}: T_mg {mg:.1} <= T_cevm + T_o/n {c:.1} ({s}) <= T_cpt {cpt:.1} ms: {}; (T_cevm + T_o/n) / T_mg = {:.2}",
+                        p.name(),
+                        if holds { "holds" } else { "does not hold" },
+                        c / mg
+                    );
+                }
+            }
+        }
+    }
+    if let Some(p) = &o.json {
+        let text = serde_json::to_string_pretty(&runs).map_err(|e| e.to_string())?;
+        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
