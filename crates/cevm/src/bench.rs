@@ -147,6 +147,9 @@ pub enum BenchCmd {
         /// Also write every run as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Print the tables of runs saved earlier with --json, without running anything.
+        #[arg(long)]
+        report_from: Option<PathBuf>,
     },
 }
 
@@ -161,21 +164,33 @@ pub fn run(cmd: BenchCmd) -> Result<(), String> {
                 ::migrate::Params { max_downtime_ms, auto_converge: !no_auto_converge, ..::migrate::Params::default() };
             migrate::run(&migrate::Options { sizes, rates, modes, runs: runs.max(1), params, dir, json })
         }
-        BenchCmd::Turnaround { mem, data_mib, ws_mib, rate, seconds, n, strategies, placements, runs, dir, json } => {
-            turnaround::run(&turnaround::Options {
-                mem,
-                data_mib,
-                ws_mib,
-                rate,
-                seconds,
-                n: n.max(1),
-                strategies,
-                placements,
-                runs: runs.max(1),
-                dir: std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?,
-                json,
-            })
-        }
+        BenchCmd::Turnaround {
+            mem,
+            data_mib,
+            ws_mib,
+            rate,
+            seconds,
+            n,
+            strategies,
+            placements,
+            runs,
+            dir,
+            json,
+            report_from,
+        } => turnaround::run(&turnaround::Options {
+            mem,
+            data_mib,
+            ws_mib,
+            rate,
+            seconds,
+            n: n.max(1),
+            strategies,
+            placements,
+            runs: runs.max(1),
+            dir: std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?,
+            json,
+            report_from,
+        }),
         BenchCmd::MigrateLinux {
             kernel,
             initrd,

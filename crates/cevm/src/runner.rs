@@ -410,14 +410,15 @@ fn cevm_checkpoint(
         dest_vcpu_cpus: req.dest_vcpu_cpus.clone(),
     };
     let writer_cpus = req.writer_cpus.clone().map(|c| c.0);
-    // Pins the calling thread (the writer) to `writer_cpus`; returns where it was.
-    let pin_writer = move || -> Result<Vec<usize>, String> {
-        let me = vmm::placement::this_thread();
-        let before = vmm::placement::affinity(me);
-        if let Some(c) = &writer_cpus {
-            vmm::placement::set_affinity(me, c).map_err(|e| format!("writer_cpus: {e}"))?;
+    // Pins the calling thread (the writer; the disk hand-over thread it starts
+    // inherits this) to `writer_cpus`.
+    let pin_writer = move || -> Result<(), String> {
+        match &writer_cpus {
+            Some(c) => {
+                vmm::placement::set_affinity(vmm::placement::this_thread(), c).map_err(|e| format!("writer_cpus: {e}"))
+            }
+            None => Ok(()),
         }
-        Ok(before)
     };
     let Migrated { report, new, link } = match migrate_request(instance, &m, progress, control, next_gen) {
         Ok(r) => r,
@@ -442,7 +443,7 @@ fn cevm_checkpoint(
     let Some(new) = new else {
         // Process-based: nothing runs here any more; write, answer, end.
         let r = match pin_writer() {
-            Ok(_) => checkpoint::write_frozen(instance, &req.out, report.downtime_ms, t0, handover),
+            Ok(()) => checkpoint::write_frozen(instance, &req.out, report.downtime_ms, t0, handover),
             Err(e) => Err(checkpoint::Error::Unsupported(e)),
         };
         let _ = reply.send(cevm_written(&r.map_err(|e| e.to_string()), 1));
@@ -450,19 +451,23 @@ fn cevm_checkpoint(
     };
     let mut old = std::mem::replace(instance, new);
     let (control, out, on_error) = (control.clone(), req.out.clone(), reply.clone());
-    std::thread::Builder::new()
-        .name("checkpoint-writer".into())
-        .spawn(move || {
-            let r =
-                checkpoint::write_frozen(&mut old, &out, report.downtime_ms, t0, handover).map_err(|e| e.to_string());
-            // The old instance's work is done: its vCPU threads end here.
-            drop(old);
-            let _ = control.send(Control::CheckpointWritten(r, reply));
-        })
-        .map(CevmStarted::Writing)
-        // The OS refused a thread: the hand-over went with the closure, so the new
-        // instance completes its disk from T; the guest runs on there.
-        .map_err(|e| (500, format!("cannot start the checkpoint writer: {e}"), on_error))
+    let writer = std::thread::Builder::new().name("checkpoint-writer".into()).spawn(move || {
+        let r = pin_writer().and_then(|()| {
+            checkpoint::write_frozen(&mut old, &out, report.downtime_ms, t0, handover).map_err(|e| e.to_string())
+        });
+        // The old instance's work is done: its vCPU threads end here.
+        drop(old);
+        let _ = control.send(Control::CheckpointWritten(r, reply));
+    });
+    match writer {
+        Ok(h) => Ok(CevmStarted::Writing(h)),
+        Err(e) => {
+            // The OS refused a thread: the hand-over went with the closure, so the
+            // new instance completes its disk from T; the guest runs on there.
+            let _ = on_error.send(api::error(500, format!("cannot start the checkpoint writer: {e}")));
+            Ok(CevmStarted::Replaced)
+        }
+    }
 }
 
 /// Logs a CEVM checkpoint's outcome (the `n`th checkpoint of this VMM) and

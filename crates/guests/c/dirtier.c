@@ -4,7 +4,7 @@
  * after page, wrapping around, paced to `rate` pages per second by the TSC (0 = as
  * fast as the vCPU goes), and prints the pages/s achieved each second.
  *
- * args: mib=<working set, default 16> rate=<pages/s, default 0> seconds=<default 10, 0 = forever>
+ * args: mib=<working set, default 16> rate=<pages/s, default 0> seconds=<default 10 (0 with work=), 0 = forever>
  *       fill=1: first write every page of the working set once, as fast as it goes
  *       idle=1: after the fill, halt for good (an idle guest whose memory holds data)
  *       data=<MiB>: fill this much memory (at least the working set) with data first
@@ -26,8 +26,9 @@ void guest_main(struct boot_info *bi, u64 cpu)
 
     u64 mib = arg_u64(bi, "mib", 16);
     u64 rate = arg_u64(bi, "rate", 0);
-    u64 seconds = arg_u64(bi, "seconds", 10);
     u64 work = arg_u64(bi, "work", 0);
+    /* A job of fixed size (work=) runs until its work is done. */
+    u64 seconds = arg_u64(bi, "seconds", work ? 0 : 10);
     u64 tsc_hz = (u64)bi->tsc_khz * 1000;
     u8 *area = (u8 *)bi->free_start;
     u64 pages = (mib << 20) / PAGE;
