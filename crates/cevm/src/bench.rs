@@ -135,8 +135,9 @@ pub enum BenchCmd {
         /// Strategies, comma-separated: stop-and-save, migrate, cevm-thread, cevm-process.
         #[arg(long, default_value = "stop-and-save,migrate,cevm-thread,cevm-process", value_delimiter = ',')]
         strategies: Vec<turnaround::Strategy>,
-        /// Placements, comma-separated: same (all on CPU 0), spread (migration and writer on CPU 1).
-        #[arg(long, default_value = "same,spread", value_delimiter = ',')]
+        /// Placements, comma-separated: same (all on CPU 0), spread (migration and
+        /// writer on CPU 1), none (the kernel decides).
+        #[arg(long, default_value = "same,spread,none", value_delimiter = ',')]
         placements: Vec<turnaround::Placement>,
         /// Runs of each case (medians are reported).
         #[arg(long, default_value_t = 3)]

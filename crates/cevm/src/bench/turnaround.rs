@@ -18,6 +18,10 @@
 //! - each checkpoint's guest downtime as the VMM reports it, the job's worst
 //!   second (pages written that second / the set rate), and the peak resident
 //!   memory of all its VMM processes together.
+//!
+//! Placements (the seed's "scheduling possibilities"): `same` (everything on
+//! CPU 0), `spread` (the guest on CPU 0, migration and writer on CPU 1), `none`
+//! (the kernel decides, cevm's default).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -76,6 +80,8 @@ pub enum Placement {
     /// The guest's vCPU stays on CPU 0 (old and new instance); the migration and
     /// the checkpoint writer run on CPU 1.
     Spread,
+    /// Nothing placed: the kernel's scheduler decides (what cevm does unless told).
+    None,
 }
 
 impl std::str::FromStr for Placement {
@@ -84,23 +90,26 @@ impl std::str::FromStr for Placement {
         match s {
             "same" => Ok(Placement::Same),
             "spread" => Ok(Placement::Spread),
-            _ => Err(format!("`{s}`: placements are same, spread")),
+            "none" => Ok(Placement::None),
+            _ => Err(format!("`{s}`: placements are same, spread, none")),
         }
     }
 }
 
 impl Placement {
-    /// (vCPUs, migration thread, writer).
-    fn cpus(self) -> (&'static str, &'static str, &'static str) {
+    /// (vCPUs, migration thread, writer); None: anywhere.
+    fn cpus(self) -> Option<(&'static str, &'static str, &'static str)> {
         match self {
-            Placement::Same => ("0", "0", "0"),
-            Placement::Spread => ("0", "1", "1"),
+            Placement::Same => Some(("0", "0", "0")),
+            Placement::Spread => Some(("0", "1", "1")),
+            Placement::None => None,
         }
     }
     fn name(self) -> &'static str {
         match self {
             Placement::Same => "same",
             Placement::Spread => "spread",
+            Placement::None => "none",
         }
     }
 }
@@ -221,10 +230,13 @@ fn number(v: &Value, key: &str) -> f64 {
 
 /// Runs the job once, with `n` checkpoints of `strategy` (None: none).
 fn run_once(o: &Options, strategy: Option<Strategy>, placement: Placement, tag: &str) -> Result<Run, String> {
-    let (vcpus, mig, writer) = placement.cpus();
-    // The API takes CPU lists as arrays.
-    let cpu = |c: &str| json!([c.parse::<usize>().unwrap_or(0)]);
-    let (vcpus_j, mig, writer) = (cpu(vcpus), cpu(mig), cpu(writer));
+    let cpus = placement.cpus();
+    // The API takes CPU lists as arrays (null: anywhere); the CLI as a flag.
+    let cpu = |pick: fn((&'static str, &'static str, &'static str)) -> &'static str| {
+        cpus.map_or(Value::Null, |c| json!([pick(c).parse::<usize>().unwrap_or(0)]))
+    };
+    let (vcpus_j, mig, writer) = (cpu(|c| c.0), cpu(|c| c.1), cpu(|c| c.2));
+    let vcpu_flag: Vec<String> = cpus.map(|c| vec!["--vcpu-cpus".to_string(), c.0.to_string()]).unwrap_or_default();
     let work = o.rate * o.seconds;
     let dir = &o.dir;
     let log = dir.join("turnaround-vmm.log");
@@ -238,13 +250,12 @@ fn run_once(o: &Options, strategy: Option<Strategy>, placement: Placement, tag: 
         &format!("mib={} rate={} work={work} data={}", o.ws_mib, o.rate, o.data_mib),
         "--mem",
         &format!("{}M", o.mem >> 20),
-        "--vcpu-cpus",
-        vcpus,
         "--api-sock",
         &sock(0).to_string_lossy(),
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(vcpu_flag.iter().cloned())
     .collect();
     let mut vmms = vec![spawn(&args, &tx, &log)?];
     let pids = Arc::new(Mutex::new(vec![vmms[0].child.id()]));
@@ -276,10 +287,11 @@ fn run_once(o: &Options, strategy: Option<Strategy>, placement: Placement, tag: 
                     Strategy::CevmProcess => {
                         let inc = dir.join(format!("in-{tag}-{k}.sock"));
                         let to = format!("unix:{}", inc.display());
-                        let a: Vec<String> = ["run", "--incoming", &to, "--vcpu-cpus", vcpus, "--api-sock"]
+                        let a: Vec<String> = ["run", "--incoming", &to, "--api-sock"]
                             .iter()
                             .map(|s| s.to_string())
                             .chain([sock(k).to_string_lossy().into_owned()])
+                            .chain(vcpu_flag.iter().cloned())
                             .collect();
                         let v = spawn(&a, &tx, &log)?;
                         pids.lock().unwrap_or_else(|p| p.into_inner()).push(v.child.id());
