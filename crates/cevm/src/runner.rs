@@ -145,7 +145,10 @@ pub fn run(
                 Ok(m) => m,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let p = periodic.as_mut().expect("due only with a policy");
-                    due = Some(at + p.every);
+                    // The next one a whole period on; after a late one (a slow
+                    // checkpoint held this loop), a period from now, not at once.
+                    let now = std::time::Instant::now();
+                    due = Some(if at + p.every > now { at + p.every } else { now + p.every });
                     if let Some(why) = busy(&writer, &instance) {
                         eprintln!("cevm: periodic checkpoint skipped: {why}");
                     } else {

@@ -62,6 +62,10 @@ pub enum Error {
     /// A payload does not decode.
     #[error("{0}")]
     Decode(String),
+    /// The guest ended (exited, powered off, reset or failed) before the switch;
+    /// it was not moved.
+    #[error("the guest ended before the switch (it exited, powered off or failed); it was not moved")]
+    GuestEnded,
     /// The destination cannot prepare the guest's disk.
     #[error(transparent)]
     Disk(#[from] disk::Error),

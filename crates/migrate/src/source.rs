@@ -195,6 +195,9 @@ pub fn migrate_out(
         }
     };
     update(&|p| p.phase = "connecting".into());
+    if inst.guest_ended() {
+        return Err(Error::GuestEnded);
+    }
     let was_running = inst.run_state() == RunState::Running;
     let source_vcpus = inst.vcpu_placement();
     let hello =
@@ -333,6 +336,11 @@ fn precopy_and_switch(
         let t = Instant::now();
         inst.pause()?;
         parts.pause_ms = ms(t.elapsed());
+        // A guest that ended during the pre-copy stays here, where its end is
+        // heard; moved, it would sit past its end in the new instance.
+        if inst.guest_ended() {
+            return Err(Error::GuestEnded);
+        }
         let t = Instant::now();
         vmm::memory::union_dirty(&mut pending, inst.harvest_dirty_pages()?);
         push_dirty(&mut s, &ram, &pending)?;

@@ -458,6 +458,12 @@ impl Instance {
         Ok(dirty)
     }
 
+    /// Whether the guest ended (a vCPU reported its exit, power-off, reset or a
+    /// failure; the event is on its way to the instance's event channel).
+    pub fn guest_ended(&self) -> bool {
+        self.ctl.ended()
+    }
+
     /// The run state.
     pub fn run_state(&self) -> RunState {
         self.state

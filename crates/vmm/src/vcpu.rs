@@ -78,6 +78,10 @@ pub struct RunControl {
     cv: Condvar,
     /// Share of time (percent) each vCPU sleeps: live migration's auto-converge.
     throttle_pct: AtomicU32,
+    /// A vCPU reported an event that ends the guest (exit, power-off, reset,
+    /// failure). Its state may already be past that point, so the guest must
+    /// not be moved to another instance: the event would be lost with it.
+    ended: AtomicBool,
 }
 
 /// Running time between two throttle sleeps of a vCPU (the throttle thread kicks
@@ -85,6 +89,11 @@ pub struct RunControl {
 pub const THROTTLE_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl RunControl {
+    /// Whether a vCPU reported an event that ends the guest.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
     /// Sets the throttle: each vCPU, when kicked, sleeps `pct` % of its time.
     pub fn set_throttle(&self, pct: u32) {
         self.throttle_pct.store(pct.min(99), Ordering::SeqCst);
@@ -361,6 +370,9 @@ pub fn run_vcpu_thread(
             Err(e) => Some(VmEvent::VcpuFailed { id, error: format!("KVM_RUN: {e}") }),
         };
         if let Some(ev) = event {
+            // Marked before the event goes out: whoever hears of it (or pauses
+            // this vCPU afterwards) sees the guest as ended.
+            ctl.ended.store(true, Ordering::SeqCst);
             let _ = events.send(ev);
             stopped = true;
         }
