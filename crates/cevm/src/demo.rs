@@ -1,6 +1,7 @@
 //! `cevm demo`: the main job end to end. Boots the built-in `digest` guest twice:
-//! once undisturbed, once with a live checkpoint taken mid-run, after which that
-//! VMM is killed with SIGKILL and the guest is restored from the checkpoint. The
+//! once undisturbed, once with a live CEVM checkpoint taken mid-run (the guest
+//! moves to a new instance in its VMM while the old one writes the checkpoint),
+//! after which that VMM is killed with SIGKILL and the guest is restored from the checkpoint. The
 //! restored run must print the same digest as the undisturbed one.
 
 use std::path::{Path, PathBuf};
@@ -35,13 +36,18 @@ pub fn run(bin: &Path, workdir: &Path, keep: bool) -> Result<bool, String> {
     victim
         .wait_line(TIMEOUT, |l| l == CHECKPOINT_AFTER_ROUND)
         .ok_or("the guest to checkpoint never reached the checkpoint round")?;
-    println!("== 2. live checkpoint (stop-and-save) into {}", ckpt.display());
-    let report = api::call(&sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": ckpt })), TIMEOUT)
-        .map_err(|e| format!("checkpoint: {e}"))?;
     println!(
-        "   committed: guest paused {:.1} ms, {} data pages written, zero pages left as holes: {}",
+        "== 2. live CEVM checkpoint into {}: the guest moves to a new instance, the old one writes it",
+        ckpt.display()
+    );
+    let body = json!({ "out": ckpt, "strategy": "cevm" });
+    let report =
+        api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), TIMEOUT).map_err(|e| format!("checkpoint: {e}"))?;
+    println!(
+        "   committed: guest paused {:.2} ms (the switch), {} data pages written meanwhile in {:.0} ms, zero pages left as holes: {}",
         report["pause_ms"].as_f64().unwrap_or(0.0),
         report["memory"]["data_pages"],
+        report["total_ms"].as_f64().unwrap_or(0.0),
         report["memory"]["zero_pages"]
     );
     victim.wait_line(Duration::from_secs(5), |l| l.starts_with("round "));
