@@ -267,6 +267,15 @@ pub fn run(
                         continue;
                     }
                 };
+                let cevm_only = req.to.is_some()
+                    || req.migration_cpus.is_some()
+                    || req.dest_vcpu_cpus.is_some()
+                    || req.writer_cpus.is_some();
+                if strategy == Strategy::StopAndSave && cevm_only {
+                    let e = "to, migration_cpus, dest_vcpu_cpus and writer_cpus are for the cevm strategy";
+                    let _ = reply.send(api::error(400, e));
+                    continue;
+                }
                 if let Some(why) = busy(&writer, &instance) {
                     let _ = reply.send(api::error(409, why));
                     continue;

@@ -113,6 +113,12 @@ fn cevm_checkpoint_the_guest_runs_on_right_and_the_checkpoint_restores_right() {
     let body = json!({ "out": ckpt, "strategy": "cevm", "stop": true });
     let e = api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).unwrap_err().to_string();
     assert!(e.contains("stop-and-save"), "{e}");
+    let body = json!({ "out": ckpt, "strategy": "stop-and-save", "to": "local" });
+    let e = api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).unwrap_err().to_string();
+    assert!(e.contains("for the cevm strategy") && e.contains("400"), "{e}");
+    let body = json!({ "out": ckpt, "strategy": "cevm", "to": "ftp:nowhere" });
+    let e = api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).unwrap_err().to_string();
+    assert!(e.contains("--to") && e.contains("400"), "{e}");
     let body = json!({ "out": ckpt, "strategy": "cevm" });
     let report = api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
     assert_eq!(report["strategy"], "cevm", "{report}");
