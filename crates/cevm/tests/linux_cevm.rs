@@ -22,16 +22,16 @@ wait_for() {{ n=0; while ! grep -q "$1" "$2"; do sleep 0.1; n=$((n+1)); [ $n -gt
 $CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
     --disk /tmp/base.qcow2 --overlay /tmp/run.qcow2 \
     --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet cevm.test=files cevm.steps={STEPS}" \
-    > /tmp/src.txt 2>&1 &
+    > /tmp/src.txt 2> /tmp/src.err &
 src=$!
 wait_for "step 8/" /tmp/src.txt
 $CEVM checkpoint --api-sock /tmp/api.sock --strategy cevm --out /tmp/ck1 > /tmp/ck1.json
 echo "cevm-scenario: thread-based checkpoint exit=$?"
 sed 's/^/ck1: /' /tmp/ck1.json
-$CEVM run --incoming unix:/tmp/dst.sock > /tmp/dst.txt 2>&1 &
+$CEVM run --incoming unix:/tmp/dst.sock > /tmp/dst.txt 2> /tmp/dst.err &
 dst=$!
 # Two steps after the first checkpoint was committed (the guest ran on meanwhile).
-n=$(($(grep -c "cevm-guest: step" /tmp/src.txt) + 2))
+n=$(($(grep -o "step [0-9]*/" /tmp/src.txt | tail -1 | tr -dc 0-9) + 2))
 wait_for "step $n/" /tmp/src.txt
 echo "cevm-scenario: second checkpoint after step $n"
 $CEVM checkpoint --api-sock /tmp/api.sock --strategy cevm --to unix:/tmp/dst.sock --out /tmp/ck2 > /tmp/ck2.json
@@ -41,20 +41,21 @@ wait $src
 echo "cevm-scenario: source exit=$?"
 wait $dst
 echo "cevm-scenario: destination exit=$?"
-sed 's/^/src: /' /tmp/src.txt
-sed 's/^/dst: /' /tmp/dst.txt
+# The consoles and cevm's own messages apart, so that neither cuts into the other's lines.
+sed 's/^/src: /' /tmp/src.txt /tmp/src.err
+sed 's/^/dst: /' /tmp/dst.txt /tmp/dst.err
 ls /tmp/*.cevm-next 2>/dev/null && echo "cevm-scenario: an overlay was left over"
 $CEVM verify /tmp/ck1 > /dev/null && echo "cevm-scenario: ck1 verified"
 $CEVM verify /tmp/ck2 > /dev/null && echo "cevm-scenario: ck2 verified"
 cp /tmp/run.qcow2 "$OUT/run.qcow2"
 cp /tmp/ck1/disk.qcow2 "$OUT/ck1.qcow2"
 cp /tmp/ck2/disk.qcow2 "$OUT/ck2.qcow2"
-$CEVM restore /tmp/ck1 --overlay "$OUT/r1.qcow2" > /tmp/r1.txt 2>&1
+$CEVM restore /tmp/ck1 --overlay "$OUT/r1.qcow2" > /tmp/r1.txt 2> /tmp/r1.err
 echo "cevm-scenario: restore ck1 exit=$?"
-$CEVM restore /tmp/ck2 --overlay "$OUT/r2.qcow2" > /tmp/r2.txt 2>&1
+$CEVM restore /tmp/ck2 --overlay "$OUT/r2.qcow2" > /tmp/r2.txt 2> /tmp/r2.err
 echo "cevm-scenario: restore ck2 exit=$?"
-sed 's/^/r1: /' /tmp/r1.txt
-sed 's/^/r2: /' /tmp/r2.txt
+sed 's/^/r1: /' /tmp/r1.txt /tmp/r1.err
+sed 's/^/r2: /' /tmp/r2.txt /tmp/r2.err
 "#
     );
     let dir = common::workdir("cevm-linux");

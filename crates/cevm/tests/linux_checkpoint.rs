@@ -20,7 +20,7 @@ cp "$DATA/base.qcow2" /tmp/base.qcow2
 $CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
     --disk /tmp/base.qcow2 --overlay /tmp/run.qcow2 \
     --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet cevm.test=compute cevm.disk=1 cevm.steps={STEPS}" \
-    > /tmp/run1.txt 2>&1 &
+    > /tmp/run1.txt 2> /tmp/run1.err &
 pid=$!
 n=0
 while ! grep -q "step 8/" /tmp/run1.txt; do sleep 0.2; n=$((n+1)); [ $n -gt 1500 ] && break; done
@@ -31,11 +31,12 @@ sleep 1
 kill -9 $pid
 wait $pid
 echo "cevm-scenario: killed"
-sed 's/^/run1: /' /tmp/run1.txt
+# The console and cevm's own messages apart, so that neither cuts into the other's lines.
+sed 's/^/run1: /' /tmp/run1.txt /tmp/run1.err
 $CEVM verify /tmp/ckpt > /dev/null && echo "cevm-scenario: verified"
-$CEVM restore /tmp/ckpt --overlay "$OUT/restored.qcow2" > /tmp/run2.txt 2>&1
+$CEVM restore /tmp/ckpt --overlay "$OUT/restored.qcow2" > /tmp/run2.txt 2> /tmp/run2.err
 echo "cevm-scenario: restore exit=$?"
-sed 's/^/run2: /' /tmp/run2.txt
+sed 's/^/run2: /' /tmp/run2.txt /tmp/run2.err
 "#
     );
     let dir = common::workdir("ckpt-host");

@@ -22,13 +22,13 @@ wait_for() {{ n=0; while ! grep -q "$1" "$2"; do sleep 0.2; n=$((n+1)); [ $n -gt
 $CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
     --disk /tmp/base.qcow2 --overlay /tmp/run.qcow2 \
     --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet cevm.test=compute cevm.disk=1 cevm.steps={STEPS}" \
-    > /tmp/src.txt 2>&1 &
+    > /tmp/src.txt 2> /tmp/src.err &
 src=$!
 wait_for "step 6/" /tmp/src.txt
 $CEVM migrate --api-sock /tmp/api.sock --to local > /tmp/m1.json
 echo "cevm-scenario: local migration exit=$?"
 sed 's/^/m1: /' /tmp/m1.json
-$CEVM run --incoming unix:/tmp/dst.sock > /tmp/dst.txt 2>&1 &
+$CEVM run --incoming unix:/tmp/dst.sock > /tmp/dst.txt 2> /tmp/dst.err &
 dst=$!
 wait_for "step 14/" /tmp/src.txt
 $CEVM migrate --api-sock /tmp/api.sock --to unix:/tmp/dst.sock > /tmp/m2.json
@@ -38,8 +38,9 @@ wait $src
 echo "cevm-scenario: source exit=$?"
 wait $dst
 echo "cevm-scenario: destination exit=$?"
-sed 's/^/src: /' /tmp/src.txt
-sed 's/^/dst: /' /tmp/dst.txt
+# The consoles and cevm's own messages apart, so that neither cuts into the other's lines.
+sed 's/^/src: /' /tmp/src.txt /tmp/src.err
+sed 's/^/dst: /' /tmp/dst.txt /tmp/dst.err
 cp /tmp/run.qcow2 "$OUT/run.qcow2"
 "#
     );
