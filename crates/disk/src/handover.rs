@@ -39,8 +39,9 @@ pub enum FromOld {
 /// Sends one message to the other side; an error means that side is gone.
 pub type Outbox<M> = Box<dyn FnMut(M) -> Result<(), String> + Send>;
 
-/// A [`Disk`] as the state machines see it: U on the new side, T on the old.
-struct Image<'a>(&'a Disk, u64);
+/// A [`Disk`] as the state machines see it: U on the new side, T on the old
+/// (with T's cluster size).
+pub(crate) struct Image<'a>(pub(crate) &'a Disk, pub(crate) u64);
 
 fn io_err(e: std::io::Error) -> integrate::Error {
     integrate::Error::Io(e.to_string())

@@ -11,6 +11,11 @@ fn run(tool: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A seed that differs from run to run (a failure prints the seed it used).
+fn time_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() << 8
+}
+
 fn qemu_img(args: &[&str]) -> String {
     run("qemu-img", args)
 }
@@ -160,31 +165,10 @@ fn own_clusters_are_exactly_the_ones_qemu_img_maps_to_the_overlay() {
 mod integration_over_qcow2 {
     use std::collections::VecDeque;
 
-    use integrate::{Completion, ImageT, NewSide, OldSide, OverlayU, Request, ToNew, ToOld};
+    use integrate::{Completion, NewSide, OldSide, Request, ToNew, ToOld};
 
     use super::*;
-
-    struct U<'a>(&'a Disk);
-    struct T<'a>(&'a Disk, u64);
-    fn io(e: std::io::Error) -> integrate::Error {
-        integrate::Error::Io(e.to_string())
-    }
-    impl OverlayU for U<'_> {
-        fn read(&mut self, off: u64, buf: &mut [u8]) -> integrate::Result<()> {
-            self.0.read(buf, off).map_err(io)
-        }
-        fn write(&mut self, off: u64, data: &[u8]) -> integrate::Result<()> {
-            self.0.write(data, off).map_err(io)
-        }
-        fn flush(&mut self) -> integrate::Result<()> {
-            self.0.flush().map_err(io)
-        }
-    }
-    impl ImageT for T<'_> {
-        fn read_cluster(&mut self, cluster: u64, buf: &mut [u8]) -> integrate::Result<()> {
-            self.0.read(buf, cluster * self.1).map_err(io)
-        }
-    }
+    use crate::handover::Image;
 
     fn read_all(d: &Disk) -> Vec<u8> {
         let mut v = vec![0; d.size() as usize];
@@ -218,7 +202,7 @@ mod integration_over_qcow2 {
         let size = td.size();
         let mut old = OldSide::new(own.clone(), cs as usize);
         let mut new = NewSide::new(own.clone(), cs, size);
-        let (mut tt, mut uu) = (T(&td, cs), U(&ud));
+        let (mut tt, mut uu) = (Image(&td, cs), Image(&ud, 0));
         let (mut to_new, mut to_old) = (VecDeque::<ToNew>::new(), VecDeque::<ToOld>::new());
         let mut pending = VecDeque::new();
         let (requests, mut submitted) = (rng.u64(0..40), 0);
@@ -277,7 +261,7 @@ mod integration_over_qcow2 {
 
     #[test]
     fn integration_and_guest_io_interleaved_on_qcow2_files() {
-        let base = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() << 8;
+        let base = time_seed();
         for i in 0..12 {
             run(base + i);
         }
@@ -398,7 +382,7 @@ mod handover_threads {
 
     #[test]
     fn the_guest_keeps_its_disk_and_t_stays_the_disk_at_the_switch() {
-        let base = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() << 8;
+        let base = time_seed();
         for i in 0..8 {
             run(base + i, None);
         }
@@ -406,7 +390,7 @@ mod handover_threads {
 
     #[test]
     fn when_the_old_side_goes_away_the_new_side_finishes_from_t() {
-        let base = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() << 8;
+        let base = time_seed();
         for (i, stop) in [0, 1, 2, 5, 17].into_iter().enumerate() {
             run(base + 100 + i as u64, Some(stop));
         }
