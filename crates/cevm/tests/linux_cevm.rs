@@ -8,22 +8,16 @@
 
 mod common;
 
-use common::linux::{base_image, compute_steps, files_result, logged_steps, run_scenario_with_files, sh};
+use common::linux::{
+    base_image, compute_steps, files_result, logged_steps, run_scenario_with_files, sh, start_linux_vm,
+};
 
 const STEPS: u32 = 60;
 
 #[test]
 fn a_linux_guest_writing_files_keeps_them_through_cevm_checkpoints_and_each_restores_right() {
     let scenario = format!(
-        r#"
-cd /tmp
-cp "$DATA/base.qcow2" /tmp/base.qcow2
-wait_for() {{ n=0; while ! grep -q "$1" "$2"; do sleep 0.1; n=$((n+1)); [ $n -gt 3000 ] && return 1; done; }}
-$CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
-    --disk /tmp/base.qcow2 --overlay /tmp/run.qcow2 \
-    --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet cevm.test=files cevm.steps={STEPS}" \
-    > /tmp/src.txt 2> /tmp/src.err &
-src=$!
+        r#"{}
 wait_for "step 8/" /tmp/src.txt
 $CEVM checkpoint --api-sock /tmp/api.sock --strategy cevm --out /tmp/ck1 > /tmp/ck1.json
 echo "cevm-scenario: thread-based checkpoint exit=$?"
@@ -41,7 +35,6 @@ wait $src
 echo "cevm-scenario: source exit=$?"
 wait $dst
 echo "cevm-scenario: destination exit=$?"
-# The consoles and cevm's own messages apart, so that neither cuts into the other's lines.
 sed 's/^/src: /' /tmp/src.txt /tmp/src.err
 sed 's/^/dst: /' /tmp/dst.txt /tmp/dst.err
 ls /tmp/*.cevm-next 2>/dev/null && echo "cevm-scenario: an overlay was left over"
@@ -56,7 +49,8 @@ $CEVM restore /tmp/ck2 --overlay "$OUT/r2.qcow2" > /tmp/r2.txt 2> /tmp/r2.err
 echo "cevm-scenario: restore ck2 exit=$?"
 sed 's/^/r1: /' /tmp/r1.txt /tmp/r1.err
 sed 's/^/r2: /' /tmp/r2.txt /tmp/r2.err
-"#
+"#,
+        start_linux_vm("src", &format!("cevm.test=files cevm.steps={STEPS}"))
     );
     let dir = common::workdir("cevm-linux");
     let base = base_image(&dir);

@@ -7,37 +7,31 @@
 
 mod common;
 
-use common::linux::{base_image, compute_steps, hash_chain_result, logged_steps, run_scenario_with_files, sh};
+use common::linux::{
+    base_image, compute_steps, hash_chain_result, logged_steps, run_scenario_with_files, sh, start_linux_vm,
+};
 
 const STEPS: u32 = 20;
 
 #[test]
 fn a_checkpointed_killed_and_restored_linux_guest_finishes_right() {
     let scenario = format!(
-        r#"
-cd /tmp
-cp "$DATA/base.qcow2" /tmp/base.qcow2
-$CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
-    --disk /tmp/base.qcow2 --overlay /tmp/run.qcow2 \
-    --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet cevm.test=compute cevm.disk=1 cevm.steps={STEPS}" \
-    > /tmp/run1.txt 2> /tmp/run1.err &
-pid=$!
-n=0
-while ! grep -q "step 8/" /tmp/run1.txt; do sleep 0.2; n=$((n+1)); [ $n -gt 1500 ] && break; done
+        r#"{}
+wait_for "step 8/" /tmp/run1.txt
 $CEVM checkpoint --api-sock /tmp/api.sock --out /tmp/ckpt > /tmp/ck.json
 echo "cevm-scenario: checkpoint exit=$?"
 grep -E "pause_ms|data_pages" /tmp/ck.json
 sleep 1
-kill -9 $pid
-wait $pid
+kill -9 $run1
+wait $run1
 echo "cevm-scenario: killed"
-# The console and cevm's own messages apart, so that neither cuts into the other's lines.
 sed 's/^/run1: /' /tmp/run1.txt /tmp/run1.err
 $CEVM verify /tmp/ckpt > /dev/null && echo "cevm-scenario: verified"
 $CEVM restore /tmp/ckpt --overlay "$OUT/restored.qcow2" > /tmp/run2.txt 2> /tmp/run2.err
 echo "cevm-scenario: restore exit=$?"
 sed 's/^/run2: /' /tmp/run2.txt /tmp/run2.err
-"#
+"#,
+        start_linux_vm("run1", &format!("cevm.test=compute cevm.disk=1 cevm.steps={STEPS}"))
     );
     let dir = common::workdir("ckpt-host");
     let base = base_image(&dir);

@@ -8,22 +8,16 @@
 
 mod common;
 
-use common::linux::{base_image, compute_steps, hash_chain_result, logged_steps, run_scenario_with_files, sh};
+use common::linux::{
+    base_image, compute_steps, hash_chain_result, logged_steps, run_scenario_with_files, sh, start_linux_vm,
+};
 
 const STEPS: u32 = 24;
 
 #[test]
 fn a_linux_guest_migrated_thread_based_then_over_a_unix_socket_keeps_its_result_and_disk() {
     let scenario = format!(
-        r#"
-cd /tmp
-cp "$DATA/base.qcow2" /tmp/base.qcow2
-wait_for() {{ n=0; while ! grep -q "$1" "$2"; do sleep 0.2; n=$((n+1)); [ $n -gt 1500 ] && return 1; done; }}
-$CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
-    --disk /tmp/base.qcow2 --overlay /tmp/run.qcow2 \
-    --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet cevm.test=compute cevm.disk=1 cevm.steps={STEPS}" \
-    > /tmp/src.txt 2> /tmp/src.err &
-src=$!
+        r#"{}
 wait_for "step 6/" /tmp/src.txt
 $CEVM migrate --api-sock /tmp/api.sock --to local > /tmp/m1.json
 echo "cevm-scenario: local migration exit=$?"
@@ -38,11 +32,11 @@ wait $src
 echo "cevm-scenario: source exit=$?"
 wait $dst
 echo "cevm-scenario: destination exit=$?"
-# The consoles and cevm's own messages apart, so that neither cuts into the other's lines.
 sed 's/^/src: /' /tmp/src.txt /tmp/src.err
 sed 's/^/dst: /' /tmp/dst.txt /tmp/dst.err
 cp /tmp/run.qcow2 "$OUT/run.qcow2"
-"#
+"#,
+        start_linux_vm("src", &format!("cevm.test=compute cevm.disk=1 cevm.steps={STEPS}"))
     );
     let dir = common::workdir("mig-linux");
     let base = base_image(&dir);

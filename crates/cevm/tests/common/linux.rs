@@ -92,6 +92,26 @@ pub fn sh(cmd: &str, dir: &Path) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The start of a scenario that gets base.qcow2 as its input: defines
+/// `wait_for TEXT FILE` (up to 300 s), and starts a Linux guest (2 vCPUs,
+/// 256 MiB, API at /tmp/api.sock) on an overlay /tmp/run.qcow2 over the base,
+/// its command line ending in `guest_args`, in the background: console in
+/// /tmp/NAME.txt, cevm's own messages in /tmp/NAME.err (apart, so that neither
+/// cuts into the other's lines), its pid in `$NAME`.
+pub fn start_linux_vm(name: &str, guest_args: &str) -> String {
+    format!(
+        r#"cd /tmp
+cp "$DATA/base.qcow2" /tmp/base.qcow2
+wait_for() {{ n=0; while ! grep -q "$1" "$2"; do sleep 0.1; n=$((n+1)); [ $n -gt 3000 ] && return 1; done; }}
+$CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
+    --disk /tmp/base.qcow2 --overlay /tmp/run.qcow2 \
+    --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet {guest_args}" \
+    > /tmp/{name}.txt 2> /tmp/{name}.err &
+{name}=$!
+"#
+    )
+}
+
 /// A 64 MiB ext4 file system as a qcow2 base image in `dir`, made with the host's tools.
 pub fn base_image(dir: &Path) -> PathBuf {
     sh("truncate -s 64M base.raw && mkfs.ext4 -q -F base.raw && qemu-img convert -f raw -O qcow2 base.raw base.qcow2 && rm base.raw", dir);
