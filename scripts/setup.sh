@@ -7,12 +7,17 @@
 #                             on machines whose /dev/kvm cannot run Linux), qemu-utils
 #                             (qemu-img checks the images cevm writes), and the pinned
 #                             Debian guest kernel (scripts/guest-kernel.sh)
+#   scripts/setup.sh --bench  what --tests installs, and a font for the benchmark's
+#                             plots (fonts-dejavu-core)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(gcc binutils libc6-dev)
-if [ "${1:-}" = "--tests" ]; then
+if [ "${1:-}" = "--tests" ] || [ "${1:-}" = "--bench" ]; then
     pkgs+=(busybox-static cpio qemu-system-x86 qemu-utils)
+fi
+if [ "${1:-}" = "--bench" ]; then
+    pkgs+=(fonts-dejavu-core)
 fi
 missing() {
     local pkg
@@ -47,6 +52,6 @@ if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     echo "setup: /dev/kvm is missing or not accessible to $(id -un): cevm needs KVM" >&2
     exit 1
 fi
-if [ "${1:-}" = "--tests" ]; then
+if [ "${1:-}" = "--tests" ] || [ "${1:-}" = "--bench" ]; then
     scripts/guest-kernel.sh >/dev/null
 fi

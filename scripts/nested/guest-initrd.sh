@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the Linux guest's initramfs (busybox-static, guest-linux/init, and the
-# virtio modules the Debian kernel has as modules) into
+# Builds the Linux guest's initramfs (busybox-static, guest-linux/init, the
+# benchmarks' workload guest-linux/work.c built static, and the virtio modules
+# the Debian kernel has as modules) into
 # target/nested/guest-initrd.gz and prints its path.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,6 +13,7 @@ mkdir -p "$root"/{bin,proc,sys,dev,tmp,mnt,lib/modules} target/nested
 cp "$kmods"/virtio/{virtio,virtio_ring,virtio_mmio}.ko "$kmods/block/virtio_blk.ko" "$root/lib/modules/"
 cp /bin/busybox "$root/bin/busybox"
 cp guest-linux/init "$root/init"
+gcc -static -O2 -Wall -Werror -o "$root/bin/cevm-work" guest-linux/work.c
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out.part"
 mv "$out.part" "$out"

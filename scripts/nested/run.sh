@@ -9,14 +9,15 @@
 # is copied to the --out directory (through a transfer disk).
 #
 # usage: scripts/nested/run.sh SCENARIO.sh [--cevm PATH] [--npt 0|1] [--timeout SECONDS]
-#                              [--verbose] [--with-qemu] [--in FILE]... [--out DIR]
+#                              [--verbose] [--with-qemu] [--mem MIB] [--in FILE]... [--out DIR]
 # --with-qemu puts this machine's qemu-system-x86_64 (and its firmware) into L1
 # too, for benchmarks that compare with QEMU on the same nested /dev/kvm.
+# --mem sets L1's memory (default 4096 MiB).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 top="$(cd "$here/../.." && pwd)"
 scenario="$1"; shift
-cevm="$top/target/release/cevm"; npt=1; timeout=900; l1_quiet=quiet; inputs=(); outdir=; with_qemu=0
+cevm="$top/target/release/cevm"; npt=1; timeout=900; l1_quiet=quiet; inputs=(); outdir=; with_qemu=0; l1_mem=4096
 while [ $# -gt 0 ]; do
     case "$1" in
     --cevm) cevm="$2"; shift 2 ;;
@@ -24,6 +25,7 @@ while [ $# -gt 0 ]; do
     --timeout) timeout="$2"; shift 2 ;;
     --verbose) l1_quiet="loglevel=7"; shift ;;
     --with-qemu) with_qemu=1; shift ;;
+    --mem) l1_mem="$2"; shift 2 ;;
     --in) inputs+=("$2"); shift 2 ;;
     --out) outdir="$2"; shift 2 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
@@ -76,7 +78,7 @@ trap 'rm -rf "$root" "$root.l1.gz" "$xfer" "$staging"' EXIT
 
 log="$root.log"
 set +e
-timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 4096 \
+timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m "$l1_mem" \
     -nodefaults -no-user-config -nographic -serial stdio -no-reboot \
     -drive "file=$xfer,format=raw,if=virtio" \
     -kernel "$kdir/vmlinuz" -initrd "$root.l1.gz" \

@@ -12,14 +12,61 @@ use vmm::{Boot, Instance, InstanceConfig, MemoryBackend};
 
 use crate::size::parse_size;
 
+mod all;
+mod compare;
 mod linux;
 mod migrate;
 mod qemu;
+mod report;
 mod turnaround;
 
 /// The benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCmd {
+    /// Everything, in one run: cevm's strategies and QEMU's checkpoint methods
+    /// on the same Linux guest, the turnaround of a job with n checkpoints, and
+    /// the physical limits; writes bench/results/<date>-<host>.{json,md} and
+    /// plots, and the README's headline table.
+    All(all::Args),
+    /// cevm's checkpoint strategies and QEMU's checkpoint methods side by side on
+    /// one Linux guest running the same workload (what `all` runs in the nested
+    /// harness on machines whose /dev/kvm cannot run Linux).
+    Compare {
+        /// Linux kernel (bzImage).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Initramfs built by scripts/nested/guest-initrd.sh (it has cevm-work).
+        #[arg(long)]
+        initrd: PathBuf,
+        /// QEMU binary to compare with; without it only cevm is measured.
+        #[arg(long)]
+        qemu: Option<String>,
+        /// Guests, comma-separated SIZE:WORKLOAD, the workload idle or a dirty
+        /// rate in pages per second.
+        #[arg(long, default_value = "512M:idle,512M:10000", value_delimiter = ',')]
+        cases: Vec<compare::Case>,
+        /// Methods, comma-separated (default: all of cevm's, and QEMU's with --qemu).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<compare::Method>,
+        /// Percent of guest memory the guest fills with data.
+        #[arg(long, default_value_t = 60)]
+        fill_pct: u64,
+        /// MiB the dirty workloads keep rewriting.
+        #[arg(long, default_value_t = 64)]
+        ws_mib: u64,
+        /// The guest's heartbeat period, ms.
+        #[arg(long, default_value_t = 10)]
+        beat_ms: u64,
+        /// Checkpoints per method and guest (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Directory for checkpoints and sockets (on the checkpoint file system).
+        #[arg(long, default_value = "bench-work")]
+        dir: PathBuf,
+        /// Write every sample as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Stop-and-save: pause time, checkpoint bytes and write throughput against the
     /// checkpoint file system's own sequential write + fdatasync limit.
     StopAndSave {
@@ -129,9 +176,9 @@ pub enum BenchCmd {
         /// Length of the job without checkpoints, seconds.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
-        /// Checkpoints per job.
-        #[arg(long, default_value_t = 3)]
-        n: usize,
+        /// Checkpoints per job, comma-separated: one set of jobs per value.
+        #[arg(long, default_value = "3", value_delimiter = ',')]
+        n: Vec<usize>,
         /// Strategies, comma-separated: stop-and-save, migrate, cevm-thread, cevm-process.
         #[arg(long, default_value = "stop-and-save,migrate,cevm-thread,cevm-process", value_delimiter = ',')]
         strategies: Vec<turnaround::Strategy>,
@@ -157,6 +204,39 @@ pub enum BenchCmd {
 /// Runs one benchmark.
 pub fn run(cmd: BenchCmd) -> Result<(), String> {
     match cmd {
+        BenchCmd::All(args) => all::run(args),
+        BenchCmd::Compare { kernel, initrd, qemu, cases, methods, fill_pct, ws_mib, beat_ms, runs, dir, json } => {
+            let methods = if methods.is_empty() {
+                let mut m = compare::Method::CEVM.to_vec();
+                if qemu.is_some() {
+                    m.extend(compare::Method::QEMU);
+                }
+                m
+            } else {
+                methods
+            };
+            if qemu.is_none() && methods.iter().any(|m| m.is_qemu()) {
+                return Err("QEMU methods need --qemu BINARY".into());
+            }
+            if !(1..=95).contains(&fill_pct) || beat_ms == 0 {
+                return Err("--fill-pct is 1..95 and --beat-ms more than 0".into());
+            }
+            let dir = std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let o = compare::Options {
+                kernel,
+                initrd,
+                qemu,
+                cases,
+                methods,
+                fill_pct,
+                ws_mib,
+                beat_ms,
+                runs: runs.max(1),
+                dir,
+                json,
+            };
+            compare::run(&o).map(drop)
+        }
         BenchCmd::StopAndSave { sizes, runs, dir, json, memory_backend } => {
             stop_and_save(&sizes, runs.max(1), &dir, json.as_deref(), memory_backend)
         }
@@ -184,7 +264,7 @@ pub fn run(cmd: BenchCmd) -> Result<(), String> {
             ws_mib,
             rate,
             seconds,
-            n: n.max(1),
+            ns: n.into_iter().map(|n| n.max(1)).collect(),
             strategies,
             placements,
             runs: runs.max(1),
@@ -264,6 +344,15 @@ struct SizeResult {
     mem_size: u64,
     working_set_mib: u64,
     samples: Vec<Sample>,
+}
+
+/// Whether `child` (a `what` process) has ended, as a message quoting the end of its log.
+fn child_ended(child: &mut std::process::Child, what: &str, log: &Path) -> Option<String> {
+    let st = child.try_wait().ok().flatten()?;
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut tail: Vec<&str> = text.lines().rev().take(5).collect();
+    tail.reverse();
+    Some(format!("{what} ended ({st}); the end of {}: {tail:?}", log.display()))
 }
 
 /// (median, min, max).
@@ -429,4 +518,80 @@ fn stop_and_save(
         std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(())
+}
+
+/// The physical limits a checkpoint runs against, measured in the same run:
+/// memory copy bandwidth, and sequential write + fdatasync on the checkpoint
+/// file system.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// The checkpoint file system: its type and the directory measured.
+    pub fs: String,
+    /// Bytes per measurement.
+    pub bytes: u64,
+    /// One sample per run, MiB/s.
+    pub memcpy_mib_s: Vec<f64>,
+    pub write_fdatasync_mib_s: Vec<f64>,
+}
+
+impl Limits {
+    /// Measures both limits `runs` times (at least 3) with `bytes` bytes each
+    /// (the memory copy at most 512 MiB).
+    pub fn measure(dir: &Path, bytes: u64, runs: usize) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let runs = runs.max(3);
+        let file = dir.join("limit.bin");
+        // Warm-up: the first write into never-written blocks of a thin-provisioned
+        // virtual disk runs several times slower than any later one.
+        disk_limit(&file, bytes)?;
+        let mut write = Vec::new();
+        for _ in 0..runs {
+            write.push(disk_limit(&file, bytes)?);
+        }
+        let n = (bytes.min(512 << 20) / 8) as usize;
+        let src = vec![0x5a5a_5a5a_5a5a_5a5au64; n];
+        let mut dst = vec![1u64; n];
+        let mut memcpy = Vec::new();
+        for _ in 0..runs {
+            let t = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            memcpy.push((n * 8) as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64());
+        }
+        Ok(Limits {
+            fs: format!("{} at {}", fs_type(dir), dir.display()),
+            bytes,
+            memcpy_mib_s: memcpy,
+            write_fdatasync_mib_s: write,
+        })
+    }
+
+    pub fn memcpy(&self) -> f64 {
+        median_min_max(&self.memcpy_mib_s).0
+    }
+
+    pub fn write(&self) -> f64 {
+        median_min_max(&self.write_fdatasync_mib_s).0
+    }
+}
+
+/// The file system type of `dir`, by statfs(2)'s magic number.
+fn fs_type(dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return "unknown".into() };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return "unknown".into();
+    }
+    match st.f_type as u64 {
+        0x0102_1994 => "tmpfs".into(),
+        0xef53 => "ext4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683e => "btrfs".into(),
+        0x794c_7630 => "overlayfs".into(),
+        0x6969 => "nfs".into(),
+        0x0102_1997 => "9p".into(),
+        t => format!("fs 0x{t:x}"),
+    }
 }

@@ -130,7 +130,8 @@ fn qemu_row(bin: &str, w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<
     let guest = qemu::Guest { kernel: &o.kernel, initrd: &o.initrd, cmdline: &cmdline, mem_mib: o.mem >> 20, vcpus: 1 };
     let console = o.dir.join("qemu-src.txt");
     let _ = std::fs::remove_file(&console);
-    let mut src = Qemu::start(bin, &guest, &console, None, &o.dir)?;
+    let log = o.dir.join("qemu.log");
+    let mut src = Qemu::start(bin, &guest, qemu::Console::File(&console), None, &o.dir, &log)?;
     let r = (|| {
         qemu::wait_for_marker(&console, marker(w), Duration::from_secs(900))?;
         std::thread::sleep(Duration::from_secs(1));
@@ -141,7 +142,8 @@ fn qemu_row(bin: &str, w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<
             std::thread::sleep(Duration::from_millis(500));
             let sock = o.dir.join(format!("qemu-mig-{}-{n}.sock", std::process::id()));
             let uri = format!("unix:{}", sock.display());
-            let dst = Qemu::start(bin, &guest, &o.dir.join("qemu-dst.txt"), Some(&uri), &o.dir)?;
+            let dst_console = o.dir.join("qemu-dst.txt");
+            let dst = Qemu::start(bin, &guest, qemu::Console::File(&dst_console), Some(&uri), &o.dir, &log)?;
             let m = qemu::migrate(&mut src, &uri, limit, o.params.auto_converge);
             dst.kill();
             let _ = std::fs::remove_file(&sock);

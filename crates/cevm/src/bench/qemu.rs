@@ -9,6 +9,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -29,21 +31,28 @@ pub struct Guest<'a> {
     pub vcpus: u32,
 }
 
+/// Where the guest's console (COM1) goes.
+pub enum Console<'a> {
+    /// Into this file.
+    File(&'a Path),
+    /// Line by line into this channel, each stamped when it was read.
+    Lines(Sender<(Instant, String)>),
+}
+
 impl Qemu {
-    /// Starts `bin` (KVM, no default devices, the guest's console into
-    /// `console`), `-incoming URI` when given, and connects to its QMP socket.
+    /// Starts `bin` (KVM, no default devices, the guest's console as `console`
+    /// says, QEMU's own messages appended to `log`), `-incoming URI` when given,
+    /// and connects to its QMP socket.
     pub fn start(
         bin: &str,
         guest: &Guest<'_>,
-        console: &Path,
+        console: Console<'_>,
         incoming: Option<&str>,
         dir: &Path,
+        log: &Path,
     ) -> Result<Self, String> {
-        let qmp_path = dir.join(format!(
-            "qmp-{}-{}.sock",
-            std::process::id(),
-            console.file_name().unwrap_or_default().to_string_lossy()
-        ));
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let qmp_path = dir.join(format!("qmp-{}-{}.sock", std::process::id(), STARTED.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_file(&qmp_path);
         let mut cmd = Command::new(bin);
         cmd.args(["-accel", "kvm", "-cpu", "host", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
@@ -53,17 +62,29 @@ impl Qemu {
             .arg("-initrd")
             .arg(guest.initrd)
             .args(["-append", guest.cmdline])
-            .args(["-serial", &format!("file:{}", console.display())])
             .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())]);
+        match &console {
+            Console::File(p) => cmd.args(["-serial", &format!("file:{}", p.display())]).stdout(Stdio::null()),
+            Console::Lines(_) => cmd.args(["-serial", "stdio"]).stdout(Stdio::piped()),
+        };
         if let Some(uri) = incoming {
             cmd.args(["-incoming", uri]);
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start {bin}: {e}"))?;
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("{}: {e}", log.display()))?;
+        let mut child = cmd.stdin(Stdio::null()).stderr(err).spawn().map_err(|e| format!("cannot start {bin}: {e}"))?;
+        if let (Console::Lines(tx), Some(out)) = (console, child.stdout.take()) {
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send((Instant::now(), line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         let stream = loop {
             match UnixStream::connect(&qmp_path) {
@@ -113,6 +134,11 @@ impl Qemu {
         }
     }
 
+    /// Whether QEMU has ended, as a message pointing at its log.
+    pub fn ended(&mut self, log: &Path) -> Option<String> {
+        super::child_ended(&mut self.child, "QEMU", log)
+    }
+
     /// Ends the process.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -150,6 +176,29 @@ pub struct MigrationResult {
     pub throttle_pct: u64,
 }
 
+/// Waits until a QEMU started with `-incoming` has loaded its state.
+pub fn wait_loaded(q: &mut Qemu) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let st = q.execute("query-status", json!({}))?;
+        match st["status"].as_str() {
+            Some("inmigrate") => {}
+            Some(_) => return Ok(()),
+            None => return Err(format!("QMP query-status: {st}")),
+        }
+        if Instant::now() > deadline {
+            return Err("QEMU did not load its state within 600 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `bin --version`'s first line.
+pub fn version(bin: &str) -> Result<String, String> {
+    let out = Command::new(bin).arg("--version").output().map_err(|e| format!("cannot run {bin}: {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string())
+}
+
 /// Live-migrates `src` to the QEMU listening at `uri` and waits for the end.
 pub fn migrate(
     src: &mut Qemu,
@@ -162,6 +211,12 @@ pub fn migrate(
         json!({ "capabilities": [{ "capability": "auto-converge", "state": auto_converge }] }),
     )?;
     src.execute("migrate-set-parameters", json!({ "downtime-limit": downtime_limit_ms }))?;
+    migrate_to(src, uri)
+}
+
+/// Starts a migration of `src` to `uri` with the capabilities and parameters
+/// already set, and waits for its end.
+pub fn migrate_to(src: &mut Qemu, uri: &str) -> Result<MigrationResult, String> {
     src.execute("migrate", json!({ "uri": uri }))?;
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut throttle = 0;

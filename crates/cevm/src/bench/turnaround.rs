@@ -120,7 +120,8 @@ pub struct Options {
     pub ws_mib: u64,
     pub rate: u64,
     pub seconds: u64,
-    pub n: usize,
+    /// Checkpoints per job: one set of jobs per value.
+    pub ns: Vec<usize>,
     pub strategies: Vec<Strategy>,
     pub placements: Vec<Placement>,
     pub runs: usize,
@@ -132,24 +133,30 @@ pub struct Options {
 
 /// One run of the job.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct Run {
+pub struct Run {
     /// None: the baseline.
-    strategy: Option<Strategy>,
-    placement: Placement,
+    pub strategy: Option<Strategy>,
+    pub placement: Placement,
+    /// Checkpoints taken (0 for the baseline).
+    #[serde(default)]
+    pub n: usize,
+    /// Which round of runs (each round has its own baseline).
+    #[serde(default)]
+    pub round: usize,
     /// The job's own time, seconds.
-    t_run: f64,
+    pub t_run: f64,
     /// Until every VMM process ended, seconds.
-    t_vm: f64,
+    pub t_vm: f64,
     /// From the job's end to the last checkpoint's answer, if later, seconds.
-    t_o: f64,
+    pub t_o: f64,
     /// Each checkpoint's guest downtime, ms.
-    downtimes_ms: Vec<f64>,
+    pub downtimes_ms: Vec<f64>,
     /// Each checkpoint's time from request to answer (committed), ms.
-    request_ms: Vec<f64>,
+    pub request_ms: Vec<f64>,
     /// Pages written in each whole second of the job.
-    per_second: Vec<u64>,
+    pub per_second: Vec<u64>,
     /// Peak resident memory of the job's VMM processes together, MiB.
-    peak_rss_mib: f64,
+    pub peak_rss_mib: f64,
 }
 
 /// A `cevm` process of the job, its console lines going to one channel.
@@ -229,7 +236,12 @@ fn number(v: &Value, key: &str) -> f64 {
 }
 
 /// Runs the job once, with `n` checkpoints of `strategy` (None: none).
-fn run_once(o: &Options, strategy: Option<Strategy>, placement: Placement, tag: &str) -> Result<Run, String> {
+fn run_once(
+    o: &Options,
+    (strategy, n): (Option<Strategy>, usize),
+    placement: Placement,
+    tag: &str,
+) -> Result<Run, String> {
     let cpus = placement.cpus();
     // The API takes CPU lists as arrays (null: anywhere); the CLI as a flag.
     let cpu = |pick: fn((&'static str, &'static str, &'static str)) -> &'static str| {
@@ -268,8 +280,8 @@ fn run_once(o: &Options, strategy: Option<Strategy>, placement: Placement, tag: 
         let mut last_answer = t_fill;
         let mut api_sock = sock(0);
         if let Some(s) = strategy {
-            let period = Duration::from_secs_f64(o.seconds as f64 / (o.n + 1) as f64);
-            for k in 1..=o.n {
+            let period = Duration::from_secs_f64(o.seconds as f64 / (n + 1) as f64);
+            for k in 1..=n {
                 let due = t_fill + period * k as u32;
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));
                 let out = dir.join(format!("ckpt-{tag}"));
@@ -338,6 +350,8 @@ fn run_once(o: &Options, strategy: Option<Strategy>, placement: Placement, tag: 
         Ok(Run {
             strategy,
             placement,
+            n: if strategy.is_some() { n } else { 0 },
+            round: 0,
             t_run: (t_done - t_fill).as_secs_f64(),
             t_vm: (t_end - t_fill).as_secs_f64(),
             t_o: last_answer.saturating_duration_since(t_done).as_secs_f64(),
@@ -369,46 +383,56 @@ pub fn run(o: &Options) -> Result<(), String> {
         let runs: Vec<Run> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
         return report(o, &runs);
     }
-    std::fs::create_dir_all(&o.dir).map_err(|e| format!("{}: {e}", o.dir.display()))?;
-    let work = o.rate * o.seconds;
-    println!(
-        "turnaround benchmark: the dirtier, {} MiB guest, {} MiB of data, writing {} pages/s over a {} MiB working set, {work} pages ({} s) per job; n = {} checkpoints spread evenly; {} runs of each case, interleaved",
-        o.mem >> 20,
-        o.data_mib,
-        o.rate,
-        o.ws_mib,
-        o.seconds,
-        o.n,
-        o.runs
-    );
-    let mut runs: Vec<Run> = Vec::new();
-    for r in 0..o.runs {
-        let b = run_once(o, None, Placement::Same, &format!("base-{r}"))?;
-        println!("  run {}: baseline: job {:.3} s", r + 1, b.t_run);
-        runs.push(b);
-        for &p in &o.placements {
-            for &s in &o.strategies {
-                let x = run_once(o, Some(s), p, &format!("{s}-{}-{r}", p.name()))?;
-                println!(
-                    "  run {}: {s} ({}): job {:.3} s, VMMs ended {:.3} s, downtimes {:?} ms, requests {:?} ms, peak RSS {:.0} MiB",
-                    r + 1,
-                    p.name(),
-                    x.t_run,
-                    x.t_vm,
-                    x.downtimes_ms.iter().map(|d| (d * 100.0).round() / 100.0).collect::<Vec<_>>(),
-                    x.request_ms.iter().map(|d| d.round()).collect::<Vec<_>>(),
-                    x.peak_rss_mib
-                );
-                runs.push(x);
-            }
-        }
-    }
-
+    let runs = measure(o)?;
     if let Some(p) = &o.json {
         let text = serde_json::to_string_pretty(&runs).map_err(|e| e.to_string())?;
         std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     report(o, &runs)
+}
+
+/// Runs every case `o.runs` times, interleaved: per round, the baseline, then
+/// every n, placement and strategy.
+pub fn measure(o: &Options) -> Result<Vec<Run>, String> {
+    std::fs::create_dir_all(&o.dir).map_err(|e| format!("{}: {e}", o.dir.display()))?;
+    let work = o.rate * o.seconds;
+    println!(
+        "turnaround benchmark: the dirtier, {} MiB guest, {} MiB of data, writing {} pages/s over a {} MiB working set, {work} pages ({} s) per job; n = {:?} checkpoints spread evenly; {} runs of each case, interleaved",
+        o.mem >> 20,
+        o.data_mib,
+        o.rate,
+        o.ws_mib,
+        o.seconds,
+        o.ns,
+        o.runs
+    );
+    let mut runs: Vec<Run> = Vec::new();
+    for r in 0..o.runs {
+        let mut b = run_once(o, (None, 0), Placement::Same, &format!("base-{r}"))?;
+        b.round = r;
+        println!("  run {}: baseline: job {:.3} s", r + 1, b.t_run);
+        runs.push(b);
+        for &n in &o.ns {
+            for &p in &o.placements {
+                for &s in &o.strategies {
+                    let mut x = run_once(o, (Some(s), n), p, &format!("{s}-{}-{n}-{r}", p.name()))?;
+                    x.round = r;
+                    println!(
+                        "  run {}: {s} ({}), n={n}: job {:.3} s, VMMs ended {:.3} s, downtimes {:?} ms, requests {:?} ms, peak RSS {:.0} MiB",
+                        r + 1,
+                        p.name(),
+                        x.t_run,
+                        x.t_vm,
+                        x.downtimes_ms.iter().map(|d| (d * 100.0).round() / 100.0).collect::<Vec<_>>(),
+                        x.request_ms.iter().map(|d| d.round()).collect::<Vec<_>>(),
+                        x.peak_rss_mib
+                    );
+                    runs.push(x);
+                }
+            }
+        }
+    }
+    Ok(runs)
 }
 
 /// The tables: per run index, each strategy against that run's own baseline.
@@ -422,56 +446,72 @@ fn report(o: &Options, runs: &[Run]) -> Result<(), String> {
         o.seconds
     );
     println!();
-    println!("| strategy | placement | per-checkpoint cost to the job, ms (T_cpt / T_mg / T_cevm) | T_o ms | cost + T_o/n ms | guest downtime per checkpoint ms | request to answer ms | worst second, % of rate | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    let n = o.n as f64;
-    let mut summary: Vec<(Strategy, Placement, f64)> = Vec::new();
-    for &p in &o.placements {
-        for &s in &o.strategies {
-            let mine: Vec<(usize, &Run)> =
-                runs.iter().filter(|r| r.strategy == Some(s) && r.placement == p).enumerate().collect();
-            let cost: Vec<f64> = mine.iter().map(|(i, r)| ms(r.t_run - base[*i].t_run) / n).collect();
-            let t_o: Vec<f64> = mine.iter().map(|(_, r)| ms(r.t_o)).collect();
-            let total: Vec<f64> = cost.iter().zip(&t_o).map(|(c, t)| c + t / n).collect();
-            let downs: Vec<f64> = mine.iter().flat_map(|(_, r)| r.downtimes_ms.clone()).collect();
-            let reqs: Vec<f64> = mine.iter().flat_map(|(_, r)| r.request_ms.clone()).collect();
-            let worst: Vec<f64> = mine
-                .iter()
-                .map(|(_, r)| r.per_second.iter().copied().min().unwrap_or(0) as f64 / o.rate as f64 * 100.0)
-                .collect();
-            let rss: Vec<f64> = mine.iter().map(|(_, r)| r.peak_rss_mib).collect();
-            let f = |v: &[f64], prec: usize| {
-                let (m, a, b) = median_min_max(v);
-                format!("{m:.prec$} ({a:.prec$}-{b:.prec$})")
-            };
-            println!(
-                "| {s} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                p.name(),
-                f(&cost, 1),
-                f(&t_o, 1),
-                f(&total, 1),
-                f(&downs, 2),
-                f(&reqs, 0),
-                f(&worst, 1),
-                f(&rss, 0)
-            );
-            summary.push((s, p, median_min_max(&total).0));
+    println!("| strategy | placement | n | per-checkpoint cost to the job, ms (T_cpt / T_mg / T_cevm) | T_o ms | cost + T_o/n ms | guest downtime per checkpoint ms | request to answer ms | worst second, % of rate | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut ns: Vec<usize> = runs.iter().filter(|r| r.strategy.is_some()).map(|r| r.n).collect();
+    ns.sort_unstable();
+    ns.dedup();
+    let mut summary: Vec<(Strategy, Placement, usize, f64)> = Vec::new();
+    for &nn in &ns {
+        let n = nn as f64;
+        for &p in &o.placements {
+            for &s in &o.strategies {
+                let mine: Vec<(usize, &Run)> = runs
+                    .iter()
+                    .filter(|r| r.strategy == Some(s) && r.placement == p && r.n == nn)
+                    .map(|r| (r.round, r))
+                    .collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                let cost: Vec<f64> = mine
+                    .iter()
+                    .map(|(i, r)| ms(r.t_run - base.iter().find(|b| b.round == *i).unwrap_or(&base[0]).t_run) / n)
+                    .collect();
+                let t_o: Vec<f64> = mine.iter().map(|(_, r)| ms(r.t_o)).collect();
+                let total: Vec<f64> = cost.iter().zip(&t_o).map(|(c, t)| c + t / n).collect();
+                let downs: Vec<f64> = mine.iter().flat_map(|(_, r)| r.downtimes_ms.clone()).collect();
+                let reqs: Vec<f64> = mine.iter().flat_map(|(_, r)| r.request_ms.clone()).collect();
+                let worst: Vec<f64> = mine
+                    .iter()
+                    .map(|(_, r)| r.per_second.iter().copied().min().unwrap_or(0) as f64 / o.rate as f64 * 100.0)
+                    .collect();
+                let rss: Vec<f64> = mine.iter().map(|(_, r)| r.peak_rss_mib).collect();
+                let f = |v: &[f64], prec: usize| {
+                    let (m, a, b) = median_min_max(v);
+                    format!("{m:.prec$} ({a:.prec$}-{b:.prec$})")
+                };
+                println!(
+                    "| {s} | {} | {nn} | {} | {} | {} | {} | {} | {} | {} |",
+                    p.name(),
+                    f(&cost, 1),
+                    f(&t_o, 1),
+                    f(&total, 1),
+                    f(&downs, 2),
+                    f(&reqs, 0),
+                    f(&worst, 1),
+                    f(&rss, 0)
+                );
+                summary.push((s, p, nn, median_min_max(&total).0));
+            }
         }
     }
     println!("(medians over {} runs, min-max in parentheses; cost = (job time - that run's T_comp) / n; T_o = how long the last checkpoint was still being written after the job ended; downtime as each VMM reports it; stop-and-save runs in the VMM's control thread, so placement does not apply to it; the job's pacing absorbs a pause shorter than 1 ms, so costs below about 1 ms per checkpoint read as 0: compare those by their downtime)", o.runs);
-    for &p in &o.placements {
-        let get = |s: Strategy| summary.iter().find(|x| x.0 == s && x.1 == p).map(|x| x.2);
-        if let (Some(mg), Some(cpt)) = (get(Strategy::Migrate), get(Strategy::StopAndSave)) {
-            for s in [Strategy::CevmThread, Strategy::CevmProcess] {
-                if let Some(c) = get(s) {
-                    let holds = mg <= c && c <= cpt;
-                    let ratio = if mg > 0.0 { format!("{:.2}", c / mg) } else { "n/a (T_mg <= 0)".into() };
-                    println!(
-                        "{}: T_mg {mg:.1} <= T_cevm + T_o/n {c:.1} ({s}) <= T_cpt {cpt:.1} ms: {}; (T_cevm + T_o/n) / T_mg = {ratio}; T_cevm + T_o/n - T_mg = {:.1} ms",
+    for &nn in &ns {
+        for &p in &o.placements {
+            let get = |s: Strategy| summary.iter().find(|x| x.0 == s && x.1 == p && x.2 == nn).map(|x| x.3);
+            if let (Some(mg), Some(cpt)) = (get(Strategy::Migrate), get(Strategy::StopAndSave)) {
+                for s in [Strategy::CevmThread, Strategy::CevmProcess] {
+                    if let Some(c) = get(s) {
+                        let holds = mg <= c && c <= cpt;
+                        let ratio = if mg > 0.0 { format!("{:.2}", c / mg) } else { "n/a (T_mg <= 0)".into() };
+                        println!(
+                        "{}, n={nn}: T_mg {mg:.1} <= T_cevm + T_o/n {c:.1} ({s}) <= T_cpt {cpt:.1} ms: {}; (T_cevm + T_o/n) / T_mg = {ratio}; T_cevm + T_o/n - T_mg = {:.1} ms",
                         p.name(),
                         if holds { "holds" } else { "does not hold" },
                         c - mg
                     );
+                    }
                 }
             }
         }

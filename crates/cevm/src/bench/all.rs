@@ -1,0 +1,461 @@
+//! `cevm bench all`: every benchmark in one run, one results file, one report.
+//!
+//! - The Linux-guest comparison (`compare`): cevm's strategies and QEMU's
+//!   checkpoint methods on the same guest and workload: downtime against memory
+//!   size and dirty rate, checkpoint time and size, restore time, the guest's
+//!   progress around a checkpoint. On a host whose /dev/kvm cannot run Linux
+//!   (PVM, as on the project's machines) it runs in the nested harness
+//!   (`scripts/nested/run.sh`: QEMU TCG with an emulated SVM, both VMMs inside
+//!   on the same nested /dev/kvm); on hardware KVM directly.
+//! - The seed's turnaround with n checkpoints (`turnaround`), on this host's
+//!   /dev/kvm with the built-in dirtier guest.
+//! - The physical limits of this host (memcpy, write + fdatasync on the
+//!   checkpoint file system); the comparison measures its own where it runs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::{compare, report, turnaround, Limits};
+
+/// Where the Linux-guest comparison runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinuxPath {
+    /// In the nested harness (QEMU TCG, emulated SVM), for a /dev/kvm that cannot run Linux.
+    Nested,
+    /// On this host's /dev/kvm (hardware KVM).
+    Direct,
+    /// Not at all.
+    Off,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A smaller plan that finishes in under 5 minutes on the project's machines
+    /// (fewer guests and runs; the report says so). The full plan takes about an hour there.
+    #[arg(long)]
+    quick: bool,
+    /// Results go to OUT/<date>-<host>.json, .md, and OUT/<date>-<host>/ (plots).
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Working directory for the host's checkpoints (on the checkpoint file system).
+    #[arg(long, default_value = "bench-work")]
+    dir: PathBuf,
+    /// Where the Linux-guest comparison runs (default: direct on hardware KVM,
+    /// nested when /proc/cpuinfo shows neither vmx nor svm).
+    #[arg(long)]
+    linux: Option<LinuxPath>,
+    /// QEMU binary for the comparison.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: String,
+    /// Linux kernel for --linux direct (default: scripts/guest-kernel.sh's).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs for --linux direct (default: scripts/nested/guest-initrd.sh's).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// The README whose headline table (between its `bench:headline` markers) is
+    /// replaced by this run's (full runs only).
+    #[arg(long, default_value = "README.md")]
+    readme: PathBuf,
+    /// Leave the README alone.
+    #[arg(long)]
+    no_readme: bool,
+    /// Write the report, plots and headline again from a results file; run nothing.
+    #[arg(long)]
+    report_from: Option<PathBuf>,
+}
+
+/// The machine the run was on.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Machine {
+    pub host: String,
+    pub kernel: String,
+    pub cpu: String,
+    pub cpus: usize,
+    pub mem_gib: f64,
+    /// What /dev/kvm is: hardware (VMX/SVM) or PVM.
+    pub kvm: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Versions {
+    pub cevm: String,
+    pub git: String,
+    pub rustc: String,
+    pub qemu: Option<String>,
+}
+
+/// The Linux-guest comparison and where it ran.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LinuxPart {
+    pub path: LinuxPath,
+    /// How the environment was set up (for nested: L1's emulator and settings).
+    pub environment: String,
+    pub guest_kernel: String,
+    pub results: compare::Results,
+}
+
+/// The turnaround benchmark's setting and runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TurnaroundPart {
+    pub mem_mib: u64,
+    pub data_mib: u64,
+    pub ws_mib: u64,
+    pub rate: u64,
+    pub seconds: u64,
+    pub runs: Vec<turnaround::Run>,
+}
+
+/// Everything one `cevm bench all` measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AllResults {
+    pub schema: u32,
+    /// UTC, when the run started.
+    pub started: String,
+    pub duration_s: f64,
+    pub quick: bool,
+    pub machine: Machine,
+    pub versions: Versions,
+    /// How threads were placed on CPUs.
+    pub placement: String,
+    pub host_limits: Limits,
+    pub linux: Option<LinuxPart>,
+    pub turnaround: Option<TurnaroundPart>,
+}
+
+/// The plan of a full or quick run.
+struct Plan {
+    cases: Vec<&'static str>,
+    compare_runs: usize,
+    t_mem: u64,
+    t_data: u64,
+    t_ws: u64,
+    t_rate: u64,
+    t_seconds: u64,
+    t_ns: Vec<usize>,
+    t_runs: usize,
+}
+
+fn plan(quick: bool) -> Plan {
+    if quick {
+        Plan {
+            cases: vec!["256M:idle", "256M:10000"],
+            compare_runs: 2,
+            t_mem: 256 << 20,
+            t_data: 192,
+            t_ws: 32,
+            t_rate: 20000,
+            t_seconds: 4,
+            t_ns: vec![2],
+            t_runs: 1,
+        }
+    } else {
+        Plan {
+            cases: vec![
+                "256M:idle",
+                "256M:2500",
+                "256M:10000",
+                "256M:40000",
+                "512M:idle",
+                "512M:10000",
+                "1G:idle",
+                "1G:10000",
+            ],
+            compare_runs: 5,
+            t_mem: 1 << 30,
+            t_data: 768,
+            t_ws: 64,
+            t_rate: 20000,
+            t_seconds: 10,
+            t_ns: vec![1, 2, 4],
+            t_runs: 5,
+        }
+    }
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn output(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn hardware_kvm() -> bool {
+    read("/proc/cpuinfo").lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")))
+}
+
+fn machine() -> Machine {
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1).map(|s| s.trim().to_string()))
+        .unwrap_or_default();
+    let mem_kib: f64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let kvm = if hardware_kvm() {
+        "hardware KVM (vmx/svm in /proc/cpuinfo)".to_string()
+    } else if read("/proc/cmdline").contains("pvm") {
+        "PVM (paravirtual KVM, no vmx/svm)".to_string()
+    } else {
+        "KVM without vmx/svm in /proc/cpuinfo".to_string()
+    };
+    Machine {
+        host: read("/proc/sys/kernel/hostname").trim().to_string(),
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        cpu,
+        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        mem_gib: mem_kib / 1048576.0,
+        kvm,
+    }
+}
+
+fn versions(qemu: Option<String>) -> Versions {
+    let mut git = output("git", &["rev-parse", "--short=12", "HEAD"]);
+    if git.is_empty() {
+        git = "unknown (not run in a git checkout)".into();
+    } else if !output("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+        git.push_str(" (with uncommitted changes)");
+    }
+    Versions { cevm: env!("CARGO_PKG_VERSION").to_string(), git, rustc: output("rustc", &["--version"]), qemu }
+}
+
+/// UTC date and time now: ("YYYY-MM-DD", "YYYY-MM-DDTHH:MM:SSZ").
+fn utc_now() -> (String, String) {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let date = format!("{y:04}-{m:02}-{d:02}");
+    let time = format!("{date}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60);
+    (date, time)
+}
+
+/// Runs a script of the source tree, returns its last line of output.
+fn script(path: &str) -> Result<PathBuf, String> {
+    let out =
+        Command::new(path).output().map_err(|e| format!("{path}: {e} (run cevm bench all from the source tree)"))?;
+    if !out.status.success() {
+        return Err(format!("{path} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(PathBuf::from(text.lines().last().unwrap_or_default().trim()))
+}
+
+/// Of the guest's memory, what the workload fills with data: what a 256 MiB
+/// Debian guest has room for beside its kernel.
+const FILL_PCT: u64 = 60;
+
+fn compare_args(p: &Plan) -> Vec<String> {
+    vec![
+        "--cases".into(),
+        p.cases.join(","),
+        "--runs".into(),
+        p.compare_runs.to_string(),
+        "--fill-pct".into(),
+        FILL_PCT.to_string(),
+        "--ws-mib".into(),
+        "64".into(),
+        "--beat-ms".into(),
+        "10".into(),
+    ]
+}
+
+/// L1's memory in the nested harness: the guest, the new instance of a
+/// thread-based migration, a checkpoint in L1's tmpfs and a restored guest at once.
+const L1_MIB: u64 = 8192;
+
+fn linux_nested(p: &Plan, work: &Path) -> Result<LinuxPart, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the cevm binary: {e}"))?;
+    let runner = Path::new("scripts/nested/run.sh");
+    if !runner.exists() {
+        return Err("the nested harness (scripts/nested/run.sh) is not here: run cevm bench all from the source tree, or pass --linux direct|off".into());
+    }
+    let scenario = work.join("bench-all-scenario.sh");
+    let args = compare_args(p).iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(" ");
+    std::fs::write(
+        &scenario,
+        format!(
+            "# Written by cevm bench all: the comparison, inside L1.\nmkdir -p /tmp/bench\n\
+             $CEVM bench compare --kernel \"$GUEST_KERNEL\" --initrd \"$GUEST_INITRD\" \
+             --qemu /usr/bin/qemu-system-x86_64 --dir /tmp/bench --json \"$OUT/compare.json\" {args}\n"
+        ),
+    )
+    .map_err(|e| format!("{}: {e}", scenario.display()))?;
+    let out = work.join("nested-out");
+    let _ = std::fs::remove_dir_all(&out);
+    println!("bench all: the Linux-guest comparison, in the nested harness (this /dev/kvm cannot run Linux)");
+    let status = Command::new("bash")
+        .arg(runner)
+        .arg(&scenario)
+        .arg("--cevm")
+        .arg(&exe)
+        .args(["--npt", "0", "--with-qemu", "--mem", &L1_MIB.to_string(), "--timeout", "7200", "--out"])
+        .arg(&out)
+        .status()
+        .map_err(|e| format!("cannot run the nested harness: {e}"))?;
+    if !status.success() {
+        return Err(format!("the nested comparison failed ({status}); its output is above"));
+    }
+    let file = out.join("compare.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let results: compare::Results = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let kernel = script("scripts/guest-kernel.sh").map(|k| k.display().to_string()).unwrap_or_default();
+    Ok(LinuxPart {
+        path: LinuxPath::Nested,
+        environment: format!(
+            "nested: L1 is {} with TCG, -cpu max (emulated AMD SVM), -smp 2, -m {L1_MIB}, on this host; L1 runs the guest kernel with kvm_amd npt=0 (shadow paging: dirty tracking loses writes with nested paging in this harness); cevm and QEMU run inside L1 on its /dev/kvm, one at a time; checkpoints go to L1's tmpfs",
+            output("qemu-system-x86_64", &["--version"]).lines().next().unwrap_or("qemu-system-x86_64")
+        ),
+        guest_kernel: format!("{kernel} (Debian's cloud kernel, also L1's)"),
+        results,
+    })
+}
+
+fn linux_direct(a: &Args, p: &Plan, work: &Path) -> Result<LinuxPart, String> {
+    let kernel = match &a.kernel {
+        Some(k) => k.clone(),
+        None => script("scripts/guest-kernel.sh")?.join("vmlinuz"),
+    };
+    let initrd = match &a.initrd {
+        Some(i) => i.clone(),
+        None => script("scripts/nested/guest-initrd.sh")?,
+    };
+    let plan = compare_args(p);
+    let cases = plan[1].split(',').map(str::parse).collect::<Result<Vec<_>, _>>()?;
+    let mut methods = compare::Method::CEVM.to_vec();
+    methods.extend(compare::Method::QEMU);
+    let o = compare::Options {
+        kernel: kernel.clone(),
+        initrd,
+        qemu: Some(a.qemu.clone()),
+        cases,
+        methods,
+        fill_pct: FILL_PCT,
+        ws_mib: 64,
+        beat_ms: 10,
+        runs: p.compare_runs,
+        dir: work.join("compare"),
+        json: None,
+    };
+    Ok(LinuxPart {
+        path: LinuxPath::Direct,
+        environment: "direct: cevm and QEMU on this host's /dev/kvm, one at a time".into(),
+        guest_kernel: kernel.display().to_string(),
+        results: compare::run(&o)?,
+    })
+}
+
+pub fn run(a: Args) -> Result<(), String> {
+    if let Some(from) = &a.report_from {
+        let text = std::fs::read_to_string(from).map_err(|e| format!("{}: {e}", from.display()))?;
+        let r: AllResults = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", from.display()))?;
+        let stem = from.with_extension("");
+        return report::write(&r, &stem, (!a.no_readme).then_some(a.readme.as_path()));
+    }
+    let t0 = Instant::now();
+    let (date, started) = utc_now();
+    let p = plan(a.quick);
+    let work = std::path::absolute(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    let m = machine();
+    let path = a.linux.unwrap_or(if hardware_kvm() { LinuxPath::Direct } else { LinuxPath::Nested });
+    let qemu = match path {
+        LinuxPath::Off => None,
+        _ => Some(super::qemu::version(&a.qemu)?),
+    };
+    println!(
+        "bench all ({} plan) on {} ({}, {} CPUs, {})",
+        if a.quick { "quick" } else { "full" },
+        m.host,
+        m.cpu,
+        m.cpus,
+        m.kvm
+    );
+    let host_limits = Limits::measure(&work, p.t_mem, 5)?;
+    println!(
+        "bench all: this host: memcpy {:.0} MiB/s, write + fdatasync {:.0} MiB/s on {}",
+        host_limits.memcpy(),
+        host_limits.write(),
+        host_limits.fs
+    );
+    let linux = match path {
+        LinuxPath::Nested => Some(linux_nested(&p, &work)?),
+        LinuxPath::Direct => Some(linux_direct(&a, &p, &work)?),
+        LinuxPath::Off => None,
+    };
+    let t = turnaround::Options {
+        mem: p.t_mem,
+        data_mib: p.t_data,
+        ws_mib: p.t_ws,
+        rate: p.t_rate,
+        seconds: p.t_seconds,
+        ns: p.t_ns.clone(),
+        strategies: vec![
+            turnaround::Strategy::StopAndSave,
+            turnaround::Strategy::Migrate,
+            turnaround::Strategy::CevmThread,
+            turnaround::Strategy::CevmProcess,
+        ],
+        placements: vec![turnaround::Placement::None],
+        runs: p.t_runs,
+        dir: work.join("turnaround"),
+        json: None,
+        report_from: None,
+    };
+    let runs = turnaround::measure(&t)?;
+    let results = AllResults {
+        schema: 1,
+        started,
+        duration_s: t0.elapsed().as_secs_f64(),
+        quick: a.quick,
+        machine: m,
+        versions: versions(qemu),
+        placement:
+            "none: no thread pinned (cevm's default); the kernel's scheduler places vCPU, migration and writer threads"
+                .into(),
+        host_limits,
+        linux,
+        turnaround: Some(TurnaroundPart {
+            mem_mib: p.t_mem >> 20,
+            data_mib: p.t_data,
+            ws_mib: p.t_ws,
+            rate: p.t_rate,
+            seconds: p.t_seconds,
+            runs,
+        }),
+    };
+    let host = results.machine.host.clone();
+    let stem = a.out.join(format!(
+        "{date}-{}{}",
+        if host.is_empty() { "host" } else { &host },
+        if a.quick { "-quick" } else { "" }
+    ));
+    let json = PathBuf::from(format!("{}.json", stem.display()));
+    let text = serde_json::to_string(&results).map_err(|e| e.to_string())?;
+    std::fs::write(&json, text).map_err(|e| format!("{}: {e}", json.display()))?;
+    println!("bench all: results in {}", json.display());
+    // The README shows the latest full report; a quick run leaves it alone.
+    report::write(&results, &stem, (!a.no_readme && !a.quick).then_some(a.readme.as_path()))
+}

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs cevm's whole benchmark (`cevm bench all`): installs what it needs, builds
+# cevm, and writes bench/results/<date>-<host>.{json,md} and plots.
+#   scripts/bench.sh --quick    under 5 minutes on the project's machines
+#   scripts/bench.sh            the full plan (about 75 minutes there); updates
+#                               the README's headline table
+# Other arguments go to `cevm bench all` (see `cevm bench all --help`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --bench
+cargo build --release -p cevm
+exec target/release/cevm bench all "$@"
