@@ -793,3 +793,44 @@ pub fn run(o: &Options) -> Result<Results, String> {
     }
     Ok(res)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases_parse() {
+        assert_eq!("512M:idle".parse::<Case>(), Ok(Case { mem: 512 << 20, workload: Workload::Idle }));
+        assert_eq!("1G:10000".parse::<Case>(), Ok(Case { mem: 1 << 30, workload: Workload::Dirty(10000) }));
+        assert!("512M".parse::<Case>().is_err());
+        assert!("512M:0".parse::<Case>().is_err());
+        assert!("512M:fast".parse::<Case>().is_err());
+    }
+
+    /// A stream of beats every 10 ms with one 150 ms gap after the request:
+    /// the guest-visible pause is the gap less one beat, the quiet second
+    /// before the request shows none, and the window keeps 1 s before to
+    /// `AFTER` after the answer.
+    #[test]
+    fn window_measures_the_gap_after_the_request() {
+        let mut s = Stream::new();
+        let t0 = Instant::now();
+        let ms = |x: u64| t0 + Duration::from_millis(x);
+        let mut times: Vec<u64> = (0..=1200).step_by(10).collect();
+        times.extend((1350..=2500).step_by(10));
+        for (i, &t) in times.iter().enumerate() {
+            s.tx.send((ms(t), format!("hb {} {}", i + 1, i * 100))).unwrap();
+        }
+        s.tx.send((ms(5), "cevm-work: filled".into())).unwrap();
+        let (req, ans) = (ms(1000), ms(1300));
+        let (pause, quiet, beats) = s.window(req, ans, 10);
+        assert!((pause - 140.0).abs() < 1e-6, "pause {pause}");
+        assert!(quiet.abs() < 1e-6, "quiet {quiet}");
+        assert_eq!(beats.first().map(|b| b.ms.round()), Some(-1000.0));
+        let last = 1300 + AFTER.as_millis() as u64;
+        assert_eq!(beats.last().map(|b| b.ms.round()), Some((last - 1000) as f64));
+        assert_eq!(s.lines, vec!["cevm-work: filled".to_string()]);
+        // What was before the window's end is gone; the rest stays for the next.
+        assert!(s.beats.iter().all(|b| b.0 >= ms(last)));
+    }
+}

@@ -31,30 +31,30 @@ pub fn write(r: &AllResults, stem: &Path, readme: Option<&Path>) -> Result<(), S
     println!("bench all: report in {md_path}, plots in {}", plots_dir.display());
     if let (Some(readme), Some(l)) = (readme, &r.linux) {
         let text = std::fs::read_to_string(readme).map_err(|e| format!("{}: {e}", readme.display()))?;
-        let (Some(a), Some(b)) = (text.find(BEGIN), text.find(END)) else {
-            return Err(format!("{} has no {BEGIN} ... {END} markers for the headline", readme.display()));
-        };
         let rel = Path::new(&md_path)
             .strip_prefix(readme.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| md_path.clone());
-        let mut block = String::new();
-        let _ = writeln!(block, "{BEGIN}");
-        let _ = writeln!(
-            block,
-            "From [{}]({rel}) ({} run of `cevm bench all`, {}; {}):\n",
+        let intro = format!(
+            "From [{}]({rel}) ({} run of `cevm bench all`, {}; {}):\n\n",
             name(Path::new(&md_path)),
             if r.quick { "quick" } else { "full" },
             r.started,
             l.environment.split(':').next().unwrap_or_default()
         );
-        block.push_str(&headline(r, l));
-        let _ = write!(block, "{END}");
-        let new = format!("{}{}{}", &text[..a], block, &text[b + END.len()..]);
+        let new = replace_headline(&text, &(intro + &headline(l)))
+            .ok_or_else(|| format!("{} has no {BEGIN} ... {END} markers for the headline", readme.display()))?;
         std::fs::write(readme, new).map_err(|e| format!("{}: {e}", readme.display()))?;
         println!("bench all: headline table in {}", readme.display());
     }
     Ok(())
+}
+
+/// `text` with what lies between the headline markers replaced by `block`.
+fn replace_headline(text: &str, block: &str) -> Option<String> {
+    let a = text.find(BEGIN)?;
+    let b = a + text[a..].find(END)?;
+    Some(format!("{}{BEGIN}\n{block}{}", &text[..a], &text[b..]))
 }
 
 fn med(v: &[f64]) -> (f64, f64, f64) {
@@ -108,7 +108,7 @@ fn totals(v: &[&Sample]) -> Vec<f64> {
 }
 
 /// Downtime and checkpoint time of every method, per size, idle and dirtying.
-fn headline(r: &AllResults, l: &LinuxPart) -> String {
+fn headline(l: &LinuxPart) -> String {
     let mut s = String::new();
     let rate = main_rate(l);
     let works: Vec<Workload> = std::iter::once(Workload::Idle).chain(rate.map(dirty)).collect();
@@ -123,9 +123,11 @@ fn headline(r: &AllResults, l: &LinuxPart) -> String {
         l.results.ws_mib,
         l.results.runs
     );
-    let sz = sizes(l);
+    // The two largest sizes: a README-wide table.
+    let all_sizes = sizes(l);
+    let sz = &all_sizes[all_sizes.len().saturating_sub(2)..];
     let _ = write!(s, "| method |");
-    for &mem in &sz {
+    for &mem in sz {
         for w in &works {
             let _ = write!(s, " {mem} MiB {} downtime | time |", if *w == Workload::Idle { "idle" } else { "dirty" });
         }
@@ -134,7 +136,7 @@ fn headline(r: &AllResults, l: &LinuxPart) -> String {
     let _ = writeln!(s, "|---|{}", "---|---|".repeat(sz.len() * works.len()));
     for m in methods(l) {
         let _ = write!(s, "| {} |", m.label());
-        for &mem in &sz {
+        for &mem in sz {
             for &w in &works {
                 let v = samples(l, m, mem, w);
                 let fmt = |x: f64| if x < 10.0 { format!("{x:.2}") } else { format!("{x:.0}") };
@@ -147,7 +149,6 @@ fn headline(r: &AllResults, l: &LinuxPart) -> String {
         }
         let _ = writeln!(s);
     }
-    let _ = r;
     s
 }
 
@@ -181,8 +182,8 @@ fn ratios(l: &LinuxPart) -> String {
 fn case_table(l: &LinuxPart, mem: u64, w: Workload) -> String {
     let lim = &l.results.limits;
     let mut s = String::new();
-    let _ = writeln!(s, "| method | downtime ms | guest-visible pause ms | quiet-stream jitter ms | request to answer ms | on storage MiB | memory MiB/s (% of limit) | restore ms |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "| method | downtime ms | QEMU's own downtime ms | guest-visible pause ms | quiet-stream jitter ms | request to answer ms | on storage MiB | memory MiB/s (% of limit) | restore ms |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for m in methods(l) {
         let v = samples(l, m, mem, w);
         if v.is_empty() {
@@ -194,14 +195,16 @@ fn case_table(l: &LinuxPart, mem: u64, w: Workload) -> String {
         let thr: Vec<f64> =
             v.iter().filter_map(|x| x.memory_bytes.map(|b| b as f64 / MIB / (x.total_ms / 1e3))).collect();
         let restore: Vec<f64> = v.iter().filter_map(|x| x.restore_ms).collect();
+        let qemu_own: Vec<f64> = v.iter().filter_map(|x| x.qemu_reported_downtime_ms).collect();
         // A checkpoint goes to storage; a migration from memory to memory.
         let (limit, what) = if m.writes_checkpoint() { (lim.write(), "write") } else { (lim.memcpy(), "memcpy") };
         let t = med(&thr).0;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             m.label(),
             mmm(&downtimes(&v), 2),
+            mmm(&qemu_own, 0),
             mmm(&pause, 1),
             mmm(&quiet, 1),
             mmm(&totals(&v), 0),
@@ -272,7 +275,7 @@ fn markdown(r: &AllResults, stem_name: &str, plots: &Plots) -> String {
             l.results.runs
         );
         let _ = writeln!(s, "### Headline\n");
-        s.push_str(&headline(r, l));
+        s.push_str(&headline(l));
         let _ = writeln!(s, "\nWithin the run:\n");
         s.push_str(&ratios(l));
         let cases: BTreeSet<(u64, u64)> = l.results.samples.iter().map(|x| (x.mem_mib, x.workload.rate())).collect();
@@ -648,4 +651,26 @@ fn plot_all(r: &AllResults, dir: &Path) -> Result<Plots, String> {
         )?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headline_replaces_only_between_the_markers() {
+        let text = format!("intro\n{BEGIN}\nold table\n{END}\noutro {END}\n");
+        let new = replace_headline(&text, "| a |\n").expect("markers present");
+        assert_eq!(new, format!("intro\n{BEGIN}\n| a |\n{END}\noutro {END}\n"));
+        assert_eq!(replace_headline("no markers", "x"), None);
+        assert_eq!(replace_headline(&format!("{END} then {BEGIN}"), "x"), None);
+    }
+
+    #[test]
+    fn mmm_formats_median_and_range() {
+        assert_eq!(mmm(&[3.0, 1.0, 2.0], 1), "2.0 (1.0-3.0)");
+        assert_eq!(mmm(&[4.0, 1.0], 0), "2 (1-4)");
+        assert_eq!(mmm(&[5.25], 2), "5.25");
+        assert_eq!(mmm(&[], 2), "-");
+    }
 }
