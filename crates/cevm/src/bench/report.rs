@@ -274,6 +274,9 @@ fn markdown(r: &AllResults, stem_name: &str, plots: &Plots) -> String {
             "- {} runs per method and guest; per guest, the methods take turns within each run.\n",
             l.results.runs
         );
+        for f in &l.failed {
+            let _ = writeln!(s, "**Not measured** (the nested harness failed twice): {f}\n");
+        }
         let _ = writeln!(s, "### Headline\n");
         s.push_str(&headline(l));
         let _ = writeln!(s, "\nWithin the run:\n");
