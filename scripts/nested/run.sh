@@ -9,15 +9,15 @@
 # is copied to the --out directory (through a transfer disk).
 #
 # usage: scripts/nested/run.sh SCENARIO.sh [--cevm PATH] [--npt 0|1] [--timeout SECONDS]
-#                              [--verbose] [--with-qemu] [--mem MIB] [--in FILE]... [--out DIR]
+#                              [--verbose] [--with-qemu] [--mem MIB] [--append ARGS] [--in FILE]... [--out DIR]
 # --with-qemu puts this machine's qemu-system-x86_64 (and its firmware) into L1
 # too, for benchmarks that compare with QEMU on the same nested /dev/kvm.
-# --mem sets L1's memory (default 4096 MiB).
+# --mem sets L1's memory (default 4096 MiB); --append adds to L1's kernel command line.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 top="$(cd "$here/../.." && pwd)"
 scenario="$1"; shift
-cevm="$top/target/release/cevm"; npt=1; timeout=900; l1_quiet=quiet; inputs=(); outdir=; with_qemu=0; l1_mem=4096
+cevm="$top/target/release/cevm"; npt=1; timeout=900; l1_quiet=quiet; inputs=(); outdir=; with_qemu=0; l1_mem=4096; l1_append=
 while [ $# -gt 0 ]; do
     case "$1" in
     --cevm) cevm="$2"; shift 2 ;;
@@ -26,6 +26,7 @@ while [ $# -gt 0 ]; do
     --verbose) l1_quiet="loglevel=7"; shift ;;
     --with-qemu) with_qemu=1; shift ;;
     --mem) l1_mem="$2"; shift 2 ;;
+    --append) l1_append="$2"; shift 2 ;;
     --in) inputs+=("$2"); shift 2 ;;
     --out) outdir="$2"; shift 2 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
@@ -82,7 +83,7 @@ timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m
     -nodefaults -no-user-config -nographic -serial stdio -no-reboot \
     -drive "file=$xfer,format=raw,if=virtio" \
     -kernel "$kdir/vmlinuz" -initrd "$root.l1.gz" \
-    -append "console=ttyS0 $l1_quiet panic=-1 cevm.npt=$npt" | tee "$log"
+    -append "console=ttyS0 $l1_quiet panic=-1 cevm.npt=$npt $l1_append" | tee "$log"
 qrc=${PIPESTATUS[0]}
 set -e
 rc=$(sed -n 's/.*cevm-nested: end rc=\([0-9]*\).*/\1/p' "$log" | tail -1)

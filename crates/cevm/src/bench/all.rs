@@ -313,6 +313,8 @@ fn nested_compare(p: &Plan, cases: &[&str], work: &Path, timeout_s: u64) -> Resu
         .arg("--cevm")
         .arg(&exe)
         .args(["--npt", "0", "--with-qemu", "--mem", &L1_MIB.to_string(), "--timeout", &timeout_s.to_string()])
+        // A locked-up L1 panics, and so ends at once instead of at the timeout.
+        .args(["--append", "softlockup_panic=1"])
         .arg("--out")
         .arg(&out)
         .status()
