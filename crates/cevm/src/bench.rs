@@ -386,9 +386,53 @@ fn disk_limit(path: &Path, bytes: u64) -> Result<f64, String> {
     Ok(bytes as f64 / (1 << 20) as f64 / secs)
 }
 
+/// Allocated bytes of a file, or of every file under a directory.
 fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    let Ok(m) = std::fs::symlink_metadata(path) else { return 0 };
+    if m.is_dir() {
+        std::fs::read_dir(path).map(|d| d.filter_map(Result::ok).map(|e| allocated_bytes(&e.path())).sum()).unwrap_or(0)
+    } else {
+        m.blocks() * 512
+    }
+}
+
+/// A line with the instant it was read.
+type Stamped = (std::time::Instant, String);
+
+/// Sends every line of `out` to `tx`, stamped when read, from a thread of its own.
+fn pipe_lines(out: impl std::io::Read + Send + 'static, tx: Sender<Stamped>) {
+    use std::io::BufRead;
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Starts `cmd` with its stdout lines going, stamped, to `tx` and its stderr
+/// appended to `log`.
+fn spawn_piped(
+    mut cmd: std::process::Command,
+    tx: &Sender<Stamped>,
+    log: &Path,
+) -> Result<std::process::Child, String> {
+    use std::process::Stdio;
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    pipe_lines(child.stdout.take().ok_or("no stdout pipe")?, tx.clone());
+    Ok(child)
 }
 
 /// Creates and starts an instance of `config` whose console comes back line by line.

@@ -270,10 +270,11 @@ fn script(path: &str) -> Result<PathBuf, String> {
 /// Debian guest has room for beside its kernel.
 const FILL_PCT: u64 = 60;
 
-fn compare_args(p: &Plan) -> Vec<String> {
+/// `compare`'s arguments for `cases` under plan `p`.
+fn compare_args(p: &Plan, cases: &[&str]) -> Vec<String> {
     vec![
         "--cases".into(),
-        p.cases.join(","),
+        cases.join(","),
         "--runs".into(),
         p.compare_runs.to_string(),
         "--fill-pct".into(),
@@ -293,8 +294,7 @@ const L1_MIB: u64 = 8192;
 fn nested_compare(p: &Plan, cases: &[&str], work: &Path, timeout_s: u64) -> Result<compare::Results, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the cevm binary: {e}"))?;
     let scenario = work.join("bench-all-scenario.sh");
-    let mut args = compare_args(p);
-    args[1] = cases.join(",");
+    let args = compare_args(p, cases);
     let args = args.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(" ");
     std::fs::write(
         &scenario,
@@ -397,8 +397,7 @@ fn linux_direct(a: &Args, p: &Plan, work: &Path) -> Result<LinuxPart, String> {
         Some(i) => i.clone(),
         None => script("scripts/nested/guest-initrd.sh")?,
     };
-    let plan = compare_args(p);
-    let cases = plan[1].split(',').map(str::parse).collect::<Result<Vec<_>, _>>()?;
+    let cases = p.cases.iter().map(|c| c.parse()).collect::<Result<Vec<_>, _>>()?;
     let mut methods = compare::Method::CEVM.to_vec();
     methods.extend(compare::Method::QEMU);
     let o = compare::Options {

@@ -16,17 +16,16 @@
 //! copy-on-write live snapshot into a file). Restore time: from starting the
 //! VMM on a stop-and-save checkpoint to the restored guest's first heartbeat.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::child_ended;
 use super::qemu::{self, Qemu};
+use super::{allocated_bytes, child_ended, spawn_piped};
 use crate::api;
 
 /// A way to take a checkpoint (or, for the migrations, to move the guest).
@@ -336,44 +335,8 @@ impl Stream {
     }
 }
 
-/// Starts a process whose stdout lines go, stamped, to `tx`.
-fn spawn_piped(mut cmd: Command, tx: &Sender<(Instant, String)>, log: &Path) -> Result<Child, String> {
-    let err = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(err)
-        .spawn()
-        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
-    let out = child.stdout.take().ok_or("no stdout pipe")?;
-    let tx = tx.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send((Instant::now(), line)).is_err() {
-                break;
-            }
-        }
-    });
-    Ok(child)
-}
-
 fn cevm_cmd() -> Result<Command, String> {
     Ok(Command::new(std::env::current_exe().map_err(|e| format!("cannot find the cevm binary: {e}"))?))
-}
-
-/// Allocated bytes of a file, or of every file under a directory.
-pub fn allocated(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(m) = std::fs::symlink_metadata(path) else { return 0 };
-    if m.is_dir() {
-        std::fs::read_dir(path).map(|d| d.filter_map(Result::ok).map(|e| allocated(&e.path())).sum()).unwrap_or(0)
-    } else {
-        m.blocks() * 512
-    }
 }
 
 fn num(v: &Value, key: &str) -> f64 {
@@ -469,7 +432,7 @@ fn cevm_take(
     } else {
         r.get("memory").and_then(|m| m.get("data_bytes")).and_then(Value::as_u64)
     };
-    let size_bytes = (!migration).then(|| allocated(&out));
+    let size_bytes = (!migration).then(|| allocated_bytes(&out));
     Ok(Taken {
         req,
         ans,
@@ -542,7 +505,7 @@ fn qemu_take(q: &QemuSetup<'_>, src: &mut Qemu, s: &mut Stream, m: Method, tag: 
                 ans,
                 downtime_ms: (ans - req).as_secs_f64() * 1e3,
                 qemu_reported_downtime_ms: Some(r.downtime_ms),
-                size_bytes: Some(allocated(&file)),
+                size_bytes: Some(allocated_bytes(&file)),
                 memory_bytes: Some(r.bytes_sent),
                 written: Some(file.clone()),
                 restore: true,
@@ -560,7 +523,7 @@ fn qemu_take(q: &QemuSetup<'_>, src: &mut Qemu, s: &mut Stream, m: Method, tag: 
                 ans,
                 downtime_ms: r.downtime_ms,
                 qemu_reported_downtime_ms: Some(r.downtime_ms),
-                size_bytes: Some(allocated(&file)),
+                size_bytes: Some(allocated_bytes(&file)),
                 memory_bytes: Some(r.bytes_sent),
                 written: Some(file.clone()),
                 restore: false,

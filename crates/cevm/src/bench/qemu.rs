@@ -77,13 +77,7 @@ impl Qemu {
             .map_err(|e| format!("{}: {e}", log.display()))?;
         let mut child = cmd.stdin(Stdio::null()).stderr(err).spawn().map_err(|e| format!("cannot start {bin}: {e}"))?;
         if let (Console::Lines(tx), Some(out)) = (console, child.stdout.take()) {
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send((Instant::now(), line)).is_err() {
-                        break;
-                    }
-                }
-            });
+            super::pipe_lines(out, tx);
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         let stream = loop {

@@ -591,7 +591,6 @@ fn plot_all(r: &AllResults, dir: &Path) -> Result<Plots, String> {
                 .filter_map(|&m| {
                     let s = samples(l, m, mem, dirty(rate)).into_iter().find(|s| s.run == 0)?;
                     let mut p = Vec::new();
-                    let mut k = 0;
                     let b = &s.beats;
                     if b.is_empty() {
                         return None;
@@ -599,9 +598,6 @@ fn plot_all(r: &AllResults, dir: &Path) -> Result<Plots, String> {
                     let mut t = b[0].ms;
                     while t + bin <= b[b.len() - 1].ms {
                         // Pages written in [t, t + bin), by the beats' counts.
-                        while k + 1 < b.len() && b[k + 1].ms <= t {
-                            k += 1;
-                        }
                         let at = |x: f64| {
                             let j = b.iter().rposition(|q| q.ms <= x).unwrap_or(0);
                             b[j].pages as f64

@@ -23,9 +23,8 @@
 //! CPU 0), `spread` (the guest on CPU 0, migration and writer on CPU 1), `none`
 //! (the kernel decides, cevm's default).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -166,28 +165,9 @@ struct Vmm {
 
 fn spawn(args: &[String], lines: &Sender<(Instant, String)>, log: &Path) -> Result<Vmm, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the cevm binary: {e}"))?;
-    let err = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(err)
-        .spawn()
-        .map_err(|e| format!("cannot start cevm: {e}"))?;
-    let out = child.stdout.take().ok_or("no stdout pipe")?;
-    let tx = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send((Instant::now(), line)).is_err() {
-                break;
-            }
-        }
-    });
-    Ok(Vmm { child })
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    Ok(Vmm { child: super::spawn_piped(cmd, lines, log)? })
 }
 
 /// Samples the resident memory of `pids` together every 20 ms; keeps the peak (KiB).
