@@ -236,6 +236,9 @@ fn markdown(r: &AllResults, stem_name: &str, plots: &Plots) -> String {
             ""
         }
     );
+    for f in &r.not_measured {
+        let _ = writeln!(s, "**Not measured**: {f}\n");
+    }
     let m = &r.machine;
     let v = &r.versions;
     let _ = writeln!(s, "## Machine and versions\n\n| | |\n|---|---|");
@@ -275,7 +278,7 @@ fn markdown(r: &AllResults, stem_name: &str, plots: &Plots) -> String {
             l.results.runs
         );
         for f in &l.failed {
-            let _ = writeln!(s, "**Not measured** (the nested harness failed twice): {f}\n");
+            let _ = writeln!(s, "**Not measured** (the nested harness failed at every attempt): {f}\n");
         }
         let _ = writeln!(s, "### Headline\n");
         s.push_str(&headline(l));
