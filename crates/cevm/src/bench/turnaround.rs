@@ -299,8 +299,26 @@ fn run_once(
                         )
                     }
                 };
-                let r = api::call(&api_sock, "PUT", path, Some(&body), T)
-                    .map_err(|e| format!("{s} checkpoint {k}: {e}"))?;
+                let r = api::call(&api_sock, "PUT", path, Some(&body), T).map_err(|e| {
+                    while let Ok((_, l)) = lines.try_recv() {
+                        seen.push(l);
+                    }
+                    // A job that ends during a checkpoint is a plan that does
+                    // not fit, not a failing VMM: say which.
+                    let ended = seen.iter().any(|l| l.starts_with("dirtier: done"));
+                    format!(
+                        "{s} checkpoint {k}: {e}{}",
+                        if ended {
+                            format!(
+                                " (the {} s job ended during this checkpoint: {n} checkpoints do not fit in it; \
+                                 give it more --seconds or a smaller --n)",
+                                o.seconds
+                            )
+                        } else {
+                            String::new()
+                        }
+                    )
+                })?;
                 last_answer = Instant::now();
                 request_ms.push((last_answer - t).as_secs_f64() * 1e3);
                 downtimes.push(match s {
