@@ -392,8 +392,9 @@ fn linux_nested(p: &Plan, work: &Path) -> Result<LinuxPart, String> {
     for g in groups(p) {
         let mem: u64 = g.cases.iter().filter_map(|c| c.parse::<compare::Case>().ok()).map(|c| c.mem).max().unwrap_or(0);
         // Generous: two to three times what one VMM's share of a guest of this
-        // size took here (1 GiB: 9 to 10 minutes).
-        let timeout = 300 + (mem >> 20) * g.cases.len() as u64 * if g.methods.len() > 5 { 2 } else { 1 };
+        // size took here (1 GiB: 8 to 10 minutes).
+        let vmms = [false, true].iter().filter(|&&q| g.methods.iter().any(|m| m.is_qemu() == q)).count() as u64;
+        let timeout = 300 + (mem >> 20) * g.cases.len() as u64 * vmms;
         let mut got = None;
         for attempt in 1..=ATTEMPTS {
             match nested_compare(p, &g, work, timeout) {

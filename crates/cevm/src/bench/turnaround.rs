@@ -211,6 +211,13 @@ fn wait_for(
     }
 }
 
+/// Takes every line printed so far into `seen`, without waiting.
+fn drain(lines: &Receiver<(Instant, String)>, seen: &mut Vec<String>) {
+    while let Ok((_, l)) = lines.try_recv() {
+        seen.push(l);
+    }
+}
+
 fn number(v: &Value, key: &str) -> f64 {
     v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
 }
@@ -300,9 +307,7 @@ fn run_once(
                     }
                 };
                 let r = api::call(&api_sock, "PUT", path, Some(&body), T).map_err(|e| {
-                    while let Ok((_, l)) = lines.try_recv() {
-                        seen.push(l);
-                    }
+                    drain(&lines, &mut seen);
                     // A job that ends during a checkpoint is a plan that does
                     // not fit, not a failing VMM: say which.
                     let ended = seen.iter().any(|l| l.starts_with("dirtier: done"));
@@ -338,9 +343,7 @@ fn run_once(
             }
         }
         let t_end = Instant::now();
-        while let Ok((_, l)) = lines.try_recv() {
-            seen.push(l);
-        }
+        drain(&lines, &mut seen);
         let per_second = seen
             .iter()
             .filter_map(|l| l.strip_prefix("dirtier: t=")?.split("pages/s=").nth(1)?.split(' ').next()?.parse().ok())
