@@ -31,9 +31,9 @@ echo "cevm-scenario: second checkpoint after step $n"
 $CEVM checkpoint --api-sock /tmp/api.sock --strategy cevm --to unix:/tmp/dst.sock --out /tmp/ck2 > /tmp/ck2.json
 echo "cevm-scenario: process-based checkpoint exit=$?"
 sed 's/^/ck2: /' /tmp/ck2.json
-wait $src
+wait_vm $src src
 echo "cevm-scenario: source exit=$?"
-wait $dst
+wait_vm $dst dst
 echo "cevm-scenario: destination exit=$?"
 sed 's/^/src: /' /tmp/src.txt /tmp/src.err
 sed 's/^/dst: /' /tmp/dst.txt /tmp/dst.err

@@ -28,9 +28,9 @@ wait_for "step 14/" /tmp/src.txt
 $CEVM migrate --api-sock /tmp/api.sock --to unix:/tmp/dst.sock > /tmp/m2.json
 echo "cevm-scenario: unix migration exit=$?"
 sed 's/^/m2: /' /tmp/m2.json
-wait $src
+wait_vm $src src
 echo "cevm-scenario: source exit=$?"
-wait $dst
+wait_vm $dst dst
 echo "cevm-scenario: destination exit=$?"
 sed 's/^/src: /' /tmp/src.txt /tmp/src.err
 sed 's/^/dst: /' /tmp/dst.txt /tmp/dst.err

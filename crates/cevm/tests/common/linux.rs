@@ -93,7 +93,11 @@ pub fn sh(cmd: &str, dir: &Path) -> String {
 }
 
 /// The start of a scenario that gets base.qcow2 as its input: defines
-/// `wait_for TEXT FILE` (up to 300 s), and starts a Linux guest (2 vCPUs,
+/// `wait_for TEXT FILE` (up to 300 s) and `wait_vm PID NAME` (waits up to 300 s
+/// for a VMM whose console is /tmp/NAME.txt and returns its status; one still
+/// running then has its console and messages printed and is killed, status 124,
+/// so that a hung guest shows where it stopped instead of running into the
+/// harness's timeout), and starts a Linux guest (2 vCPUs,
 /// 256 MiB, API at /tmp/api.sock) on an overlay /tmp/run.qcow2 over the base,
 /// its command line ending in `guest_args`, in the background: console in
 /// /tmp/NAME.txt, cevm's own messages in /tmp/NAME.err (apart, so that neither
@@ -103,6 +107,18 @@ pub fn start_linux_vm(name: &str, guest_args: &str) -> String {
         r#"cd /tmp
 cp "$DATA/base.qcow2" /tmp/base.qcow2
 wait_for() {{ n=0; while ! grep -q "$1" "$2"; do sleep 0.1; n=$((n+1)); [ $n -gt 3000 ] && return 1; done; }}
+wait_vm() {{
+    n=0
+    while kill -0 "$1" 2>/dev/null; do
+        sleep 0.1; n=$((n+1))
+        if [ $n -gt 3000 ]; then
+            echo "cevm-scenario: $2 still running after 300 s; its console and messages so far:"
+            sed "s/^/$2 (hung): /" /tmp/$2.txt /tmp/$2.err
+            kill -9 "$1"; wait "$1"; return 124
+        fi
+    done
+    wait "$1"
+}}
 $CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
     --disk /tmp/base.qcow2 --overlay /tmp/run.qcow2 \
     --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet {guest_args}" \
