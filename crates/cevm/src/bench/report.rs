@@ -107,6 +107,15 @@ fn totals(v: &[&Sample]) -> Vec<f64> {
     v.iter().map(|s| s.total_ms).collect()
 }
 
+/// "Medians of 5 runs"; a plan of one run has no median to speak of.
+fn medians_of(runs: usize) -> String {
+    if runs == 1 {
+        "One run each".into()
+    } else {
+        format!("Medians of {runs} runs")
+    }
+}
+
 /// Downtime and checkpoint time of every method, per size, idle and dirtying.
 fn headline(l: &LinuxPart) -> String {
     let mut s = String::new();
@@ -117,11 +126,11 @@ fn headline(l: &LinuxPart) -> String {
         "Linux guest, 1 vCPU, {}% of memory filled with data; dirtying = {} pages/s rewritten over {} MiB. \
          Downtime: the guest's pause as each VMM reports it (stop-and-save: the whole pause). \
          Time: request to the checkpoint on storage (migrations: to the guest running at the destination). \
-         Medians of {} runs, ms.\n",
+         {}, ms.\n",
         l.results.fill_pct,
         rate.map(|r| r.to_string()).unwrap_or("-".into()),
         l.results.ws_mib,
-        l.results.runs
+        medians_of(l.results.runs)
     );
     // The two largest sizes: a README-wide table.
     let all_sizes = sizes(l);
@@ -274,8 +283,9 @@ fn markdown(r: &AllResults, stem_name: &str, plots: &Plots) -> String {
         let _ = writeln!(s, "- Downtime: as each VMM reports it (cevm's `pause_ms` / `downtime_ms`; QEMU's `downtime` from `query-migrate`, whole ms); for QEMU's stop-and-save, from `stop` to `cont` returning. Guest-visible pause: the longest gap between the guest's heartbeats as they arrived at the benchmark, from the request to 0.5 s after the answer, less one beat; the quiet-stream jitter is the same in the second before the request. Restore: from starting the VMM on the checkpoint to the restored guest's first heartbeat (stop-and-save checkpoints; cevm's checkpoints of every strategy have the same format).");
         let _ = writeln!(
             s,
-            "- {} runs per method and guest; per guest, the methods take turns within each run.\n",
-            l.results.runs
+            "- {} run{} per method and guest; per guest, the methods take turns within each run.\n",
+            l.results.runs,
+            if l.results.runs == 1 { "" } else { "s" }
         );
         for f in &l.failed {
             let _ = writeln!(s, "**Not measured** (the nested harness failed at every attempt): {f}\n");
