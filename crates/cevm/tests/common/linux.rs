@@ -62,17 +62,48 @@ pub fn run_scenario_with_files(name: &str, scenario: &str, npt: u8, inputs: &[Pa
             .unwrap()
     } else {
         eprintln!("linux scenario {name}: /dev/kvm is PVM here, running it in the nested harness (QEMU TCG L1)");
-        Command::new(top().join("scripts/nested/run.sh"))
-            .arg(&file)
-            .arg("--cevm")
-            .arg(bin())
-            .arg("--npt")
-            .arg(npt.to_string())
-            .args(inputs.iter().flat_map(|f| [Path::new("--in"), f.as_path()]))
-            .arg("--out")
-            .arg(&outdir)
-            .output()
-            .unwrap()
+        // The L1 (QEMU TCG emulating SVM, its KVM running ours) sometimes locks
+        // up: both of its CPUs stuck in KVM for minutes (soft lockups; here in
+        // one nested scenario out of a few), or a silent stall (a SIGKILLed
+        // cevm once went unreaped until the timeout; only L1's kernel can hold
+        // that up). The scenario then never reports its end: softlockup_panic
+        // ends such an L1 at once (run.sh: 125), a silent stall runs into the
+        // timeout (124). That fails the harness, not cevm, so such a run is
+        // retried, loudly, up to three attempts in all. A scenario that ends,
+        // with any status, is never retried (a guest that stops making
+        // progress is one: `wait_vm` gives up on it); one that hangs in cevm
+        // fails every attempt.
+        let run = || {
+            Command::new(top().join("scripts/nested/run.sh"))
+                .arg(&file)
+                .arg("--cevm")
+                .arg(bin())
+                .arg("--npt")
+                .arg(npt.to_string())
+                .args(["--timeout", "600", "--append", "softlockup_panic=1"])
+                .args(inputs.iter().flat_map(|f| [Path::new("--in"), f.as_path()]))
+                .arg("--out")
+                .arg(&outdir)
+                .output()
+                .unwrap()
+        };
+        let mut attempt = 1;
+        loop {
+            let out = run();
+            if attempt == 3 || !matches!(out.status.code(), Some(124 | 125)) {
+                break out;
+            }
+            let printed = String::from_utf8_lossy(&out.stdout);
+            let tail: Vec<&str> = printed.lines().rev().take(30).collect();
+            eprintln!(
+                "NESTED L1 FAILED in scenario {name}, attempt {attempt} of 3 ({}); retrying it. Its last lines:\n{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            let _ = std::fs::remove_dir_all(&outdir);
+            std::fs::create_dir_all(&outdir).unwrap();
+            attempt += 1;
+        }
     };
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_file(&file);
