@@ -133,6 +133,11 @@ pub struct AllResults {
     /// part, never what the run had measured before it.
     #[serde(default)]
     pub not_measured: Vec<String>,
+    /// Parts the run had not reached yet. The results file and the report are
+    /// written again after every part, so a run stopped midway (killed, or its
+    /// session ended) leaves what it had measured, saying what it had not.
+    #[serde(default)]
+    pub not_reached: Vec<String>,
 }
 
 /// The plan of a full or quick run.
@@ -170,7 +175,10 @@ fn plan(quick: bool) -> Plan {
         }
     } else {
         Plan {
-            cases: vec!["256M:idle", "256M:10000", "256M:40000", "512M:idle", "512M:10000", "1G:idle", "1G:10000"],
+            // The headline's guests first (512 MiB and 1 GiB, idle and
+            // dirtying), then the rate sweep at 256 MiB: a run stopped early
+            // has measured what the README shows.
+            cases: vec!["512M:idle", "512M:10000", "1G:idle", "1G:10000", "256M:idle", "256M:10000", "256M:40000"],
             l1_per_case: true,
             compare_runs: 5,
             // n checkpoints must fit in the job with room to spare: a CEVM
@@ -382,7 +390,26 @@ fn groups(p: &Plan) -> Vec<Group<'_>> {
         .collect()
 }
 
-fn linux_nested(p: &Plan, work: &Path) -> Result<LinuxPart, String> {
+/// The comparison's part of the results: what the nested harness measured so far.
+fn nested_part(p: &Plan, results: &compare::Results, failed: &[String]) -> LinuxPart {
+    let kernel = script("scripts/guest-kernel.sh").map(|k| k.display().to_string()).unwrap_or_default();
+    LinuxPart {
+        path: LinuxPath::Nested,
+        environment: format!(
+            "nested: L1 is {} with TCG, -cpu max (emulated AMD SVM), -smp 2, -m {L1_MIB}, on this host{}; L1 runs the guest kernel with kvm_amd npt=0 (shadow paging: dirty tracking loses writes with nested paging in this harness); cevm and QEMU run inside L1 on its /dev/kvm, one at a time; checkpoints go to L1's tmpfs",
+            output("qemu-system-x86_64", &["--version"]).lines().next().unwrap_or("qemu-system-x86_64"),
+            if p.l1_per_case { ", a fresh L1 for each guest and VMM (cevm's methods, then QEMU's)" } else { "" }
+        ),
+        guest_kernel: format!("{kernel} (Debian's cloud kernel, also L1's)"),
+        results: results.clone(),
+        failed: failed.to_vec(),
+    }
+}
+
+/// The comparison in the nested harness, one L1 per group of `p`; after each
+/// group, `progress` gets the part so far (none while nothing was measured)
+/// and the group's name.
+fn linux_nested(p: &Plan, work: &Path, progress: &mut dyn FnMut(Option<LinuxPart>, &str)) -> Result<LinuxPart, String> {
     if !Path::new("scripts/nested/run.sh").exists() {
         return Err("the nested harness (scripts/nested/run.sh) is not here: run cevm bench all from the source tree, or pass --linux direct|off".into());
     }
@@ -391,10 +418,11 @@ fn linux_nested(p: &Plan, work: &Path) -> Result<LinuxPart, String> {
     let mut failed = Vec::new();
     for g in groups(p) {
         let mem: u64 = g.cases.iter().filter_map(|c| c.parse::<compare::Case>().ok()).map(|c| c.mem).max().unwrap_or(0);
-        // Generous: two to three times what one VMM's share of a guest of this
-        // size took here (1 GiB: 8 to 10 minutes).
+        // Generous, as only a silent stall of L1 runs into it (a soft lockup
+        // panics L1 at once): one VMM's share of a guest took 6 minutes at
+        // 256 MiB on a slow day here and 8 to 10 at 1 GiB on a fast one.
         let vmms = [false, true].iter().filter(|&&q| g.methods.iter().any(|m| m.is_qemu() == q)).count() as u64;
-        let timeout = 300 + (mem >> 20) * g.cases.len() as u64 * vmms;
+        let timeout = 300 + 2 * (mem >> 20) * g.cases.len() as u64 * vmms;
         let mut got = None;
         for attempt in 1..=ATTEMPTS {
             match nested_compare(p, &g, work, timeout) {
@@ -422,20 +450,10 @@ fn linux_nested(p: &Plan, work: &Path) -> Result<LinuxPart, String> {
                 }
             }
         }
+        progress(results.as_ref().map(|r| nested_part(p, r, &failed)), &g.name);
     }
     let results = results.ok_or_else(|| format!("no guest of the comparison could be measured: {failed:?}"))?;
-    let kernel = script("scripts/guest-kernel.sh").map(|k| k.display().to_string()).unwrap_or_default();
-    Ok(LinuxPart {
-        path: LinuxPath::Nested,
-        environment: format!(
-            "nested: L1 is {} with TCG, -cpu max (emulated AMD SVM), -smp 2, -m {L1_MIB}, on this host{}; L1 runs the guest kernel with kvm_amd npt=0 (shadow paging: dirty tracking loses writes with nested paging in this harness); cevm and QEMU run inside L1 on its /dev/kvm, one at a time; checkpoints go to L1's tmpfs",
-            output("qemu-system-x86_64", &["--version"]).lines().next().unwrap_or("qemu-system-x86_64"),
-            if p.l1_per_case { ", a fresh L1 for each guest and VMM (cevm's methods, then QEMU's)" } else { "" }
-        ),
-        guest_kernel: format!("{kernel} (Debian's cloud kernel, also L1's)"),
-        results,
-        failed,
-    })
+    Ok(nested_part(p, &results, &failed))
 }
 
 fn linux_direct(a: &Args, p: &Plan, work: &Path) -> Result<LinuxPart, String> {
@@ -472,12 +490,39 @@ fn linux_direct(a: &Args, p: &Plan, work: &Path) -> Result<LinuxPart, String> {
     })
 }
 
+/// The name of the turnaround part in `AllResults::not_reached`.
+const TURNAROUND: &str = "the turnaround benchmark";
+/// The name of the comparison in `AllResults::not_reached` when it runs as one part.
+const COMPARISON: &str = "the Linux-guest comparison";
+
+fn linux_guest(group: &str) -> String {
+    format!("the Linux guest {group}")
+}
+
+/// The README to put the headline table in: that of a finished full run only.
+fn readme_for<'a>(a: &'a Args, r: &AllResults) -> Option<&'a Path> {
+    (!a.no_readme && !r.quick && r.not_reached.is_empty()).then_some(a.readme.as_path())
+}
+
+/// Writes the results so far to STEM.json (whole or not at all: through a
+/// temporary file) and their report, and the headline into `readme` if given.
+fn save(r: &mut AllResults, t0: Instant, stem: &Path, readme: Option<&Path>) -> Result<(), String> {
+    r.duration_s = t0.elapsed().as_secs_f64();
+    let json = PathBuf::from(format!("{}.json", stem.display()));
+    let tmp = PathBuf::from(format!("{}.json.tmp", stem.display()));
+    let text = serde_json::to_string(&*r).map_err(|e| e.to_string())?;
+    std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &json).map_err(|e| format!("{}: {e}", json.display()))?;
+    println!("bench all: results in {}", json.display());
+    report::write(r, stem, readme)
+}
+
 pub fn run(a: Args) -> Result<(), String> {
     if let Some(from) = &a.report_from {
         let text = std::fs::read_to_string(from).map_err(|e| format!("{}: {e}", from.display()))?;
         let r: AllResults = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", from.display()))?;
         let stem = from.with_extension("");
-        return report::write(&r, &stem, (!a.no_readme).then_some(a.readme.as_path()));
+        return report::write(&r, &stem, readme_for(&a, &r));
     }
     let t0 = Instant::now();
     let (date, started) = utc_now();
@@ -499,6 +544,11 @@ pub fn run(a: Args) -> Result<(), String> {
         m.cpus,
         m.kvm
     );
+    let stem = a.out.join(format!(
+        "{date}-{}{}",
+        if m.host.is_empty() { "host" } else { &m.host },
+        if a.quick { "-quick" } else { "" }
+    ));
     let host_limits = Limits::measure(&work, p.t_mem, 5)?;
     println!(
         "bench all: this host: memcpy {:.0} MiB/s, write + fdatasync {:.0} MiB/s on {}",
@@ -506,17 +556,49 @@ pub fn run(a: Args) -> Result<(), String> {
         host_limits.write(),
         host_limits.fs
     );
-    let mut not_measured = Vec::new();
+    let mut not_reached: Vec<String> = match path {
+        LinuxPath::Nested => groups(&p).iter().map(|g| linux_guest(&g.name)).collect(),
+        LinuxPath::Direct => vec![COMPARISON.into()],
+        LinuxPath::Off => Vec::new(),
+    };
+    not_reached.push(TURNAROUND.into());
+    let mut r = AllResults {
+        schema: 1,
+        started,
+        duration_s: 0.0,
+        quick: a.quick,
+        machine: m,
+        versions: versions(qemu),
+        placement:
+            "none: no thread pinned (cevm's default); the kernel's scheduler places vCPU, migration and writer threads"
+                .into(),
+        host_limits,
+        linux: None,
+        turnaround: None,
+        not_measured: Vec::new(),
+        not_reached,
+    };
+    // What a run stopped now would leave: a report of nothing measured yet, saying so.
+    save(&mut r, t0, &stem, None)?;
     let linux = match path {
-        LinuxPath::Nested => linux_nested(&p, &work).map(Some),
+        LinuxPath::Nested => linux_nested(&p, &work, &mut |part, group| {
+            r.linux = part;
+            r.not_reached.retain(|n| *n != linux_guest(group));
+            if let Err(e) = save(&mut r, t0, &stem, None) {
+                eprintln!("bench all: could not write the results so far: {e}");
+            }
+        })
+        .map(Some),
         LinuxPath::Direct => linux_direct(&a, &p, &work).map(Some),
         LinuxPath::Off => Ok(None),
-    }
-    .unwrap_or_else(|e| {
+    };
+    r.linux = linux.unwrap_or_else(|e| {
         eprintln!("bench all: the Linux-guest comparison failed: {e}");
-        not_measured.push(format!("the Linux-guest comparison: {e}"));
+        r.not_measured.push(format!("{COMPARISON}: {e}"));
         None
     });
+    r.not_reached.retain(|n| n == TURNAROUND);
+    save(&mut r, t0, &stem, None)?;
     let t = turnaround::Options {
         mem: p.t_mem,
         data_mib: p.t_data,
@@ -536,7 +618,7 @@ pub fn run(a: Args) -> Result<(), String> {
         json: None,
         report_from: None,
     };
-    let turnaround = match turnaround::measure(&t) {
+    r.turnaround = match turnaround::measure(&t) {
         Ok(runs) => Some(TurnaroundPart {
             mem_mib: p.t_mem >> 20,
             data_mib: p.t_data,
@@ -547,41 +629,18 @@ pub fn run(a: Args) -> Result<(), String> {
         }),
         Err(e) => {
             eprintln!("bench all: the turnaround benchmark failed: {e}");
-            not_measured.push(format!("the turnaround benchmark: {e}"));
+            r.not_measured.push(format!("{TURNAROUND}: {e}"));
             None
         }
     };
-    let results = AllResults {
-        schema: 1,
-        started,
-        duration_s: t0.elapsed().as_secs_f64(),
-        quick: a.quick,
-        machine: m,
-        versions: versions(qemu),
-        placement:
-            "none: no thread pinned (cevm's default); the kernel's scheduler places vCPU, migration and writer threads"
-                .into(),
-        host_limits,
-        linux,
-        turnaround,
-        not_measured,
-    };
-    let host = results.machine.host.clone();
-    let stem = a.out.join(format!(
-        "{date}-{}{}",
-        if host.is_empty() { "host" } else { &host },
-        if a.quick { "-quick" } else { "" }
-    ));
-    let json = PathBuf::from(format!("{}.json", stem.display()));
-    let text = serde_json::to_string(&results).map_err(|e| e.to_string())?;
-    std::fs::write(&json, text).map_err(|e| format!("{}: {e}", json.display()))?;
-    println!("bench all: results in {}", json.display());
-    // The README shows the latest full report; a quick run leaves it alone.
-    report::write(&results, &stem, (!a.no_readme && !a.quick).then_some(a.readme.as_path()))?;
+    r.not_reached.clear();
+    // The README shows the latest finished full report; a quick run leaves it alone.
+    let readme = readme_for(&a, &r);
+    save(&mut r, t0, &stem, readme)?;
     // Whatever was not measured, a whole part or one guest of the comparison,
     // makes the run fail once the report says so.
-    let mut missing = results.not_measured.clone();
-    if let Some(l) = &results.linux {
+    let mut missing = r.not_measured.clone();
+    if let Some(l) = &r.linux {
         missing.extend(l.failed.iter().map(|f| format!("the Linux guest {f}")));
     }
     if missing.is_empty() {
@@ -593,7 +652,79 @@ pub fn run(a: Args) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{civil_from_days, compare, compare_args, groups, plan};
+    use super::{
+        civil_from_days, compare, compare_args, groups, plan, readme_for, save, AllResults, Args, Limits, Machine,
+        Versions, TURNAROUND,
+    };
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: Args,
+    }
+
+    fn nothing_measured(quick: bool, not_reached: Vec<String>) -> AllResults {
+        AllResults {
+            schema: 1,
+            started: "2026-12-02T08:00:00Z".into(),
+            duration_s: 0.0,
+            quick,
+            machine: Machine {
+                host: "h".into(),
+                kernel: "k".into(),
+                cpu: "c".into(),
+                cpus: 2,
+                mem_gib: 24.0,
+                kvm: "PVM".into(),
+            },
+            versions: Versions { cevm: "0".into(), git: "g".into(), rustc: "r".into(), qemu: None },
+            placement: "none".into(),
+            host_limits: Limits {
+                fs: "tmpfs".into(),
+                bytes: 1 << 20,
+                memcpy_mib_s: vec![1000.0],
+                write_fdatasync_mib_s: vec![100.0],
+            },
+            linux: None,
+            turnaround: None,
+            not_measured: Vec::new(),
+            not_reached,
+        }
+    }
+
+    #[test]
+    fn a_run_stopped_midway_leaves_its_results_and_a_report_that_says_so() {
+        let dir = std::env::temp_dir().join(format!("cevm-bench-stopped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stem = dir.join("2026-12-02-h");
+        let mut r = nothing_measured(false, vec!["the Linux guest 1G:idle (QEMU's methods)".into(), TURNAROUND.into()]);
+        save(&mut r, std::time::Instant::now(), &stem, None).unwrap();
+        let back: AllResults =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("2026-12-02-h.json")).unwrap()).unwrap();
+        assert_eq!(back.not_reached, r.not_reached);
+        assert!(!dir.join("2026-12-02-h.json.tmp").exists());
+        let md = std::fs::read_to_string(dir.join("2026-12-02-h.md")).unwrap();
+        assert!(
+            md.contains("**Stopped before it finished**: the run had not reached the Linux guest 1G:idle (QEMU's methods), the turnaround benchmark"),
+            "{md}"
+        );
+        // A finished run says nothing of the kind.
+        r.not_reached.clear();
+        save(&mut r, std::time::Instant::now(), &stem, None).unwrap();
+        assert!(!std::fs::read_to_string(dir.join("2026-12-02-h.md")).unwrap().contains("Stopped before"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_a_finished_full_run_rewrites_the_readme() {
+        let cli = Cli::parse_from(["bench"]);
+        assert!(readme_for(&cli.a, &nothing_measured(false, Vec::new())).is_some());
+        assert!(readme_for(&cli.a, &nothing_measured(false, vec![TURNAROUND.into()])).is_none());
+        assert!(readme_for(&cli.a, &nothing_measured(true, Vec::new())).is_none());
+        let cli = Cli::parse_from(["bench", "--no-readme"]);
+        assert!(readme_for(&cli.a, &nothing_measured(false, Vec::new())).is_none());
+    }
 
     #[test]
     fn full_plan_boots_one_l1_per_guest_and_vmm() {

@@ -248,6 +248,13 @@ fn markdown(r: &AllResults, stem_name: &str, plots: &Plots) -> String {
     for f in &r.not_measured {
         let _ = writeln!(s, "**Not measured**: {f}\n");
     }
+    if !r.not_reached.is_empty() {
+        let _ = writeln!(
+            s,
+            "**Stopped before it finished**: the run had not reached {} when it was stopped; what follows is what it had measured until then.\n",
+            r.not_reached.join(", ")
+        );
+    }
     let m = &r.machine;
     let v = &r.versions;
     let _ = writeln!(s, "## Machine and versions\n\n| | |\n|---|---|");
