@@ -35,8 +35,9 @@ pub enum LinuxPath {
 #[derive(clap::Args)]
 pub struct Args {
     /// A smaller plan that finishes in under 5 minutes on the project's machines
-    /// (fewer guests and runs; the report says so). The full plan takes about 95 minutes
-    /// there when no nested L1 locks up (each lockup costs one VMM's share of one guest again).
+    /// (fewer guests and runs; the report says so). The full plan takes 2.5 hours or more
+    /// there (see the README), and each L1 lockup costs one VMM's share of one guest again;
+    /// the results and report are written after every share, so a stopped run keeps them.
     #[arg(long)]
     quick: bool,
     /// Results go to OUT/<date>-<host>.json, .md, and OUT/<date>-<host>/ (plots).
@@ -706,13 +707,13 @@ mod tests {
         assert!(!dir.join("2026-12-02-h.json.tmp").exists());
         let md = std::fs::read_to_string(dir.join("2026-12-02-h.md")).unwrap();
         assert!(
-            md.contains("**Stopped before it finished**: the run had not reached the Linux guest 1G:idle (QEMU's methods), the turnaround benchmark"),
+            md.contains("**Not finished**: when this report was written, the run had not reached the Linux guest 1G:idle (QEMU's methods), the turnaround benchmark"),
             "{md}"
         );
         // A finished run says nothing of the kind.
         r.not_reached.clear();
         save(&mut r, std::time::Instant::now(), &stem, None).unwrap();
-        assert!(!std::fs::read_to_string(dir.join("2026-12-02-h.md")).unwrap().contains("Stopped before"));
+        assert!(!std::fs::read_to_string(dir.join("2026-12-02-h.md")).unwrap().contains("Not finished"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -251,7 +251,7 @@ fn markdown(r: &AllResults, stem_name: &str, plots: &Plots) -> String {
     if !r.not_reached.is_empty() {
         let _ = writeln!(
             s,
-            "**Stopped before it finished**: the run had not reached {} when it was stopped; what follows is what it had measured until then.\n",
+            "**Not finished**: when this report was written, the run had not reached {} (it was still running, or was stopped); what follows is what it had measured until then.\n",
             r.not_reached.join(", ")
         );
     }
