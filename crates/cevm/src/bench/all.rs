@@ -391,20 +391,18 @@ fn groups(p: &Plan) -> Vec<Group<'_>> {
         .collect()
 }
 
-/// The comparison's part of the results: what the nested harness measured so far.
-fn nested_part(p: &Plan, results: &compare::Results, failed: &[String]) -> LinuxPart {
+/// Where the nested harness runs the comparison, and on which guest kernel
+/// (asked once per run, not for every report written along the way).
+fn nested_environment(p: &Plan) -> (String, String) {
     let kernel = script("scripts/guest-kernel.sh").map(|k| k.display().to_string()).unwrap_or_default();
-    LinuxPart {
-        path: LinuxPath::Nested,
-        environment: format!(
+    (
+        format!(
             "nested: L1 is {} with TCG, -cpu max (emulated AMD SVM), -smp 2, -m {L1_MIB}, on this host{}; L1 runs the guest kernel with kvm_amd npt=0 (shadow paging: dirty tracking loses writes with nested paging in this harness); cevm and QEMU run inside L1 on its /dev/kvm, one at a time; checkpoints go to L1's tmpfs",
             output("qemu-system-x86_64", &["--version"]).lines().next().unwrap_or("qemu-system-x86_64"),
             if p.l1_per_case { ", a fresh L1 for each guest and VMM (cevm's methods, then QEMU's)" } else { "" }
         ),
-        guest_kernel: format!("{kernel} (Debian's cloud kernel, also L1's)"),
-        results: results.clone(),
-        failed: failed.to_vec(),
-    }
+        format!("{kernel} (Debian's cloud kernel, also L1's)"),
+    )
 }
 
 /// The comparison in the nested harness, one L1 per group of `p`; after each
@@ -415,6 +413,15 @@ fn linux_nested(p: &Plan, work: &Path, progress: &mut dyn FnMut(Option<LinuxPart
         return Err("the nested harness (scripts/nested/run.sh) is not here: run cevm bench all from the source tree, or pass --linux direct|off".into());
     }
     println!("bench all: the Linux-guest comparison, in the nested harness (this /dev/kvm cannot run Linux)");
+    let (environment, guest_kernel) = nested_environment(p);
+    // The comparison's part of the results: what the nested harness measured so far.
+    let part = |results: &compare::Results, failed: &[String]| LinuxPart {
+        path: LinuxPath::Nested,
+        environment: environment.clone(),
+        guest_kernel: guest_kernel.clone(),
+        results: results.clone(),
+        failed: failed.to_vec(),
+    };
     let mut results: Option<compare::Results> = None;
     let mut failed = Vec::new();
     for g in groups(p) {
@@ -451,10 +458,10 @@ fn linux_nested(p: &Plan, work: &Path, progress: &mut dyn FnMut(Option<LinuxPart
                 }
             }
         }
-        progress(results.as_ref().map(|r| nested_part(p, r, &failed)), &g.name);
+        progress(results.as_ref().map(|r| part(r, &failed)), &g.name);
     }
     let results = results.ok_or_else(|| format!("no guest of the comparison could be measured: {failed:?}"))?;
-    Ok(nested_part(p, &results, &failed))
+    Ok(part(&results, &failed))
 }
 
 fn linux_direct(a: &Args, p: &Plan, work: &Path) -> Result<LinuxPart, String> {
@@ -642,7 +649,7 @@ pub fn run(a: Args) -> Result<(), String> {
     // makes the run fail once the report says so.
     let mut missing = r.not_measured.clone();
     if let Some(l) = &r.linux {
-        missing.extend(l.failed.iter().map(|f| format!("the Linux guest {f}")));
+        missing.extend(l.failed.iter().map(|f| linux_guest(f)));
     }
     if missing.is_empty() {
         Ok(())
