@@ -2,7 +2,7 @@
 # Runs cevm's whole benchmark (`cevm bench all`): installs what it needs, builds
 # cevm, and writes bench/results/<date>-<host>.{json,md} and plots.
 #   scripts/bench.sh --quick    under 5 minutes on the project's machines
-#   scripts/bench.sh            the full plan (2.5 hours or more there: see the
+#   scripts/bench.sh            the full plan (2 to 3.5 hours there: see the
 #                               README); updates the README's headline table
 # Other arguments go to `cevm bench all` (see `cevm bench all --help`).
 set -euo pipefail

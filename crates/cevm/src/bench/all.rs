@@ -35,7 +35,7 @@ pub enum LinuxPath {
 #[derive(clap::Args)]
 pub struct Args {
     /// A smaller plan that finishes in under 5 minutes on the project's machines
-    /// (fewer guests and runs; the report says so). The full plan takes 2.5 hours or more
+    /// (fewer guests and runs; the report says so). The full plan takes 2 to 3.5 hours
     /// there (see the README), and each L1 lockup costs one VMM's share of one guest again;
     /// the results and report are written after every share, so a stopped run keeps them.
     #[arg(long)]
