@@ -10,6 +10,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{IoAction, PioDevice};
 
+/// IIR bit 0: set when no interrupt is pending.
+const IIR_NO_INTERRUPT: u8 = 0x01;
+
 /// The interrupt line of the UART: an eventfd the VMM registers as a KVM irqfd.
 pub struct IrqEvent(pub EventFd);
 
@@ -100,6 +103,27 @@ impl Serial {
     pub fn state(&self) -> SerialState {
         self.uart.state().into()
     }
+
+    /// Raises the interrupt line again if the UART holds an interrupt the guest has
+    /// not yet taken (its IIR names one), for a UART restored from a saved state,
+    /// once the VM's irqchip state is loaded.
+    ///
+    /// vm-superio raises such an interrupt when it restores the state, but the VMM
+    /// builds the devices before it loads the saved irqchip, which then overwrites
+    /// what that raise delivered. And the saved irqchip may well lack the
+    /// interrupt: a KVM irqfd on an IOAPIC/PIC pin is injected from a kernel work
+    /// item, so an interrupt raised just before the source paused can reach the old
+    /// VM only after `KVM_GET_IRQCHIP` read it. Linux's 8250 driver then waits
+    /// forever for the transmit-empty interrupt (vm-superio never raises an
+    /// interrupt IIR already names), and the guest's console falls silent after
+    /// the switch. A second delivery of an interrupt the guest did take is
+    /// harmless: its handler finds IIR empty.
+    pub fn reassert_pending_interrupt(&self) -> std::io::Result<()> {
+        if self.uart.state().interrupt_identification & IIR_NO_INTERRUPT == 0 {
+            self.uart.interrupt_evt().trigger()?;
+        }
+        Ok(())
+    }
 }
 
 impl PioDevice for Serial {
@@ -126,6 +150,7 @@ impl PioDevice for Serial {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
@@ -137,6 +162,53 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Whether the eventfd was written since it was last read.
+    fn raised(irq: &EventFd) -> bool {
+        match irq.read() {
+            Ok(n) => n > 0,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("eventfd: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_restored_uart_raises_again_only_an_interrupt_the_guest_has_not_taken() {
+        let sink = Sink::default();
+        let src_irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut src = Serial::new(src_irq.try_clone().unwrap(), Box::new(sink.clone()));
+        // As Linux's 8250 driver starts a transmission: enable the THR-empty
+        // interrupt, which the empty transmitter raises at once.
+        src.write(1, &[0x02]);
+        assert!(raised(&src_irq));
+
+        // Saved before the guest's handler read IIR: the restored UART raises it
+        // again.
+        let pending = serde_json_roundtrip(&src.state());
+        let dst_irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut dst = Serial::from_state(&pending, dst_irq.try_clone().unwrap(), Box::new(sink.clone())).unwrap();
+        // vm-superio raises it while restoring, before a VMM can have loaded the
+        // VM's irqchip (which then overwrites it); the VMM raises it once more after.
+        raised(&dst_irq);
+        dst.reassert_pending_interrupt().unwrap();
+        assert!(raised(&dst_irq));
+        // And the guest's handler then finds it in IIR and transmits.
+        let mut iir = [0u8; 1];
+        dst.read(2, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x02, "IIR names the THR-empty interrupt");
+        dst.write(0, b"x");
+        assert!(raised(&dst_irq));
+        assert_eq!(&*sink.0.lock().unwrap(), b"x");
+
+        // Saved after the handler read IIR: nothing to raise.
+        src.read(2, &mut iir);
+        let taken = serde_json_roundtrip(&src.state());
+        let dst_irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let dst = Serial::from_state(&taken, dst_irq.try_clone().unwrap(), Box::new(sink)).unwrap();
+        assert!(!raised(&dst_irq));
+        dst.reassert_pending_interrupt().unwrap();
+        assert!(!raised(&dst_irq));
     }
 
     #[test]

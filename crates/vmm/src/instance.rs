@@ -343,6 +343,14 @@ impl Instance {
         let mut clock = state.vm.clock;
         clock.flags = 0;
         vm.set_clock(&clock).map_err(|e| Error::Kvm("KVM_SET_CLOCK", e))?;
+        // Interrupts the devices hold and the guest has not taken, raised again now
+        // that the irqchip is loaded: the saved irqchip can lack them (an irqfd is
+        // delivered asynchronously), and loading it overwrote what the UART raised
+        // while it was being restored.
+        lock(&inst.serial).reassert_pending_interrupt().map_err(|e| Error::Device(format!("serial interrupt: {e}")))?;
+        if let Some(b) = &inst.block {
+            lock(b).reassert_pending_interrupt().map_err(|e| Error::Device(format!("virtio-blk interrupt: {e}")))?;
+        }
         Ok(inst)
     }
 

@@ -152,6 +152,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
         Ok(t)
     }
 
+    /// Raises the interrupt line again if the guest has not yet acknowledged the
+    /// interrupt status, for a transport restored from a saved state, once the VM's
+    /// irqchip state is loaded: as with the UART (see
+    /// `Serial::reassert_pending_interrupt`), the irqfd's asynchronous delivery of
+    /// an interrupt raised just before the source paused can miss the saved
+    /// irqchip, and the guest's virtio-blk requests would wait for it forever.
+    pub fn reassert_pending_interrupt(&self) -> std::io::Result<()> {
+        if self.interrupt_status != 0 {
+            self.irq.write(1)?;
+        }
+        Ok(())
+    }
+
     fn features(&self) -> u64 {
         self.device.device_features() | (1 << VIRTIO_F_VERSION_1)
     }
@@ -281,5 +294,81 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
             _ => {}
         }
         IoAction::None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// A device whose every queue notification uses a buffer.
+    struct AlwaysUses;
+
+    impl VirtioDevice for AlwaysUses {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn device_features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn process_queue(&mut self, _index: usize, _queue: &mut Queue, _mem: &GuestMemoryMmap) -> bool {
+            true
+        }
+    }
+
+    fn transport(irq: &EventFd, state: Option<&MmioState>) -> MmioTransport<AlwaysUses> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let irq = irq.try_clone().unwrap();
+        match state {
+            Some(s) => MmioTransport::from_state(AlwaysUses, mem, irq, s).unwrap(),
+            None => MmioTransport::new(AlwaysUses, mem, irq),
+        }
+    }
+
+    fn write(t: &mut MmioTransport<AlwaysUses>, reg: u32, v: u32) {
+        t.write(u64::from(reg), &v.to_le_bytes());
+    }
+
+    /// Whether the eventfd was written since it was last read.
+    fn raised(irq: &EventFd) -> bool {
+        match irq.read() {
+            Ok(n) => n > 0,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("eventfd: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_restored_transport_raises_again_only_an_interrupt_the_guest_has_not_acknowledged() {
+        let src_irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut src = transport(&src_irq, None);
+        write(&mut src, VIRTIO_MMIO_QUEUE_SEL, 0);
+        write(&mut src, VIRTIO_MMIO_QUEUE_READY, 1);
+        write(&mut src, VIRTIO_MMIO_STATUS, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        write(&mut src, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(raised(&src_irq), "a used buffer raises the interrupt");
+
+        // Saved before the guest acknowledged it: the destination raises it again.
+        let pending = src.state();
+        assert_eq!(pending.interrupt_status, VIRTIO_MMIO_INT_VRING);
+        let dst_irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let dst = transport(&dst_irq, Some(&pending));
+        assert!(!raised(&dst_irq), "restoring alone raises nothing");
+        dst.reassert_pending_interrupt().unwrap();
+        assert!(raised(&dst_irq));
+
+        // Saved after the acknowledgement: nothing to raise.
+        write(&mut src, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        let taken = src.state();
+        let dst_irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        transport(&dst_irq, Some(&taken)).reassert_pending_interrupt().unwrap();
+        assert!(!raised(&dst_irq));
     }
 }
