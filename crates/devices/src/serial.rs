@@ -10,8 +10,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{IoAction, PioDevice};
 
-/// IIR bit 0: set when no interrupt is pending.
-const IIR_NO_INTERRUPT: u8 = 0x01;
+/// IIR: the transmitter-empty and received-data interrupts are pending.
+const IIR_THR_EMPTY: u8 = 0x02;
+const IIR_RECEIVED_DATA: u8 = 0x04;
+/// IER: the same two interrupts are enabled.
+const IER_RECEIVED_DATA: u8 = 0x01;
+const IER_THR_EMPTY: u8 = 0x02;
 
 /// The interrupt line of the UART: an eventfd the VMM registers as a KVM irqfd.
 pub struct IrqEvent(pub EventFd);
@@ -104,9 +108,10 @@ impl Serial {
         self.uart.state().into()
     }
 
-    /// Raises the interrupt line again if the UART holds an interrupt the guest has
-    /// not yet taken (its IIR names one), for a UART restored from a saved state,
-    /// once the VM's irqchip state is loaded.
+    /// Raises the interrupt line again if the UART holds an enabled interrupt the
+    /// guest has not yet taken (IIR names it, IER enables it: the condition under
+    /// which vm-superio raises it on restore), for a UART restored from a saved
+    /// state, once the VM's irqchip state is loaded.
     ///
     /// vm-superio raises such an interrupt when it restores the state, but the VMM
     /// builds the devices before it loads the saved irqchip, which then overwrites
@@ -119,7 +124,11 @@ impl Serial {
     /// the switch. A second delivery of an interrupt the guest did take is
     /// harmless: its handler finds IIR empty.
     pub fn reassert_pending_interrupt(&self) -> std::io::Result<()> {
-        if self.uart.state().interrupt_identification & IIR_NO_INTERRUPT == 0 {
+        let s = self.uart.state();
+        let (iir, ier) = (s.interrupt_identification, s.interrupt_enable);
+        let thr = iir & IIR_THR_EMPTY != 0 && ier & IER_THR_EMPTY != 0;
+        let rda = iir & IIR_RECEIVED_DATA != 0 && ier & IER_RECEIVED_DATA != 0;
+        if thr || rda {
             self.uart.interrupt_evt().trigger()?;
         }
         Ok(())
@@ -200,6 +209,15 @@ mod tests {
         dst.write(0, b"x");
         assert!(raised(&dst_irq));
         assert_eq!(&*sink.0.lock().unwrap(), b"x");
+
+        // Pending but masked (as Linux's console masks IER while it writes): a
+        // real UART's line stays low, so nothing is raised.
+        let mut masked = pending.clone();
+        masked.interrupt_enable = 0;
+        let dst_irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let dst = Serial::from_state(&masked, dst_irq.try_clone().unwrap(), Box::new(sink.clone())).unwrap();
+        dst.reassert_pending_interrupt().unwrap();
+        assert!(!raised(&dst_irq));
 
         // Saved after the handler read IIR: nothing to raise.
         src.read(2, &mut iir);
