@@ -8,6 +8,21 @@ pub mod power;
 pub mod serial;
 pub mod virtio;
 
+#[cfg(test)]
+mod test_util {
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// Whether a device's interrupt eventfd (non-blocking) was written since it
+    /// was last read.
+    pub fn raised(irq: &EventFd) -> bool {
+        match irq.read() {
+            Ok(n) => n > 0,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("eventfd: {e}"),
+        }
+    }
+}
+
 pub use exit::ExitPort;
 pub use power::AcpiPower;
 pub use serial::{Serial, SerialState};

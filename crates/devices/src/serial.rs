@@ -158,6 +158,7 @@ impl PioDevice for Serial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::raised;
     use std::sync::{Arc, Mutex};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
@@ -170,15 +171,6 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
-        }
-    }
-
-    /// Whether the eventfd was written since it was last read.
-    fn raised(irq: &EventFd) -> bool {
-        match irq.read() {
-            Ok(n) => n > 0,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-            Err(e) => panic!("eventfd: {e}"),
         }
     }
 

@@ -300,6 +300,7 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::raised;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     /// A device whose every queue notification uses a buffer.
@@ -334,15 +335,6 @@ mod tests {
 
     fn write(t: &mut MmioTransport<AlwaysUses>, reg: u32, v: u32) {
         t.write(u64::from(reg), &v.to_le_bytes());
-    }
-
-    /// Whether the eventfd was written since it was last read.
-    fn raised(irq: &EventFd) -> bool {
-        match irq.read() {
-            Ok(n) => n > 0,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-            Err(e) => panic!("eventfd: {e}"),
-        }
     }
 
     #[test]
