@@ -8,5 +8,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --bench
-cargo build --release -p cevm
+cargo build --release -p cevm -p cevm-bench
 exec target/release/cevm bench all "$@"

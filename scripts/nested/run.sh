@@ -10,6 +10,8 @@
 #
 # usage: scripts/nested/run.sh SCENARIO.sh [--cevm PATH] [--npt 0|1] [--timeout SECONDS]
 #                              [--verbose] [--with-qemu] [--mem MIB] [--append ARGS] [--in FILE]... [--out DIR]
+#                              [--bin PATH]...
+# --bin puts another program into L1's /bin (e.g. cevm-bench, beside cevm).
 # --with-qemu puts this machine's qemu-system-x86_64 (and its firmware) into L1
 # too, for benchmarks that compare with QEMU on the same nested /dev/kvm.
 # --mem sets L1's memory (default 4096 MiB); --append adds to L1's kernel command line.
@@ -17,7 +19,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 top="$(cd "$here/../.." && pwd)"
 scenario="$1"; shift
-cevm="$top/target/release/cevm"; npt=1; timeout=900; l1_quiet=quiet; inputs=(); outdir=; with_qemu=0; l1_mem=4096; l1_append=
+cevm="$top/target/release/cevm"; npt=1; timeout=900; l1_quiet=quiet; inputs=(); outdir=; with_qemu=0; l1_mem=4096; l1_append=; extra_bins=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --cevm) cevm="$2"; shift 2 ;;
@@ -29,6 +31,7 @@ while [ $# -gt 0 ]; do
     --append) l1_append="$2"; shift 2 ;;
     --in) inputs+=("$2"); shift 2 ;;
     --out) outdir="$2"; shift 2 ;;
+    --bin) extra_bins+=("$2"); shift 2 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -44,6 +47,10 @@ cp "$here/l1-init" "$root/init"
 cp "$scenario" "$root/scenario.sh"
 cp "$cevm" "$root/bin/cevm"
 bins=("$cevm")
+for b in ${extra_bins[@]+"${extra_bins[@]}"}; do
+    cp "$b" "$root/bin/$(basename "$b")"
+    bins+=("$b")
+done
 if [ "$with_qemu" = 1 ]; then
     qemu=$(command -v qemu-system-x86_64) || { echo "run.sh: --with-qemu: qemu-system-x86_64 is not installed (scripts/setup.sh --tests)" >&2; exit 2; }
     # At its host path: QEMU finds its firmware relative to its own location.

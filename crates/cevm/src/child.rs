@@ -1,5 +1,7 @@
-//! Drives `cevm` child processes: spawn with stdout captured line by line, wait for
-//! a line, kill. Used by `cevm demo`, and by the integration tests.
+//! Child processes whose output is read line by line: [`pipe_lines`] is the one
+//! reader (stamped lines on a channel), [`spawn_piped`] starts any program with
+//! it, [`CevmChild`] drives a `cevm` process (spawn, wait for a console line,
+//! kill). Used by `cevm demo`, the benchmarks and the integration tests.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -21,20 +23,21 @@ impl CevmChild {
     pub fn spawn(bin: &Path, args: &[&str], echo: Option<&str>) -> std::io::Result<Self> {
         let mut child = Command::new(bin).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?;
         let out = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout pipe"))?;
-        let (tx, rx) = mpsc::channel();
+        let (tx, stamped) = mpsc::channel::<Stamped>();
+        let (line_tx, lines) = mpsc::channel();
+        pipe_lines(out, tx);
         let echo = echo.map(str::to_string);
         std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
+            for (_, line) in stamped {
                 if let Some(prefix) = &echo {
                     println!("{prefix}{line}");
                 }
-                if tx.send(line).is_err() {
+                if line_tx.send(line).is_err() {
                     break;
                 }
             }
         });
-        Ok(CevmChild { child, lines: rx, seen: Vec::new() })
+        Ok(CevmChild { child, lines, seen: Vec::new() })
     }
 
     /// The process id.
@@ -91,4 +94,47 @@ impl Drop for CevmChild {
 /// The value of `digest=<hex>` in a console line.
 pub fn digest_of(line: &str) -> Option<&str> {
     line.strip_prefix("digest=").map(str::trim)
+}
+
+/// A line of a child's output with the instant it was read.
+pub type Stamped = (Instant, String);
+
+/// Sends every line of `out` to `tx`, stamped when read, from a thread of its
+/// own; ends at the end of `out` or when nobody receives any more.
+pub fn pipe_lines(out: impl std::io::Read + Send + 'static, tx: mpsc::Sender<Stamped>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Starts `cmd` with its stdout lines going, stamped, to `tx` and its stderr
+/// appended to `log`.
+pub fn spawn_piped(mut cmd: Command, tx: &mpsc::Sender<Stamped>, log: &Path) -> Result<Child, String> {
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    pipe_lines(child.stdout.take().ok_or("no stdout pipe")?, tx.clone());
+    Ok(child)
+}
+
+/// Whether `child` (a `what` process) has ended, as a message quoting the end of
+/// its log.
+pub fn child_ended(child: &mut Child, what: &str, log: &Path) -> Option<String> {
+    let st = child.try_wait().ok().flatten()?;
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut tail: Vec<&str> = text.lines().rev().take(5).collect();
+    tail.reverse();
+    Some(format!("{what} ended ({st}); the end of {}: {tail:?}", log.display()))
 }

@@ -1,10 +1,11 @@
-//! The `cevm` command: CLI, control API, demo and benchmarks. The binary is a thin
-//! `main.rs` over these modules; the integration tests use [`child`] and [`api`].
+//! The `cevm` command: CLI, control API, control loop and demo. The binary is a
+//! thin `main.rs` over these modules; the benchmarks (crate `cevm-bench`) and the
+//! integration tests use [`child`] and [`api`].
 
 pub mod api;
-pub mod bench;
 pub mod child;
 pub mod demo;
+pub mod host;
 pub mod inspect;
 pub mod runner;
 pub mod size;

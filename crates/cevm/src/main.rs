@@ -10,7 +10,7 @@ use serde_json::json;
 
 use cevm::exit_code::{ERROR, GUEST_FAILED, OK, USAGE};
 use cevm::runner::Outcome;
-use cevm::{api, bench, demo, inspect, runner, size};
+use cevm::{api, demo, inspect, runner, size};
 use vmm::{Boot, DiskConfig, Instance, InstanceConfig, MemoryBackend};
 
 #[derive(Parser)]
@@ -175,10 +175,13 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Benchmarks.
+    /// Benchmarks: runs `cevm-bench ARGS` from beside this binary (the
+    /// benchmarks are a program of their own, crate `cevm-bench`; `cevm bench
+    /// --help` lists them).
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        which: bench::BenchCmd,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -361,11 +364,20 @@ fn run(cmd: Cmd) -> i32 {
                 Err(e) => fail(format!("demo: {e}")),
             }
         }
-        Cmd::Bench { which } => match bench::run(which) {
-            Ok(()) => OK,
-            Err(e) => fail(format!("bench: {e}")),
-        },
+        Cmd::Bench { args } => bench(&args),
     }
+}
+
+/// `cevm bench ARGS`: replaces this process with `cevm-bench ARGS`, the
+/// benchmark program built beside `cevm` (`cargo build --release` builds both).
+fn bench(args: &[std::ffi::OsString]) -> i32 {
+    use std::os::unix::process::CommandExt;
+    let here = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    let Some(bin) = here.map(|d| d.join("cevm-bench")).filter(|b| b.is_file()) else {
+        return fail("cevm-bench is not beside this cevm binary: build it with `cargo build --release -p cevm-bench`");
+    };
+    let e = std::process::Command::new(&bin).args(args).exec();
+    fail(format!("cannot run {}: {e}", bin.display()))
 }
 
 /// `cevm run --incoming`: waits for one migration, then runs the guest that came.

@@ -1,13 +1,11 @@
 //! Damaged checkpoints: `cevm verify` and `cevm restore` refuse them before any guest
 //! code runs, exit non-zero, and name the file and the problem. Never a panic.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::*;
+use cevm_testkit::*;
 
 /// One good checkpoint of a digest guest stopped mid-run, made once for all tests.
 fn good_checkpoint() -> &'static Path {

@@ -6,14 +6,12 @@
 //! stays intact, and every image left behind checks clean and holds the data
 //! it should.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cevm::api;
 use cevm::child::CevmChild;
-use common::*;
+use cevm_testkit::*;
 use serde_json::json;
 
 fn qemu_img(args: &[&str], dir: &Path) -> String {

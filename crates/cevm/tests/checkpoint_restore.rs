@@ -2,13 +2,11 @@
 //! the API, SIGKILL the VMM, `cevm restore`, and compare the guest's result with an
 //! undisturbed run's.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use cevm::api;
-use common::*;
+use cevm_testkit::*;
 use serde_json::json;
 
 /// run -> checkpoint after round 2 -> SIGKILL -> restore: same digest as undisturbed.

@@ -1,10 +1,8 @@
 //! Bad command-line input: a clear message and exit code 2 (usage) or 1 (failure).
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn cevm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cevm")).args(args).output().unwrap()
-}
+use cevm_testkit::cevm;
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

@@ -2,13 +2,11 @@
 //! the older checkpoint (or, if the kill came after the commit, the newer one) is
 //! complete, verifies and restores. Never a half-written directory.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cevm::child::CevmChild;
-use common::*;
+use cevm_testkit::*;
 
 /// Boots a dirtier with 120 MiB of dirty pages (a checkpoint takes a while to write).
 fn dirty_vm(sock: &Path) -> CevmChild {

@@ -1,10 +1,8 @@
 //! The checkpoint file system fills up during a checkpoint: the API reports the
 //! error, the guest keeps running, and the previous checkpoint stays intact.
 
-mod common;
-
 use cevm::api;
-use common::*;
+use cevm_testkit::*;
 
 #[test]
 fn a_full_disk_fails_the_checkpoint_but_not_the_guest_nor_the_previous_checkpoint() {

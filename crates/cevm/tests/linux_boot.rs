@@ -2,9 +2,7 @@
 //! init under cevm on 1 and 2 vCPUs, prints its marker and powers off; cevm exits 0.
 //! A guest that reboots ends the VM too, with a message saying so, and exit 0.
 
-mod common;
-
-use common::linux::run_scenario;
+use cevm_testkit::linux::run_scenario;
 
 #[test]
 fn linux_boots_to_init_on_one_and_two_vcpus_and_powers_off() {

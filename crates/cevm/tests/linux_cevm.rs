@@ -6,9 +6,7 @@
 //! restored guest goes on from there to the same result; every disk left behind
 //! checks clean (`qemu-img check`, `e2fsck -n`), and no overlay is left over.
 
-mod common;
-
-use common::linux::{
+use cevm_testkit::linux::{
     base_image, compute_steps, files_result, logged_steps, run_scenario_with_files, sh, start_linux_vm,
 };
 
@@ -52,7 +50,7 @@ sed 's/^/r2: /' /tmp/r2.txt /tmp/r2.err
 "#,
         start_linux_vm("src", &format!("cevm.test=files cevm.steps={STEPS}"))
     );
-    let dir = common::workdir("cevm-linux");
+    let dir = cevm_testkit::workdir("cevm-linux");
     let base = base_image(&dir);
     // npt=0, as for every live migration in the nested harness (see linux_migration.rs).
     let (status, out, work) = run_scenario_with_files("cevm", &scenario, 0, std::slice::from_ref(&base));

@@ -5,9 +5,7 @@
 //! undisturbed run computes, and its disk holds every step exactly once and
 //! checks clean (`e2fsck -n`).
 
-mod common;
-
-use common::linux::{
+use cevm_testkit::linux::{
     base_image, compute_steps, hash_chain_result, logged_steps, run_scenario_with_files, sh, start_linux_vm,
 };
 
@@ -33,7 +31,7 @@ sed 's/^/run2: /' /tmp/run2.txt /tmp/run2.err
 "#,
         start_linux_vm("run1", &format!("cevm.test=compute cevm.disk=1 cevm.steps={STEPS}"))
     );
-    let dir = common::workdir("ckpt-host");
+    let dir = cevm_testkit::workdir("ckpt-host");
     let base = base_image(&dir);
     let (status, out, work) = run_scenario_with_files("checkpoint", &scenario, 1, std::slice::from_ref(&base));
     assert_eq!(status, 0, "{out}");

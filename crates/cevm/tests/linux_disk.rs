@@ -2,13 +2,11 @@
 //! syncs and powers off; qemu-img check is clean, the files are there when the
 //! guest boots again and when read from outside, and the file system checks clean.
 
-mod common;
-
-use common::linux::{base_image, run_scenario_with_files, sh};
+use cevm_testkit::linux::{base_image, run_scenario_with_files, sh};
 
 #[test]
 fn guest_files_on_a_qcow2_overlay_survive_a_reboot_and_read_from_outside() {
-    let dir = common::workdir("disk-host");
+    let dir = cevm_testkit::workdir("disk-host");
     let base = base_image(&dir);
     let scenario = r#"
 cp "$DATA/base.qcow2" /tmp/base.qcow2

@@ -6,9 +6,7 @@
 //! goes back, and the disk holds every step, written before and after each switch,
 //! exactly once, and checks clean.
 
-mod common;
-
-use common::linux::{
+use cevm_testkit::linux::{
     base_image, compute_steps, hash_chain_result, logged_steps, run_scenario_with_files, sh, start_linux_vm,
 };
 
@@ -38,7 +36,7 @@ cp /tmp/run.qcow2 "$OUT/run.qcow2"
 "#,
         start_linux_vm("src", &format!("cevm.test=compute cevm.disk=1 cevm.steps={STEPS}"))
     );
-    let dir = common::workdir("mig-linux");
+    let dir = cevm_testkit::workdir("mig-linux");
     let base = base_image(&dir);
     // npt=0: the nested harness's L1 loses track of dirty pages under nested paging
     // (see NESTED.md); with shadow paging every write is seen.

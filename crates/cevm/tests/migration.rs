@@ -4,8 +4,6 @@
 //! link, and faults (destination killed, corrupted frame, version mismatch): the
 //! guest's result is always the one an undisturbed run computes.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -14,7 +12,7 @@ use std::time::Duration;
 
 use cevm::api;
 use cevm::child::{digest_of, CevmChild};
-use common::*;
+use cevm_testkit::*;
 use migrate::protocol::{encode_header, encode_page_table, FrameKind, Hello, PageEntry, HEADER_LEN, PROTOCOL_VERSION};
 use serde_json::{json, Value};
 

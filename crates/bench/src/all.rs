@@ -16,21 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use cevm::host::hardware_kvm;
 
-use super::{compare, report, turnaround, Limits};
-
-/// Where the Linux-guest comparison runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum LinuxPath {
-    /// In the nested harness (QEMU TCG, emulated SVM), for a /dev/kvm that cannot run Linux.
-    Nested,
-    /// On this host's /dev/kvm (hardware KVM).
-    Direct,
-    /// Not at all.
-    Off,
-}
+use crate::host::Limits;
+use crate::results::{AllResults, LinuxPart, LinuxPath, Machine, TurnaroundPart, Versions};
+use crate::{compare, report, turnaround};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,9 +30,15 @@ pub struct Args {
     /// the results and report are written after every share, so a stopped run keeps them.
     #[arg(long)]
     quick: bool,
-    /// Results go to OUT/<date>-<host>.json, .md, and OUT/<date>-<host>/ (plots).
-    #[arg(long, default_value = "bench/results")]
-    out: PathBuf,
+    /// The cevm source tree: its scripts (nested harness, guest kernel) run,
+    /// and its README and bench/results are the defaults below (default: the
+    /// tree this program was built from).
+    #[arg(long)]
+    source: Option<PathBuf>,
+    /// Results go to OUT/<date>-<host>.json, .md, and OUT/<date>-<host>/ (plots)
+    /// (default: SOURCE/bench/results).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Working directory for the host's checkpoints (on the checkpoint file system).
     #[arg(long, default_value = "bench-work")]
     dir: PathBuf,
@@ -60,85 +56,15 @@ pub struct Args {
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// The README whose headline table (between its `bench:headline` markers) is
-    /// replaced by this run's (full runs only).
-    #[arg(long, default_value = "README.md")]
-    readme: PathBuf,
+    /// replaced by this run's (full runs only; default: SOURCE/README.md).
+    #[arg(long)]
+    readme: Option<PathBuf>,
     /// Leave the README alone.
     #[arg(long)]
     no_readme: bool,
     /// Write the report, plots and headline again from a results file; run nothing.
     #[arg(long)]
     report_from: Option<PathBuf>,
-}
-
-/// The machine the run was on.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Machine {
-    pub host: String,
-    pub kernel: String,
-    pub cpu: String,
-    pub cpus: usize,
-    pub mem_gib: f64,
-    /// What /dev/kvm is: hardware (VMX/SVM) or PVM.
-    pub kvm: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Versions {
-    pub cevm: String,
-    pub git: String,
-    pub rustc: String,
-    pub qemu: Option<String>,
-}
-
-/// The Linux-guest comparison and where it ran.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LinuxPart {
-    pub path: LinuxPath,
-    /// How the environment was set up (for nested: L1's emulator and settings).
-    pub environment: String,
-    pub guest_kernel: String,
-    pub results: compare::Results,
-    /// Guests that could not be measured, and why.
-    #[serde(default)]
-    pub failed: Vec<String>,
-}
-
-/// The turnaround benchmark's setting and runs.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TurnaroundPart {
-    pub mem_mib: u64,
-    pub data_mib: u64,
-    pub ws_mib: u64,
-    pub rate: u64,
-    pub seconds: u64,
-    pub runs: Vec<turnaround::Run>,
-}
-
-/// Everything one `cevm bench all` measured.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct AllResults {
-    pub schema: u32,
-    /// UTC, when the run started.
-    pub started: String,
-    pub duration_s: f64,
-    pub quick: bool,
-    pub machine: Machine,
-    pub versions: Versions,
-    /// How threads were placed on CPUs.
-    pub placement: String,
-    pub host_limits: Limits,
-    pub linux: Option<LinuxPart>,
-    pub turnaround: Option<TurnaroundPart>,
-    /// Parts of the plan that failed, and why: a late failure costs its own
-    /// part, never what the run had measured before it.
-    #[serde(default)]
-    pub not_measured: Vec<String>,
-    /// Parts the run had not reached yet. The results file and the report are
-    /// written again after every part, so a run stopped midway (killed, or its
-    /// session ended) leaves what it had measured, saying what it had not.
-    #[serde(default)]
-    pub not_reached: Vec<String>,
 }
 
 /// The plan of a full or quick run.
@@ -210,10 +136,6 @@ fn output(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn hardware_kvm() -> bool {
-    read("/proc/cpuinfo").lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")))
-}
-
 fn machine() -> Machine {
     let cpuinfo = read("/proc/cpuinfo");
     let cpu = cpuinfo
@@ -277,14 +199,30 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// Runs a script of the source tree, returns its last line of output.
-fn script(path: &str) -> Result<PathBuf, String> {
-    let out =
-        Command::new(path).output().map_err(|e| format!("{path}: {e} (run cevm bench all from the source tree)"))?;
+impl Args {
+    /// The cevm source tree the run uses.
+    fn source(&self) -> PathBuf {
+        self.source.clone().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+    }
+
+    fn out(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| self.source().join("bench/results"))
+    }
+}
+
+/// Runs the source tree's `script` (which prints a path, relative to the tree
+/// or absolute, on its last line) and returns that path.
+fn script(src: &Path, script: &str) -> Result<PathBuf, String> {
+    let path = src.join(script);
+    let out = Command::new(&path)
+        .current_dir(src)
+        .output()
+        .map_err(|e| format!("{}: {e} (is --source a cevm source tree?)", path.display()))?;
     if !out.status.success() {
-        return Err(format!("{path} failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!("{} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr)));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(PathBuf::from(text.lines().last().unwrap_or_default().trim()))
+    Ok(src.join(text.lines().last().unwrap_or_default().trim()))
 }
 
 /// Of the guest's memory, what the workload fills with data: what a 256 MiB
@@ -318,16 +256,23 @@ fn compare_args(p: &Plan, cases: &[&str], methods: &[compare::Method]) -> Vec<St
 const L1_MIB: u64 = 8192;
 
 /// One L1 of the nested harness running `compare` on `g`; its results.
-fn nested_compare(p: &Plan, g: &Group<'_>, work: &Path, timeout_s: u64) -> Result<compare::Results, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the cevm binary: {e}"))?;
+fn nested_compare(
+    src: &Path,
+    p: &Plan,
+    g: &Group<'_>,
+    work: &Path,
+    timeout_s: u64,
+) -> Result<compare::Results, String> {
+    let exe = crate::cevm_bin()?;
+    let bench = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let scenario = work.join("bench-all-scenario.sh");
     let args = compare_args(p, &g.cases, &g.methods);
     let args = args.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(" ");
     std::fs::write(
         &scenario,
         format!(
-            "# Written by cevm bench all: the comparison, inside L1.\nmkdir -p /tmp/bench\n\
-             $CEVM bench compare --kernel \"$GUEST_KERNEL\" --initrd \"$GUEST_INITRD\" \
+            "# Written by cevm-bench all: the comparison, inside L1.\nmkdir -p /tmp/bench\n\
+             cevm-bench compare --kernel \"$GUEST_KERNEL\" --initrd \"$GUEST_INITRD\" \
              --qemu /usr/bin/qemu-system-x86_64 --dir /tmp/bench --json \"$OUT/compare.json\" {args}\n"
         ),
     )
@@ -335,10 +280,12 @@ fn nested_compare(p: &Plan, g: &Group<'_>, work: &Path, timeout_s: u64) -> Resul
     let out = work.join("nested-out");
     let _ = std::fs::remove_dir_all(&out);
     let status = Command::new("bash")
-        .arg("scripts/nested/run.sh")
+        .arg(src.join("scripts/nested/run.sh"))
         .arg(&scenario)
         .arg("--cevm")
         .arg(&exe)
+        .arg("--bin")
+        .arg(&bench)
         .args(["--npt", "0", "--with-qemu", "--mem", &L1_MIB.to_string(), "--timeout", &timeout_s.to_string()])
         // A locked-up L1 panics, and so ends at once instead of at the timeout.
         .args(["--append", "softlockup_panic=1"])
@@ -393,8 +340,8 @@ fn groups(p: &Plan) -> Vec<Group<'_>> {
 
 /// Where the nested harness runs the comparison, and on which guest kernel
 /// (asked once per run, not for every report written along the way).
-fn nested_environment(p: &Plan) -> (String, String) {
-    let kernel = script("scripts/guest-kernel.sh").map(|k| k.display().to_string()).unwrap_or_default();
+fn nested_environment(src: &Path, p: &Plan) -> (String, String) {
+    let kernel = script(src, "scripts/guest-kernel.sh").map(|k| k.display().to_string()).unwrap_or_default();
     (
         format!(
             "nested: L1 is {} with TCG, -cpu max (emulated AMD SVM), -smp 2, -m {L1_MIB}, on this host{}; L1 runs the guest kernel with kvm_amd npt=0 (shadow paging: dirty tracking loses writes with nested paging in this harness); cevm and QEMU run inside L1 on its /dev/kvm, one at a time; checkpoints go to L1's tmpfs",
@@ -408,12 +355,20 @@ fn nested_environment(p: &Plan) -> (String, String) {
 /// The comparison in the nested harness, one L1 per group of `p`; after each
 /// group, `progress` gets the part so far (none while nothing was measured)
 /// and the group's name.
-fn linux_nested(p: &Plan, work: &Path, progress: &mut dyn FnMut(Option<LinuxPart>, &str)) -> Result<LinuxPart, String> {
-    if !Path::new("scripts/nested/run.sh").exists() {
-        return Err("the nested harness (scripts/nested/run.sh) is not here: run cevm bench all from the source tree, or pass --linux direct|off".into());
+fn linux_nested(
+    src: &Path,
+    p: &Plan,
+    work: &Path,
+    progress: &mut dyn FnMut(Option<LinuxPart>, &str),
+) -> Result<LinuxPart, String> {
+    if !src.join("scripts/nested/run.sh").exists() {
+        return Err(format!(
+            "the nested harness (scripts/nested/run.sh) is not in {}: give --source, or --linux direct|off",
+            src.display()
+        ));
     }
     println!("bench all: the Linux-guest comparison, in the nested harness (this /dev/kvm cannot run Linux)");
-    let (environment, guest_kernel) = nested_environment(p);
+    let (environment, guest_kernel) = nested_environment(src, p);
     // The comparison's part of the results: what the nested harness measured so far.
     let part = |results: &compare::Results, failed: &[String]| LinuxPart {
         path: LinuxPath::Nested,
@@ -433,7 +388,7 @@ fn linux_nested(p: &Plan, work: &Path, progress: &mut dyn FnMut(Option<LinuxPart
         let timeout = 300 + 2 * (mem >> 20) * g.cases.len() as u64 * vmms;
         let mut got = None;
         for attempt in 1..=ATTEMPTS {
-            match nested_compare(p, &g, work, timeout) {
+            match nested_compare(src, p, &g, work, timeout) {
                 Ok(r) => {
                     got = Some(r);
                     break;
@@ -467,11 +422,11 @@ fn linux_nested(p: &Plan, work: &Path, progress: &mut dyn FnMut(Option<LinuxPart
 fn linux_direct(a: &Args, p: &Plan, work: &Path) -> Result<LinuxPart, String> {
     let kernel = match &a.kernel {
         Some(k) => k.clone(),
-        None => script("scripts/guest-kernel.sh")?.join("vmlinuz"),
+        None => script(&a.source(), "scripts/guest-kernel.sh")?.join("vmlinuz"),
     };
     let initrd = match &a.initrd {
         Some(i) => i.clone(),
-        None => script("scripts/nested/guest-initrd.sh")?,
+        None => script(&a.source(), "scripts/nested/guest-initrd.sh")?,
     };
     let cases = p.cases.iter().map(|c| c.parse()).collect::<Result<Vec<_>, _>>()?;
     let mut methods = compare::Method::CEVM.to_vec();
@@ -508,8 +463,9 @@ fn linux_guest(group: &str) -> String {
 }
 
 /// The README to put the headline table in: that of a finished full run only.
-fn readme_for<'a>(a: &'a Args, r: &AllResults) -> Option<&'a Path> {
-    (!a.no_readme && !r.quick && r.not_reached.is_empty()).then_some(a.readme.as_path())
+fn readme_for(a: &Args, r: &AllResults) -> Option<PathBuf> {
+    (!a.no_readme && !r.quick && r.not_reached.is_empty())
+        .then(|| a.readme.clone().unwrap_or_else(|| a.source().join("README.md")))
 }
 
 /// Writes the results so far to STEM.json (whole or not at all: through a
@@ -530,19 +486,20 @@ pub fn run(a: Args) -> Result<(), String> {
         let text = std::fs::read_to_string(from).map_err(|e| format!("{}: {e}", from.display()))?;
         let r: AllResults = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", from.display()))?;
         let stem = from.with_extension("");
-        return report::write(&r, &stem, readme_for(&a, &r));
+        return report::write(&r, &stem, readme_for(&a, &r).as_deref());
     }
     let t0 = Instant::now();
     let (date, started) = utc_now();
     let p = plan(a.quick);
     let work = std::path::absolute(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    let out = a.out();
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let m = machine();
     let path = a.linux.unwrap_or(if hardware_kvm() { LinuxPath::Direct } else { LinuxPath::Nested });
     let qemu = match path {
         LinuxPath::Off => None,
-        _ => Some(super::qemu::version(&a.qemu)?),
+        _ => Some(crate::qemu::version(&a.qemu)?),
     };
     println!(
         "bench all ({} plan) on {} ({}, {} CPUs, {})",
@@ -552,7 +509,7 @@ pub fn run(a: Args) -> Result<(), String> {
         m.cpus,
         m.kvm
     );
-    let stem = a.out.join(format!(
+    let stem = out.join(format!(
         "{date}-{}{}",
         if m.host.is_empty() { "host" } else { &m.host },
         if a.quick { "-quick" } else { "" }
@@ -589,7 +546,7 @@ pub fn run(a: Args) -> Result<(), String> {
     // What a run stopped now would leave: a report of nothing measured yet, saying so.
     save(&mut r, t0, &stem, None)?;
     let linux = match path {
-        LinuxPath::Nested => linux_nested(&p, &work, &mut |part, group| {
+        LinuxPath::Nested => linux_nested(&a.source(), &p, &work, &mut |part, group| {
             r.linux = part;
             r.not_reached.retain(|n| *n != linux_guest(group));
             if let Err(e) = save(&mut r, t0, &stem, None) {
@@ -644,7 +601,7 @@ pub fn run(a: Args) -> Result<(), String> {
     r.not_reached.clear();
     // The README shows the latest finished full report; a quick run leaves it alone.
     let readme = readme_for(&a, &r);
-    save(&mut r, t0, &stem, readme)?;
+    save(&mut r, t0, &stem, readme.as_deref())?;
     // Whatever was not measured, a whole part or one guest of the comparison,
     // makes the run fail once the report says so.
     let mut missing = r.not_measured.clone();

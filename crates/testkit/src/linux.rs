@@ -8,17 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::bin;
+use cevm::host::hardware_kvm;
+
+use crate::bin;
 
 fn top() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Whether this CPU offers hardware virtualization (then KVM here is not PVM).
-fn hardware_kvm() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| c.lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm"))))
-        .unwrap_or(false)
 }
 
 fn script_output(script: &str) -> String {
@@ -36,7 +31,7 @@ pub fn run_scenario(name: &str, scenario: &str, npt: u8) -> (i32, String) {
 /// Like [`run_scenario`], with `inputs` in `$DATA`; also returns the directory
 /// holding what the scenario left in `$OUT` (the caller removes it).
 pub fn run_scenario_with_files(name: &str, scenario: &str, npt: u8, inputs: &[PathBuf]) -> (i32, String, PathBuf) {
-    let dir = super::workdir(&format!("linux-{name}"));
+    let dir = crate::workdir(&format!("linux-{name}"));
     let file = dir.join("scenario.sh");
     let outdir = dir.join("out");
     let datadir = dir.join("data");
@@ -178,7 +173,7 @@ pub fn hash_chain_result(steps: u32) -> String {
 /// The result the guest's `cevm.test=files` reaches after `steps` steps: the
 /// same files made here with the same commands, hashed the same way.
 pub fn files_result(steps: u32) -> String {
-    let dir = super::workdir("files-result");
+    let dir = crate::workdir("files-result");
     let script = format!(
         r#"h=start; i=1; mkdir files
 while [ $i -le {steps} ]; do

@@ -10,10 +10,10 @@ use std::path::Path;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::all::{AllResults, LinuxPart, TurnaroundPart};
-use super::compare::{Method, Sample, Workload};
-use super::median_min_max;
-use super::turnaround::Strategy;
+use crate::compare::{Method, Sample, Workload};
+use crate::results::{AllResults, LinuxPart, TurnaroundPart};
+use crate::stats::median_min_max;
+use crate::turnaround::Strategy;
 
 const MIB: f64 = 1048576.0;
 const BEGIN: &str = "<!-- bench:headline:begin -->";
@@ -272,7 +272,7 @@ fn markdown(r: &AllResults, stem_name: &str, plots: &Plots) -> String {
         s,
         "| where | checkpoint file system | memcpy MiB/s | sequential write + fdatasync MiB/s |\n|---|---|---|---|"
     );
-    let lim = |s: &mut String, w: &str, l: &super::Limits| {
+    let lim = |s: &mut String, w: &str, l: &crate::host::Limits| {
         let _ = writeln!(s, "| {w} | {} | {} | {} |", l.fs, mmm(&l.memcpy_mib_s, 0), mmm(&l.write_fdatasync_mib_s, 0));
     };
     lim(&mut s, "this host", &r.host_limits);
@@ -333,18 +333,18 @@ struct TurnRow {
 
 /// T_comp (median) and the rows.
 fn turnaround_rows(t: &TurnaroundPart) -> (f64, Vec<TurnRow>) {
-    let base: Vec<&super::turnaround::Run> = t.runs.iter().filter(|r| r.strategy.is_none()).collect();
+    let base: Vec<&crate::turnaround::Run> = t.runs.iter().filter(|r| r.strategy.is_none()).collect();
     let t_comp = med(&base.iter().map(|r| r.t_run).collect::<Vec<_>>()).0;
     let mut rows = Vec::new();
     let ns: BTreeSet<usize> = t.runs.iter().filter(|r| r.strategy.is_some()).map(|r| r.n).collect();
     for s in [Strategy::StopAndSave, Strategy::Migrate, Strategy::CevmThread, Strategy::CevmProcess] {
         for &n in &ns {
-            let mine: Vec<&super::turnaround::Run> =
+            let mine: Vec<&crate::turnaround::Run> =
                 t.runs.iter().filter(|r| r.strategy == Some(s) && r.n == n).collect();
             if mine.is_empty() {
                 continue;
             }
-            let b = |r: &super::turnaround::Run| base.iter().find(|b| b.round == r.round).map_or(t_comp, |b| b.t_run);
+            let b = |r: &crate::turnaround::Run| base.iter().find(|b| b.round == r.round).map_or(t_comp, |b| b.t_run);
             let cost: Vec<f64> = mine.iter().map(|r| (r.t_run - b(r)) * 1e3 / n as f64).collect();
             let t_o: Vec<f64> = mine.iter().map(|r| r.t_o * 1e3).collect();
             let turn: Vec<f64> = mine.iter().map(|r| r.t_run + r.t_o).collect();

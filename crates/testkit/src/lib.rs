@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: they drive the real `cevm` binary.
-#![allow(dead_code)] // each test binary uses its own subset
+//! What cevm's integration tests share: they drive the real `cevm` binary
+//! through its command line and its typed API client, and assert on what its
+//! guests print.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,9 +13,17 @@ use serde_json::{json, Value};
 /// Generous timeout for anything a guest does (these machines emulate guest code).
 pub const T: Duration = Duration::from_secs(240);
 
-/// The cevm binary under test.
+/// The cevm binary under test: the one cargo built beside the test program
+/// (target/<profile>/cevm, the test being target/<profile>/deps/<test>).
 pub fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_cevm"))
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test program's path");
+        let profile = exe.parent().and_then(Path::parent).expect("a test program lives in target/<profile>/deps");
+        let bin = profile.join("cevm");
+        assert!(bin.is_file(), "{} is missing: the tests need the cevm binary (cargo test builds it)", bin.display());
+        bin
+    })
 }
 
 /// A fresh, empty work directory for one test.

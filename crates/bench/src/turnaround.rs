@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::median_min_max;
-use crate::api;
+use crate::stats::median_min_max;
+use cevm::api;
 
 /// A way to take the job's checkpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,10 +164,10 @@ struct Vmm {
 }
 
 fn spawn(args: &[String], lines: &Sender<(Instant, String)>, log: &Path) -> Result<Vmm, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the cevm binary: {e}"))?;
+    let exe = crate::cevm_bin()?;
     let mut cmd = Command::new(exe);
     cmd.args(args);
-    Ok(Vmm { child: super::spawn_piped(cmd, lines, log)? })
+    Ok(Vmm { child: cevm::child::spawn_piped(cmd, lines, log)? })
 }
 
 /// Samples the resident memory of `pids` together every 20 ms; keeps the peak (KiB).

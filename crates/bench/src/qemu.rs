@@ -77,7 +77,7 @@ impl Qemu {
             .map_err(|e| format!("{}: {e}", log.display()))?;
         let mut child = cmd.stdin(Stdio::null()).stderr(err).spawn().map_err(|e| format!("cannot start {bin}: {e}"))?;
         if let (Console::Lines(tx), Some(out)) = (console, child.stdout.take()) {
-            super::pipe_lines(out, tx);
+            cevm::child::pipe_lines(out, tx);
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         let stream = loop {
@@ -130,7 +130,7 @@ impl Qemu {
 
     /// Whether QEMU has ended, as a message pointing at its log.
     pub fn ended(&mut self, log: &Path) -> Option<String> {
-        super::child_ended(&mut self.child, "QEMU", log)
+        cevm::child::child_ended(&mut self.child, "QEMU", log)
     }
 
     /// Ends the process.

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vmm::{Boot, Instance, InstanceConfig, MemoryBackend};
 
-use super::{median_min_max, start_guest, wait_line};
+use crate::guest::{start_guest, wait_line};
+use crate::stats::median_min_max;
 
 /// How fast the guest dirties its memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -104,7 +105,7 @@ pub(super) fn migrate_once(
         Mode::Process => {
             let sock = dir.join(format!("dst-{}-{n}.sock", std::process::id()));
             let to = format!("unix:{}", sock.display());
-            let exe = std::env::current_exe().map_err(|e| format!("cannot find the cevm binary: {e}"))?;
+            let exe = crate::cevm_bin()?;
             let mut child = std::process::Command::new(exe)
                 .args(["run", "--incoming", &to])
                 .stdin(std::process::Stdio::null())

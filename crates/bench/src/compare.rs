@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::qemu::{self, Qemu};
-use super::{allocated_bytes, child_ended, spawn_piped};
-use crate::api;
+use crate::host::allocated_bytes;
+use crate::qemu::{self, Qemu};
+use cevm::api;
+use cevm::child::{child_ended, spawn_piped};
 
 /// A way to take a checkpoint (or, for the migrations, to move the guest).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -155,7 +156,7 @@ impl std::str::FromStr for Case {
     fn from_str(s: &str) -> Result<Self, String> {
         let (m, w) =
             s.split_once(':').ok_or_else(|| format!("`{s}`: a case is SIZE:WORKLOAD, e.g. 512M:idle or 1G:10000"))?;
-        Ok(Case { mem: crate::size::parse_size(m)?, workload: w.parse()? })
+        Ok(Case { mem: cevm::size::parse_size(m)?, workload: w.parse()? })
     }
 }
 
@@ -336,7 +337,7 @@ impl Stream {
 }
 
 fn cevm_cmd() -> Result<Command, String> {
-    Ok(Command::new(std::env::current_exe().map_err(|e| format!("cannot find the cevm binary: {e}"))?))
+    Ok(Command::new(crate::cevm_bin()?))
 }
 
 fn num(v: &Value, key: &str) -> f64 {
@@ -708,7 +709,7 @@ pub struct Results {
     pub runs: usize,
     pub qemu_version: Option<String>,
     /// Where the checkpoints were written, and that file system's limits.
-    pub limits: super::Limits,
+    pub limits: crate::host::Limits,
     pub samples: Vec<Sample>,
 }
 
@@ -726,7 +727,7 @@ pub fn run(o: &Options) -> Result<Results, String> {
         o.runs,
         o.dir.display()
     );
-    let limits = super::Limits::measure(&o.dir, o.cases.iter().map(|c| c.mem).max().unwrap_or(1 << 30), o.runs)?;
+    let limits = crate::host::Limits::measure(&o.dir, o.cases.iter().map(|c| c.mem).max().unwrap_or(1 << 30), o.runs)?;
     println!(
         "  limits: memcpy {:.0} MiB/s, sequential write + fdatasync {:.0} MiB/s on {}",
         limits.memcpy(),

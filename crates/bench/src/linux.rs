@@ -8,9 +8,10 @@ use std::time::Duration;
 use serde::Serialize;
 use vmm::{Boot, InstanceConfig, MemoryBackend};
 
-use super::migrate::{migrate_once, Mode};
-use super::qemu::{self, Qemu};
-use super::{median_min_max, start_guest, wait_line};
+use crate::guest::{start_guest, wait_line};
+use crate::migrate::{migrate_once, Mode};
+use crate::qemu::{self, Qemu};
+use crate::stats::median_min_max;
 
 /// What the Linux guest does while it is migrated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
