@@ -231,10 +231,7 @@ const FILL_PCT: u64 = 60;
 
 /// `compare`'s arguments for `cases` and `methods` under plan `p`.
 fn compare_args(p: &Plan, cases: &[&str], methods: &[compare::Method]) -> Vec<String> {
-    let methods: Vec<String> = methods
-        .iter()
-        .filter_map(|m| clap::ValueEnum::to_possible_value(m).map(|v| v.get_name().to_string()))
-        .collect();
+    let methods: Vec<String> = methods.iter().map(|m| m.name()).collect();
     vec![
         "--cases".into(),
         cases.join(","),
@@ -572,10 +569,10 @@ pub fn run(a: Args) -> Result<(), String> {
         seconds: p.t_seconds,
         ns: p.t_ns.clone(),
         strategies: vec![
-            turnaround::Strategy::StopAndSave,
-            turnaround::Strategy::Migrate,
-            turnaround::Strategy::CevmThread,
-            turnaround::Strategy::CevmProcess,
+            checkpoint::Method::StopAndSave,
+            checkpoint::Method::MigrateThread,
+            checkpoint::Method::CevmThread,
+            checkpoint::Method::CevmProcess,
         ],
         placements: vec![turnaround::Placement::None],
         runs: p.t_runs,
@@ -718,10 +715,8 @@ mod tests {
         let args = compare_args(&p, &["1G:10000"], &methods);
         let at = |flag: &str| args[args.iter().position(|a| a == flag).expect(flag) + 1].clone();
         assert_eq!(at("--cases"), "1G:10000");
-        let parsed: Vec<compare::Method> = at("--methods")
-            .split(',')
-            .map(|m| <compare::Method as clap::ValueEnum>::from_str(m, false).expect(m))
-            .collect();
+        let parsed: Vec<compare::Method> =
+            at("--methods").split(',').map(|m| m.parse::<compare::Method>().expect(m)).collect();
         assert_eq!(parsed, methods);
     }
 

@@ -22,65 +22,106 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::host::allocated_bytes;
 use crate::qemu::{self, Qemu};
-use cevm::api;
+use cevm::api::{CheckpointRequest, Client, MigrateRequest};
 use cevm::child::{child_ended, spawn_piped};
+use checkpoint::Method as Cevm;
 
-/// A way to take a checkpoint (or, for the migrations, to move the guest).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
+/// What the comparison measures: one of cevm's methods, or one of QEMU's.
+/// Named `cevm-stop-and-save`, `cevm-migrate-thread`, ..., `cevm-thread`,
+/// `cevm-process` (cevm's CEVM methods keep their own name), `qemu-stop-and-save`,
+/// `qemu-migrate`, `qemu-background-snapshot`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Method {
-    /// `cevm checkpoint` (stop-and-save): the baseline.
-    CevmStopAndSave,
-    /// `cevm migrate --to local`: live migration only, nothing written (T_mg).
-    CevmMigrateThread,
-    /// `cevm migrate --to unix:` to a `cevm run --incoming`.
-    CevmMigrateProcess,
-    /// `cevm checkpoint --strategy cevm`: the new instance in the same VMM.
-    CevmThread,
-    /// `cevm checkpoint --strategy cevm --to unix:`: the new instance in a new VMM process.
-    CevmProcess,
-    /// QEMU: `stop`, `migrate` to a file, `cont`.
-    QemuStopAndSave,
-    /// QEMU: live migration to a second QEMU over a unix socket.
-    QemuMigrate,
-    /// QEMU: `migrate` with the `background-snapshot` capability into a file.
-    QemuBackgroundSnapshot,
+    Cevm(Cevm),
+    Qemu(QemuMethod),
+}
+
+/// QEMU's ways, over QMP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QemuMethod {
+    /// `stop`, `migrate` to a file, `cont`.
+    StopAndSave,
+    /// Live migration to a second QEMU over a unix socket.
+    Migrate,
+    /// `migrate` with the `background-snapshot` capability into a file.
+    BackgroundSnapshot,
 }
 
 impl Method {
     pub const CEVM: [Method; 5] = [
-        Method::CevmStopAndSave,
-        Method::CevmMigrateThread,
-        Method::CevmMigrateProcess,
-        Method::CevmThread,
-        Method::CevmProcess,
+        Method::Cevm(Cevm::StopAndSave),
+        Method::Cevm(Cevm::MigrateThread),
+        Method::Cevm(Cevm::MigrateProcess),
+        Method::Cevm(Cevm::CevmThread),
+        Method::Cevm(Cevm::CevmProcess),
     ];
-    pub const QEMU: [Method; 3] = [Method::QemuStopAndSave, Method::QemuMigrate, Method::QemuBackgroundSnapshot];
+    pub const QEMU: [Method; 3] = [
+        Method::Qemu(QemuMethod::StopAndSave),
+        Method::Qemu(QemuMethod::Migrate),
+        Method::Qemu(QemuMethod::BackgroundSnapshot),
+    ];
 
     pub fn is_qemu(self) -> bool {
-        Method::QEMU.contains(&self)
+        matches!(self, Method::Qemu(_))
     }
 
     /// Whether it writes a checkpoint (the migrations only move the guest).
     pub fn writes_checkpoint(self) -> bool {
-        !matches!(self, Method::CevmMigrateThread | Method::CevmMigrateProcess | Method::QemuMigrate)
+        match self {
+            Method::Cevm(m) => m.writes_checkpoint(),
+            Method::Qemu(q) => q != QemuMethod::Migrate,
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Method::Cevm(m) if m.name().starts_with("cevm-") => m.name().into(),
+            Method::Cevm(m) => format!("cevm-{}", m.name()),
+            Method::Qemu(QemuMethod::StopAndSave) => "qemu-stop-and-save".into(),
+            Method::Qemu(QemuMethod::Migrate) => "qemu-migrate".into(),
+            Method::Qemu(QemuMethod::BackgroundSnapshot) => "qemu-background-snapshot".into(),
+        }
     }
 
     pub fn label(self) -> &'static str {
         match self {
-            Method::CevmStopAndSave => "cevm stop-and-save",
-            Method::CevmMigrateThread => "cevm migration (thread)",
-            Method::CevmMigrateProcess => "cevm migration (process)",
-            Method::CevmThread => "cevm CEVM (thread)",
-            Method::CevmProcess => "cevm CEVM (process)",
-            Method::QemuStopAndSave => "QEMU stop + migrate to file + cont",
-            Method::QemuMigrate => "QEMU live migration",
-            Method::QemuBackgroundSnapshot => "QEMU background-snapshot",
+            Method::Cevm(Cevm::StopAndSave) => "cevm stop-and-save",
+            Method::Cevm(Cevm::MigrateThread) => "cevm migration (thread)",
+            Method::Cevm(Cevm::MigrateProcess) => "cevm migration (process)",
+            Method::Cevm(Cevm::CevmThread) => "cevm CEVM (thread)",
+            Method::Cevm(Cevm::CevmProcess) => "cevm CEVM (process)",
+            Method::Qemu(QemuMethod::StopAndSave) => "QEMU stop + migrate to file + cont",
+            Method::Qemu(QemuMethod::Migrate) => "QEMU live migration",
+            Method::Qemu(QemuMethod::BackgroundSnapshot) => "QEMU background-snapshot",
         }
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let all = || Method::CEVM.iter().chain(&Method::QEMU).copied();
+        all()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("`{s}`: methods are {}", all().map(Method::name).collect::<Vec<_>>().join(", ")))
+    }
+}
+
+impl TryFrom<String> for Method {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Method> for String {
+    fn from(m: Method) -> String {
+        m.name()
     }
 }
 
@@ -340,10 +381,6 @@ fn cevm_cmd() -> Result<Command, String> {
     Ok(Command::new(crate::cevm_bin()?))
 }
 
-fn num(v: &Value, key: &str) -> f64 {
-    v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
-}
-
 /// Waits for `sock` to appear (a VMM listening).
 fn wait_path(p: &Path) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -364,7 +401,7 @@ struct CevmGuest {
 
 impl Drop for CevmGuest {
     fn drop(&mut self) {
-        let _ = api::call(&self.api, "PUT", "/v1/quit", None, Duration::from_secs(5));
+        let _ = Client::new(&self.api, Duration::from_secs(5)).quit();
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
@@ -399,7 +436,8 @@ fn cevm_take(
     // A process-based method's destination, started before the request (as a
     // user starts `cevm run --incoming` first).
     let mut next_api = None;
-    let to = if matches!(m, Method::CevmMigrateProcess | Method::CevmProcess) {
+    let Method::Cevm(cm) = m else { return Err(format!("{} is not a cevm method", m.label())) };
+    let to = if cm.process_based() {
         let inc = dir.join(format!("in-{tag}.sock"));
         let api_sock = dir.join(format!("api-{tag}.sock"));
         let _ = std::fs::remove_file(&inc);
@@ -413,26 +451,23 @@ fn cevm_take(
     } else {
         "local".into()
     };
-    let (path, body) = match m {
-        Method::CevmStopAndSave => ("/v1/checkpoint", json!({ "out": out, "strategy": "stop-and-save" })),
-        Method::CevmMigrateThread | Method::CevmMigrateProcess => ("/v1/migrate", json!({ "to": to })),
-        Method::CevmThread => ("/v1/checkpoint", json!({ "out": out, "strategy": "cevm" })),
-        Method::CevmProcess => ("/v1/checkpoint", json!({ "out": out, "strategy": "cevm", "to": to })),
-        _ => return Err(format!("{m:?} is not a cevm method")),
-    };
+    let api = Client::new(&g.api, T);
+    let failed = |e| format!("{}: {e}", m.label());
     let req = Instant::now();
-    let r = api::call(&g.api, "PUT", path, Some(&body), T).map_err(|e| format!("{}: {e}", m.label()))?;
+    // (downtime, memory bytes moved or written)
+    let (downtime_ms, memory_bytes) = match CheckpointRequest::of_method(cm, out.clone(), Some(to.clone())) {
+        Some(c) => api.checkpoint(&c).map(|r| (r.pause_ms, r.memory.data_bytes)).map_err(failed)?,
+        None => {
+            let mig = MigrateRequest::of_method(cm, &to).expect("a method writes a checkpoint or migrates");
+            api.migrate(&mig).map(|r| (r.downtime_ms, r.bytes_sent)).map_err(failed)?
+        }
+    };
     let ans = Instant::now();
     if let Some(a) = next_api {
         g.api = a;
     }
     let migration = !m.writes_checkpoint();
-    let downtime_ms = if migration { num(&r, "downtime_ms") } else { num(&r, "pause_ms") };
-    let memory_bytes = if migration {
-        r.get("bytes_sent").and_then(Value::as_u64)
-    } else {
-        r.get("memory").and_then(|m| m.get("data_bytes")).and_then(Value::as_u64)
-    };
+    let memory_bytes = Some(memory_bytes);
     let size_bytes = (!migration).then(|| allocated_bytes(&out));
     Ok(Taken {
         req,
@@ -442,7 +477,7 @@ fn cevm_take(
         size_bytes,
         memory_bytes,
         written: (!migration).then_some(out),
-        restore: m == Method::CevmStopAndSave,
+        restore: cm == Cevm::StopAndSave,
     })
 }
 
@@ -455,7 +490,7 @@ fn cevm_restore(o: &Options, ckpt: &Path, log: &Path) -> Result<f64, String> {
     let t0 = Instant::now();
     let mut child = spawn_piped(cmd, &s.tx, log)?;
     let r = s.next_beat(&mut || child_ended(&mut child, "cevm", log)).map(|at| (at - t0).as_secs_f64() * 1e3);
-    let _ = api::call(&api_sock, "PUT", "/v1/quit", None, Duration::from_secs(5));
+    let _ = Client::new(&api_sock, Duration::from_secs(5)).quit();
     let _ = child.kill();
     let _ = child.wait();
     r
@@ -491,9 +526,10 @@ fn qemu_take(q: &QemuSetup<'_>, src: &mut Qemu, s: &mut Stream, m: Method, tag: 
                                  { "capability": "auto-converge", "state": ac }] })
     };
     src.execute("migrate-set-capabilities", caps(false, false))?;
-    src.execute("migrate-set-capabilities", caps(m == Method::QemuBackgroundSnapshot, m == Method::QemuMigrate))?;
-    let t = match m {
-        Method::QemuStopAndSave => {
+    let Method::Qemu(qm) = m else { return Err(format!("{} is not a QEMU method", m.label())) };
+    src.execute("migrate-set-capabilities", caps(qm == QemuMethod::BackgroundSnapshot, qm == QemuMethod::Migrate))?;
+    let t = match qm {
+        QemuMethod::StopAndSave => {
             let req = Instant::now();
             src.execute("stop", json!({}))?;
             let r = qemu::migrate_to(src, &to_file);
@@ -512,7 +548,7 @@ fn qemu_take(q: &QemuSetup<'_>, src: &mut Qemu, s: &mut Stream, m: Method, tag: 
                 restore: true,
             }
         }
-        Method::QemuBackgroundSnapshot => {
+        QemuMethod::BackgroundSnapshot => {
             let req = Instant::now();
             let r = qemu::migrate_to(src, &to_file);
             let ans = Instant::now();
@@ -530,7 +566,7 @@ fn qemu_take(q: &QemuSetup<'_>, src: &mut Qemu, s: &mut Stream, m: Method, tag: 
                 restore: false,
             }
         }
-        Method::QemuMigrate => {
+        QemuMethod::Migrate => {
             let sock = o.dir.join(format!("qemu-{tag}.sock"));
             let _ = std::fs::remove_file(&sock);
             let uri = format!("unix:{}", sock.display());
@@ -561,7 +597,6 @@ fn qemu_take(q: &QemuSetup<'_>, src: &mut Qemu, s: &mut Stream, m: Method, tag: 
                 restore: false,
             }
         }
-        _ => return Err(format!("{m:?} is not a QEMU method")),
     };
     Ok(t)
 }

@@ -9,9 +9,10 @@ use serde::Serialize;
 use vmm::{Boot, InstanceConfig, MemoryBackend};
 
 use crate::guest::{start_guest, wait_line};
-use crate::migrate::{migrate_once, Mode};
+use crate::migrate::migrate_once;
 use crate::qemu::{self, Qemu};
 use crate::stats::median_min_max;
+use checkpoint::Method;
 
 /// What the Linux guest does while it is migrated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -30,7 +31,7 @@ pub struct Options {
     pub fill_mib: u64,
     pub dirty_mib: u64,
     pub workloads: Vec<Workload>,
-    pub modes: Vec<Mode>,
+    pub modes: Vec<Method>,
     pub qemu: Option<String>,
     pub runs: usize,
     pub params: migrate::Params,
@@ -99,7 +100,7 @@ fn cevm_rows(w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<(), String
     wait_line(&lines, Duration::from_secs(900), |l| l.contains(marker(w)))?;
     std::thread::sleep(Duration::from_secs(1));
     for &mode in &o.modes {
-        let vmm = format!("cevm {}", format!("{mode:?}").to_lowercase());
+        let vmm = format!("cevm {}", crate::migrate::mode_name(mode));
         let mut row = Row::new(w, vmm.clone());
         for n in 0..o.runs {
             std::thread::sleep(Duration::from_millis(500));

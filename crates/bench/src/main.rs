@@ -116,8 +116,8 @@ enum BenchCmd {
         rates: Vec<migrate::Rate>,
         /// Where the destination runs: thread (in this process), process (over a
         /// unix socket).
-        #[arg(long, default_value = "thread,process", value_delimiter = ',')]
-        modes: Vec<migrate::Mode>,
+        #[arg(long, default_value = "thread,process", value_delimiter = ',', value_parser = migrate::parse_mode)]
+        modes: Vec<checkpoint::Method>,
         /// Migrations per case (the median is reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
@@ -156,8 +156,8 @@ enum BenchCmd {
         #[arg(long, default_value = "idle,dirty", value_delimiter = ',')]
         workloads: Vec<linux::Workload>,
         /// cevm modes, comma-separated: thread, process.
-        #[arg(long, default_value = "thread,process", value_delimiter = ',')]
-        modes: Vec<migrate::Mode>,
+        #[arg(long, default_value = "thread,process", value_delimiter = ',', value_parser = migrate::parse_mode)]
+        modes: Vec<checkpoint::Method>,
         /// QEMU binary to compare with (e.g. qemu-system-x86_64).
         #[arg(long)]
         qemu: Option<String>,
@@ -197,9 +197,9 @@ enum BenchCmd {
         /// Checkpoints per job, comma-separated: one set of jobs per value.
         #[arg(long, default_value = "3", value_delimiter = ',')]
         n: Vec<usize>,
-        /// Strategies, comma-separated: stop-and-save, migrate, cevm-thread, cevm-process.
+        /// Methods, comma-separated: stop-and-save, migrate-thread (or migrate), cevm-thread, cevm-process.
         #[arg(long, default_value = "stop-and-save,migrate,cevm-thread,cevm-process", value_delimiter = ',')]
-        strategies: Vec<turnaround::Strategy>,
+        strategies: Vec<checkpoint::Method>,
         /// Placements, comma-separated: same (all on CPU 0), spread (migration and
         /// writer on CPU 1), none (the kernel decides).
         #[arg(long, default_value = "same,spread,none", value_delimiter = ',')]
@@ -299,20 +299,25 @@ fn run(cmd: BenchCmd) -> Result<(), String> {
             dir,
             json,
             report_from,
-        } => turnaround::run(&turnaround::Options {
-            mem,
-            data_mib,
-            ws_mib,
-            rate,
-            seconds,
-            ns: n.into_iter().map(|n| n.max(1)).collect(),
-            strategies,
-            placements,
-            runs: runs.max(1),
-            dir: std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?,
-            json,
-            report_from,
-        }),
+        } => {
+            if strategies.contains(&checkpoint::Method::MigrateProcess) {
+                return Err("turnaround measures stop-and-save, migrate-thread, cevm-thread and cevm-process".into());
+            }
+            turnaround::run(&turnaround::Options {
+                mem,
+                data_mib,
+                ws_mib,
+                rate,
+                seconds,
+                ns: n.into_iter().map(|n| n.max(1)).collect(),
+                strategies,
+                placements,
+                runs: runs.max(1),
+                dir: std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?,
+                json,
+                report_from,
+            })
+        }
         BenchCmd::MigrateLinux {
             kernel,
             initrd,

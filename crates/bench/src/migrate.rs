@@ -7,6 +7,7 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use checkpoint::Method;
 use serde::Serialize;
 use vmm::{Boot, Instance, InstanceConfig, MemoryBackend};
 
@@ -51,21 +52,30 @@ impl std::fmt::Display for Rate {
     }
 }
 
-/// Where the destination runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// A new instance in this process (in-process channel).
-    Thread,
-    /// A `cevm run --incoming` process, over a unix socket.
-    Process,
+/// A migration method of `--modes`: `thread` (a new instance in this process)
+/// or `process` (a `cevm run --incoming` process, over a unix socket).
+pub fn parse_mode(s: &str) -> Result<Method, String> {
+    match s {
+        "thread" => Ok(Method::MigrateThread),
+        "process" => Ok(Method::MigrateProcess),
+        _ => Err(format!("`{s}`: modes are thread, process")),
+    }
+}
+
+/// `thread` or `process`, as `--modes` says it.
+pub fn mode_name(m: Method) -> &'static str {
+    if m.process_based() {
+        "process"
+    } else {
+        "thread"
+    }
 }
 
 /// What `cevm bench migrate` measures.
 pub struct Options {
     pub sizes: Vec<u64>,
     pub rates: Vec<Rate>,
-    pub modes: Vec<Mode>,
+    pub modes: Vec<Method>,
     pub runs: usize,
     pub params: migrate::Params,
     pub dir: PathBuf,
@@ -76,7 +86,7 @@ pub struct Options {
 struct Case {
     mem_size: u64,
     rate: Rate,
-    mode: Mode,
+    mode: Method,
     /// What the dirtier reported in the second before the first migration.
     measured_pages_per_s: u64,
     reports: Vec<migrate::Report>,
@@ -87,14 +97,14 @@ struct Case {
 /// running guest.
 pub(super) fn migrate_once(
     inst: &mut Instance,
-    mode: Mode,
+    mode: Method,
     params: &migrate::Params,
     dir: &Path,
     n: usize,
 ) -> Result<migrate::Report, String> {
     let progress = Mutex::new(migrate::Progress::default());
     let report = match mode {
-        Mode::Thread => {
+        Method::MigrateThread => {
             let (ev_tx, _events) = mpsc::channel();
             let console = Box::new(std::io::sink());
             let done = migrate::migrate_local(inst, params, &progress, console, ev_tx, &[])
@@ -102,7 +112,7 @@ pub(super) fn migrate_once(
             drop(done.instance);
             done.report
         }
-        Mode::Process => {
+        _ => {
             let sock = dir.join(format!("dst-{}-{n}.sock", std::process::id()));
             let to = format!("unix:{}", sock.display());
             let exe = crate::cevm_bin()?;
@@ -182,7 +192,7 @@ pub fn run(o: &Options) -> Result<(), String> {
                         "  {:>5} MiB {:>13} {:>7} run {}: downtime {:.2} ms, round trip {:.2} (pause {:.2}, last pages {:.2}, state {:.2}, destination decode {:.2} + restore {:.2}), total {:.0} ms, {:.0} MiB, {} rounds, throttle {} %",
                         mem >> 20,
                         rate.to_string(),
-                        format!("{mode:?}").to_lowercase(),
+                        mode_name(mode),
                         n + 1,
                         r.downtime_ms,
                         r.switch_round_trip_ms,
@@ -221,7 +231,7 @@ pub fn run(o: &Options) -> Result<(), String> {
             c.mem_size >> 20,
             c.rate,
             c.measured_pages_per_s,
-            format!("{:?}", c.mode).to_lowercase(),
+            mode_name(c.mode),
             d,
             dmin,
             dmax,

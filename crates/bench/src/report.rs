@@ -10,10 +10,10 @@ use std::path::Path;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::compare::{Method, Sample, Workload};
+use crate::compare::{Method, QemuMethod, Sample, Workload};
 use crate::results::{AllResults, LinuxPart, TurnaroundPart};
 use crate::stats::median_min_max;
-use crate::turnaround::Strategy;
+use checkpoint::Method as Cevm;
 
 const MIB: f64 = 1048576.0;
 const BEGIN: &str = "<!-- bench:headline:begin -->";
@@ -171,14 +171,14 @@ fn ratios(l: &LinuxPart) -> String {
             let v = samples(l, m, mem, w);
             (!v.is_empty()).then(|| (med(&downtimes(&v)).0, med(&totals(&v)).0))
         };
-        let Some((cd, _)) = d(Method::CevmThread) else { continue };
+        let Some((cd, _)) = d(Method::Cevm(Cevm::CevmThread)) else { continue };
         let mut parts = Vec::new();
         for q in Method::QEMU {
             if let Some((qd, _)) = d(q) {
                 parts.push(format!("{:.3}× {}'s", cd / qd.max(1e-9), q.label()));
             }
         }
-        if let Some((sd, _)) = d(Method::CevmStopAndSave) {
+        if let Some((sd, _)) = d(Method::Cevm(Cevm::StopAndSave)) {
             parts.push(format!("{:.4}× cevm stop-and-save's", cd / sd.max(1e-9)));
         }
         if !parts.is_empty() {
@@ -321,7 +321,7 @@ fn markdown(r: &AllResults, stem_name: &str, plots: &Plots) -> String {
 
 /// One strategy at one n, a sample per round.
 struct TurnRow {
-    strategy: Strategy,
+    strategy: Cevm,
     n: usize,
     /// Per checkpoint, ms, against the round's own baseline.
     cost: Vec<f64>,
@@ -337,7 +337,7 @@ fn turnaround_rows(t: &TurnaroundPart) -> (f64, Vec<TurnRow>) {
     let t_comp = med(&base.iter().map(|r| r.t_run).collect::<Vec<_>>()).0;
     let mut rows = Vec::new();
     let ns: BTreeSet<usize> = t.runs.iter().filter(|r| r.strategy.is_some()).map(|r| r.n).collect();
-    for s in [Strategy::StopAndSave, Strategy::Migrate, Strategy::CevmThread, Strategy::CevmProcess] {
+    for s in [Cevm::StopAndSave, Cevm::MigrateThread, Cevm::CevmThread, Cevm::CevmProcess] {
         for &n in &ns {
             let mine: Vec<&crate::turnaround::Run> =
                 t.runs.iter().filter(|r| r.strategy == Some(s) && r.n == n).collect();
@@ -560,7 +560,7 @@ fn plot_all(r: &AllResults, dir: &Path) -> Result<Plots, String> {
                 x: "guest memory (MiB)",
                 y: "ms",
                 log_y: false,
-                series: [Method::CevmStopAndSave, Method::QemuStopAndSave]
+                series: [Method::Cevm(Cevm::StopAndSave), Method::Qemu(QemuMethod::StopAndSave)]
                     .iter()
                     .map(|&m| (m.label().to_string(), per_size(l, m, Workload::Idle, |s| s.restore_ms)))
                     .collect(),
@@ -646,7 +646,7 @@ fn plot_all(r: &AllResults, dir: &Path) -> Result<Plots, String> {
     if let Some(t) = &r.turnaround {
         let (t_comp, rows) = turnaround_rows(t);
         let mut series: Series = Vec::new();
-        for st in [Strategy::StopAndSave, Strategy::Migrate, Strategy::CevmThread, Strategy::CevmProcess] {
+        for st in [Cevm::StopAndSave, Cevm::MigrateThread, Cevm::CevmThread, Cevm::CevmProcess] {
             let mut p: Vec<(f64, f64)> = vec![(0.0, t_comp)];
             p.extend(rows.iter().filter(|x| x.strategy == st).map(|x| (x.n as f64, med(&x.turnaround).0)));
             if p.len() > 1 {

@@ -31,44 +31,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use crate::stats::median_min_max;
-use cevm::api;
-
-/// A way to take the job's checkpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Strategy {
-    /// `cevm checkpoint --strategy stop-and-save` (the seed's traditional checkpoint).
-    StopAndSave,
-    /// `cevm migrate --to local`: a live migration only, nothing written (`T_mg`).
-    Migrate,
-    /// `cevm checkpoint --strategy cevm` (new instance in the same VMM).
-    CevmThread,
-    /// `cevm checkpoint --strategy cevm --to unix:...` (new instance in a new VMM process).
-    CevmProcess,
-}
-
-impl std::str::FromStr for Strategy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "stop-and-save" => Strategy::StopAndSave,
-            "migrate" => Strategy::Migrate,
-            "cevm-thread" => Strategy::CevmThread,
-            "cevm-process" => Strategy::CevmProcess,
-            _ => return Err(format!("`{s}`: strategies are stop-and-save, migrate, cevm-thread, cevm-process")),
-        })
-    }
-}
-
-impl std::fmt::Display for Strategy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        f.write_str(&s)
-    }
-}
+use cevm::api::{CheckpointRequest, Client, MigrateRequest};
+use checkpoint::Method;
+use vmm::placement::CpuList;
 
 /// Where the threads of a checkpoint run (the seed's "scheduling possibilities").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,7 +88,7 @@ pub struct Options {
     pub seconds: u64,
     /// Checkpoints per job: one set of jobs per value.
     pub ns: Vec<usize>,
-    pub strategies: Vec<Strategy>,
+    pub strategies: Vec<Method>,
     pub placements: Vec<Placement>,
     pub runs: usize,
     pub dir: PathBuf,
@@ -134,7 +101,7 @@ pub struct Options {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Run {
     /// None: the baseline.
-    pub strategy: Option<Strategy>,
+    pub strategy: Option<Method>,
     pub placement: Placement,
     /// Checkpoints taken (0 for the baseline).
     #[serde(default)]
@@ -218,23 +185,19 @@ fn drain(lines: &Receiver<(Instant, String)>, seen: &mut Vec<String>) {
     }
 }
 
-fn number(v: &Value, key: &str) -> f64 {
-    v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
-}
-
 /// Runs the job once, with `n` checkpoints of `strategy` (None: none).
 fn run_once(
     o: &Options,
-    (strategy, n): (Option<Strategy>, usize),
+    (strategy, n): (Option<Method>, usize),
     placement: Placement,
     tag: &str,
 ) -> Result<Run, String> {
     let cpus = placement.cpus();
-    // The API takes CPU lists as arrays (null: anywhere); the CLI as a flag.
+    // The API takes CPU lists (none: anywhere); the CLI a flag.
     let cpu = |pick: fn((&'static str, &'static str, &'static str)) -> &'static str| {
-        cpus.map_or(Value::Null, |c| json!([pick(c).parse::<usize>().unwrap_or(0)]))
+        cpus.map(|c| pick(c).parse::<CpuList>().expect("a placement names CPUs"))
     };
-    let (vcpus_j, mig, writer) = (cpu(|c| c.0), cpu(|c| c.1), cpu(|c| c.2));
+    let (vcpus_l, mig, writer) = (cpu(|c| c.0), cpu(|c| c.1), cpu(|c| c.2));
     let vcpu_flag: Vec<String> = cpus.map(|c| vec!["--vcpu-cpus".to_string(), c.0.to_string()]).unwrap_or_default();
     let work = o.rate * o.seconds;
     let dir = &o.dir;
@@ -273,17 +236,25 @@ fn run_once(
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));
                 let out = dir.join(format!("ckpt-{tag}"));
                 let t = Instant::now();
-                let (path, body) = match s {
-                    Strategy::StopAndSave => ("/v1/checkpoint", json!({ "out": out, "strategy": "stop-and-save" })),
-                    Strategy::Migrate => {
-                        ("/v1/migrate", json!({ "to": "local", "migration_cpus": mig, "dest_vcpu_cpus": vcpus_j }))
-                    }
-                    Strategy::CevmThread => (
-                        "/v1/checkpoint",
-                        json!({ "out": out, "strategy": "cevm", "migration_cpus": mig,
-                                "dest_vcpu_cpus": vcpus_j, "writer_cpus": writer }),
+                let (ckpt, migration) = match s {
+                    Method::MigrateThread => (
+                        None,
+                        Some(MigrateRequest {
+                            migration_cpus: mig.clone(),
+                            dest_vcpu_cpus: vcpus_l.clone(),
+                            ..MigrateRequest::new("local")
+                        }),
                     ),
-                    Strategy::CevmProcess => {
+                    Method::CevmThread => (
+                        Some(CheckpointRequest {
+                            migration_cpus: mig.clone(),
+                            dest_vcpu_cpus: vcpus_l.clone(),
+                            writer_cpus: writer.clone(),
+                            ..CheckpointRequest::new(out, "cevm")
+                        }),
+                        None,
+                    ),
+                    Method::CevmProcess => {
                         let inc = dir.join(format!("in-{tag}-{k}.sock"));
                         let to = format!("unix:{}", inc.display());
                         let a: Vec<String> = ["run", "--incoming", &to, "--api-sock"]
@@ -299,14 +270,24 @@ fn run_once(
                         while !inc.exists() && Instant::now() < deadline {
                             std::thread::sleep(Duration::from_millis(5));
                         }
-                        (
-                            "/v1/checkpoint",
-                            json!({ "out": out, "strategy": "cevm", "to": to, "migration_cpus": mig,
-                                    "writer_cpus": writer }),
-                        )
+                        let req = CheckpointRequest {
+                            to: Some(to),
+                            migration_cpus: mig.clone(),
+                            writer_cpus: writer.clone(),
+                            ..CheckpointRequest::new(out, "cevm")
+                        };
+                        (Some(req), None)
                     }
+                    _ => (CheckpointRequest::of_method(s, out, None), MigrateRequest::of_method(s, "local")),
                 };
-                let r = api::call(&api_sock, "PUT", path, Some(&body), T).map_err(|e| {
+                let api = Client::new(&api_sock, T);
+                // The guest's pause: the checkpoint's, or the migration's downtime.
+                let downtime = match (ckpt, migration) {
+                    (Some(c), _) => api.checkpoint(&c).map(|r| r.pause_ms),
+                    (None, Some(m)) => api.migrate(&m).map(|r| r.downtime_ms),
+                    (None, None) => unreachable!("a method writes a checkpoint or migrates"),
+                };
+                let downtime = downtime.map_err(|e| {
                     drain(&lines, &mut seen);
                     // A job that ends during a checkpoint is a plan that does
                     // not fit, not a failing VMM: say which.
@@ -326,11 +307,8 @@ fn run_once(
                 })?;
                 last_answer = Instant::now();
                 request_ms.push((last_answer - t).as_secs_f64() * 1e3);
-                downtimes.push(match s {
-                    Strategy::Migrate => number(&r, "downtime_ms"),
-                    _ => number(&r, "pause_ms"),
-                });
-                if s == Strategy::CevmProcess {
+                downtimes.push(downtime);
+                if s == Method::CevmProcess {
                     api_sock = sock(k);
                 }
             }
@@ -452,7 +430,7 @@ fn report(o: &Options, runs: &[Run]) -> Result<(), String> {
     let mut ns: Vec<usize> = runs.iter().filter(|r| r.strategy.is_some()).map(|r| r.n).collect();
     ns.sort_unstable();
     ns.dedup();
-    let mut summary: Vec<(Strategy, Placement, usize, f64)> = Vec::new();
+    let mut summary: Vec<(Method, Placement, usize, f64)> = Vec::new();
     for &nn in &ns {
         let n = nn as f64;
         for &p in &o.placements {
@@ -500,9 +478,9 @@ fn report(o: &Options, runs: &[Run]) -> Result<(), String> {
     println!("(medians over {} runs, min-max in parentheses; cost = (job time - that run's T_comp) / n; T_o = how long the last checkpoint was still being written after the job ended; downtime as each VMM reports it; stop-and-save runs in the VMM's control thread, so placement does not apply to it; the job's pacing absorbs a pause shorter than 1 ms, so costs below about 1 ms per checkpoint read as 0: compare those by their downtime)", o.runs);
     for &nn in &ns {
         for &p in &o.placements {
-            let get = |s: Strategy| summary.iter().find(|x| x.0 == s && x.1 == p && x.2 == nn).map(|x| x.3);
-            if let (Some(mg), Some(cpt)) = (get(Strategy::Migrate), get(Strategy::StopAndSave)) {
-                for s in [Strategy::CevmThread, Strategy::CevmProcess] {
+            let get = |s: Method| summary.iter().find(|x| x.0 == s && x.1 == p && x.2 == nn).map(|x| x.3);
+            if let (Some(mg), Some(cpt)) = (get(Method::MigrateThread), get(Method::StopAndSave)) {
+                for s in [Method::CevmThread, Method::CevmProcess] {
                     if let Some(c) = get(s) {
                         let holds = mg <= c && c <= cpt;
                         let ratio = if mg > 0.0 { format!("{:.2}", c / mg) } else { "n/a (T_mg <= 0)".into() };

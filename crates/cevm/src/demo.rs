@@ -7,9 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
-use crate::api;
+use crate::api::{CheckpointRequest, Client};
 use crate::child::{digest_of, CevmChild};
 
 /// Guest arguments of the demo: long enough to checkpoint mid-run, short enough to watch.
@@ -40,15 +38,12 @@ pub fn run(bin: &Path, workdir: &Path, keep: bool) -> Result<bool, String> {
         "== 2. live CEVM checkpoint into {}: the guest moves to a new instance, the old one writes it",
         ckpt.display()
     );
-    let body = json!({ "out": ckpt, "strategy": "cevm" });
-    let report =
-        api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), TIMEOUT).map_err(|e| format!("checkpoint: {e}"))?;
+    let report = Client::new(&sock, TIMEOUT)
+        .checkpoint(&CheckpointRequest::new(ckpt.clone(), "cevm"))
+        .map_err(|e| format!("checkpoint: {e}"))?;
     println!(
         "   committed: guest paused {:.2} ms (the switch), {} data pages written meanwhile in {:.0} ms, zero pages left as holes: {}",
-        report["pause_ms"].as_f64().unwrap_or(0.0),
-        report["memory"]["data_pages"],
-        report["total_ms"].as_f64().unwrap_or(0.0),
-        report["memory"]["zero_pages"]
+        report.pause_ms, report.memory.data_pages, report.total_ms, report.memory.zero_pages
     );
     victim.wait_line(Duration::from_secs(5), |l| l.starts_with("round "));
     println!("== 3. SIGKILL the checkpointed VMM (pid {}) while its guest runs on", victim.id());

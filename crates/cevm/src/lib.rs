@@ -4,9 +4,11 @@
 
 pub mod api;
 pub mod child;
+pub mod controller;
 pub mod demo;
 pub mod host;
 pub mod inspect;
+pub mod plan;
 pub mod runner;
 pub mod size;
 

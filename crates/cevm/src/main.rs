@@ -5,12 +5,14 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use checkpoint::Method;
 use clap::{Parser, Subcommand};
-use serde_json::json;
 
+use cevm::api::{CheckpointRequest, Client, ClientError, MigrateRequest};
 use cevm::exit_code::{ERROR, GUEST_FAILED, OK, USAGE};
-use cevm::runner::Outcome;
-use cevm::{api, demo, inspect, runner, size};
+use cevm::plan::MigrationPlan;
+use cevm::runner::{Outcome, RunError};
+use cevm::{demo, inspect, runner, size};
 use vmm::{Boot, DiskConfig, Instance, InstanceConfig, MemoryBackend};
 
 #[derive(Parser)]
@@ -200,8 +202,8 @@ struct PeriodicArgs {
     #[arg(long, default_value_t = 2, requires = "checkpoint_every")]
     keep: usize,
     /// Strategy of the periodic checkpoints: cevm or stop-and-save.
-    #[arg(long, default_value = "cevm", requires = "checkpoint_every")]
-    checkpoint_strategy: checkpoint::Strategy,
+    #[arg(long, default_value = "cevm", requires = "checkpoint_every", value_parser = |s: &str| Method::of_strategy(s, false))]
+    checkpoint_strategy: Method,
 }
 
 impl PeriodicArgs {
@@ -211,12 +213,12 @@ impl PeriodicArgs {
         if every.is_zero() {
             return Err("--checkpoint-every must be longer than zero".into());
         }
-        if self.checkpoint_strategy == checkpoint::Strategy::Cevm {
+        if self.checkpoint_strategy == Method::CevmThread {
             checkpoint::cevm_supports(config).map_err(|e| format!("--checkpoint-strategy cevm: {e}"))?;
         }
         let dir = absolute(&dir)?;
         let series = checkpoint::series::Series::open(&dir, self.keep).map_err(|e| e.to_string())?;
-        Ok(Some(runner::Periodic { every, series, strategy: self.checkpoint_strategy }))
+        Ok(Some(runner::Periodic { every, series, method: self.checkpoint_strategy }))
     }
 }
 
@@ -294,8 +296,8 @@ fn run(cmd: Cmd) -> i32 {
                 Ok(p) => p,
                 Err(e) => return fail(e),
             };
-            let body = json!({ "out": out, "strategy": strategy, "stop": stop, "to": to });
-            client(&api_sock, "PUT", "/v1/checkpoint", Some(body))
+            let req = CheckpointRequest { stop, to, ..CheckpointRequest::new(out, &strategy) };
+            client(&api_sock, |c| c.checkpoint(&req))
         }
         Cmd::Migrate {
             api_sock,
@@ -307,10 +309,6 @@ fn run(cmd: Cmd) -> i32 {
             migration_cpus,
             dest_vcpu_cpus,
         } => {
-            if let Err(e) = api::migration_target(&to) {
-                eprintln!("cevm: error: --to {e}");
-                return USAGE;
-            }
             let params = migrate::Params {
                 max_downtime_ms,
                 max_rounds,
@@ -318,21 +316,21 @@ fn run(cmd: Cmd) -> i32 {
                 max_bandwidth_mib_s,
                 ..Default::default()
             };
-            let body = json!({
-                "to": to,
-                "params": params,
-                "migration_cpus": migration_cpus,
-                "dest_vcpu_cpus": dest_vcpu_cpus,
-            });
+            let req = MigrateRequest { to, params, migration_cpus, dest_vcpu_cpus };
+            // The VMM checks it too; a bad target is this command line's mistake.
+            if let Err(e) = MigrationPlan::try_from(req.clone()) {
+                eprintln!("cevm: error: {e}");
+                return USAGE;
+            }
             let bar = progress_bar(api_sock.clone());
-            let code = client(&api_sock, "PUT", "/v1/migrate", Some(body));
+            let code = client(&api_sock, |c| c.migrate(&req));
             bar.store(true, std::sync::atomic::Ordering::Relaxed);
             code
         }
-        Cmd::Pause { api_sock } => client(&api_sock, "PUT", "/v1/pause", None),
-        Cmd::Resume { api_sock } => client(&api_sock, "PUT", "/v1/resume", None),
-        Cmd::Status { api_sock } => client(&api_sock, "GET", "/v1/status", None),
-        Cmd::Quit { api_sock } => client(&api_sock, "PUT", "/v1/quit", None),
+        Cmd::Pause { api_sock } => client(&api_sock, Client::pause),
+        Cmd::Resume { api_sock } => client(&api_sock, Client::resume),
+        Cmd::Status { api_sock } => client(&api_sock, Client::status),
+        Cmd::Quit { api_sock } => client(&api_sock, Client::quit),
         Cmd::Verify { dir } => match checkpoint::verify(&dir) {
             Ok(r) => {
                 println!("{}: OK", dir.display());
@@ -426,24 +424,23 @@ fn progress_bar(sock: PathBuf) -> std::sync::Arc<std::sync::atomic::AtomicBool> 
     }
     let d = done.clone();
     std::thread::spawn(move || {
+        let api = Client::new(sock, Duration::from_secs(2));
         while !d.load(std::sync::atomic::Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(200));
-            if let Ok(p) = api::call(&sock, "GET", "/v1/migration", None, Duration::from_secs(2)) {
-                let f = |k: &str| p.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
-                let total = f("pages_total").max(1.0);
-                let pct = (f("pages_sent") / total * 100.0).min(100.0);
+            if let Ok(p) = api.migration() {
+                let pct = (p.pages_sent as f64 / p.pages_total.max(1) as f64 * 100.0).min(100.0);
                 let filled = (pct / 5.0) as usize;
                 eprint!(
                     "\r[{}{}] {:>3.0}% {} round {} dirty {:.0} p/s {:.0} MiB/s expect {:.1} ms throttle {}%   ",
                     "#".repeat(filled),
                     " ".repeat(20 - filled.min(20)),
                     pct,
-                    p.get("phase").and_then(serde_json::Value::as_str).unwrap_or(""),
-                    f("round"),
-                    f("dirty_pages_per_s"),
-                    f("mib_per_s"),
-                    f("expected_downtime_ms"),
-                    f("throttle_pct")
+                    p.phase,
+                    p.round,
+                    p.dirty_pages_per_s,
+                    p.mib_per_s,
+                    p.expected_downtime_ms,
+                    p.throttle_pct
                 );
             }
         }
@@ -453,7 +450,7 @@ fn progress_bar(sock: PathBuf) -> std::sync::Arc<std::sync::atomic::AtomicBool> 
 }
 
 /// Turns the end of a VMM run into a message and an exit code.
-fn finish(r: Result<Outcome, String>) -> i32 {
+fn finish(r: Result<Outcome, RunError>) -> i32 {
     match r {
         Ok(Outcome::GuestExit(0)) => OK,
         Ok(Outcome::GuestExit(s)) => {
@@ -505,14 +502,14 @@ fn absolute(p: &Path) -> Result<PathBuf, String> {
     std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
-/// One API call; prints the JSON answer. A missing socket is a usage error (2).
-fn client(sock: &Path, method: &str, path: &str, body: Option<serde_json::Value>) -> i32 {
-    match api::call(sock, method, path, body.as_ref(), Duration::from_secs(3600)) {
+/// One API call; prints the answer as JSON. A missing socket is a usage error (2).
+fn client<T: serde::Serialize>(sock: &Path, call: impl FnOnce(&Client) -> Result<T, ClientError>) -> i32 {
+    match call(&Client::new(sock, Duration::from_secs(3600))) {
         Ok(v) => {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             OK
         }
-        Err(e @ api::ClientError::Connect { .. }) => {
+        Err(e @ ClientError::Connect { .. }) => {
             eprintln!("cevm: error: {e} (is a `cevm run --api-sock` running there?)");
             USAGE
         }

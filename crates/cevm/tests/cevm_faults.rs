@@ -9,10 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cevm::api;
+use cevm::api::CheckpointRequest;
 use cevm::child::CevmChild;
 use cevm_testkit::*;
-use serde_json::json;
 
 fn qemu_img(args: &[&str], dir: &Path) -> String {
     let o = std::process::Command::new("qemu-img").args(args).current_dir(dir).output().expect("qemu-img");
@@ -80,20 +79,20 @@ fn a_full_file_system_fails_the_cevm_checkpoint_but_not_the_guest_its_disk_nor_t
     // 8 MiB of dirty pages and 3 MiB of disk: one checkpoint fits, a second beside it does not.
     let mut vm = run_with_disk("dirtier", "mib=8 seconds=0", "16M", &disk, &sock);
     vm.wait_line(T, |l| l.starts_with("dirtier: t=1s")).expect("dirtier runs");
-    let body = json!({ "out": ckpt, "strategy": "cevm" });
-    let first = api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).expect("the first checkpoint fits");
+    let req = CheckpointRequest::new(ckpt.clone(), "cevm");
+    let first = api(&sock).checkpoint(&req).expect("the first checkpoint fits");
     // T went to another file system: copied, not linked.
-    assert_eq!(first["disk_handover"]["linked"], false, "{first}");
+    assert!(!first.disk_handover.as_ref().expect("a disk was handed over").linked, "{first:?}");
     let first = created(&ckpt);
 
-    let msg = api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).unwrap_err().to_string();
+    let msg = api(&sock).checkpoint(&req).unwrap_err().to_string();
     assert!(msg.contains("No space left on device") && msg.contains("the guest goes on"), "{msg}");
     // The guest goes on, and its disk (handed over twice) is whole.
     let seen = vm.seen.len();
     vm.wait_line(T, |l| l.starts_with("dirtier: t=")).expect("the guest keeps running after the failed checkpoint");
     assert!(vm.seen.len() > seen);
-    let st = api::call(&sock, "GET", "/v1/status", None, T).unwrap();
-    assert_eq!((st["state"].as_str(), st["checkpoints"].as_u64()), (Some("running"), Some(1)), "{st}");
+    let st = api(&sock).status().unwrap();
+    assert_eq!((st.state.as_str(), st.checkpoints), ("running", 1), "{st:?}");
     quit(&sock, &mut vm);
     same_as_ref(&disk, &dir);
     assert!(!dir.join("disk.qcow2.cevm-next").exists());
@@ -120,7 +119,7 @@ struct Handover {
     dir: PathBuf,
     ckpt: PathBuf,
     earlier: u64,
-    answer: Result<serde_json::Value, String>,
+    answer: Result<checkpoint::CheckpointReport, String>,
     src: CevmChild,
     dst: CevmChild,
     want: String,
@@ -142,8 +141,8 @@ fn kill_during_handover(kill_new: bool) -> Handover {
     let client = std::thread::spawn({
         let (sock, ckpt) = (sock.clone(), ckpt.clone());
         move || {
-            let body = json!({ "out": ckpt, "strategy": "cevm", "to": to });
-            api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).map_err(|e| e.to_string())
+            let req = CheckpointRequest { to: Some(to), ..CheckpointRequest::new(ckpt, "cevm") };
+            api(&sock).checkpoint(&req).map_err(|e| e.to_string())
         }
     });
     wait_for_handover(&dir.join("disk.qcow2.cevm-next"), 16 << 20);
@@ -179,8 +178,8 @@ fn the_new_instance_killed_during_the_disk_hand_over_still_leaves_a_whole_checkp
     // The old instance finished its checkpoint: the disk of the switch, with
     // the hand-over's failure reported.
     let report = h.answer.as_ref().unwrap_or_else(|e| panic!("{e}"));
-    let why = report["disk_handover"]["error"].as_str().unwrap_or_else(|| panic!("{report}"));
-    assert!(why.contains("went away"), "{report}");
+    let why = report.disk_handover.as_ref().and_then(|d| d.error.as_deref()).unwrap_or_else(|| panic!("{report:?}"));
+    assert!(why.contains("went away"), "{report:?}");
     assert!(h.src.finish(T).expect("the source VMM did not end").success());
     assert_ne!(created(&h.ckpt), h.earlier);
     verify_ok(&h.ckpt);

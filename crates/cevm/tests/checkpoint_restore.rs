@@ -19,8 +19,8 @@ fn checkpoint_kill_restore(vcpus: u32) {
     let mut victim = run_guest("digest", args, "32M", vcpus, Some(&sock));
     victim.wait_line(T, |l| l == "round 2/6").expect("victim never reached round 2");
     let report = checkpoint(&sock, &ckpt, false).unwrap();
-    assert_eq!(report["strategy"], "stop-and-save");
-    assert!(report["memory"]["zero_pages"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report.strategy, "stop-and-save");
+    assert!(report.memory.zero_pages > 0, "{report:?}");
     // The victim's guest keeps running after the checkpoint; then it dies hard.
     victim.wait_line(T, |l| l.starts_with("round ")).expect("guest did not go on after the checkpoint");
     victim.kill();
@@ -57,7 +57,7 @@ fn two_checkpoints_in_one_run_and_the_first_restores_right() {
     vm.wait_line(T, |l| l == "round 3/5").unwrap();
     // The second checkpoint leaves the VM stopped: its VMM exits 0.
     let r = checkpoint(&sock, &second, true).unwrap();
-    assert_eq!(r["stopped"], true);
+    assert!(r.stopped);
     let st = vm.finish(T).expect("VMM did not exit after a --stop checkpoint");
     assert!(st.success(), "{st:?}");
     assert!(!vm.seen.iter().any(|l| l.starts_with("digest=")), "the stopped guest must not finish: {:?}", vm.seen);
@@ -77,18 +77,18 @@ fn api_pause_resume_status_quit_on_a_0600_socket() {
     vm.wait_line(T, |l| l.starts_with("digest:")).unwrap();
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "API socket mode");
-    let s = api::call(&sock, "GET", "/v1/status", None, T).unwrap();
+    let s = api::client::call(&sock, "GET", "/v1/status", None, T).unwrap();
     assert_eq!((s["api_version"].as_u64(), s["state"].as_str()), (Some(1), Some("running")));
     assert_eq!(s["guest"]["boot"]["guest"], "digest");
-    let p = api::call(&sock, "PUT", "/v1/pause", None, T).unwrap();
+    let p = api::client::call(&sock, "PUT", "/v1/pause", None, T).unwrap();
     assert_eq!(p["state"], "paused");
     // Paused: the guest prints nothing.
     assert!(vm.wait_line(Duration::from_secs(3), |l| l.starts_with("round ")).is_none(), "{:?}", vm.seen);
-    api::call(&sock, "PUT", "/v1/resume", None, T).unwrap();
+    api::client::call(&sock, "PUT", "/v1/resume", None, T).unwrap();
     vm.wait_line(T, |l| l.starts_with("round ")).expect("resumed guest goes on");
-    let e = api::call(&sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": "relative/dir" })), T).unwrap_err();
+    let e = api::client::call(&sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": "relative/dir" })), T).unwrap_err();
     assert!(e.to_string().contains("absolute"), "{e}");
-    let e = api::call(&sock, "GET", "/v2/status", None, T).unwrap_err();
+    let e = api::client::call(&sock, "GET", "/v2/status", None, T).unwrap_err();
     assert!(e.to_string().contains("API version 1"), "{e}");
     quit(&sock, &mut vm);
     assert!(!sock.exists(), "the socket file is removed when the VMM exits");
@@ -118,7 +118,7 @@ fn cevm_checkpoint_then(process: bool, kill: bool) {
         (json!({ "out": ckpt, "strategy": "stop-and-save", "to": "local" }), "for the cevm strategy"),
         (json!({ "out": ckpt, "strategy": "cevm", "to": "ftp:nowhere" }), "--to"),
     ] {
-        let e = api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).unwrap_err().to_string();
+        let e = api::client::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).unwrap_err().to_string();
         assert!(e.contains(why) && e.contains("400"), "{body}: {e}");
     }
     let mut body = json!({ "out": ckpt, "strategy": "cevm" });
@@ -126,13 +126,13 @@ fn cevm_checkpoint_then(process: bool, kill: bool) {
         wait_for_file(&dst_sock);
         body["to"] = json!(format!("unix:{}", dst_sock.display()));
     }
-    let report = api::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
+    let report = api::client::call(&sock, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
     assert_eq!(report["strategy"], "cevm", "{report}");
     assert!(report["memory"]["data_pages"].as_u64().unwrap() > 256, "{report}");
     let pause = report["pause_ms"].as_f64().unwrap();
     assert!(pause > 0.0 && pause < report["total_ms"].as_f64().unwrap(), "{report}");
     if !process {
-        let status = api::call(&sock, "GET", "/v1/status", None, T).unwrap();
+        let status = api::client::call(&sock, "GET", "/v1/status", None, T).unwrap();
         assert_eq!(status["checkpoints"], 1, "{status}");
     }
     // The guest runs in the new instance: this VMM's (thread-based) or the

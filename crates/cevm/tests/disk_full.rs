@@ -1,7 +1,6 @@
 //! The checkpoint file system fills up during a checkpoint: the API reports the
 //! error, the guest keeps running, and the previous checkpoint stays intact.
 
-use cevm::api;
 use cevm_testkit::*;
 
 #[test]
@@ -24,8 +23,8 @@ fn a_full_disk_fails_the_checkpoint_but_not_the_guest_nor_the_previous_checkpoin
     let seen = vm.seen.len();
     vm.wait_line(T, |l| l.starts_with("dirtier: t=")).expect("the guest keeps running after the failed checkpoint");
     assert!(vm.seen.len() > seen);
-    let st = api::call(&sock, "GET", "/v1/status", None, T).unwrap();
-    assert_eq!((st["state"].as_str(), st["checkpoints"].as_u64()), (Some("running"), Some(1)));
+    let st = api(&sock).status().unwrap();
+    assert_eq!((st.state.as_str(), st.checkpoints), ("running", 1));
 
     // The previous checkpoint is untouched, alone, and restores.
     assert_eq!(created(&ckpt), first);

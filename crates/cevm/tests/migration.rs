@@ -23,7 +23,7 @@ fn reference_digest(vcpus: u32) -> String {
 }
 
 fn migrate(sock: &Path, to: &str, params: Value) -> Result<Value, api::ClientError> {
-    api::call(sock, "PUT", "/v1/migrate", Some(&json!({ "to": to, "params": params })), T)
+    api::client::call(sock, "PUT", "/v1/migrate", Some(&json!({ "to": to, "params": params })), T)
 }
 
 #[test]
@@ -35,16 +35,16 @@ fn thread_based_migration_mid_run_keeps_the_digest_on_one_and_two_vcpus() {
         vm.wait_line(T, |l| l == "round 2/6").expect("guest never reached round 2");
         // Placement: the migration thread on CPU 0, the new vCPUs on CPU 1.
         let body = json!({ "to": "local", "migration_cpus": [0], "dest_vcpu_cpus": [1] });
-        let report = api::call(&sock, "PUT", "/v1/migrate", Some(&body), T).unwrap();
+        let report = api::client::call(&sock, "PUT", "/v1/migrate", Some(&body), T).unwrap();
         assert_eq!(report["to"], "the in-process destination", "{report}");
         assert_eq!(report["placement"]["migration_thread"], json!([0]), "{report}");
         assert_eq!(report["placement"]["destination_vcpus"], json!(vec![vec![1]; vcpus as usize]), "{report}");
         assert_eq!(report["placement"]["source_vcpus"].as_array().unwrap().len(), vcpus as usize, "{report}");
         assert!(report["pages_sent"].as_u64().unwrap() > 256, "{report}");
         // The same VMM process goes on with the new instance, API included.
-        let status = api::call(&sock, "GET", "/v1/status", None, T).unwrap();
+        let status = api::client::call(&sock, "GET", "/v1/status", None, T).unwrap();
         assert_eq!(status["state"], "running", "{status}");
-        let progress = api::call(&sock, "GET", "/v1/migration", None, T).unwrap();
+        let progress = api::client::call(&sock, "GET", "/v1/migration", None, T).unwrap();
         assert_eq!(progress["phase"], "done", "{progress}");
         let digest = digest_to_end(&mut vm);
         assert!(vm.seen.iter().any(|l| l == "round 6/6"), "{:?}", vm.seen);
@@ -176,7 +176,7 @@ fn a_guest_dirtying_faster_than_the_link_fails_clearly_or_is_throttled_into_conv
     let e = migrate(&sock, "local", capped).unwrap_err().to_string();
     assert!(e.contains("did not converge after 4 rounds") && e.contains("the guest runs on here"), "{e}");
     // The guest ran on, unharmed.
-    let status = api::call(&sock, "GET", "/v1/status", None, T).unwrap();
+    let status = api::client::call(&sock, "GET", "/v1/status", None, T).unwrap();
     assert_eq!(status["state"], "running", "{status}");
     let seen = vm.seen.len();
     vm.wait_line(T, |l| l.starts_with("dirtier: t=")).expect("the guest stopped after a failed migration");

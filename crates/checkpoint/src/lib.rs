@@ -3,10 +3,13 @@
 //! A strategy turns a running [`vmm::Instance`] into a checkpoint directory (format
 //! of the `snapshot` crate). This issue brings the baseline, **stop-and-save**: pause
 //! the vCPUs, write state and memory, commit, resume (the seed's traditional
-//! checkpoint, `T_cpt`). Later strategies (migration-only, CEVM thread/process-based)
-//! are added to [`Strategy`] and compared against it.
+//! checkpoint, `T_cpt`), and CEVM's second half, [`write_frozen`]; every way of
+//! taking a checkpoint is a [`Method`].
 
+mod method;
 pub mod series;
+
+pub use method::Method;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,45 +48,14 @@ pub enum Error {
 /// Result of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// How a checkpoint is taken.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Strategy {
-    /// Pause, write everything, resume: the guest waits for the whole write.
-    StopAndSave,
-    /// CEVM: live-migrate the guest to a fresh instance; the old instance, frozen
-    /// at the switch, writes the checkpoint while the guest runs on. The guest
-    /// waits only for the switch.
-    Cevm,
-}
-
-impl Strategy {
-    /// The name used on the command line, in the API and in manifests.
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::StopAndSave => "stop-and-save",
-            Strategy::Cevm => "cevm",
-        }
-    }
-}
-
-impl std::str::FromStr for Strategy {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "stop-and-save" => Ok(Strategy::StopAndSave),
-            "cevm" => Ok(Strategy::Cevm),
-            _ => Err(format!("unknown checkpoint strategy `{s}` (available: stop-and-save, cevm)")),
-        }
-    }
-}
-
 /// What a checkpoint cost and produced.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CheckpointReport {
     /// The committed checkpoint directory.
     pub dir: PathBuf,
-    pub strategy: Strategy,
+    /// The strategy's name, as the manifest records it (`stop-and-save`, `cevm`).
+    pub strategy: String,
+    pub method: Method,
     /// How long the guest's vCPUs were paused (until resumed, or until the
     /// checkpoint was committed when the instance stays stopped).
     pub pause_ms: f64,
@@ -154,28 +126,22 @@ pub fn stop_and_save(instance: &mut Instance, out: &Path, stop: bool) -> Result<
     let t0 = Instant::now();
     let was_running = instance.run_state() == vmm::instance::RunState::Running;
     instance.pause()?;
-    let written = write_paused(instance, out, Strategy::StopAndSave, None);
+    let written = write_paused(instance, out, Method::StopAndSave, None);
     // An instance the user had paused before stays paused.
     if was_running && !stop {
         instance.resume()?;
     }
     let pause_ms = ms(t0.elapsed());
-    Ok(report(out, Strategy::StopAndSave, pause_ms, t0, written?, stop))
+    Ok(report(out, Method::StopAndSave, pause_ms, t0, written?, stop))
 }
 
 /// The report of a committed checkpoint: `written` as [`write_paused`] returns it.
-fn report(
-    out: &Path,
-    strategy: Strategy,
-    pause_ms: f64,
-    t0: Instant,
-    written: Written,
-    stopped: bool,
-) -> CheckpointReport {
+fn report(out: &Path, method: Method, pause_ms: f64, t0: Instant, written: Written, stopped: bool) -> CheckpointReport {
     let Written { memory, state_bytes, write_time, disk_handover } = written;
     CheckpointReport {
         dir: out.to_path_buf(),
-        strategy,
+        strategy: method.strategy().into(),
+        method,
         pause_ms,
         total_ms: ms(t0.elapsed()),
         write_mib_per_s: memory.data_bytes as f64 / (1 << 20) as f64 / write_time.as_secs_f64().max(1e-9),
@@ -225,14 +191,15 @@ pub fn cevm_supports(config: &InstanceConfig) -> Result<()> {
 /// depends on it.
 pub fn write_frozen(
     frozen: &mut Instance,
+    method: Method,
     out: &Path,
     pause_ms: f64,
     t0: Instant,
     handover: Option<Handover>,
 ) -> Result<CheckpointReport> {
     cevm_supports_frozen(frozen.config())?;
-    let written = write_paused(frozen, out, Strategy::Cevm, handover)?;
-    Ok(report(out, Strategy::Cevm, pause_ms, t0, written, false))
+    let written = write_paused(frozen, out, method, handover)?;
+    Ok(report(out, method, pause_ms, t0, written, false))
 }
 
 /// [`cevm_supports`] for the old instance after the switch, when the new
@@ -257,12 +224,7 @@ struct Written {
 
 /// Writes the checkpoint of a paused instance: state, memory, disk (copied, or,
 /// with `handover`, T handed over as described at [`write_frozen`]).
-fn write_paused(
-    instance: &mut Instance,
-    out: &Path,
-    strategy: Strategy,
-    handover: Option<Handover>,
-) -> Result<Written> {
+fn write_paused(instance: &mut Instance, out: &Path, method: Method, handover: Option<Handover>) -> Result<Written> {
     let state = instance.save_state()?;
     let state_json = serde_json::to_vec(&state).map_err(|e| Error::Encode(e.to_string()))?;
     let mut writer = CheckpointWriter::create(out)?;
@@ -297,7 +259,7 @@ fn write_paused(
         }
     };
     let guest = serde_json::to_value(instance.config()).map_err(|e| Error::Encode(e.to_string()))?;
-    writer.commit(strategy.name(), env!("CARGO_PKG_VERSION"), guest)?;
+    writer.commit(method.strategy(), env!("CARGO_PKG_VERSION"), guest)?;
     Ok(Written { memory: stats, state_bytes: state_json.len() as u64, write_time, disk_handover })
 }
 

@@ -16,9 +16,7 @@ use crate::{Error, Result};
 
 /// Writes one received page into the new instance's memory (bounds-checked by vm-memory).
 fn write_page(mem: &GuestMemory, gpa: u64, data: &[u8]) -> Result<()> {
-    mem.mmap()
-        .write_slice(data, GuestAddress(gpa))
-        .map_err(|e| Error::Decode(format!("page at {gpa:#x} lies outside the guest's memory: {e}")))
+    mem.mmap().write_slice(data, GuestAddress(gpa)).map_err(|e| Error::PageOutside { gpa, reason: e.to_string() })
 }
 
 /// How the destination waits for the source between frames.
@@ -55,7 +53,11 @@ fn receive(
 ) -> Result<(Instance, Hello)> {
     let f = t.recv(None)?;
     let hello: Hello = match f.kind {
-        FrameKind::Hello => serde_json::from_slice(&f.payload).map_err(|e| Error::Decode(format!("Hello: {e}")))?,
+        FrameKind::Hello => serde_json::from_slice(&f.payload).map_err(|source| Error::BadMessage {
+            peer: t.peer(),
+            what: "Hello",
+            source,
+        })?,
         FrameKind::Error => return Err(Error::from_error_frame(t.peer(), &f.payload)),
         got => return Err(Error::Unexpected { peer: t.peer(), got, expected: "Hello" }),
     };
@@ -92,9 +94,12 @@ fn receive(
             }
             FrameKind::Done => {
                 let t_done = Instant::now();
-                let done: DoneMsg =
-                    serde_json::from_slice(&f.payload).map_err(|e| Error::Decode(format!("Done: {e}")))?;
-                let state = state.ok_or_else(|| Error::Decode("Done came before the instance state".into()))?;
+                let done: DoneMsg = serde_json::from_slice(&f.payload).map_err(|source| Error::BadMessage {
+                    peer: t.peer(),
+                    what: "Done",
+                    source,
+                })?;
+                let state = state.ok_or_else(|| Error::DoneBeforeState { peer: t.peer() })?;
                 let mut inst = Instance::restore_into(shell, config, &state, console, events)?;
                 inst.start()?;
                 inst.place_vcpus(vcpu_cpus)?;
@@ -108,7 +113,7 @@ fn receive(
                     started_at_us,
                     vcpu_cpus: inst.vcpu_placement(),
                 };
-                let b = serde_json::to_vec(&r).map_err(|e| Error::Decode(e.to_string()))?;
+                let b = serde_json::to_vec(&r).map_err(|source| Error::Encode { what: "Resumed", source })?;
                 if let Err(e) = t.send(FrameKind::Resumed, &[&b]) {
                     // The source never learns that the guest runs here; it keeps its
                     // copy paused. Running on is the only way not to lose the guest.

@@ -47,7 +47,7 @@ where
                 }
             }
         })
-        .map_err(|e| Error::Decode(format!("cannot start the disk hand-over thread: {e}")))?;
+        .map_err(|source| Error::Thread { what: "disk hand-over receiver", source })?;
     let outbox: Outbox<Out> = Box::new(move |m: Out| {
         let b = postcard::to_stdvec(&m).map_err(|e| e.to_string())?;
         tx_half.send_owned(FrameKind::Disk, b).map_err(|e| e.to_string())
@@ -65,7 +65,8 @@ pub fn old_side_link(t: Box<dyn Transport>) -> Result<(Receiver<ToOld>, Outbox<F
 /// ended. Nothing to do when `inst` has no integration under way.
 ///
 /// If the hand-over cannot start, the new instance reads what it needs from T
-/// itself at once, so the guest is never left waiting for its disk.
+/// itself at once, so the guest is never left waiting for its disk; the error
+/// ([`Error::HandoverNotStarted`]) says so. Either way the guest runs on in `inst`.
 pub fn serve_new_side(t: Box<dyn Transport>, inst: &vmm::Instance) -> Result<()> {
     let Some(disk) = inst.disk().filter(|d| d.integrating()) else { return Ok(()) };
     let d = disk.clone();
@@ -79,11 +80,11 @@ pub fn serve_new_side(t: Box<dyn Transport>, inst: &vmm::Instance) -> Result<()>
                 }
             })
             .map(|_| ())
-            .map_err(|e| Error::Decode(format!("cannot start the disk hand-over thread: {e}")))
+            .map_err(|source| Error::Thread { what: "disk hand-over", source })
     });
     if let Err(e) = started {
-        d.finish_from_t().map_err(|why| Error::Decode(format!("{e}; reading T directly failed too: {why}")))?;
-        return Err(Error::Decode(format!("{e}; the guest's disk was completed from T directly")));
+        let fallback = d.finish_from_t().err();
+        return Err(Error::HandoverNotStarted { error: Box::new(e), fallback });
     }
     Ok(())
 }

@@ -59,9 +59,31 @@ pub enum Error {
         expected_ms: f64,
         limit_ms: f64,
     },
-    /// A payload does not decode.
-    #[error("{0}")]
-    Decode(String),
+    /// A control message of the peer does not decode.
+    #[error("{peer}'s {what} message does not decode: {source}")]
+    BadMessage { peer: String, what: &'static str, source: serde_json::Error },
+    /// A control message could not be encoded.
+    #[error("cannot encode the {what} message: {source}")]
+    Encode { what: &'static str, source: serde_json::Error },
+    /// The peer sent a page that is not in the guest's memory.
+    #[error("page at {gpa:#x} lies outside the guest's memory: {reason}")]
+    PageOutside { gpa: u64, reason: String },
+    /// The peer sent `Done` before the state it completes.
+    #[error("{peer} sent Done before the instance state")]
+    DoneBeforeState { peer: String },
+    /// A thread could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread { what: &'static str, source: std::io::Error },
+    /// The destination thread of a thread-based migration panicked.
+    #[error("the destination thread panicked")]
+    DestinationPanicked,
+    /// The new instance could not start its side of a CEVM checkpoint's disk
+    /// hand-over, and completed its disk from T by itself instead (or failed to).
+    #[error("the disk hand-over could not start ({error}); {}", match fallback {
+        None => "the guest's disk was completed from T directly".to_string(),
+        Some(why) => format!("completing the guest's disk from T directly failed too: {why}"),
+    })]
+    HandoverNotStarted { error: Box<Error>, fallback: Option<String> },
     /// The guest ended (exited, powered off, reset or failed) before the switch;
     /// it was not moved.
     #[error("the guest ended before the switch (it exited, powered off or failed); it was not moved")]
@@ -69,6 +91,69 @@ pub enum Error {
     /// The destination cannot prepare the guest's disk.
     #[error(transparent)]
     Disk(#[from] disk::Error),
+}
+
+/// How far a migration had come when it failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Reaching the destination and agreeing on the guest (before any page moved).
+    Connect,
+    /// Copying memory while the guest runs.
+    Precopy,
+    /// The guest paused: the last dirty pages, the state, `Done`.
+    Switch,
+    /// Waiting for the destination to start the guest.
+    Resume,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Connect => "connect",
+            Phase::Precopy => "pre-copy",
+            Phase::Switch => "switch",
+            Phase::Resume => "resume",
+        })
+    }
+}
+
+/// Where the guest is after a migration failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestAt {
+    /// In the source instance, as before the migration: running again (or still
+    /// paused, if it was paused when the migration started).
+    Source,
+    /// Perhaps at the destination: it had the whole state, but its answer never
+    /// came. The source instance stays paused; resume it only once the
+    /// destination is known not to run the guest.
+    Undecided,
+    /// Nowhere: the guest ended (exited, powered off or failed) before the switch.
+    Ended,
+}
+
+impl std::fmt::Display for GuestAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GuestAt::Source => "the guest goes on in the source instance",
+            GuestAt::Undecided => {
+                "the destination had the whole state and may be running the guest, so the source instance stays \
+                 paused (resume it with `cevm resume` only if the destination is not running)"
+            }
+            GuestAt::Ended => "the guest had ended and was not moved",
+        })
+    }
+}
+
+/// A failed migration: in which phase, why, and where the guest is now.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} (in the {phase} phase; {guest})")]
+pub struct Failure {
+    pub phase: Phase,
+    pub guest: GuestAt,
+    #[source]
+    pub error: Error,
 }
 
 impl Error {

@@ -7,7 +7,9 @@ use std::sync::Mutex;
 
 use vmm::{Instance, VmEvent};
 
-use crate::{channel_pair, migrate_in, migrate_out, Error, Params, Progress, Report, Result, Transport};
+use crate::{
+    channel_pair, migrate_in, migrate_out, Error, Failure, GuestAt, Params, Phase, Progress, Report, Transport,
+};
 
 /// Frames in flight between the two threads (each at most ~1 MiB of pages).
 const CHANNEL_DEPTH: usize = 8;
@@ -20,12 +22,17 @@ pub struct Local {
     /// A CEVM checkpoint's migration of a guest with a disk: the old side's end
     /// of the disk hand-over (see [`crate::handover`]).
     pub handover: Option<Box<dyn Transport>>,
+    /// Why the new instance could not start its side of the disk hand-over
+    /// ([`Error::HandoverNotStarted`]): it then completed its disk from T by
+    /// itself, and the guest runs on in it.
+    pub handover_error: Option<Error>,
 }
 
 /// Live-migrates `inst` to a new instance in this process whose console is
 /// `console`, whose events go to `events` and whose vCPUs run on `dest_cpus`
 /// (empty: anywhere). On success the new instance runs the guest and `inst`
-/// stays paused at the switch, as [`migrate_out`] leaves it.
+/// stays paused at the switch, as [`migrate_out`] leaves it. On failure, as
+/// [`migrate_out`]'s: the phase, why, and where the guest is.
 ///
 /// A CEVM checkpoint's migration (`params.cevm`) of a guest with a disk also
 /// returns the old side's end of the disk hand-over (see [`crate::handover`]);
@@ -37,19 +44,23 @@ pub fn migrate_local(
     console: Box<dyn Write + Send>,
     events: Sender<VmEvent>,
     dest_cpus: &[usize],
-) -> Result<Local> {
+) -> std::result::Result<Local, Failure> {
     let (mut src, mut dst) = channel_pair(CHANNEL_DEPTH);
     let dest_cpus = dest_cpus.to_vec();
     let dest = std::thread::Builder::new()
         .name("migrate-dest".into())
         .spawn(move || {
             let (inst, hello) = migrate_in(&mut dst, console, events, &dest_cpus)?;
-            if hello.cevm {
-                crate::handover::serve_new_side(Box::new(dst), &inst)?;
-            }
-            Ok::<_, Error>(inst)
+            // The guest runs in `inst` from here on, whatever the hand-over does.
+            let handover_error =
+                if hello.cevm { crate::handover::serve_new_side(Box::new(dst), &inst).err() } else { None };
+            Ok::<_, Error>((inst, handover_error))
         })
-        .map_err(|e| Error::Decode(format!("cannot start the destination thread: {e}")))?;
+        .map_err(|source| Failure {
+            phase: Phase::Connect,
+            guest: GuestAt::Source,
+            error: Error::Thread { what: "migration destination", source },
+        })?;
     let report = migrate_out(inst, &mut src, params, progress);
     let handover = params.cevm && crate::handover::hands_over_disk(inst.config()) && report.is_ok();
     // Closing our end lets a destination still waiting for frames give up.
@@ -59,10 +70,19 @@ pub fn migrate_local(
         drop(src);
         None
     };
-    let new = dest.join().map_err(|_| Error::Decode("the destination thread panicked".into()))?;
+    let new = dest.join();
     match (report, new) {
-        (Ok(report), Ok(instance)) => Ok(Local { report, instance, handover: src }),
+        (Ok(report), Ok(Ok((instance, handover_error)))) => {
+            Ok(Local { report, instance, handover: src, handover_error })
+        }
         (Err(e), _) => Err(e),
-        (Ok(_), Err(e)) => Err(Error::Decode(format!("the destination failed after the switch: {e}"))),
+        // The source had the destination's `Resumed`, which it sends only once
+        // the guest runs there, and a destination that sent it returns its
+        // instance: neither can happen. Were it to, the guest is in the new
+        // instance that just failed, and the source stays paused.
+        (Ok(_), Ok(Err(error))) => Err(Failure { phase: Phase::Resume, guest: GuestAt::Undecided, error }),
+        (Ok(_), Err(_)) => {
+            Err(Failure { phase: Phase::Resume, guest: GuestAt::Undecided, error: Error::DestinationPanicked })
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The source side: pre-copy rounds under dirty logging, auto-converge, the switch.
 
+use std::cell::Cell;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,7 @@ use vmm::Instance;
 
 use crate::protocol::{encode_page_table, encode_state, monotonic_us, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
 use crate::transport::{send_error, Transport};
-use crate::{Error, Params, Placement, Progress, Report, Result, SwitchParts};
+use crate::{Error, Failure, GuestAt, Params, Phase, Placement, Progress, Report, Result, SwitchParts};
 
 /// Pages per `Pages` frame (1 MiB of data at most).
 const BATCH_PAGES: usize = 256;
@@ -177,15 +178,38 @@ fn ms(d: Duration) -> f64 {
 
 /// Live-migrates `inst` through `t`. On success the guest runs at the destination
 /// and `inst` stays paused, its memory and state intact (frozen at the switch).
-/// On failure before the switch completed, `inst` runs on as before (or stays
-/// paused if it was), and the error says why. One case is different: if the
-/// destination got everything but its answer never came, the guest may be running
-/// there, so `inst` stays paused and the error says so.
+/// On failure the [`Failure`] says in which phase, why, and where the guest is:
+/// before the switch completed, `inst` runs on as before (or stays paused if it
+/// was, [`GuestAt::Source`]). One case is different: if the destination got
+/// everything but its answer never came, the guest may be running there, so
+/// `inst` stays paused ([`GuestAt::Undecided`]).
 pub fn migrate_out(
     inst: &mut Instance,
     t: &mut dyn Transport,
     params: &Params,
     progress: &Mutex<Progress>,
+) -> std::result::Result<Report, Failure> {
+    let phase = Cell::new(Phase::Connect);
+    migrate_out_in_phases(inst, t, params, progress, &phase).map_err(|error| {
+        let guest = match (&error, phase.get()) {
+            (Error::GuestEnded, _) => GuestAt::Ended,
+            // A destination that refused the state does not run the guest; any
+            // other end of the wait leaves it undecided.
+            (Error::Peer { .. }, Phase::Resume) => GuestAt::Source,
+            (_, Phase::Resume) => GuestAt::Undecided,
+            _ => GuestAt::Source,
+        };
+        Failure { phase: phase.get(), guest, error }
+    })
+}
+
+/// [`migrate_out`], keeping `phase` up to date as the migration moves on.
+fn migrate_out_in_phases(
+    inst: &mut Instance,
+    t: &mut dyn Transport,
+    params: &Params,
+    progress: &Mutex<Progress>,
+    phase: &Cell<Phase>,
 ) -> Result<Report> {
     let t0 = Instant::now();
     let update = |f: &dyn Fn(&mut Progress)| {
@@ -202,12 +226,13 @@ pub fn migrate_out(
     let source_vcpus = inst.vcpu_placement();
     let hello =
         Hello { cevm_version: env!("CARGO_PKG_VERSION").into(), config: inst.config().clone(), cevm: params.cevm };
-    let hello = serde_json::to_vec(&hello).map_err(|e| Error::Decode(e.to_string()))?;
+    let hello = serde_json::to_vec(&hello).map_err(|source| Error::Encode { what: "Hello", source })?;
     t.send(FrameKind::Hello, &[&hello])?;
     expect(t, FrameKind::Ready, "Ready", params)?;
 
     inst.set_dirty_log(true)?;
-    let r = precopy_and_switch(inst, t, params, &update, t0, was_running).map(|mut r| {
+    phase.set(Phase::Precopy);
+    let r = precopy_and_switch(inst, t, params, &update, t0, was_running, phase).map(|mut r| {
         r.placement.source_vcpus = source_vcpus;
         r.placement.migration_thread = vmm::placement::affinity(vmm::placement::this_thread());
         r
@@ -232,6 +257,7 @@ fn precopy_and_switch(
     update: &Publish<'_>,
     t0: Instant,
     was_running: bool,
+    phase: &Cell<Phase>,
 ) -> Result<Report> {
     // Writes the VMM made before now (boot loaders) are covered by the full pass.
     inst.harvest_dirty_pages()?;
@@ -328,6 +354,7 @@ fn precopy_and_switch(
     // The switch: stop the vCPUs, send what they dirtied last, the state and the
     // disk hand-over, and wait for the destination to run.
     update(&|p| p.phase = "switch".into());
+    phase.set(Phase::Switch);
     let t_switch = Instant::now();
     let t_switch_us = monotonic_us();
     let before_switch = s.pages_sent;
@@ -364,7 +391,8 @@ fn precopy_and_switch(
             return Err(e);
         }
     };
-    let done = serde_json::to_vec(&DoneMsg { running: was_running }).map_err(|e| Error::Decode(e.to_string()))?;
+    let done = serde_json::to_vec(&DoneMsg { running: was_running })
+        .map_err(|source| Error::Encode { what: "Done", source })?;
     if let Err(e) = s.t.send(FrameKind::Done, &[&done]) {
         if was_running {
             inst.resume()?;
@@ -372,6 +400,7 @@ fn precopy_and_switch(
         return Err(e);
     }
     let done_sent = t_switch.elapsed();
+    phase.set(Phase::Resume);
     let resumed = match expect(s.t, FrameKind::Resumed, "Resumed", params) {
         Ok(f) => f,
         Err(Error::Peer { peer, msg }) => {
@@ -381,15 +410,16 @@ fn precopy_and_switch(
             }
             return Err(Error::Peer { peer, msg });
         }
-        Err(e) => {
-            return Err(Error::Decode(format!(
-                "{e}; the destination had the whole state and may be running the guest, so the source stays paused \
-                 (resume it with `cevm resume` only if the destination is not running)"
-            )))
-        }
+        // The destination may be running the guest: the source stays paused
+        // (`migrate_out` says so).
+        Err(e) => return Err(e),
     };
     let round_trip = ms(t_switch.elapsed());
-    let resumed: Resumed = serde_json::from_slice(&resumed).map_err(|e| Error::Decode(format!("Resumed: {e}")))?;
+    let resumed: Resumed = serde_json::from_slice(&resumed).map_err(|source| Error::BadMessage {
+        peer: s.t.peer(),
+        what: "Resumed",
+        source,
+    })?;
     // The guest was paused until the destination started its vCPUs: read on the
     // common clock when the destination is on this host, else estimated as the
     // source's part, the one-way latency of `Done` (half a round trip) and the

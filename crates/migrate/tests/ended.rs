@@ -30,7 +30,7 @@ fn a_guest_that_exited_is_not_migrated() {
     let params = migrate::Params::default();
     let r = migrate::migrate_local(&mut inst, &params, &progress, Box::new(std::io::sink()), tx2, &[]);
     match r {
-        Err(migrate::Error::GuestEnded) => {}
+        Err(migrate::Failure { error: migrate::Error::GuestEnded, guest: migrate::GuestAt::Ended, .. }) => {}
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("a guest that had exited was migrated"),
     }

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use cevm::api;
+use cevm::api::{CheckpointRequest, Client, ClientError};
 use cevm::child::{digest_of, CevmChild};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// Generous timeout for anything a guest does (these machines emulate guest code).
 pub const T: Duration = Duration::from_secs(240);
@@ -71,14 +71,19 @@ pub fn wait_for_file(path: &Path) {
     }
 }
 
-/// A checkpoint through the API (`stop` leaves the VM stopped).
-pub fn checkpoint(sock: &Path, out: &Path, stop: bool) -> Result<Value, api::ClientError> {
-    api::call(sock, "PUT", "/v1/checkpoint", Some(&json!({ "out": out, "stop": stop })), T)
+/// The API of the VMM at `sock`, waiting up to [`T`] for each answer.
+pub fn api(sock: &Path) -> Client {
+    Client::new(sock, T)
+}
+
+/// A stop-and-save checkpoint through the API (`stop` leaves the VM stopped).
+pub fn checkpoint(sock: &Path, out: &Path, stop: bool) -> Result<checkpoint::CheckpointReport, ClientError> {
+    api(sock).checkpoint(&CheckpointRequest { stop, ..CheckpointRequest::new(out.to_path_buf(), "stop-and-save") })
 }
 
 /// `PUT /v1/quit`, then the VMM must exit 0.
 pub fn quit(sock: &Path, vm: &mut CevmChild) {
-    api::call(sock, "PUT", "/v1/quit", None, T).unwrap();
+    api(sock).quit().unwrap();
     assert!(vm.finish(T).expect("VMM did not exit").success());
 }
 

@@ -1,0 +1,137 @@
+//! The control API: HTTP/1.1 with JSON bodies on a unix socket (mode 0600), like
+//! Firecracker's, so `curl --unix-socket PATH http://localhost/v1/status` works.
+//!
+//! | method | path            | body                                        | answer                      |
+//! |--------|-----------------|---------------------------------------------|-----------------------------|
+//! | GET    | /v1/status      |                                             | [`Status`]                  |
+//! | PUT    | /v1/pause       |                                             | [`Status`]                  |
+//! | PUT    | /v1/resume      |                                             | [`Status`]                  |
+//! | PUT    | /v1/checkpoint  | [`CheckpointRequest`]                       | `checkpoint::CheckpointReport` |
+//! | PUT    | /v1/migrate     | [`MigrateRequest`]                          | `migrate::Report`           |
+//! | GET    | /v1/migration   |                                             | `migrate::Progress` of the running (or last) migration |
+//! | PUT    | /v1/quit        |                                             | [`Status`], then the VMM exits |
+//!
+//! Errors answer 4xx/5xx with `{"error": "..."}` (and, where a migration or a
+//! checkpoint failed, `"guest"`: where the guest runs now). The version is in
+//! the path; a request for another version gets 404 naming the supported one.
+//!
+//! This module holds the wire types; [`server`] is the HTTP edge (the only place
+//! that knows status codes), [`client`] the typed client the CLI, the
+//! benchmarks and the tests use.
+
+pub mod client;
+pub mod server;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use client::{Client, ClientError};
+
+/// Version of the API, the `v1` of every path.
+pub const API_VERSION: u32 = 1;
+
+/// Body of `PUT /v1/checkpoint`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// Directory the checkpoint is committed to (absolute; replaced atomically if it exists).
+    pub out: PathBuf,
+    /// Strategy name (default `stop-and-save`).
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    /// Leave the VM stopped after the checkpoint (the VMM then exits).
+    #[serde(default)]
+    pub stop: bool,
+    /// The cevm strategy's new instance: `local` (default; thread-based, in this
+    /// VMM) or `unix:PATH` / `tcp:HOST:PORT`, a `cevm run --incoming` there
+    /// (process-based: the guest goes on there, this VMM writes the checkpoint
+    /// and ends).
+    #[serde(default)]
+    pub to: Option<String>,
+    /// cevm strategy, placement (seed: "scheduling possibilities"): CPUs for the
+    /// thread that runs the live migration.
+    #[serde(default)]
+    pub migration_cpus: Option<vmm::placement::CpuList>,
+    /// cevm strategy, thread-based: CPUs for the new instance's vCPU threads.
+    #[serde(default)]
+    pub dest_vcpu_cpus: Option<vmm::placement::CpuList>,
+    /// cevm strategy: CPUs for the thread that writes the checkpoint from the
+    /// old instance (and the disk hand-over it starts).
+    #[serde(default)]
+    pub writer_cpus: Option<vmm::placement::CpuList>,
+}
+
+impl CheckpointRequest {
+    /// A request for strategy `strategy` into `out`, nothing else set.
+    pub fn new(out: PathBuf, strategy: &str) -> Self {
+        CheckpointRequest {
+            out,
+            strategy: strategy.into(),
+            stop: false,
+            to: None,
+            migration_cpus: None,
+            dest_vcpu_cpus: None,
+            writer_cpus: None,
+        }
+    }
+
+    /// The request that takes a checkpoint by `method` into `out`; a
+    /// process-based method's new instance waits at `to`. `None` for the
+    /// migrations, which write nothing (see [`MigrateRequest::of_method`]).
+    pub fn of_method(method: checkpoint::Method, out: PathBuf, to: Option<String>) -> Option<Self> {
+        method.writes_checkpoint().then(|| CheckpointRequest {
+            to: if method.process_based() { to } else { None },
+            ..CheckpointRequest::new(out, method.strategy())
+        })
+    }
+}
+
+/// Body of `PUT /v1/migrate`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// `local` (thread-based: a new instance in this process), `unix:PATH` or
+    /// `tcp:HOST:PORT` (process-based: a `cevm run --incoming` there).
+    pub to: String,
+    /// Convergence policy; defaults as `migrate::Params::default()`.
+    #[serde(default)]
+    pub params: migrate::Params,
+    /// CPUs for the thread that runs the migration (e.g. `1`; default: anywhere).
+    #[serde(default)]
+    pub migration_cpus: Option<vmm::placement::CpuList>,
+    /// CPUs for the new instance's vCPU threads, thread-based only (a process-based
+    /// destination places its own with `cevm run --incoming --vcpu-cpus`).
+    #[serde(default)]
+    pub dest_vcpu_cpus: Option<vmm::placement::CpuList>,
+}
+
+impl MigrateRequest {
+    /// A migration to `to` (`local`, `unix:PATH`, `tcp:HOST:PORT`) with the
+    /// default convergence policy.
+    pub fn new(to: &str) -> Self {
+        MigrateRequest { to: to.into(), params: migrate::Params::default(), migration_cpus: None, dest_vcpu_cpus: None }
+    }
+
+    /// The request of a migration `method` (`local`, or `to` when
+    /// process-based); `None` for the methods that write a checkpoint.
+    pub fn of_method(method: checkpoint::Method, to: &str) -> Option<Self> {
+        let to = if method.process_based() { to } else { "local" };
+        (!method.writes_checkpoint()).then(|| MigrateRequest::new(to))
+    }
+}
+
+fn default_strategy() -> String {
+    "stop-and-save".into()
+}
+
+/// Answer of status, pause, resume and quit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub api_version: u32,
+    /// `running`, `paused` or `stopping`.
+    pub state: String,
+    pub guest: vmm::InstanceConfig,
+    /// Checkpoints committed by this VMM process.
+    pub checkpoints: u64,
+}

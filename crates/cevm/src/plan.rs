@@ -1,0 +1,221 @@
+//! Requests turned into plans, once, at the edge: a [`CheckpointPlan`] or a
+//! [`MigrationPlan`] cannot hold an invalid combination (a stop-and-save with a
+//! destination, a CEVM checkpoint that stops the VM, a remote destination with
+//! CPUs for its vCPUs), so the controller never checks them again.
+
+use std::path::PathBuf;
+
+use checkpoint::Method;
+use vmm::placement::CpuList;
+
+use crate::api::{CheckpointRequest, MigrateRequest};
+
+/// Where a live migration's new instance runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Target {
+    /// In this VMM process (thread-based), its vCPU threads on these CPUs
+    /// (none: anywhere).
+    Local { vcpu_cpus: Option<CpuList> },
+    /// In the `cevm run --incoming` waiting at this endpoint (process-based); it
+    /// places its own vCPUs.
+    Remote(migrate::Endpoint),
+}
+
+impl Target {
+    /// Parses `local`, `unix:PATH` or `tcp:HOST:PORT`; `vcpu_cpus` only for `local`.
+    pub fn parse(to: &str, vcpu_cpus: Option<CpuList>) -> Result<Target, PlanError> {
+        if to == "local" {
+            return Ok(Target::Local { vcpu_cpus });
+        }
+        let endpoint = to.parse().map_err(|e| PlanError::Target(format!("{e} (or `local`)")))?;
+        if vcpu_cpus.is_some() {
+            return Err(PlanError::RemoteVcpuCpus);
+        }
+        Ok(Target::Remote(endpoint))
+    }
+
+    /// `local`, or the endpoint.
+    pub fn name(&self) -> String {
+        match self {
+            Target::Local { .. } => "local".into(),
+            Target::Remote(e) => e.to_string(),
+        }
+    }
+}
+
+/// A checkpoint to take.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CheckpointPlan {
+    /// Pause, write, resume (or stay stopped: the VMM then ends).
+    StopAndSave { out: PathBuf, stop: bool },
+    /// CEVM: live-migrate the guest to `to`; the old instance writes the checkpoint.
+    Cevm(CevmPlan),
+}
+
+/// A CEVM checkpoint to take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CevmPlan {
+    /// The directory the checkpoint is committed to (absolute).
+    pub out: PathBuf,
+    /// Where the guest goes on.
+    pub to: Target,
+    /// CPUs for the thread that runs the live migration.
+    pub migration_cpus: Option<CpuList>,
+    /// CPUs for the thread that writes the checkpoint from the old instance
+    /// (and the disk hand-over it starts).
+    pub writer_cpus: Option<CpuList>,
+}
+
+impl CheckpointPlan {
+    /// The plan of a periodic checkpoint into `out`: `method` with nothing placed.
+    pub fn periodic(method: Method, out: PathBuf) -> CheckpointPlan {
+        match method {
+            Method::CevmThread | Method::CevmProcess => CheckpointPlan::Cevm(CevmPlan {
+                out,
+                to: Target::Local { vcpu_cpus: None },
+                migration_cpus: None,
+                writer_cpus: None,
+            }),
+            _ => CheckpointPlan::StopAndSave { out, stop: false },
+        }
+    }
+
+    /// Where the checkpoint goes.
+    pub fn out(&self) -> &std::path::Path {
+        match self {
+            CheckpointPlan::StopAndSave { out, .. } => out,
+            CheckpointPlan::Cevm(c) => &c.out,
+        }
+    }
+
+    /// The method it takes the checkpoint with.
+    pub fn method(&self) -> Method {
+        match self {
+            CheckpointPlan::StopAndSave { .. } => Method::StopAndSave,
+            CheckpointPlan::Cevm(c) => c.method(),
+        }
+    }
+}
+
+impl CevmPlan {
+    /// Thread- or process-based, by where the guest goes on.
+    pub fn method(&self) -> Method {
+        match self.to {
+            Target::Local { .. } => Method::CevmThread,
+            Target::Remote(_) => Method::CevmProcess,
+        }
+    }
+}
+
+/// A live migration to run.
+#[derive(Clone, Debug)]
+pub struct MigrationPlan {
+    pub to: Target,
+    pub params: migrate::Params,
+    /// CPUs for the thread that runs the migration.
+    pub migration_cpus: Option<CpuList>,
+}
+
+/// Why a request cannot be served as asked.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    #[error("`out` must be an absolute path, not {0}")]
+    RelativeOut(PathBuf),
+    #[error("{0}")]
+    Strategy(String),
+    #[error("--to {0}")]
+    Target(String),
+    #[error("dest_vcpu_cpus is for a new instance in this VMM; a process-based one places its own vCPUs (cevm run --incoming --vcpu-cpus)")]
+    RemoteVcpuCpus,
+    #[error("to, migration_cpus, dest_vcpu_cpus and writer_cpus are for the cevm strategy")]
+    CevmOnly,
+    #[error("--stop ends the VM: use the stop-and-save strategy for that")]
+    CevmStop,
+}
+
+impl TryFrom<CheckpointRequest> for CheckpointPlan {
+    type Error = PlanError;
+    fn try_from(r: CheckpointRequest) -> Result<Self, PlanError> {
+        if !r.out.is_absolute() {
+            return Err(PlanError::RelativeOut(r.out));
+        }
+        match Method::of_strategy(&r.strategy, false).map_err(PlanError::Strategy)? {
+            Method::StopAndSave => {
+                let cevm_only = r.to.is_some()
+                    || r.migration_cpus.is_some()
+                    || r.dest_vcpu_cpus.is_some()
+                    || r.writer_cpus.is_some();
+                if cevm_only {
+                    return Err(PlanError::CevmOnly);
+                }
+                Ok(CheckpointPlan::StopAndSave { out: r.out, stop: r.stop })
+            }
+            _ => {
+                if r.stop {
+                    return Err(PlanError::CevmStop);
+                }
+                let to = Target::parse(r.to.as_deref().unwrap_or("local"), r.dest_vcpu_cpus)?;
+                Ok(CheckpointPlan::Cevm(CevmPlan {
+                    out: r.out,
+                    to,
+                    migration_cpus: r.migration_cpus,
+                    writer_cpus: r.writer_cpus,
+                }))
+            }
+        }
+    }
+}
+
+impl TryFrom<MigrateRequest> for MigrationPlan {
+    type Error = PlanError;
+    fn try_from(r: MigrateRequest) -> Result<Self, PlanError> {
+        Ok(MigrationPlan {
+            to: Target::parse(&r.to, r.dest_vcpu_cpus)?,
+            params: r.params,
+            migration_cpus: r.migration_cpus,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(strategy: &str) -> CheckpointRequest {
+        CheckpointRequest::new("/ck".into(), strategy)
+    }
+
+    #[test]
+    fn every_invalid_combination_is_refused_by_name() {
+        let cases = [
+            (CheckpointRequest { out: "rel".into(), ..req("stop-and-save") }, PlanError::RelativeOut("rel".into())),
+            (CheckpointRequest { to: Some("local".into()), ..req("stop-and-save") }, PlanError::CevmOnly),
+            (CheckpointRequest { writer_cpus: Some(CpuList(vec![1])), ..req("stop-and-save") }, PlanError::CevmOnly),
+            (CheckpointRequest { stop: true, ..req("cevm") }, PlanError::CevmStop),
+            (
+                CheckpointRequest { to: Some("unix:/x".into()), dest_vcpu_cpus: Some(CpuList(vec![0])), ..req("cevm") },
+                PlanError::RemoteVcpuCpus,
+            ),
+        ];
+        for (r, e) in cases {
+            assert_eq!(CheckpointPlan::try_from(r), Err(e));
+        }
+        let e = CheckpointPlan::try_from(CheckpointRequest { to: Some("ftp:x".into()), ..req("cevm") }).unwrap_err();
+        assert!(e.to_string().starts_with("--to ") && e.to_string().ends_with("(or `local`)"), "{e}");
+        let e = CheckpointPlan::try_from(req("fast")).unwrap_err();
+        assert!(e.to_string().contains("unknown checkpoint strategy `fast`"), "{e}");
+    }
+
+    #[test]
+    fn valid_requests_become_their_plans() {
+        assert_eq!(
+            CheckpointPlan::try_from(CheckpointRequest { stop: true, ..req("stop-and-save") }),
+            Ok(CheckpointPlan::StopAndSave { out: "/ck".into(), stop: true })
+        );
+        let p = CheckpointPlan::try_from(CheckpointRequest { to: Some("unix:/d.sock".into()), ..req("cevm") }).unwrap();
+        assert_eq!(p.method(), Method::CevmProcess);
+        assert_eq!(p.out(), std::path::Path::new("/ck"));
+        let p = CheckpointPlan::try_from(CheckpointRequest { dest_vcpu_cpus: Some(CpuList(vec![1])), ..req("cevm") });
+        assert!(matches!(p, Ok(CheckpointPlan::Cevm(CevmPlan { to: Target::Local { vcpu_cpus: Some(_) }, .. }))));
+    }
+}
