@@ -20,7 +20,7 @@ pub fn describe(dir: &Path, as_json: bool) -> Result<String, checkpoint::Error> 
                               "msrs": v.msrs.len(), "tsc_khz": v.tsc_khz })
             })
             .collect();
-        let v = json!({ "dir": dir, "manifest": m, "vcpus": vcpus, "serial": open.state.devices.serial });
+        let v = json!({ "dir": dir, "manifest": m, "vcpus": vcpus, "serial": open.state.devices.section("serial") });
         return Ok(serde_json::to_string_pretty(&v).unwrap_or_default());
     }
     let mut s = String::new();

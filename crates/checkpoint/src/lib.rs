@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use snapshot::{
     Checkpoint, CheckpointWriter, MemoryLayout, MemoryRegionLayout, MemorySource, MemoryStats, MemoryTarget,
 };
+use vmm::persist::codec::{self, CodecError, Encoding};
 use vmm::{Instance, InstanceConfig, InstanceState, VmEvent};
 
 /// Errors of checkpoint and restore.
@@ -40,6 +41,10 @@ pub enum Error {
     /// The state could not be serialized.
     #[error("cannot serialize the instance state: {0}")]
     Encode(String),
+    /// The state file holds no instance state this cevm reads (another state
+    /// version, or damaged content under a valid checksum).
+    #[error("{path}: {source}")]
+    State { path: PathBuf, source: CodecError },
     /// The strategy cannot checkpoint this guest.
     #[error("{0}")]
     Unsupported(String),
@@ -226,7 +231,7 @@ struct Written {
 /// with `handover`, T handed over as described at [`write_frozen`]).
 fn write_paused(instance: &mut Instance, out: &Path, method: Method, handover: Option<Handover>) -> Result<Written> {
     let state = instance.save_state()?;
-    let state_json = serde_json::to_vec(&state).map_err(|e| Error::Encode(e.to_string()))?;
+    let state_json = codec::encode(&state, Encoding::Json).map_err(|e| Error::Encode(e.to_string()))?;
     let mut writer = CheckpointWriter::create(out)?;
     // The hand-over starts first and runs beside the memory write; whatever
     // happens to the checkpoint, it is waited for (see `DiskJob`).
@@ -399,8 +404,8 @@ pub fn open(dir: &Path) -> Result<OpenCheckpoint> {
     let config: InstanceConfig = serde_json::from_value(checkpoint.manifest.guest.clone())
         .map_err(|e| Error::Decode { path: manifest_path.clone(), reason: format!("guest configuration: {e}") })?;
     let state_path = dir.join(snapshot::STATE_FILE);
-    let state: InstanceState = serde_json::from_slice(&checkpoint.read_file(snapshot::STATE_FILE)?)
-        .map_err(|e| Error::Decode { path: state_path.clone(), reason: format!("instance state: {e}") })?;
+    let state = codec::decode(&checkpoint.read_file(snapshot::STATE_FILE)?, Encoding::Json)
+        .map_err(|source| Error::State { path: state_path.clone(), source })?;
     if state.vcpus.len() != config.vcpus as usize {
         return Err(Error::Decode {
             path: state_path,

@@ -1,9 +1,10 @@
 //! cevm's devices. Each device is logic without I/O of its own: it takes register
-//! reads and writes from the VMM's bus and exposes a plain, serde-serializable state
-//! struct (`state()` to save, `from_state()` to restore), so it can be tested and
-//! checkpointed without KVM.
+//! reads and writes from the VMM's bus and keeps the persistence contract of
+//! [`persist`]: a plain, serde-serializable state struct, `save` and `restore`, so
+//! it can be tested and checkpointed without KVM.
 
 pub mod exit;
+pub mod persist;
 pub mod power;
 pub mod serial;
 pub mod virtio;
@@ -24,8 +25,9 @@ mod test_util {
 }
 
 pub use exit::ExitPort;
+pub use persist::{Device, Persist};
 pub use power::AcpiPower;
-pub use serial::{Serial, SerialState};
+pub use serial::{Serial, SerialResources, SerialState};
 
 /// Guest memory as cevm maps it: every write the VMM itself makes through it
 /// (device DMA, virtqueue updates, loaders) is recorded in a per-page dirty bitmap,

@@ -8,6 +8,7 @@ use vm_superio::serial::{NoEvents, SerialState as SuperioState};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::persist::{Device, Persist};
 use crate::{IoAction, PioDevice};
 
 /// IIR: the transmitter-empty and received-data interrupts are pending.
@@ -91,27 +92,44 @@ pub struct Serial {
     uart: vm_superio::Serial<IrqEvent, NoEvents, Box<dyn Write + Send>>,
 }
 
+/// What a UART is built on: its interrupt line (an eventfd the VMM registers as a
+/// KVM irqfd) and where its output goes.
+pub struct SerialResources {
+    pub irq: EventFd,
+    pub out: Box<dyn Write + Send>,
+}
+
 impl Serial {
     /// A UART in its reset state.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Serial { uart: vm_superio::Serial::new(IrqEvent(irq), out) }
     }
+}
 
-    /// A UART in a saved state.
-    pub fn from_state(state: &SerialState, irq: EventFd, out: Box<dyn Write + Send>) -> Result<Self, Error> {
+impl Persist for Serial {
+    type State = SerialState;
+    type Resources = SerialResources;
+    type Error = Error;
+
+    fn save(&self) -> Result<SerialState, Error> {
+        Ok(self.uart.state().into())
+    }
+
+    fn restore(resources: SerialResources, state: &SerialState) -> Result<Self, Error> {
+        let SerialResources { irq, out } = resources;
         let uart = vm_superio::Serial::from_state(&state.into(), IrqEvent(irq), NoEvents, out).map_err(Error::State)?;
         Ok(Serial { uart })
     }
+}
 
-    /// The UART's state, to save.
-    pub fn state(&self) -> SerialState {
-        self.uart.state().into()
+impl Device for Serial {
+    fn create(resources: SerialResources) -> Self {
+        Serial::new(resources.irq, resources.out)
     }
 
     /// Raises the interrupt line again if the UART holds an enabled interrupt the
     /// guest has not yet taken (IIR names it, IER enables it: the condition under
-    /// which vm-superio raises it on restore), for a UART restored from a saved
-    /// state, once the VM's irqchip state is loaded.
+    /// which vm-superio raises it on restore).
     ///
     /// vm-superio raises such an interrupt when it restores the state, but the VMM
     /// builds the devices before it loads the saved irqchip, which then overwrites
@@ -123,7 +141,7 @@ impl Serial {
     /// interrupt IIR already names), and the guest's console falls silent after
     /// the switch. A second delivery of an interrupt the guest did take is
     /// harmless: its handler finds IIR empty.
-    pub fn reassert_pending_interrupt(&self) -> std::io::Result<()> {
+    fn reassert_pending_interrupt(&self) -> std::io::Result<()> {
         let s = self.uart.state();
         let (iir, ier) = (s.interrupt_identification, s.interrupt_enable);
         let thr = iir & IIR_THR_EMPTY != 0 && ier & IER_THR_EMPTY != 0;
@@ -186,9 +204,9 @@ mod tests {
 
         // Saved before the guest's handler read IIR: the restored UART raises it
         // again.
-        let pending = serde_json_roundtrip(&src.state());
+        let pending = serde_json_roundtrip(&src.save().unwrap());
         let dst_irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut dst = Serial::from_state(&pending, dst_irq.try_clone().unwrap(), Box::new(sink.clone())).unwrap();
+        let mut dst = restored(&pending, dst_irq.try_clone().unwrap(), sink.clone()).unwrap();
         // vm-superio raises it while restoring, before a VMM can have loaded the
         // VM's irqchip (which then overwrites it); the VMM raises it once more after.
         raised(&dst_irq);
@@ -207,15 +225,15 @@ mod tests {
         let mut masked = pending.clone();
         masked.interrupt_enable = 0;
         let dst_irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let dst = Serial::from_state(&masked, dst_irq.try_clone().unwrap(), Box::new(sink.clone())).unwrap();
+        let dst = restored(&masked, dst_irq.try_clone().unwrap(), sink.clone()).unwrap();
         dst.reassert_pending_interrupt().unwrap();
         assert!(!raised(&dst_irq));
 
         // Saved after the handler read IIR: nothing to raise.
         src.read(2, &mut iir);
-        let taken = serde_json_roundtrip(&src.state());
+        let taken = serde_json_roundtrip(&src.save().unwrap());
         let dst_irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let dst = Serial::from_state(&taken, dst_irq.try_clone().unwrap(), Box::new(sink)).unwrap();
+        let dst = restored(&taken, dst_irq.try_clone().unwrap(), sink).unwrap();
         assert!(!raised(&dst_irq));
         dst.reassert_pending_interrupt().unwrap();
         assert!(!raised(&dst_irq));
@@ -231,9 +249,9 @@ mod tests {
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
         s.write(7, &[0x5a]); // scratch register
         s.write(3, &[0x03]); // 8N1
-        let st = s.state();
+        let st = s.save().unwrap();
         let json = serde_json_roundtrip(&st);
-        let mut r = Serial::from_state(&json, EventFd::new(0).unwrap(), Box::new(sink)).unwrap();
+        let mut r = restored(&json, EventFd::new(0).unwrap(), sink).unwrap();
         let mut v = [0u8; 1];
         r.read(7, &mut v);
         assert_eq!(v[0], 0x5a);
@@ -242,6 +260,10 @@ mod tests {
         // LSR says the transmitter is empty, so a guest's putc loop never stalls.
         r.read(5, &mut v);
         assert_ne!(v[0] & 0x20, 0);
+    }
+
+    fn restored(state: &SerialState, irq: EventFd, out: Sink) -> Result<Serial, Error> {
+        Serial::restore(SerialResources { irq, out: Box::new(out) }, state)
     }
 
     fn serde_json_roundtrip(s: &SerialState) -> SerialState {

@@ -84,6 +84,13 @@ pub enum Error {
         Some(why) => format!("completing the guest's disk from T directly failed too: {why}"),
     })]
     HandoverNotStarted { error: Box<Error>, fallback: Option<String> },
+    /// A page of guest memory could not be read (an address outside guest RAM).
+    #[error("reading the guest page at {gpa:#x}: {source}")]
+    GuestMemory {
+        gpa: u64,
+        #[source]
+        source: vmm::vm_memory::GuestMemoryError,
+    },
     /// The guest ended (exited, powered off, reset or failed) before the switch;
     /// it was not moved.
     #[error("the guest ended before the switch (it exited, powered off or failed); it was not moved")]

@@ -22,6 +22,7 @@
 //! frames both ways until it ends.
 
 use serde::{Deserialize, Serialize};
+use vmm::persist::codec::{self, CodecError, Encoding};
 
 /// Version of the migration stream. A peer speaking another version is refused.
 pub const PROTOCOL_VERSION: u32 = 4;
@@ -45,9 +46,10 @@ pub enum FrameKind {
     Ready = 2,
     /// Source → destination: a batch of guest pages ([`encode_pages`]).
     Pages = 3,
-    /// Source → destination: the instance state (`vmm::InstanceState` in postcard's
-    /// binary serde format: KVM's state structs travel as raw bytes, which JSON
-    /// would spell out number by number, in the middle of the guest's downtime).
+    /// Source → destination: the instance state, in the binary encoding of
+    /// `vmm::persist::codec`, with its own state version (KVM's state structs
+    /// travel as raw bytes, which JSON would spell out number by number, in the
+    /// middle of the guest's downtime).
     State = 4,
     /// Source → destination: everything is sent; start the guest.
     Done = 5,
@@ -103,6 +105,9 @@ pub enum FrameError {
     /// A payload does not decode.
     #[error("malformed {kind:?} frame: {reason}")]
     Payload { kind: FrameKind, reason: String },
+    /// The `State` frame holds no instance state this cevm reads.
+    #[error("State frame: {0}")]
+    State(#[source] CodecError),
 }
 
 /// A decoded frame header.
@@ -203,14 +208,16 @@ pub fn monotonic_us() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
-/// Encodes the instance state for a `State` frame.
+/// Encodes the instance state for a `State` frame (the state codec's binary
+/// encoding, current state version).
 pub fn encode_state(state: &vmm::InstanceState) -> Result<Vec<u8>, FrameError> {
-    postcard::to_stdvec(state).map_err(|e| FrameError::Payload { kind: FrameKind::State, reason: e.to_string() })
+    codec::encode(state, Encoding::Binary).map_err(FrameError::State)
 }
 
-/// Decodes a `State` frame's payload.
+/// Decodes a `State` frame's payload: a state of the current or the previous
+/// state version.
 pub fn decode_state(payload: &[u8]) -> Result<vmm::InstanceState, FrameError> {
-    postcard::from_bytes(payload).map_err(|e| FrameError::Payload { kind: FrameKind::State, reason: e.to_string() })
+    codec::decode(payload, Encoding::Binary).map_err(FrameError::State)
 }
 
 /// Payload of an `Error` frame.

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vmm::instance::RunState;
+use vmm::vm_memory::{Bytes, GuestAddress};
 use vmm::Instance;
 
 use crate::protocol::{encode_page_table, encode_state, monotonic_us, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
@@ -13,6 +14,8 @@ use crate::{Error, Failure, GuestAt, Params, Phase, Placement, Progress, Report,
 
 /// Pages per `Pages` frame (1 MiB of data at most).
 const BATCH_PAGES: usize = 256;
+/// Bytes of the page table of a full `Pages` frame (see `encode_page_table`).
+const FULL_TABLE: usize = 8 + 8 * BATCH_PAGES;
 /// Auto-converge: first throttle, step, ceiling (percent of time the vCPUs are held).
 const THROTTLE_START: u32 = 20;
 const THROTTLE_STEP: u32 = 10;
@@ -25,12 +28,10 @@ pub(crate) struct DoneMsg {
     pub running: bool,
 }
 
-/// A RAM range as raw host memory, so that the engine can read pages while it
-/// also pauses and resumes the instance (which needs `&mut Instance`).
+/// A RAM range of the guest: where it starts, how long it is.
 #[derive(Clone, Copy)]
 struct Ram {
     gpa: u64,
-    host: *const u8,
     len: usize,
 }
 
@@ -45,10 +46,17 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Sends pages in frames of up to [`BATCH_PAGES`], paced to the bandwidth cap.
+/// Pages are read through vm-memory's volatile accessors, on a handle of the
+/// instance's guest memory of its own (the mappings are shared and live as long
+/// as any handle does), so that the engine can read pages while it also pauses
+/// and resumes the instance (which needs `&mut Instance`).
 struct PageSender<'t> {
     t: &'t mut dyn Transport,
+    mem: vmm::memory::GuestMemoryMmap,
     entries: Vec<PageEntry>,
-    data: Vec<(*const u8, usize)>,
+    /// The next frame's payload: room for a full page table, then the data of
+    /// its non-zero pages, copied out of guest memory once, as they are queued.
+    payload: Vec<u8>,
     pages_sent: u64,
     zero_pages: u64,
     bytes_sent: u64,
@@ -62,11 +70,12 @@ struct PageSender<'t> {
 }
 
 impl<'t> PageSender<'t> {
-    fn new(t: &'t mut dyn Transport, cap_mib_s: f64) -> Self {
+    fn new(t: &'t mut dyn Transport, mem: vmm::memory::GuestMemoryMmap, cap_mib_s: f64) -> Self {
         PageSender {
             t,
+            mem,
             entries: Vec::with_capacity(BATCH_PAGES),
-            data: Vec::with_capacity(BATCH_PAGES),
+            payload: new_payload(),
             pages_sent: 0,
             zero_pages: 0,
             bytes_sent: 0,
@@ -77,16 +86,20 @@ impl<'t> PageSender<'t> {
         }
     }
 
-    /// Queues the page at `host` (guest address `gpa`). `skip_zero`: a zero page
-    /// needs no marker (the destination's page is known to be zero).
-    fn push(&mut self, gpa: u64, host: *const u8, skip_zero: bool) -> Result<()> {
-        // SAFETY: `host` points at a whole guest page inside a mapping the instance
-        // owns for as long as it lives (the caller holds `&mut Instance`). The guest
-        // may write the page while it is read: a torn copy is harmless, because such
-        // a write is in KVM's dirty log and the page is sent again later (the last
-        // time with every vCPU paused).
-        let page = unsafe { std::slice::from_raw_parts(host, PAGE_SIZE) };
-        if is_zero(page) {
+    /// Queues the page at guest address `gpa`. `skip_zero`: a zero page needs no
+    /// marker (the destination's page is known to be zero).
+    fn push(&mut self, gpa: u64, skip_zero: bool) -> Result<()> {
+        // A volatile copy straight into the frame: the guest may write the page
+        // while it is read, and a torn copy is harmless, because such a write is
+        // in KVM's dirty log and the page is sent again later (the last time with
+        // every vCPU paused). The frame's checksum then covers exactly the bytes
+        // sent.
+        let start = self.payload.len();
+        self.mem
+            .write_all_volatile_to(GuestAddress(gpa), &mut self.payload, PAGE_SIZE)
+            .map_err(|source| Error::GuestMemory { gpa, source })?;
+        if is_zero(&self.payload[start..]) {
+            self.payload.truncate(start);
             self.zero_pages += 1;
             if skip_zero {
                 return Ok(());
@@ -94,7 +107,6 @@ impl<'t> PageSender<'t> {
             self.entries.push(PageEntry { gpa, zero: true });
         } else {
             self.entries.push(PageEntry { gpa, zero: false });
-            self.data.push((host, PAGE_SIZE));
         }
         if self.entries.len() == BATCH_PAGES {
             self.flush()?;
@@ -118,15 +130,15 @@ impl<'t> PageSender<'t> {
         if self.entries.is_empty() {
             return Ok(());
         }
-        // The pages are copied out of guest memory once, into the frame: the frame's
-        // checksum must cover exactly the bytes sent, and a running guest may change
-        // a page between checksumming and writing it.
-        let mut payload = encode_page_table(&self.entries);
-        payload.reserve(self.data.len() * PAGE_SIZE);
-        for &(p, n) in &self.data {
-            // SAFETY: as in `push`: a page of guest memory that outlives this call.
-            payload.extend_from_slice(unsafe { std::slice::from_raw_parts(p, n) });
+        // The table goes right before the data: a frame of fewer pages than a
+        // full one (the last of a round) moves its data down to meet it.
+        let table = encode_page_table(&self.entries);
+        let mut payload = std::mem::replace(&mut self.payload, new_payload());
+        if table.len() < FULL_TABLE {
+            payload.copy_within(FULL_TABLE.., table.len());
+            payload.truncate(payload.len() - (FULL_TABLE - table.len()));
         }
+        payload[..table.len()].copy_from_slice(&table);
         let bytes = payload.len() as u64;
         self.t.send_owned(FrameKind::Pages, payload)?;
         self.pages_sent += self.entries.len() as u64;
@@ -140,9 +152,16 @@ impl<'t> PageSender<'t> {
             }
         }
         self.entries.clear();
-        self.data.clear();
         Ok(())
     }
+}
+
+/// An empty `Pages` payload: room for a full page table (filled in when the
+/// frame is sent), and capacity for a full frame's data.
+fn new_payload() -> Vec<u8> {
+    let mut payload = Vec::with_capacity(FULL_TABLE + BATCH_PAGES * PAGE_SIZE);
+    payload.resize(FULL_TABLE, 0);
+    payload
 }
 
 /// Publishes a change to the migration's progress.
@@ -162,9 +181,7 @@ fn push_dirty(s: &mut PageSender<'_>, ram: &[Ram], bitmaps: &[Vec<u64>]) -> Resu
                 word &= word - 1;
                 let off = page * PAGE_SIZE;
                 if off + PAGE_SIZE <= r.len {
-                    // SAFETY: `off + PAGE_SIZE <= len`: inside the range's mapping.
-                    let host = unsafe { r.host.add(off) };
-                    s.push(r.gpa + off as u64, host, false)?;
+                    s.push(r.gpa + off as u64, false)?;
                 }
             }
         }
@@ -261,15 +278,11 @@ fn precopy_and_switch(
 ) -> Result<Report> {
     // Writes the VMM made before now (boot loaders) are covered by the full pass.
     inst.harvest_dirty_pages()?;
-    let ram: Vec<Ram> = {
-        // SAFETY: only the base pointers and lengths are kept; pages are read through
-        // them while `inst` (which owns the mappings) is borrowed by this function.
-        let slices = unsafe { inst.memory().live_slices() };
-        slices.iter().map(|(gpa, s)| Ram { gpa: *gpa, host: s.as_ptr(), len: s.len() }).collect()
-    };
+    let ram: Vec<Ram> =
+        inst.memory().ranges().iter().map(|r| Ram { gpa: r.guest_addr, len: r.size as usize }).collect();
     let extents = inst.memory().data_extents();
     let pages_total = inst.memory().pages();
-    let mut s = PageSender::new(t, params.max_bandwidth_mib_s);
+    let mut s = PageSender::new(t, inst.memory().mmap().clone(), params.max_bandwidth_mib_s);
     let mut rounds = 0u32;
     // Auto-converge only ever raises it, so its last value is its highest.
     let mut throttle = 0u32;
@@ -286,9 +299,7 @@ fn precopy_and_switch(
             for e in ext {
                 let mut off = (e.start as usize) & !(PAGE_SIZE - 1);
                 while off < e.end as usize && off + PAGE_SIZE <= r.len {
-                    // SAFETY: `off + PAGE_SIZE <= len`: inside the range's mapping.
-                    let host = unsafe { r.host.add(off) };
-                    s.push(r.gpa + off as u64, host, true)?;
+                    s.push(r.gpa + off as u64, true)?;
                     off += PAGE_SIZE;
                 }
             }

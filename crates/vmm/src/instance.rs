@@ -10,12 +10,10 @@ use std::time::{Duration, Instant};
 use std::path::PathBuf;
 
 use devices::virtio::block::Block;
-use devices::virtio::mmio::MmioTransport;
-use devices::{AcpiPower, ExitPort, Serial};
-use kvm_bindings::{
-    kvm_irqchip, kvm_msr_entry, kvm_pit_config, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use devices::virtio::mmio::{MmioResources, MmioTransport};
+use devices::virtio::VirtioDevice;
+use devices::{AcpiPower, ExitPort, Serial, SerialResources};
+use kvm_bindings::{kvm_msr_entry, kvm_pit_config, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
@@ -27,8 +25,9 @@ use crate::layout::{
     VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::memory::{GuestMemory, MemoryBackend};
-use crate::state::{DeviceStates, InstanceState, VcpuState, VmState};
-use crate::vcpu::{self, kick_signal, Buses, RunControl, Vcpu, VcpuCommand};
+use crate::persist::{device_ids, DeviceSet, DeviceStates, KvmVm, Persist};
+use crate::state::{InstanceState, VcpuState};
+use crate::vcpu::{self, kick_signal, Buses, FreshVcpu, RunControl, Vcpu, VcpuCommand};
 use crate::{acpi, boot, linux};
 use crate::{Error, Result, VmEvent};
 
@@ -228,7 +227,8 @@ pub struct Instance {
     config: InstanceConfig,
     vm: VmFd,
     memory: GuestMemory,
-    serial: Arc<Mutex<Serial>>,
+    /// Every device, for saving and restoring them.
+    devices: DeviceSet,
     buses: Arc<Buses>,
     block: Option<Arc<Mutex<MmioTransport<Block>>>>,
     ctl: Arc<RunControl>,
@@ -325,32 +325,20 @@ impl Instance {
                 config.mem_size
             )));
         }
-        let inst = Self::create(config, console, Some(&state.devices), Some(shell), events)?;
-        let vm = &inst.vm;
-        for (chip, saved) in [&state.vm.pic_master, &state.vm.pic_slave, &state.vm.ioapic].into_iter().enumerate() {
-            if saved.chip_id != chip as u32 {
-                return Err(Error::Config(format!("irqchip {chip} of the state is chip {}", saved.chip_id)));
-            }
-            vm.set_irqchip(saved).map_err(|e| Error::Kvm("KVM_SET_IRQCHIP", e))?;
-        }
-        vm.set_pit2(&state.vm.pit).map_err(|e| Error::Kvm("KVM_SET_PIT2", e))?;
-        let host_tsc = inst.idle_vcpus[0].fd().get_tsc_khz().ok();
-        for (v, s) in inst.idle_vcpus.iter().zip(&state.vcpus) {
-            v.restore(s, host_tsc)?;
-        }
-        // The guest's clock goes on from the saved instant (flags cleared: no
-        // adjustment for the time the checkpoint spent on disk).
-        let mut clock = state.vm.clock;
-        clock.flags = 0;
-        vm.set_clock(&clock).map_err(|e| Error::Kvm("KVM_SET_CLOCK", e))?;
+        let mut inst = Self::create(config, console, Some(&state.devices), Some(shell), events)?;
+        KvmVm::restore(&inst.vm, &state.vm)?;
+        let host_tsc_khz = inst.idle_vcpus[0].fd().get_tsc_khz().ok();
+        let fresh = std::mem::take(&mut inst.idle_vcpus);
+        inst.idle_vcpus = fresh
+            .into_iter()
+            .zip(&state.vcpus)
+            .map(|(vcpu, saved)| Vcpu::restore(FreshVcpu { vcpu, host_tsc_khz }, saved))
+            .collect::<Result<_>>()?;
         // Interrupts the devices hold and the guest has not taken, raised again now
         // that the irqchip is loaded: the saved irqchip can lack them (an irqfd is
         // delivered asynchronously), and loading it overwrote what the UART raised
         // while it was being restored.
-        lock(&inst.serial).reassert_pending_interrupt().map_err(|e| Error::Device(format!("serial interrupt: {e}")))?;
-        if let Some(b) = &inst.block {
-            lock(b).reassert_pending_interrupt().map_err(|e| Error::Device(format!("virtio-blk interrupt: {e}")))?;
-        }
+        inst.devices.reassert_pending_interrupts()?;
         Ok(inst)
     }
 
@@ -367,15 +355,12 @@ impl Instance {
             Some(s) => s,
             None => Shell::new(&config, None)?,
         };
+        let mut set = DeviceSet::default();
+        let mut buses = Buses::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
         vm.register_irqfd(&irq, COM1_IRQ).map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
-        let serial = match devices {
-            Some(d) => Serial::from_state(&d.serial, irq, console).map_err(|e| Error::Device(e.to_string()))?,
-            None => Serial::new(irq, console),
-        };
-        let serial = Arc::new(Mutex::new(serial));
-        let mut buses = Buses::default();
-        buses.pio.insert(COM1_BASE, COM1_LEN, serial.clone());
+        let serial = set.add::<Serial>(device_ids::SERIAL, SerialResources { irq, out: console }, devices)?;
+        buses.pio.insert(COM1_BASE, COM1_LEN, serial);
         buses.pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort)));
         let power = AcpiPower { s5_sleep_type: acpi::S5_SLEEP_TYPE, reset_value: acpi::RESET_VALUE };
         buses.pio.insert(ACPI_SLEEP_CONTROL_PORT, 3, Arc::new(Mutex::new(power)));
@@ -387,27 +372,22 @@ impl Instance {
                         disk::Disk::open(&d.path, !d.read_only).map_err(|e| Error::Device(e.to_string()))?,
                     )),
                 };
-                let irq =
-                    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("virtio-blk eventfd: {e}")))?;
-                vm.register_irqfd(&irq, VIRTIO_BLK_GSI).map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
-                let dev = Block::new(image, "cevm-disk0");
-                let transport = match devices.and_then(|d| d.virtio_blk.as_ref()) {
-                    Some(st) => MmioTransport::from_state(dev, memory.mmap().clone(), irq, st)
-                        .map_err(|e| Error::Device(format!("virtio-blk: {e}")))?,
-                    None => MmioTransport::new(dev, memory.mmap().clone(), irq),
-                };
-                let transport = Arc::new(Mutex::new(transport));
-                buses.mmio.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone());
-                Some(transport)
+                let slot = VirtioMmioSlot { base: VIRTIO_MMIO_BASE, size: VIRTIO_MMIO_SIZE, gsi: VIRTIO_BLK_GSI };
+                let block = Block::new(image, "cevm-disk0");
+                let mut virtio = VirtioBuilder { set: &mut set, buses: &mut buses, vm: &vm, memory: &memory, devices };
+                Some(virtio.add(device_ids::VIRTIO_BLK, block, slot)?)
             }
             None => None,
         };
+        if let Some(saved) = devices {
+            set.check_all_restored(saved)?;
+        }
 
         Ok(Instance {
             config,
             vm,
             memory,
-            serial,
+            devices: set,
             buses: Arc::new(buses),
             block,
             ctl: Arc::new(RunControl::default()),
@@ -550,22 +530,8 @@ impl Instance {
             t.commands.send(VcpuCommand::Save(tx)).map_err(|_| gone())?;
             vcpus.push(rx.recv().map_err(|_| gone())??);
         }
-        let chip = |id| -> Result<kvm_irqchip> {
-            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
-            self.vm.get_irqchip(&mut c).map_err(|e| Error::Kvm("KVM_GET_IRQCHIP", e))?;
-            Ok(c)
-        };
-        let vm = VmState {
-            clock: self.vm.get_clock().map_err(|e| Error::Kvm("KVM_GET_CLOCK", e))?,
-            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-            pit: self.vm.get_pit2().map_err(|e| Error::Kvm("KVM_GET_PIT2", e))?,
-        };
-        let devices = DeviceStates {
-            serial: lock(&self.serial).state(),
-            virtio_blk: self.block.as_ref().map(|b| lock(b).state()),
-        };
+        let vm = KvmVm::new(&self.vm).save()?;
+        let devices = self.devices.save()?;
         Ok(InstanceState { vm, vcpus, devices })
     }
 
@@ -651,6 +617,35 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// What adding a virtio device needs: the device set, the buses, the VM (for
+/// the interrupt's irqfd), guest memory (for the queues) and the saved states.
+struct VirtioBuilder<'a> {
+    set: &'a mut DeviceSet,
+    buses: &'a mut Buses,
+    vm: &'a VmFd,
+    memory: &'a GuestMemory,
+    devices: Option<&'a DeviceStates>,
+}
+
+impl VirtioBuilder<'_> {
+    /// Adds `device` behind a virtio-mmio transport at `slot`, its interrupt on
+    /// an irqfd of the slot's GSI, restored from its section of the saved
+    /// states if there are any.
+    fn add<D: VirtioDevice + Send + 'static>(
+        &mut self,
+        id: &'static str,
+        device: D,
+        slot: VirtioMmioSlot,
+    ) -> Result<Arc<Mutex<MmioTransport<D>>>> {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("{id} eventfd: {e}")))?;
+        self.vm.register_irqfd(&irq, slot.gsi).map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let resources = MmioResources { device, mem: self.memory.mmap().clone(), irq };
+        let transport = self.set.add::<MmioTransport<D>>(id, resources, self.devices)?;
+        self.buses.mmio.insert(slot.base, slot.size, transport.clone());
+        Ok(transport)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod instance;
 pub mod layout;
 pub mod linux;
 pub mod memory;
+pub mod persist;
 pub mod placement;
 pub mod state;
 pub mod vcpu;
@@ -79,6 +80,16 @@ pub enum Error {
     /// A device could not be set up or restored.
     #[error("device: {0}")]
     Device(String),
+    /// A device's state could not be saved, restored, or re-raise its interrupt.
+    #[error("device `{device}`: {source}")]
+    DeviceState {
+        device: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The saved devices do not match the instance's devices.
+    #[error("{0}")]
+    DeviceSet(String),
     /// The operation needs the instance in another run state.
     #[error("{0}")]
     RunState(&'static str),

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use devices::GuestMemoryMmap;
+pub use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -169,42 +169,38 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Each range as (guest address, bytes), for writing a checkpoint.
+    /// Each range as (guest address, bytes), for writing the checkpoint of a
+    /// paused instance. Memory the guest may be writing is read through
+    /// [`mmap`](Self::mmap) and vm-memory's volatile accessors instead (a live
+    /// migration's pre-copy does so).
     ///
     /// # Safety
-    /// The caller makes sure nothing writes guest memory while the slices live
-    /// (every vCPU paused, no device doing DMA).
+    /// Nothing may write guest memory while the slices live: every vCPU of the
+    /// instance paused, no device doing DMA, no other instance sharing the memory.
     pub unsafe fn slices(&self) -> Vec<(u64, &[u8])> {
         self.mem
             .iter()
-            // SAFETY: the region maps `len` bytes at `as_ptr` for the lifetime of `self`;
-            // the caller guarantees no concurrent writes.
+            // SAFETY: the region maps `len` bytes at `as_ptr` for as long as `self`
+            // lives, which bounds the slices' lifetime; the caller guarantees that
+            // nothing writes them meanwhile, so a shared slice is sound.
             .map(|r| (r.start_addr().0, unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) }))
             .collect()
     }
 
-    /// Each range as (guest address, bytes) while the guest may be running: for a
-    /// live migration, which reads pages and sends again any the guest writes.
+    /// Each range as (guest address, mutable bytes), for loading a checkpoint into
+    /// an instance whose vCPUs have not started.
     ///
     /// # Safety
-    /// The guest (and devices) may write these bytes at any time: the caller must
-    /// not rely on their content staying the same, only use them to copy pages out,
-    /// and must track writes (dirty log) to copy changed pages again.
-    pub unsafe fn live_slices(&self) -> Vec<(u64, &[u8])> {
-        // SAFETY: forwarded to the caller's contract, which tolerates concurrent writes.
-        unsafe { self.slices() }
-    }
-
-    /// Each range as (guest address, mutable bytes), for loading a checkpoint.
-    ///
-    /// # Safety
-    /// The caller makes sure no vCPU runs and nothing else accesses guest memory while
-    /// the slices live.
+    /// Nothing else may read or write guest memory while the slices live: no vCPU
+    /// started, no device processing requests, no other slice of this memory
+    /// alive (from this or an earlier call).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slices_mut(&self) -> Vec<(u64, &mut [u8])> {
         self.mem
             .iter()
-            // SAFETY: as in `slices`; the regions are disjoint so the slices do not alias.
+            // SAFETY: as in `slices`; the regions are disjoint, so the slices do not
+            // alias one another, and the caller guarantees that nothing else
+            // accesses the memory while they live.
             .map(|r| (r.start_addr().0, unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len() as usize) }))
             .collect()
     }

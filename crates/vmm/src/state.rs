@@ -1,13 +1,14 @@
 //! The saved state of an instance: plain serde structs (DESIGN.md rule 1), one per
-//! component, gathered in [`InstanceState`]. What goes into a checkpoint's `state.json`.
+//! component, gathered in [`InstanceState`]. Encoded, with its version, by
+//! `persist::codec` into a checkpoint's `state.json` or a migration's `State` frame.
 
-use devices::virtio::mmio::MmioState;
-use devices::SerialState;
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use serde::{Deserialize, Serialize};
+
+pub use crate::persist::DeviceStates;
 
 /// Everything KVM holds for one vCPU. The x87/SSE state is inside `xsave` (a superset
 /// of `KVM_GET_FPU`), so it is not saved a second time.
@@ -38,15 +39,6 @@ pub struct VmState {
     pub pic_slave: kvm_irqchip,
     pub ioapic: kvm_irqchip,
     pub pit: kvm_pit_state2,
-}
-
-/// The state of every device of the instance.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DeviceStates {
-    pub serial: SerialState,
-    /// The virtio-blk transport and queues, if the instance has a disk.
-    #[serde(default)]
-    pub virtio_blk: Option<MmioState>,
 }
 
 /// The whole saved state of an instance, apart from guest memory.

@@ -19,6 +19,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::bus::{lock, MmioBus, PioBus};
+use crate::persist::Persist;
 use crate::state::VcpuState;
 use crate::{Error, Result, VmEvent};
 
@@ -194,9 +195,22 @@ impl Vcpu {
             _ => Ok(()),
         }
     }
+}
+
+/// What a vCPU's state is restored into: a vCPU just made (CPUID set), and the
+/// host's TSC frequency, to scale a TSC saved on another host.
+pub struct FreshVcpu {
+    pub vcpu: Vcpu,
+    pub host_tsc_khz: Option<u32>,
+}
+
+impl Persist for Vcpu {
+    type State = VcpuState;
+    type Resources = FreshVcpu;
+    type Error = Error;
 
     /// Reads the whole KVM state of the vCPU. Call only while it does not run.
-    pub fn save(&mut self) -> Result<VcpuState> {
+    fn save(&self) -> Result<VcpuState> {
         let id = self.id;
         let mut msrs = Vec::with_capacity(self.msr_indices.len());
         for chunk in self.msr_indices.chunks(256) {
@@ -228,30 +242,31 @@ impl Vcpu {
 
     /// Puts a saved state into a fresh vCPU. The order matters: CPUID before
     /// everything, special registers before MSRs, the LAPIC before pending events.
-    pub fn restore(&self, s: &VcpuState, host_tsc_khz: Option<u32>) -> Result<()> {
-        let id = self.id;
+    fn restore(fresh: FreshVcpu, s: &VcpuState) -> Result<Vcpu> {
+        let FreshVcpu { vcpu, host_tsc_khz } = fresh;
+        let id = vcpu.id;
         let cpuid = CpuId::from_entries(&s.cpuid).map_err(|e| Error::Vcpu { id, msg: format!("CPUID: {e:?}") })?;
-        self.fd.set_cpuid2(&cpuid).map_err(kvm(id, "KVM_SET_CPUID2"))?;
+        vcpu.fd.set_cpuid2(&cpuid).map_err(kvm(id, "KVM_SET_CPUID2"))?;
         if let (Some(saved), Some(host)) = (s.tsc_khz, host_tsc_khz) {
             if saved != host {
-                self.fd.set_tsc_khz(saved).map_err(|e| Error::Vcpu {
+                vcpu.fd.set_tsc_khz(saved).map_err(|e| Error::Vcpu {
                     id,
                     msg: format!("the checkpoint's TSC runs at {saved} kHz, this host at {host} kHz, and KVM cannot scale it: {e}"),
                 })?;
             }
         }
-        self.fd.set_mp_state(s.mp_state).map_err(kvm(id, "KVM_SET_MP_STATE"))?;
-        self.fd.set_sregs(&s.sregs).map_err(kvm(id, "KVM_SET_SREGS"))?;
-        self.fd.set_regs(&s.regs).map_err(kvm(id, "KVM_SET_REGS"))?;
+        vcpu.fd.set_mp_state(s.mp_state).map_err(kvm(id, "KVM_SET_MP_STATE"))?;
+        vcpu.fd.set_sregs(&s.sregs).map_err(kvm(id, "KVM_SET_SREGS"))?;
+        vcpu.fd.set_regs(&s.regs).map_err(kvm(id, "KVM_SET_REGS"))?;
         // SAFETY: `s.xsave` is a complete kvm_xsave (4 KiB) as KVM_GET_XSAVE produced it;
         // KVM reads exactly that size.
-        unsafe { self.fd.set_xsave(&s.xsave) }.map_err(kvm(id, "KVM_SET_XSAVE"))?;
-        self.fd.set_xcrs(&s.xcrs).map_err(kvm(id, "KVM_SET_XCRS"))?;
-        self.fd.set_debug_regs(&s.debug_regs).map_err(kvm(id, "KVM_SET_DEBUGREGS"))?;
-        self.fd.set_lapic(&s.lapic).map_err(kvm(id, "KVM_SET_LAPIC"))?;
+        unsafe { vcpu.fd.set_xsave(&s.xsave) }.map_err(kvm(id, "KVM_SET_XSAVE"))?;
+        vcpu.fd.set_xcrs(&s.xcrs).map_err(kvm(id, "KVM_SET_XCRS"))?;
+        vcpu.fd.set_debug_regs(&s.debug_regs).map_err(kvm(id, "KVM_SET_DEBUGREGS"))?;
+        vcpu.fd.set_lapic(&s.lapic).map_err(kvm(id, "KVM_SET_LAPIC"))?;
         for chunk in s.msrs.chunks(256) {
             let m = Msrs::from_entries(chunk).map_err(|e| Error::Vcpu { id, msg: format!("MSR list: {e:?}") })?;
-            let n = self.fd.set_msrs(&m).map_err(kvm(id, "KVM_SET_MSRS"))?;
+            let n = vcpu.fd.set_msrs(&m).map_err(kvm(id, "KVM_SET_MSRS"))?;
             if n != chunk.len() {
                 return Err(Error::Vcpu {
                     id,
@@ -259,8 +274,8 @@ impl Vcpu {
                 });
             }
         }
-        self.fd.set_vcpu_events(&s.events).map_err(kvm(id, "KVM_SET_VCPU_EVENTS"))?;
-        Ok(())
+        vcpu.fd.set_vcpu_events(&s.events).map_err(kvm(id, "KVM_SET_VCPU_EVENTS"))?;
+        Ok(vcpu)
     }
 }
 

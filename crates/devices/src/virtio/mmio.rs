@@ -14,6 +14,7 @@ use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::VirtioDevice;
+use crate::persist::{Device, Persist};
 use crate::{IoAction, MmioDevice};
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
@@ -96,75 +97,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
-    /// The transport's state, to save.
-    pub fn state(&self) -> MmioState {
-        MmioState {
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            driver_features: self.driver_features,
-            queue_sel: self.queue_sel,
-            status: self.status,
-            interrupt_status: self.interrupt_status,
-            config_generation: self.config_generation,
-            queues: self
-                .queues
-                .iter()
-                .map(|q| QueueState {
-                    max_size: q.max_size(),
-                    size: q.size(),
-                    ready: q.ready(),
-                    desc_table: q.desc_table(),
-                    avail_ring: q.avail_ring(),
-                    used_ring: q.used_ring(),
-                    next_avail: q.next_avail(),
-                    next_used: q.next_used(),
-                    event_idx_enabled: q.event_idx_enabled(),
-                })
-                .collect(),
-        }
-    }
-
-    /// A transport in a saved state.
-    pub fn from_state(device: D, mem: GuestMemoryMmap, irq: EventFd, s: &MmioState) -> Result<Self, Error> {
-        let mut t = Self::new(device, mem, irq);
-        if s.queues.len() != t.queues.len() {
-            return Err(Error::Queue { index: s.queues.len(), reason: "wrong number of queues".into() });
-        }
-        for (index, (q, qs)) in t.queues.iter_mut().zip(&s.queues).enumerate() {
-            let bad = |e: virtio_queue::Error| Error::Queue { index, reason: e.to_string() };
-            *q = Queue::new(qs.max_size).map_err(bad)?;
-            q.try_set_size(qs.size).map_err(bad)?;
-            q.try_set_desc_table_address(GuestAddress(qs.desc_table)).map_err(bad)?;
-            q.try_set_avail_ring_address(GuestAddress(qs.avail_ring)).map_err(bad)?;
-            q.try_set_used_ring_address(GuestAddress(qs.used_ring)).map_err(bad)?;
-            q.set_next_avail(qs.next_avail);
-            q.set_next_used(qs.next_used);
-            q.set_event_idx(qs.event_idx_enabled);
-            q.set_ready(qs.ready);
-        }
-        t.device_features_sel = s.device_features_sel;
-        t.driver_features_sel = s.driver_features_sel;
-        t.driver_features = s.driver_features;
-        t.queue_sel = s.queue_sel;
-        t.status = s.status;
-        t.interrupt_status = s.interrupt_status;
-        t.config_generation = s.config_generation;
-        Ok(t)
-    }
-
-    /// Raises the interrupt line again if the guest has not yet acknowledged the
-    /// interrupt status, for a transport restored from a saved state, once the VM's
-    /// irqchip state is loaded: as with the UART (see
-    /// `Serial::reassert_pending_interrupt`), the irqfd's asynchronous delivery of
-    /// an interrupt raised just before the source paused can miss the saved
-    /// irqchip, and the guest's virtio-blk requests would wait for it forever.
-    pub fn reassert_pending_interrupt(&self) -> std::io::Result<()> {
-        if self.interrupt_status != 0 {
-            self.irq.write(1)?;
-        }
-        Ok(())
-    }
-
     fn features(&self) -> u64 {
         self.device.device_features() | (1 << VIRTIO_F_VERSION_1)
     }
@@ -197,6 +129,93 @@ impl<D: VirtioDevice> MmioTransport<D> {
             // ring the next time it looks.
             let _ = self.irq.write(1);
         }
+    }
+}
+
+/// What a virtio-mmio transport is built on: the device behind it, guest memory
+/// (for the queues), and its interrupt line (an eventfd the VMM registers as a
+/// KVM irqfd).
+pub struct MmioResources<D> {
+    pub device: D,
+    pub mem: GuestMemoryMmap,
+    pub irq: EventFd,
+}
+
+impl<D: VirtioDevice> Persist for MmioTransport<D> {
+    type State = MmioState;
+    type Resources = MmioResources<D>;
+    type Error = Error;
+
+    fn save(&self) -> Result<MmioState, Error> {
+        Ok(MmioState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueState {
+                    max_size: q.max_size(),
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                    event_idx_enabled: q.event_idx_enabled(),
+                })
+                .collect(),
+        })
+    }
+
+    fn restore(resources: MmioResources<D>, s: &MmioState) -> Result<Self, Error> {
+        let mut t = Self::create(resources);
+        if s.queues.len() != t.queues.len() {
+            return Err(Error::Queue { index: s.queues.len(), reason: "wrong number of queues".into() });
+        }
+        for (index, (q, qs)) in t.queues.iter_mut().zip(&s.queues).enumerate() {
+            let bad = |e: virtio_queue::Error| Error::Queue { index, reason: e.to_string() };
+            *q = Queue::new(qs.max_size).map_err(bad)?;
+            q.try_set_size(qs.size).map_err(bad)?;
+            q.try_set_desc_table_address(GuestAddress(qs.desc_table)).map_err(bad)?;
+            q.try_set_avail_ring_address(GuestAddress(qs.avail_ring)).map_err(bad)?;
+            q.try_set_used_ring_address(GuestAddress(qs.used_ring)).map_err(bad)?;
+            q.set_next_avail(qs.next_avail);
+            q.set_next_used(qs.next_used);
+            q.set_event_idx(qs.event_idx_enabled);
+            q.set_ready(qs.ready);
+        }
+        t.device_features_sel = s.device_features_sel;
+        t.driver_features_sel = s.driver_features_sel;
+        t.driver_features = s.driver_features;
+        t.queue_sel = s.queue_sel;
+        t.status = s.status;
+        t.interrupt_status = s.interrupt_status;
+        t.config_generation = s.config_generation;
+        Ok(t)
+    }
+}
+
+impl<D: VirtioDevice> Device for MmioTransport<D> {
+    fn create(resources: MmioResources<D>) -> Self {
+        MmioTransport::new(resources.device, resources.mem, resources.irq)
+    }
+
+    /// Raises the interrupt line again if the guest has not yet acknowledged the
+    /// interrupt status: as with the UART (see `Serial`'s), the irqfd's
+    /// asynchronous delivery of an interrupt raised just before the source paused
+    /// can miss the saved irqchip, and the guest's virtio requests would wait for
+    /// it forever.
+    fn reassert_pending_interrupt(&self) -> std::io::Result<()> {
+        if self.interrupt_status != 0 {
+            self.irq.write(1)?;
+        }
+        Ok(())
     }
 }
 
@@ -327,9 +346,10 @@ mod tests {
     fn transport(irq: &EventFd, state: Option<&MmioState>) -> MmioTransport<AlwaysUses> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         let irq = irq.try_clone().unwrap();
+        let resources = MmioResources { device: AlwaysUses, mem, irq };
         match state {
-            Some(s) => MmioTransport::from_state(AlwaysUses, mem, irq, s).unwrap(),
-            None => MmioTransport::new(AlwaysUses, mem, irq),
+            Some(s) => MmioTransport::restore(resources, s).unwrap(),
+            None => MmioTransport::create(resources),
         }
     }
 
@@ -348,7 +368,7 @@ mod tests {
         assert!(raised(&src_irq), "a used buffer raises the interrupt");
 
         // Saved before the guest acknowledged it: the destination raises it again.
-        let pending = src.state();
+        let pending = src.save().unwrap();
         assert_eq!(pending.interrupt_status, VIRTIO_MMIO_INT_VRING);
         let dst_irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let dst = transport(&dst_irq, Some(&pending));
@@ -358,7 +378,7 @@ mod tests {
 
         // Saved after the acknowledgement: nothing to raise.
         write(&mut src, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
-        let taken = src.state();
+        let taken = src.save().unwrap();
         let dst_irq = EventFd::new(EFD_NONBLOCK).unwrap();
         transport(&dst_irq, Some(&taken)).reassert_pending_interrupt().unwrap();
         assert!(!raised(&dst_irq));
