@@ -6,15 +6,17 @@
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use checkpoint::CheckpointReport;
+use checkpoint::{CheckpointReport, GuestRuns};
 use serde::Serialize;
 use vmm::instance::RunState;
 use vmm::{Instance, VmEvent};
 
+use checkpoint::cevm::Taken;
+
 use crate::api::{self, Status};
-use crate::plan::{CevmPlan, CheckpointPlan, MigrationPlan, Target};
+use crate::plan::{CevmPlan, CheckpointPlan, MigrationPlan};
+use crate::runner::Outcome;
 
 /// What an action asks of the controller.
 #[derive(Debug)]
@@ -39,65 +41,6 @@ pub enum Answer {
 /// An action's outcome.
 pub type Reply = Result<Answer, ActionError>;
 
-/// Where the guest runs after an action failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum GuestRuns {
-    /// In this VMM's instance, as before the action.
-    Here,
-    /// In the new instance of this VMM (a thread-based CEVM checkpoint after its switch).
-    NewInstance,
-    /// In another VMM (a process-based CEVM checkpoint after its switch).
-    Elsewhere,
-    /// Perhaps at a migration's destination (see [`migrate::GuestAt::Undecided`]):
-    /// this VMM's instance stays paused.
-    Undecided,
-    /// Nowhere: the guest had ended.
-    Ended,
-}
-
-impl From<migrate::GuestAt> for GuestRuns {
-    fn from(g: migrate::GuestAt) -> Self {
-        match g {
-            migrate::GuestAt::Source => GuestRuns::Here,
-            migrate::GuestAt::Undecided => GuestRuns::Undecided,
-            migrate::GuestAt::Ended => GuestRuns::Ended,
-        }
-    }
-}
-
-impl std::fmt::Display for GuestRuns {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            GuestRuns::Here => "the guest goes on",
-            GuestRuns::NewInstance => "the guest goes on in the new instance",
-            GuestRuns::Elsewhere => "the guest goes on in the other VMM",
-            GuestRuns::Undecided => "the guest may run at the destination; this VMM keeps its copy paused",
-            GuestRuns::Ended => "the guest had ended",
-        })
-    }
-}
-
-/// Why a CEVM or stop-and-save checkpoint failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    /// The live migration to the new instance failed.
-    #[error("live migration: {0}")]
-    Migration(migrate::Failure),
-    /// The old instance could not start its side of the disk hand-over.
-    #[error("disk hand-over: {0}")]
-    Handover(migrate::Error),
-    /// Writing or committing the checkpoint failed.
-    #[error(transparent)]
-    Write(#[from] checkpoint::Error),
-    /// The writer thread could not be placed on `writer_cpus`.
-    #[error("writer_cpus: {0}")]
-    WriterPlacement(vmm::Error),
-    /// The writer thread could not be started.
-    #[error("cannot start the checkpoint writer: {0}")]
-    WriterThread(std::io::Error),
-}
-
 /// Why an action failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
@@ -113,9 +56,9 @@ pub enum ActionError {
     /// A live migration failed (the failure says where the guest is).
     #[error("migration failed: {0}")]
     Migration(migrate::Failure),
-    /// A checkpoint failed; `guest` says where the guest runs now.
-    #[error("checkpoint failed ({guest}): {error}")]
-    Checkpoint { guest: GuestRuns, error: CheckpointError },
+    /// A checkpoint failed (the failure says where the guest runs now).
+    #[error(transparent)]
+    Checkpoint(checkpoint::Failure),
     /// The control loop is gone.
     #[error("the VMM is shutting down")]
     ShuttingDown,
@@ -126,13 +69,9 @@ impl ActionError {
     pub fn guest(&self) -> Option<GuestRuns> {
         match self {
             ActionError::Migration(f) => Some(f.guest.into()),
-            ActionError::Checkpoint { guest, .. } => Some(*guest),
+            ActionError::Checkpoint(f) => Some(f.guest),
             _ => None,
         }
-    }
-
-    fn checkpoint(guest: GuestRuns, error: impl Into<CheckpointError>) -> Self {
-        ActionError::Checkpoint { guest, error: error.into() }
     }
 }
 
@@ -198,16 +137,6 @@ pub fn forward_events(events: Receiver<VmEvent>, to: Sender<Control>, gen: u64) 
             }
         })
         .map(drop)
-}
-
-/// A finished migration.
-struct Migrated {
-    report: migrate::Report,
-    /// Thread-based: the new instance, running the guest here.
-    new: Option<Instance>,
-    /// A CEVM checkpoint's migration of a guest with a disk: the old side's end
-    /// of the disk hand-over.
-    link: Option<Box<dyn migrate::Transport>>,
 }
 
 /// The VMM's state and its actions.
@@ -296,7 +225,18 @@ impl Controller {
             return Err(ActionError::Busy(why));
         }
         *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = migrate::Progress::default();
-        let Migrated { report, new, .. } = self.run_migration(plan).map_err(ActionError::Migration)?;
+        let (events, new_events) = mpsc::channel();
+        let to_new = migrate::NewInstance { console: Box::new(std::io::stdout()), events };
+        let moved = migrate::migrate_to(
+            &mut self.instance,
+            &plan.to,
+            &plan.params,
+            &self.progress,
+            plan.migration_cpus.as_ref(),
+            to_new,
+        )
+        .map_err(ActionError::Migration)?;
+        let migrate::Moved { report, new, .. } = moved;
         match new {
             None => {
                 eprintln!(
@@ -307,7 +247,7 @@ impl Controller {
                     report.bytes_sent >> 20
                 );
                 self.instance.shutdown();
-                let end = Flow::End(crate::runner::Outcome::MigratedAway(Box::new(report.clone())));
+                let end = Flow::End(Outcome::MigratedAway(Box::new(report.clone())));
                 Ok((report, end))
             }
             Some(new) => {
@@ -320,7 +260,7 @@ impl Controller {
                 // The old instance stays frozen until here; without a use for it
                 // (a CEVM checkpoint writes from it) it goes, ending its vCPU threads.
                 drop(std::mem::replace(&mut self.instance, new));
-                self.generation += 1;
+                self.watch_new_instance(new_events);
                 Ok((report, Flow::Continue))
             }
         }
@@ -354,12 +294,12 @@ impl Controller {
                 respond(Ok(Answer::Checkpoint(report)));
                 if stop {
                     self.instance.shutdown();
-                    return Flow::End(crate::runner::Outcome::StoppedAfterCheckpoint(out));
+                    return Flow::End(Outcome::StoppedAfterCheckpoint(out));
                 }
             }
             Err(e) => {
                 eprintln!("cevm: checkpoint to {} failed, the guest goes on: {e}", out.display());
-                respond(Err(ActionError::checkpoint(GuestRuns::Here, e)));
+                respond(Err(ActionError::Checkpoint(checkpoint::Failure::new(GuestRuns::Here, e))));
             }
         }
         Flow::Continue
@@ -374,149 +314,72 @@ impl Controller {
         respond(logged(result, self.checkpoints));
     }
 
-    /// The CEVM strategy: live-migrates the guest to a new instance and writes
-    /// the checkpoint from the old one, frozen at the switch, while the guest
-    /// runs on. Thread-based, the new instance replaces this one and a writer
-    /// thread writes and answers; process-based, the guest goes on in another
-    /// VMM, the checkpoint is written here, and this VMM ends.
+    /// The CEVM strategy ([`checkpoint::cevm::take`]): the guest goes on in a
+    /// new instance here (thread-based: a writer thread writes the old one and
+    /// answers) or in another VMM (process-based: written here, then this VMM
+    /// ends).
     fn cevm(&mut self, plan: CevmPlan, respond: Respond) -> Flow {
-        let t0 = Instant::now();
-        if let Err(e) = checkpoint::cevm_supports(self.instance.config()) {
-            respond(Err(ActionError::Unsupported(e)));
-            return Flow::Continue;
-        }
         *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = migrate::Progress::default();
-        let mplan = MigrationPlan {
-            to: plan.to.clone(),
-            params: migrate::Params { cevm: true, ..Default::default() },
-            migration_cpus: plan.migration_cpus.clone(),
+        let req = checkpoint::cevm::Request {
+            out: &plan.out,
+            to: &plan.to,
+            migration_cpus: plan.migration_cpus.as_ref(),
+            writer_cpus: plan.writer_cpus.as_ref(),
         };
-        let Migrated { report, new, link } = match self.run_migration(&mplan) {
-            Ok(m) => m,
-            Err(f) => {
-                let e = ActionError::checkpoint(f.guest.into(), CheckpointError::Migration(f));
-                eprintln!("cevm: checkpoint to {} failed: {e}", plan.out.display());
-                respond(Err(e));
-                return Flow::Continue;
-            }
-        };
-        let method = plan.method();
-        let after = if new.is_some() { GuestRuns::NewInstance } else { GuestRuns::Elsewhere };
-        // Without its link the hand-over cannot run: the new instance then
-        // completes its disk from T by itself, and there is no checkpoint.
-        let handover = match link.map(migrate::handover::old_side_link).transpose() {
-            Ok(h) => h.map(|(inbound, outbox)| checkpoint::Handover { inbound, outbox }),
-            Err(e) => {
-                respond(Err(ActionError::checkpoint(after, CheckpointError::Handover(e))));
-                return self.replaced_by(new, report);
-            }
-        };
-        let writer_cpus = plan.writer_cpus.clone().map(|c| c.0);
-        let write = move |old: &mut Instance| -> Result<CheckpointReport, ActionError> {
-            if let Some(c) = &writer_cpus {
-                // The disk hand-over thread the writer starts inherits this.
-                vmm::placement::set_affinity(vmm::placement::this_thread(), c)
-                    .map_err(|e| ActionError::checkpoint(after, CheckpointError::WriterPlacement(e)))?;
-            }
-            checkpoint::write_frozen(old, method, &plan.out, report.downtime_ms, t0, handover)
-                .map_err(|e| ActionError::checkpoint(after, e))
-        };
-        let Some(new) = new else {
-            // Process-based: nothing runs here any more; write, answer, end.
-            respond(logged(write(&mut self.instance), 1));
-            self.instance.shutdown();
-            return Flow::End(crate::runner::Outcome::MigratedAway(Box::new(report)));
-        };
-        let mut old = std::mem::replace(&mut self.instance, new);
-        self.generation += 1;
-        let control = self.control.clone();
+        let (events, new_events) = mpsc::channel();
+        let to_new = migrate::NewInstance { console: Box::new(std::io::stdout()), events };
+        // The writer's answer goes through the control loop, which waits for it.
         let (respond_tx, respond_rx) = mpsc::channel::<Respond>();
-        let started = std::thread::Builder::new().name("checkpoint-writer".into()).spawn(move || {
-            let r = write(&mut old);
-            // The old instance's work is done: its vCPU threads end here.
-            drop(old);
+        let control = self.control.clone();
+        let on_written: checkpoint::cevm::OnWritten = Box::new(move |r| {
             if let Ok(respond) = respond_rx.recv() {
-                let _ = control.send(Control::CheckpointWritten(r, respond));
+                let _ = control.send(Control::CheckpointWritten(r.map_err(ActionError::Checkpoint), respond));
             }
         });
-        match started {
-            Ok(h) => {
-                let _ = respond_tx.send(respond);
-                self.writer = Writer(Some(h));
-            }
-            // The OS refused a thread: the hand-over went with the closure, so
-            // the new instance completes its disk from T; the guest runs on there.
-            Err(e) => respond(Err(ActionError::checkpoint(GuestRuns::NewInstance, CheckpointError::WriterThread(e)))),
-        }
-        Flow::Continue
-    }
-
-    /// After a CEVM checkpoint that will not be written: the guest goes on in
-    /// `new` (thread-based) or in the other VMM (this one then ends).
-    fn replaced_by(&mut self, new: Option<Instance>, report: migrate::Report) -> Flow {
-        match new {
-            Some(new) => {
-                drop(std::mem::replace(&mut self.instance, new));
-                self.generation += 1;
+        match checkpoint::cevm::take(&mut self.instance, &req, &self.progress, to_new, on_written) {
+            Err(f) => {
+                let e = match f.error {
+                    checkpoint::FailureKind::Write(e @ checkpoint::Error::Unsupported(_)) => {
+                        ActionError::Unsupported(e)
+                    }
+                    _ => ActionError::Checkpoint(f),
+                };
+                eprintln!("cevm: checkpoint to {} failed: {e}", plan.out.display());
+                respond(Err(e));
                 Flow::Continue
             }
-            None => {
+            Ok(Taken::Writing { writer, .. }) => {
+                let _ = respond_tx.send(respond);
+                self.writer = Writer(Some(writer));
+                self.watch_new_instance(new_events);
+                Flow::Continue
+            }
+            Ok(Taken::WrittenAway { written, migration }) => {
+                respond(logged(written.map_err(ActionError::Checkpoint), 1));
                 self.instance.shutdown();
-                Flow::End(crate::runner::Outcome::MigratedAway(Box::new(report)))
+                Flow::End(Outcome::MigratedAway(Box::new(migration)))
+            }
+            Ok(Taken::NotWritten { migration, why }) => {
+                let away = why.guest == GuestRuns::Elsewhere;
+                respond(logged(Err(ActionError::Checkpoint(why)), 0));
+                if away {
+                    self.instance.shutdown();
+                    return Flow::End(Outcome::MigratedAway(Box::new(migration)));
+                }
+                self.watch_new_instance(new_events);
+                Flow::Continue
             }
         }
     }
 
-    /// Runs one migration of the instance by `plan`, the engine publishing its
-    /// progress. Thread-based: returns the new instance, running in this
-    /// process, whose events go to the control loop as the next generation.
-    /// Process-based: returns no instance; the guest runs elsewhere.
-    fn run_migration(&mut self, plan: &MigrationPlan) -> Result<Migrated, migrate::Failure> {
-        let me = vmm::placement::this_thread();
-        let before = vmm::placement::affinity(me);
-        let connect =
-            |error| migrate::Failure { phase: migrate::Phase::Connect, guest: migrate::GuestAt::Source, error };
-        if let Some(c) = &plan.migration_cpus {
-            vmm::placement::set_affinity(me, &c.0).map_err(|e| connect(e.into()))?;
-        }
-        // Whatever happens, the control thread goes back to its CPUs afterwards.
-        let r = self.migrate_placed(plan, connect);
-        let _ = vmm::placement::set_affinity(me, &before);
-        r
-    }
-
-    fn migrate_placed(
-        &mut self,
-        plan: &MigrationPlan,
-        connect: impl Fn(migrate::Error) -> migrate::Failure,
-    ) -> Result<Migrated, migrate::Failure> {
-        let progress = &*self.progress;
-        match &plan.to {
-            Target::Local { vcpu_cpus } => {
-                let (ev_tx, ev_rx) = mpsc::channel();
-                let dest_cpus = vcpu_cpus.clone().unwrap_or_default().0;
-                let console = Box::new(std::io::stdout());
-                let done =
-                    migrate::migrate_local(&mut self.instance, &plan.params, progress, console, ev_tx, &dest_cpus)?;
-                if let Some(e) = &done.handover_error {
-                    eprintln!("cevm: disk hand-over, new instance: {e}");
-                }
-                // The new instance runs the guest: without its events forwarded
-                // its end would go unheard, so the thread must start.
-                let next = self.generation + 1;
-                if let Err(e) = forward_events(ev_rx, self.control.clone(), next) {
-                    eprintln!("cevm: cannot watch the new instance's events: {e}");
-                }
-                Ok(Migrated { report: done.report, new: Some(done.instance), link: done.handover })
-            }
-            Target::Remote(endpoint) => {
-                let mut t = endpoint.connect().map_err(connect)?;
-                let report = migrate::migrate_out(&mut self.instance, t.as_mut(), &plan.params, progress)?;
-                // A CEVM checkpoint's disk hand-over goes on over the same connection.
-                let link =
-                    (plan.params.cevm && migrate::handover::hands_over_disk(self.instance.config())).then_some(t);
-                Ok(Migrated { report, new: None, link })
-            }
+    /// The instance was replaced by a new one whose events arrive on `events`:
+    /// they go to the control loop as the next generation's (the old
+    /// instance's are stale from now on).
+    fn watch_new_instance(&mut self, events: Receiver<VmEvent>) {
+        self.generation += 1;
+        // Without its events forwarded the guest's end would go unheard.
+        if let Err(e) = forward_events(events, self.control.clone(), self.generation) {
+            eprintln!("cevm: cannot watch the new instance's events: {e}");
         }
     }
 }

@@ -214,7 +214,7 @@ impl PeriodicArgs {
             return Err("--checkpoint-every must be longer than zero".into());
         }
         if self.checkpoint_strategy == Method::CevmThread {
-            checkpoint::cevm_supports(config).map_err(|e| format!("--checkpoint-strategy cevm: {e}"))?;
+            checkpoint::cevm::supports(config).map_err(|e| format!("--checkpoint-strategy cevm: {e}"))?;
         }
         let dir = absolute(&dir)?;
         let series = checkpoint::series::Series::open(&dir, self.keep).map_err(|e| e.to_string())?;
@@ -389,26 +389,22 @@ fn run_incoming(
         Err(e) => return fail(e),
     };
     eprintln!("cevm: waiting for a migration at {endpoint}");
-    let mut t = match listener.accept() {
+    let t = match listener.accept() {
         Ok(t) => t,
         Err(e) => return fail(e),
     };
     drop(listener);
     let (tx, rx) = mpsc::channel();
     let cpus = vcpu_cpus.map(|c| c.0.clone()).unwrap_or_default();
-    match migrate::migrate_in(t.as_mut(), Box::new(std::io::stdout()), tx, &cpus) {
-        Ok((inst, hello)) => {
-            eprintln!("cevm: guest arrived from {} ({}), running", t.peer(), hello.config.boot);
-            if hello.cevm {
-                // The source writes a checkpoint from its frozen copy; the guest's
-                // disk comes over in the background (disk hand-over).
-                if let Err(e) = migrate::handover::serve_new_side(t, &inst) {
-                    eprintln!("cevm: disk hand-over: {e}");
-                }
-            } else {
-                drop(t);
+    // A CEVM checkpoint's guest: its disk comes over in the background (the
+    // disk hand-over) while the source writes the checkpoint.
+    match migrate::accept_guest(t, Box::new(std::io::stdout()), tx, &cpus) {
+        Ok(arrived) => {
+            eprintln!("cevm: guest arrived from {} ({}), running", arrived.peer, arrived.hello.config.boot);
+            if let Some(e) = &arrived.disk_link_error {
+                eprintln!("cevm: disk hand-over: {e}");
             }
-            finish(runner::run(inst, rx, api_sock, None, None))
+            finish(runner::run(arrived.instance, rx, api_sock, None, None))
         }
         Err(e) => fail(format!("incoming migration failed, nothing runs: {e}")),
     }

@@ -11,36 +11,19 @@ use vmm::placement::CpuList;
 use crate::api::{CheckpointRequest, MigrateRequest};
 
 /// Where a live migration's new instance runs.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Target {
-    /// In this VMM process (thread-based), its vCPU threads on these CPUs
-    /// (none: anywhere).
-    Local { vcpu_cpus: Option<CpuList> },
-    /// In the `cevm run --incoming` waiting at this endpoint (process-based); it
-    /// places its own vCPUs.
-    Remote(migrate::Endpoint),
-}
+pub use migrate::Destination as Target;
 
-impl Target {
-    /// Parses `local`, `unix:PATH` or `tcp:HOST:PORT`; `vcpu_cpus` only for `local`.
-    pub fn parse(to: &str, vcpu_cpus: Option<CpuList>) -> Result<Target, PlanError> {
-        if to == "local" {
-            return Ok(Target::Local { vcpu_cpus });
-        }
-        let endpoint = to.parse().map_err(|e| PlanError::Target(format!("{e} (or `local`)")))?;
-        if vcpu_cpus.is_some() {
-            return Err(PlanError::RemoteVcpuCpus);
-        }
-        Ok(Target::Remote(endpoint))
+/// Parses `local`, `unix:PATH` or `tcp:HOST:PORT` into where the new instance
+/// runs; `vcpu_cpus` only for `local` (a process-based one places its own).
+pub fn parse_target(to: &str, vcpu_cpus: Option<CpuList>) -> Result<Target, PlanError> {
+    if to == "local" {
+        return Ok(Target::Local { vcpu_cpus });
     }
-
-    /// `local`, or the endpoint.
-    pub fn name(&self) -> String {
-        match self {
-            Target::Local { .. } => "local".into(),
-            Target::Remote(e) => e.to_string(),
-        }
+    let endpoint = to.parse().map_err(|e| PlanError::Target(format!("{e} (or `local`)")))?;
+    if vcpu_cpus.is_some() {
+        return Err(PlanError::RemoteVcpuCpus);
     }
+    Ok(Target::Remote(endpoint))
 }
 
 /// A checkpoint to take.
@@ -154,7 +137,7 @@ impl TryFrom<CheckpointRequest> for CheckpointPlan {
                 if r.stop {
                     return Err(PlanError::CevmStop);
                 }
-                let to = Target::parse(r.to.as_deref().unwrap_or("local"), r.dest_vcpu_cpus)?;
+                let to = parse_target(r.to.as_deref().unwrap_or("local"), r.dest_vcpu_cpus)?;
                 Ok(CheckpointPlan::Cevm(CevmPlan {
                     out: r.out,
                     to,
@@ -170,7 +153,7 @@ impl TryFrom<MigrateRequest> for MigrationPlan {
     type Error = PlanError;
     fn try_from(r: MigrateRequest) -> Result<Self, PlanError> {
         Ok(MigrationPlan {
-            to: Target::parse(&r.to, r.dest_vcpu_cpus)?,
+            to: parse_target(&r.to, r.dest_vcpu_cpus)?,
             params: r.params,
             migration_cpus: r.migration_cpus,
         })

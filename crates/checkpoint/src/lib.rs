@@ -3,12 +3,14 @@
 //! A strategy turns a running [`vmm::Instance`] into a checkpoint directory (format
 //! of the `snapshot` crate). This issue brings the baseline, **stop-and-save**: pause
 //! the vCPUs, write state and memory, commit, resume (the seed's traditional
-//! checkpoint, `T_cpt`), and CEVM's second half, [`write_frozen`]; every way of
-//! taking a checkpoint is a [`Method`].
+//! checkpoint, `T_cpt`); the CEVM checkpoint, end to end, is [`cevm`]; every way
+//! of taking a checkpoint is a [`Method`].
 
+pub mod cevm;
 mod method;
 pub mod series;
 
+pub use cevm::{Failure, FailureKind, GuestRuns};
 pub use method::Method;
 
 use std::io::Write;
@@ -99,13 +101,6 @@ pub struct DiskHandover {
     pub error: Option<String>,
 }
 
-/// The old instance's end of a CEVM disk hand-over (over a channel or the
-/// migration connection): what the new instance sends, and a way to answer.
-pub struct Handover {
-    pub inbound: std::sync::mpsc::Receiver<integrate::ToOld>,
-    pub outbox: disk::handover::Outbox<disk::handover::FromOld>,
-}
-
 /// The memory layout of an instance, as the checkpoint records it.
 fn memory_layout(instance: &Instance) -> MemoryLayout {
     MemoryLayout {
@@ -141,7 +136,14 @@ pub fn stop_and_save(instance: &mut Instance, out: &Path, stop: bool) -> Result<
 }
 
 /// The report of a committed checkpoint: `written` as [`write_paused`] returns it.
-fn report(out: &Path, method: Method, pause_ms: f64, t0: Instant, written: Written, stopped: bool) -> CheckpointReport {
+pub(crate) fn report(
+    out: &Path,
+    method: Method,
+    pause_ms: f64,
+    t0: Instant,
+    written: Written,
+    stopped: bool,
+) -> CheckpointReport {
     let Written { memory, state_bytes, write_time, disk_handover } = written;
     CheckpointReport {
         dir: out.to_path_buf(),
@@ -157,69 +159,8 @@ fn report(out: &Path, method: Method, pause_ms: f64, t0: Instant, written: Writt
     }
 }
 
-/// Whether the cevm strategy can checkpoint a guest of `config`; asked before
-/// its live migration starts. A writable disk must be a qcow2 overlay over a
-/// base image: the new instance then writes a fresh overlay U over the same
-/// base while the old one, T, becomes the checkpoint's disk.
-pub fn cevm_supports(config: &InstanceConfig) -> Result<()> {
-    let Some(d) = config.disk.as_ref().filter(|d| !d.read_only) else { return Ok(()) };
-    let overlay = disk::probe_format(&d.path)? == disk::ImageFormat::Qcow2 && disk::backing_file(&d.path)?.is_some();
-    if !overlay {
-        return Err(Error::Unsupported(format!(
-            "the cevm strategy needs the guest's disk to be a qcow2 overlay over a base image, and {} is not; make \
-             one (qemu-img create -f qcow2 -b BASE -F FORMAT OVERLAY) or use stop-and-save",
-            d.path.display()
-        )));
-    }
-    let leftover = disk::handover::overlay_path(&d.path);
-    if leftover.exists() {
-        return Err(Error::Unsupported(format!(
-            "{} is left over from an interrupted cevm checkpoint (its data belongs to no checkpoint); remove it to \
-             checkpoint this disk again",
-            leftover.display()
-        )));
-    }
-    Ok(())
-}
-
-/// CEVM's second half: `frozen` is the old instance of a live migration, paused
-/// at the switch (the guest runs on in the new instance); its state and memory
-/// are the guest's at the switch instant, and this writes them to `out`,
-/// committed atomically. `pause_ms` is the switch's downtime; `t0` when the
-/// checkpoint was asked for. On failure `out`, if it held an older checkpoint,
-/// still holds it, and the guest is unaffected.
-///
-/// With `handover` (a guest with a writable disk), the disk hand-over runs
-/// meanwhile: T, the overlay the guest wrote until the switch, is integrated
-/// into the new instance's overlay U, and becomes the checkpoint's disk. It runs
-/// to its end even when writing the checkpoint fails, since the guest's disk
-/// depends on it.
-pub fn write_frozen(
-    frozen: &mut Instance,
-    method: Method,
-    out: &Path,
-    pause_ms: f64,
-    t0: Instant,
-    handover: Option<Handover>,
-) -> Result<CheckpointReport> {
-    cevm_supports_frozen(frozen.config())?;
-    let written = write_paused(frozen, out, method, handover)?;
-    Ok(report(out, method, pause_ms, t0, written, false))
-}
-
-/// [`cevm_supports`] for the old instance after the switch, when the new
-/// instance's overlay may already exist.
-fn cevm_supports_frozen(config: &InstanceConfig) -> Result<()> {
-    match &config.disk {
-        Some(d) if !d.read_only && disk::probe_format(&d.path)? != disk::ImageFormat::Qcow2 => {
-            Err(Error::Unsupported("the cevm strategy needs the guest's disk to be a qcow2 overlay".into()))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// What writing a checkpoint produced.
-struct Written {
+pub(crate) struct Written {
     memory: MemoryStats,
     state_bytes: u64,
     /// Time spent writing memory.
@@ -228,15 +169,20 @@ struct Written {
 }
 
 /// Writes the checkpoint of a paused instance: state, memory, disk (copied, or,
-/// with `handover`, T handed over as described at [`write_frozen`]).
-fn write_paused(instance: &mut Instance, out: &Path, method: Method, handover: Option<Handover>) -> Result<Written> {
+/// with `link`, T handed over as described at [`cevm::write_frozen`]).
+pub(crate) fn write_paused(
+    instance: &mut Instance,
+    out: &Path,
+    method: Method,
+    link: Option<cevm::OldSideLink>,
+) -> Result<Written> {
     let state = instance.save_state()?;
     let state_json = codec::encode(&state, Encoding::Json).map_err(|e| Error::Encode(e.to_string()))?;
     let mut writer = CheckpointWriter::create(out)?;
     // The hand-over starts first and runs beside the memory write; whatever
-    // happens to the checkpoint, it is waited for (see `DiskJob`).
-    let job = match handover {
-        Some(h) if instance.config().disk.is_some() => Some(DiskJob::start(instance, writer.tmp_path(), h)?),
+    // happens to the checkpoint, it is waited for (see `cevm::FrozenDisk`).
+    let job = match link {
+        Some(l) if instance.config().disk.is_some() => Some(cevm::FrozenDisk::start(instance, writer.tmp_path(), l)?),
         _ => None,
     };
     writer.write_file(snapshot::STATE_FILE, &state_json)?;
@@ -268,94 +214,9 @@ fn write_paused(instance: &mut Instance, out: &Path, method: Method, handover: O
     Ok(Written { memory: stats, state_bytes: state_json.len() as u64, write_time, disk_handover })
 }
 
-/// How T went into the checkpoint's temporary directory.
-enum KeptT {
-    /// A second name of the same file (T is never written after the switch).
-    Linked,
-    /// Another file system: T, kept open, is copied before the commit (whatever
-    /// name it has by then).
-    ToCopy(std::fs::File),
-}
-
-/// A CEVM disk hand-over under way in the old instance: T kept for the
-/// checkpoint, the checkpointing protocol on a thread. Dropping it waits for
-/// that thread, so the new instance's disk is never left half integrated.
-struct DiskJob {
-    t_path: PathBuf,
-    dst: PathBuf,
-    kept: Option<KeptT>,
-    thread: Option<std::thread::JoinHandle<std::result::Result<disk::handover::OldSideReport, String>>>,
-}
-
-impl DiskJob {
-    fn start(instance: &Instance, tmp: &Path, h: Handover) -> Result<Self> {
-        let gd = instance.disk().ok_or_else(|| Error::Unsupported("the guest has no disk to hand over".into()))?;
-        let t_path = gd.current_path();
-        let dst = tmp.join(disk_file(disk::ImageFormat::Qcow2));
-        // Before the first message, so T is kept even once U takes its name.
-        let kept = match std::fs::hard_link(&t_path, &dst) {
-            Ok(()) => KeptT::Linked,
-            Err(_) => KeptT::ToCopy(
-                std::fs::File::open(&t_path).map_err(|source| disk::Error::Open { path: t_path.clone(), source })?,
-            ),
-        };
-        let Handover { inbound, outbox } = h;
-        let thread = std::thread::Builder::new()
-            .name("disk-integrate".into())
-            .spawn(move || disk::handover::run_old_side(gd.image(), inbound, outbox))
-            .map_err(|e| Error::Unsupported(format!("cannot start the disk integration thread: {e}")))?;
-        Ok(DiskJob { t_path, dst, kept: Some(kept), thread: Some(thread) })
-    }
-
-    fn join(&mut self) -> std::result::Result<disk::handover::OldSideReport, String> {
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err("the disk integration thread panicked".into()),
-            None => Err("the disk integration was already waited for".into()),
-        }
-    }
-
-    /// Waits for the integration and puts T into the checkpoint.
-    fn finish(mut self, writer: &mut CheckpointWriter) -> Result<DiskHandover> {
-        let kept = self.kept.take().expect("set at start");
-        let linked = matches!(kept, KeptT::Linked);
-        if let KeptT::ToCopy(file) = &kept {
-            disk::copy_image_from(file, &self.t_path, &self.dst)?;
-        }
-        let result = self.join();
-        if linked && result.is_err() {
-            // The integration did not end: U may never have taken T's name, so
-            // the guest disk's path may still be T. The checkpoint gets a file of
-            // its own, so that nothing written there later can change it.
-            let tmp = self.dst.with_extension("copy");
-            disk::copy_image(&self.dst, &tmp)?;
-            std::fs::rename(&tmp, &self.dst)
-                .map_err(|source| disk::Error::Create { path: self.dst.clone(), source })?;
-        }
-        absolute_backing(&self.dst, &self.t_path)?;
-        writer.add_file(&disk_file(disk::ImageFormat::Qcow2))?;
-        let mut report = DiskHandover { linked, ..Default::default() };
-        match result {
-            Ok(r) => {
-                (report.clusters, report.t_reads, report.bytes, report.ms) = (r.clusters, r.t_reads, r.bytes, r.ms)
-            }
-            Err(e) => report.error = Some(e),
-        }
-        Ok(report)
-    }
-}
-
-impl Drop for DiskJob {
-    fn drop(&mut self) {
-        if self.thread.is_some() {
-            let _ = self.join();
-        }
-    }
-}
-
 /// Makes the backing file name of `copy` (a copy of `original`) absolute, so the
 /// copy finds its base from the checkpoint directory.
-fn absolute_backing(copy: &Path, original: &Path) -> Result<()> {
+pub(crate) fn absolute_backing(copy: &Path, original: &Path) -> Result<()> {
     if let Some(backing) = disk::backing_file(copy)? {
         if !Path::new(&backing).is_absolute() {
             let dir = original.parent().unwrap_or(Path::new("."));
@@ -368,7 +229,7 @@ fn absolute_backing(copy: &Path, original: &Path) -> Result<()> {
 }
 
 /// Name of the disk image in a checkpoint: `disk.qcow2` or `disk.raw`.
-fn disk_file(format: disk::ImageFormat) -> String {
+pub(crate) fn disk_file(format: disk::ImageFormat) -> String {
     format!("disk.{}", format.name())
 }
 

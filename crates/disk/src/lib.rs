@@ -7,9 +7,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-pub mod handover;
+pub mod integration;
 
-pub use handover::GuestDisk;
+pub use integration::GuestDisk;
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;

@@ -168,7 +168,7 @@ mod integration_over_qcow2 {
     use integrate::{Completion, NewSide, OldSide, Request, ToNew, ToOld};
 
     use super::*;
-    use crate::handover::Image;
+    use crate::integration::Image;
 
     fn read_all(d: &Disk) -> Vec<u8> {
         let mut v = vec![0; d.size() as usize];
@@ -268,15 +268,15 @@ mod integration_over_qcow2 {
     }
 }
 
-/// The hand-over drivers (`handover`): the old side on one thread over T, the
+/// The hand-over drivers (`integration`): the old side on one thread over T, the
 /// new side's message pump on another, and the guest's requests on a third,
 /// against real qcow2 files, with the old side ending normally or going away
 /// half way.
-mod handover_threads {
+mod integration_threads {
     use std::sync::mpsc;
     use std::sync::Arc;
 
-    use crate::handover::{overlay_path, run_old_side, serve_new_side, FromOld, Outbox};
+    use crate::integration::{overlay_path, run_old_side, serve_new_side, FromOld, Outbox};
     use crate::GuestDisk;
 
     use super::*;
@@ -358,7 +358,7 @@ mod handover_threads {
             Err(e) => {
                 assert!(stop_after.is_some(), "seed {seed}: old side: {e}");
                 let e = pump_result.expect_err("the new side saw the old side go");
-                assert!(e.contains("read from T directly"), "seed {seed}: {e}");
+                assert!(e.to_string().contains("read from T directly"), "seed {seed}: {e}");
             }
         }
         assert!(!gd.integrating(), "seed {seed}: the integration ended");

@@ -12,17 +12,17 @@
 //!
 //! - [`OldSide`] (checkpointing protocol): walks T's allocated clusters in address
 //!   order and sends each one's data (`Cluster`); between steps it answers the new
-//!   side's requests for T data (`ReadT` → `TData`); after the last cluster it
+//!   side's requests for T data (`ReadFrozen` → `FrozenData`); after the last cluster it
 //!   sends `IntegrateEnd`, then answers `LastUpdate` with `UpdateDone`.
 //! - [`NewSide`] (disk image manipulation protocol): serves the guest's reads and
 //!   writes in order. A cluster whose current data is only in T ("T-only": in T,
 //!   not yet integrated, not overwritten since) is first brought into U, whole,
-//!   from a `Cluster` or `TData` message; every other access goes to U over B.
+//!   from a `Cluster` or `FrozenData` message; every other access goes to U over B.
 //!   A write that covers a T-only cluster whole needs nothing from T.
 //!   Integration writes a cluster into U only while it is T-only, so it never
 //!   overwrites a newer guest write.
 //!
-//! The images themselves are behind two small traits ([`OverlayU`], [`ImageT`]),
+//! The images themselves are behind two small traits ([`NewOverlay`], [`FrozenOverlay`]),
 //! implemented over qcow2 files by the VMM and over byte arrays by the tests.
 
 use std::collections::{BTreeSet, VecDeque};
@@ -49,7 +49,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToOld {
     /// Send T's data of this cluster now (a guest request waits for it).
-    ReadT { cluster: u64 },
+    ReadFrozen { cluster: u64 },
     /// Integration ended here; no more requests will come.
     LastUpdate,
 }
@@ -59,8 +59,8 @@ pub enum ToOld {
 pub enum ToNew {
     /// The integration cursor's cluster of T, in address order.
     Cluster { cluster: u64, data: Vec<u8> },
-    /// The answer to a `ReadT`.
-    TData { cluster: u64, data: Vec<u8> },
+    /// The answer to a `ReadFrozen`.
+    FrozenData { cluster: u64, data: Vec<u8> },
     /// Every cluster of T was sent.
     IntegrateEnd,
     /// The answer to `LastUpdate`: the old side is finished.
@@ -68,7 +68,7 @@ pub enum ToNew {
 }
 
 /// The new instance's overlay U over the base B, as the new side uses it.
-pub trait OverlayU {
+pub trait NewOverlay {
     /// Reads through U, falling back to B where U holds nothing.
     fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<()>;
     /// Writes into U (where U held nothing, the rest of the cluster comes from B).
@@ -78,7 +78,7 @@ pub trait OverlayU {
 }
 
 /// The old overlay T, which is only ever read after the switch.
-pub trait ImageT {
+pub trait FrozenOverlay {
     /// Reads one whole cluster of T.
     fn read_cluster(&mut self, cluster: u64, buf: &mut [u8]) -> Result<()>;
 }
@@ -108,7 +108,7 @@ impl OldSide {
 
     /// One integration step: the next cluster of T, or `IntegrateEnd` after the
     /// last; `None` once integration is over (then only messages matter).
-    pub fn step(&mut self, t: &mut dyn ImageT) -> Result<Option<ToNew>> {
+    pub fn step(&mut self, t: &mut dyn FrozenOverlay) -> Result<Option<ToNew>> {
         if self.state != OldState::Integrating {
             return Ok(None);
         }
@@ -123,13 +123,13 @@ impl OldSide {
     }
 
     /// Serves one message of the new side; returns the answer to send.
-    pub fn on_message(&mut self, m: ToOld, t: &mut dyn ImageT) -> Result<Option<ToNew>> {
+    pub fn on_message(&mut self, m: ToOld, t: &mut dyn FrozenOverlay) -> Result<Option<ToNew>> {
         match (m, self.state) {
             (_, OldState::Done) => Err(Error::Protocol("a message after UpdateDone".into())),
-            (ToOld::ReadT { cluster }, _) => {
+            (ToOld::ReadFrozen { cluster }, _) => {
                 let mut data = vec![0; self.cluster_size];
                 t.read_cluster(cluster, &mut data)?;
-                Ok(Some(ToNew::TData { cluster, data }))
+                Ok(Some(ToNew::FrozenData { cluster, data }))
             }
             (ToOld::LastUpdate, OldState::WaitingForLastUpdate) => {
                 self.state = OldState::Done;
@@ -191,7 +191,7 @@ pub struct NewSide {
     disk_size: u64,
     /// Clusters whose current data is only in T.
     t_only: BTreeSet<u64>,
-    /// `ReadT` sent and not answered yet.
+    /// `ReadFrozen` sent and not answered yet.
     asked: BTreeSet<u64>,
     queue: VecDeque<(u64, Request)>,
     outbox: Vec<ToOld>,
@@ -245,9 +245,9 @@ impl NewSide {
     }
 
     /// Takes one message of the old side.
-    pub fn on_message(&mut self, m: ToNew, u: &mut dyn OverlayU) -> Result<()> {
+    pub fn on_message(&mut self, m: ToNew, u: &mut dyn NewOverlay) -> Result<()> {
         match m {
-            ToNew::Cluster { cluster, data } | ToNew::TData { cluster, data } => {
+            ToNew::Cluster { cluster, data } | ToNew::FrozenData { cluster, data } => {
                 if data.len() as u64 != self.cluster_size {
                     return Err(Error::Protocol(format!(
                         "cluster {cluster} came with {} bytes, not {}",
@@ -285,14 +285,14 @@ impl NewSide {
 
     /// Serves queued guest requests in order for as long as none waits for T;
     /// returns the messages to send to the old side and the finished requests.
-    pub fn poll(&mut self, u: &mut dyn OverlayU) -> Result<Polled> {
+    pub fn poll(&mut self, u: &mut dyn NewOverlay) -> Result<Polled> {
         let mut done = Vec::new();
         while let Some((_, req)) = self.queue.front() {
             let wanted = self.wanted_from_t(req);
             if !wanted.is_empty() {
                 for c in wanted {
                     if self.asked.insert(c) {
-                        self.outbox.push(ToOld::ReadT { cluster: c });
+                        self.outbox.push(ToOld::ReadFrozen { cluster: c });
                     }
                 }
                 break;

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use integrate::{Completion, ImageT, NewSide, OldSide, OverlayU, Polled, Request, Result, ToNew, ToOld};
+use integrate::{Completion, FrozenOverlay, NewOverlay, NewSide, OldSide, Polled, Request, Result, ToNew, ToOld};
 
 const CS: u64 = 64;
 const CLUSTERS: u64 = 12;
@@ -33,7 +33,7 @@ impl ModelU {
     }
 }
 
-impl OverlayU for ModelU {
+impl NewOverlay for ModelU {
     fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
         for (i, x) in buf.iter_mut().enumerate() {
             *x = self.byte(off + i as u64);
@@ -57,7 +57,7 @@ impl OverlayU for ModelU {
 
 struct ModelT(BTreeMap<u64, Vec<u8>>);
 
-impl ImageT for ModelT {
+impl FrozenOverlay for ModelT {
     fn read_cluster(&mut self, cluster: u64, buf: &mut [u8]) -> Result<()> {
         let c = self.0.get(&cluster).ok_or_else(|| integrate::Error::Io(format!("T has no cluster {cluster}")))?;
         buf.copy_from_slice(c);
@@ -229,8 +229,8 @@ fn a_partial_write_to_a_t_only_cluster_waits_for_t_and_merges() {
     let mut new = NewSide::new([2], CS, SIZE);
     new.submit(1, Request::Write { off: 2 * CS + 8, data: vec![9; 8] }).unwrap();
     let p = new.poll(&mut u).unwrap();
-    assert_eq!(p, Polled { to_old: vec![ToOld::ReadT { cluster: 2 }], completed: vec![] });
-    new.on_message(ToNew::TData { cluster: 2, data: vec![5; CS as usize] }, &mut u).unwrap();
+    assert_eq!(p, Polled { to_old: vec![ToOld::ReadFrozen { cluster: 2 }], completed: vec![] });
+    new.on_message(ToNew::FrozenData { cluster: 2, data: vec![5; CS as usize] }, &mut u).unwrap();
     assert_eq!(new.poll(&mut u).unwrap().completed, vec![(1, Completion::Write)]);
     let mut want = vec![5; CS as usize];
     want[8..16].fill(9);
@@ -243,7 +243,7 @@ fn protocol_violations_are_refused() {
     let mut new = NewSide::new([3], CS, SIZE);
     let e = new.on_message(ToNew::IntegrateEnd, &mut u).unwrap_err().to_string();
     assert!(e.contains("before cluster 3"), "{e}");
-    let e = new.on_message(ToNew::TData { cluster: 3, data: vec![1; 3] }, &mut u).unwrap_err().to_string();
+    let e = new.on_message(ToNew::FrozenData { cluster: 3, data: vec![1; 3] }, &mut u).unwrap_err().to_string();
     assert!(e.contains("3 bytes"), "{e}");
     assert!(new.submit(0, Request::Read { off: SIZE - 1, len: 2 }).is_err());
     let mut t = ModelT(BTreeMap::from([(3, vec![0; CS as usize])]));

@@ -19,6 +19,34 @@ fn write_page(mem: &GuestMemory, gpa: u64, data: &[u8]) -> Result<()> {
     mem.mmap().write_slice(data, GuestAddress(gpa)).map_err(|e| Error::PageOutside { gpa, reason: e.to_string() })
 }
 
+/// A guest that arrived: its instance, running, and what the source said of it.
+pub struct Arrived {
+    pub instance: Instance,
+    pub hello: Hello,
+    /// The source.
+    pub peer: String,
+    /// A CEVM checkpoint's migration whose disk link could not start: the new
+    /// instance completed its disk from T by itself (see
+    /// [`crate::disk_link::serve_new_side`]); the guest runs on.
+    pub disk_link_error: Option<Error>,
+}
+
+/// The new side's one entry point: receives a migration on `t` ([`migrate_in`])
+/// and, for a CEVM checkpoint, serves the new instance's side of the disk
+/// hand-over over the same connection ([`crate::disk_link::serve_new_side`]).
+pub fn accept_guest(
+    mut t: Box<dyn Transport>,
+    console: Box<dyn Write + Send>,
+    events: Sender<VmEvent>,
+    vcpu_cpus: &[usize],
+) -> Result<Arrived> {
+    let (instance, hello) = migrate_in(t.as_mut(), console, events, vcpu_cpus)?;
+    let peer = t.peer();
+    // The guest runs in `instance` from here on, whatever the hand-over does.
+    let disk_link_error = if hello.cevm { crate::disk_link::serve_new_side(t, &instance).err() } else { None };
+    Ok(Arrived { instance, hello, peer, disk_link_error })
+}
+
 /// How the destination waits for the source between frames.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -65,7 +93,7 @@ fn receive(
     // The KVM VM, its memory and vCPUs are made now, while the source still runs
     // the guest, so that the switch only loads the state into them.
     let mut shell = Shell::new(&config, None)?;
-    if let (true, Some(d)) = (hello.cevm && crate::handover::hands_over_disk(&config), &config.disk) {
+    if let (true, Some(d)) = (hello.cevm && crate::disk_link::hands_over_disk(&config), &config.disk) {
         // A CEVM checkpoint: the old instance keeps T, the guest's writes go to a
         // new overlay U (made now, out of the downtime).
         shell.set_disk(Arc::new(disk::GuestDisk::for_integration(&d.path)?));

@@ -10,7 +10,8 @@
 //! and intact after the switch (the CEVM strategy writes its checkpoint from it).
 
 pub mod dest;
-pub mod handover;
+mod destination;
+pub mod disk_link;
 pub mod local;
 pub mod protocol;
 pub mod source;
@@ -20,7 +21,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use dest::migrate_in;
+pub use dest::{accept_guest, migrate_in, Arrived};
+pub use destination::{migrate_to, Destination, Moved, NewInstance};
 pub use local::{migrate_local, Local};
 pub use source::migrate_out;
 pub use transport::{channel_pair, Endpoint, Listener, Transport};
@@ -83,7 +85,7 @@ pub enum Error {
         None => "the guest's disk was completed from T directly".to_string(),
         Some(why) => format!("completing the guest's disk from T directly failed too: {why}"),
     })]
-    HandoverNotStarted { error: Box<Error>, fallback: Option<String> },
+    HandoverNotStarted { error: Box<Error>, fallback: Option<disk::integration::IntegrationError> },
     /// A page of guest memory could not be read (an address outside guest RAM).
     #[error("reading the guest page at {gpa:#x}: {source}")]
     GuestMemory {
@@ -197,7 +199,7 @@ pub struct Params {
     pub max_bandwidth_mib_s: f64,
     /// Set by the CEVM checkpoint strategy, never by users: the destination
     /// writes the guest's disk into a new overlay U, and after the switch the
-    /// disk hand-over runs over this connection ([`handover`]).
+    /// disk hand-over runs over this connection ([`disk_link`]).
     #[serde(skip)]
     pub cevm: bool,
 }

@@ -7,9 +7,7 @@ use std::sync::Mutex;
 
 use vmm::{Instance, VmEvent};
 
-use crate::{
-    channel_pair, migrate_in, migrate_out, Error, Failure, GuestAt, Params, Phase, Progress, Report, Transport,
-};
+use crate::{channel_pair, migrate_out, Error, Failure, GuestAt, Params, Phase, Progress, Report, Transport};
 
 /// Frames in flight between the two threads (each at most ~1 MiB of pages).
 const CHANNEL_DEPTH: usize = 8;
@@ -20,12 +18,12 @@ pub struct Local {
     /// The new instance, running the guest.
     pub instance: Instance,
     /// A CEVM checkpoint's migration of a guest with a disk: the old side's end
-    /// of the disk hand-over (see [`crate::handover`]).
-    pub handover: Option<Box<dyn Transport>>,
+    /// of the disk link (see [`crate::disk_link`]).
+    pub disk_link: Option<Box<dyn Transport>>,
     /// Why the new instance could not start its side of the disk hand-over
     /// ([`Error::HandoverNotStarted`]): it then completed its disk from T by
     /// itself, and the guest runs on in it.
-    pub handover_error: Option<Error>,
+    pub disk_link_error: Option<Error>,
 }
 
 /// Live-migrates `inst` to a new instance in this process whose console is
@@ -35,7 +33,7 @@ pub struct Local {
 /// [`migrate_out`]'s: the phase, why, and where the guest is.
 ///
 /// A CEVM checkpoint's migration (`params.cevm`) of a guest with a disk also
-/// returns the old side's end of the disk hand-over (see [`crate::handover`]);
+/// returns the old side's end of the disk hand-over (see [`crate::disk_link`]);
 /// the new instance serves its side on a thread of its own.
 pub fn migrate_local(
     inst: &mut Instance,
@@ -45,16 +43,13 @@ pub fn migrate_local(
     events: Sender<VmEvent>,
     dest_cpus: &[usize],
 ) -> std::result::Result<Local, Failure> {
-    let (mut src, mut dst) = channel_pair(CHANNEL_DEPTH);
+    let (mut src, dst) = channel_pair(CHANNEL_DEPTH);
     let dest_cpus = dest_cpus.to_vec();
     let dest = std::thread::Builder::new()
         .name("migrate-dest".into())
         .spawn(move || {
-            let (inst, hello) = migrate_in(&mut dst, console, events, &dest_cpus)?;
-            // The guest runs in `inst` from here on, whatever the hand-over does.
-            let handover_error =
-                if hello.cevm { crate::handover::serve_new_side(Box::new(dst), &inst).err() } else { None };
-            Ok::<_, Error>((inst, handover_error))
+            let arrived = crate::accept_guest(Box::new(dst), console, events, &dest_cpus)?;
+            Ok::<_, Error>((arrived.instance, arrived.disk_link_error))
         })
         .map_err(|source| Failure {
             phase: Phase::Connect,
@@ -62,7 +57,7 @@ pub fn migrate_local(
             error: Error::Thread { what: "migration destination", source },
         })?;
     let report = migrate_out(inst, &mut src, params, progress);
-    let handover = params.cevm && crate::handover::hands_over_disk(inst.config()) && report.is_ok();
+    let handover = params.cevm && crate::disk_link::hands_over_disk(inst.config()) && report.is_ok();
     // Closing our end lets a destination still waiting for frames give up.
     let src = if handover {
         Some(Box::new(src) as Box<dyn Transport>)
@@ -72,8 +67,8 @@ pub fn migrate_local(
     };
     let new = dest.join();
     match (report, new) {
-        (Ok(report), Ok(Ok((instance, handover_error)))) => {
-            Ok(Local { report, instance, handover: src, handover_error })
+        (Ok(report), Ok(Ok((instance, disk_link_error)))) => {
+            Ok(Local { report, instance, disk_link: src, disk_link_error })
         }
         (Err(e), _) => Err(e),
         // The source had the destination's `Resumed`, which it sends only once

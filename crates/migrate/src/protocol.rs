@@ -62,7 +62,7 @@ pub enum FrameKind {
     /// Destination → source: every frame before the `Sync` is in memory.
     Synced = 9,
     /// Either way, after the switch of a CEVM checkpoint: a message of the disk
-    /// hand-over (`disk::handover::FromOld` or `integrate::ToOld`, postcard).
+    /// hand-over (`disk::integration::FromOld` or `integrate::ToOld`, postcard).
     Disk = 10,
 }
 

@@ -21,7 +21,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use integrate::{Completion, ImageT, NewSide, OldSide, OverlayU, Request, ToNew, ToOld};
+use integrate::{Completion, FrozenOverlay, NewOverlay, NewSide, OldSide, Request, ToNew, ToOld};
 use serde::{Deserialize, Serialize};
 
 use crate::{Disk, Error};
@@ -36,8 +36,41 @@ pub enum FromOld {
     Protocol(ToNew),
 }
 
-/// Sends one message to the other side; an error means that side is gone.
+/// Sends one message to the other side; an error (the transport's own words)
+/// means that side is gone.
 pub type Outbox<M> = Box<dyn FnMut(M) -> Result<(), String> + Send>;
+
+/// Why a disk integration did not end normally.
+#[derive(Debug, thiserror::Error)]
+pub enum IntegrationError {
+    /// The new instance went away while T was being sent.
+    #[error("the new instance went away during the disk integration, after {sent} of {total} clusters ({reason})")]
+    NewSideGone { sent: usize, total: usize, reason: String },
+    /// The new instance's messages stopped coming.
+    #[error("the new instance went away during the disk integration")]
+    NewSideClosed,
+    /// The new instance did not end the integration in time.
+    #[error("the new instance did not end the disk integration within {0} s")]
+    NewSideSilent(u64),
+    /// The old instance went away before the end; the new side finished from T.
+    #[error("the old instance went away during the disk integration; the rest was read from T directly and the guest's disk is whole")]
+    OldSideGone,
+    /// The old instance broke the protocol; the new side finished from T.
+    #[error("the old instance broke the disk integration protocol: {0}; the rest was read from T directly and the guest's disk is whole")]
+    OldSideBroke(Box<IntegrationError>),
+    /// A protocol message this side cannot take.
+    #[error("{0}")]
+    BadMessage(&'static str),
+    /// `Begin` named a cluster size no qcow2 image has.
+    #[error("Begin names an invalid cluster size {0}")]
+    BadClusterSize(u64),
+    /// The protocol state machines refused a step.
+    #[error(transparent)]
+    Protocol(#[from] integrate::Error),
+    /// T could not be opened or read.
+    #[error(transparent)]
+    Image(#[from] Error),
+}
 
 /// A [`Disk`] as the state machines see it: U on the new side, T on the old
 /// (with T's cluster size).
@@ -47,7 +80,7 @@ fn io_err(e: std::io::Error) -> integrate::Error {
     integrate::Error::Io(e.to_string())
 }
 
-impl OverlayU for Image<'_> {
+impl NewOverlay for Image<'_> {
     fn read(&mut self, off: u64, buf: &mut [u8]) -> integrate::Result<()> {
         self.0.read(buf, off).map_err(io_err)
     }
@@ -59,7 +92,7 @@ impl OverlayU for Image<'_> {
     }
 }
 
-impl ImageT for Image<'_> {
+impl FrozenOverlay for Image<'_> {
     fn read_cluster(&mut self, cluster: u64, buf: &mut [u8]) -> integrate::Result<()> {
         // The last cluster may end past the disk: read what exists, the rest is zero.
         let off = cluster * self.1;
@@ -99,27 +132,28 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(120);
 /// The checkpointing protocol in the old instance: sends T's clusters in address
 /// order, answering the new instance's requests between clusters, until
 /// `LastUpdate`/`UpdateDone`. `t` is only read.
-pub fn run_old_side(t: &Disk, inbound: Receiver<ToOld>, mut send: Outbox<FromOld>) -> Result<OldSideReport, String> {
+pub fn run_old_side(
+    t: &Disk,
+    inbound: Receiver<ToOld>,
+    mut send: Outbox<FromOld>,
+) -> Result<OldSideReport, IntegrationError> {
     let start = Instant::now();
-    let (cluster_size, own) = t.own_clusters().map_err(|e| e.to_string())?;
+    let (cluster_size, own) = t.own_clusters()?;
     let total = own.len();
     let mut sent = 0usize;
     // A message that cannot be sent means the new instance is gone.
     let mut send = move |m: FromOld| {
         let is_cluster = matches!(m, FromOld::Protocol(ToNew::Cluster { .. }));
-        send(m).map_err(|e| {
-            format!("the new instance went away during the disk integration, after {sent} of {total} clusters ({e})")
-        })?;
+        send(m).map_err(|reason| IntegrationError::NewSideGone { sent, total, reason })?;
         sent += usize::from(is_cluster);
-        Ok::<(), String>(())
+        Ok::<(), IntegrationError>(())
     };
     send(FromOld::Begin { cluster_size, runs: to_runs(&own) })?;
     let mut old = OldSide::new(own, cluster_size as usize);
     let mut image = Image(t, cluster_size);
     let mut report = OldSideReport::default();
-    let gone = || "the new instance went away during the disk integration".to_string();
     while !old.done() {
-        let stepped = old.step(&mut image).map_err(|e| e.to_string())?;
+        let stepped = old.step(&mut image)?;
         let mut inbox = Vec::new();
         if let Some(m) = stepped {
             if let ToNew::Cluster { data, .. } = &m {
@@ -132,28 +166,23 @@ pub fn run_old_side(t: &Disk, inbound: Receiver<ToOld>, mut send: Outbox<FromOld
                 match inbound.try_recv() {
                     Ok(m) => inbox.push(m),
                     Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => return Err(gone()),
+                    Err(TryRecvError::Disconnected) => return Err(IntegrationError::NewSideClosed),
                 }
             }
         } else {
             // All of T was sent: only the new side's messages matter now.
             match inbound.recv_timeout(PEER_TIMEOUT) {
                 Ok(m) => inbox.push(m),
-                Err(RecvTimeoutError::Disconnected) => return Err(gone()),
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(format!(
-                        "the new instance did not end the disk integration within {} s",
-                        PEER_TIMEOUT.as_secs()
-                    ))
-                }
+                Err(RecvTimeoutError::Disconnected) => return Err(IntegrationError::NewSideClosed),
+                Err(RecvTimeoutError::Timeout) => return Err(IntegrationError::NewSideSilent(PEER_TIMEOUT.as_secs())),
             }
         }
         for m in inbox {
-            if matches!(m, ToOld::ReadT { .. }) {
+            if matches!(m, ToOld::ReadFrozen { .. }) {
                 report.t_reads += 1;
             }
-            if let Some(answer) = old.on_message(m, &mut image).map_err(|e| e.to_string())? {
-                if let ToNew::TData { data, .. } = &answer {
+            if let Some(answer) = old.on_message(m, &mut image)? {
+                if let ToNew::FrozenData { data, .. } = &answer {
                     report.bytes += data.len() as u64;
                 }
                 send(FromOld::Protocol(answer))?;
@@ -397,18 +426,20 @@ impl GuestDisk {
     }
 
     /// Takes one message of the old side. Returns whether the integration is over.
-    pub fn deliver(&self, m: FromOld) -> Result<bool, String> {
-        let Some(int) = &self.integration else { return Err("no disk integration on this disk".into()) };
+    pub fn deliver(&self, m: FromOld) -> Result<bool, IntegrationError> {
+        let Some(int) = &self.integration else {
+            return Err(IntegrationError::BadMessage("no disk integration on this disk"));
+        };
         let mut st = lock(&int.state);
         if st.done {
-            return Err("a disk integration message after the end".into());
+            return Err(IntegrationError::BadMessage("a disk integration message after the end"));
         }
         let r = match m {
             FromOld::Begin { cluster_size, runs } => {
                 if st.side.is_some() {
-                    Err("Begin came twice".to_string())
+                    Err(IntegrationError::BadMessage("Begin came twice"))
                 } else if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
-                    Err(format!("Begin names an invalid cluster size {cluster_size}"))
+                    Err(IntegrationError::BadClusterSize(cluster_size))
                 } else {
                     let clusters = runs.into_iter().flat_map(|(first, n)| first..first.saturating_add(n));
                     st.side = Some(NewSide::new(clusters, cluster_size, self.image.size()));
@@ -416,8 +447,8 @@ impl GuestDisk {
                 }
             }
             FromOld::Protocol(m) => match st.side.as_mut() {
-                None => Err("a protocol message before Begin".into()),
-                Some(side) => side.on_message(m, &mut Image(&self.image, 0)).map_err(|e| e.to_string()),
+                None => Err(IntegrationError::BadMessage("a protocol message before Begin")),
+                Some(side) => side.on_message(m, &mut Image(&self.image, 0)).map_err(IntegrationError::from),
             },
         };
         self.advance(&mut st);
@@ -427,17 +458,17 @@ impl GuestDisk {
     /// The old side is gone before the end: reads what is still needed from T
     /// (the guest disk's path, never written since the switch) and ends the
     /// integration here, so the guest keeps a whole disk.
-    pub fn finish_from_t(&self) -> Result<(), String> {
+    pub fn finish_from_t(&self) -> Result<(), IntegrationError> {
         let Some(int) = &self.integration else { return Ok(()) };
         let mut st = lock(&int.state);
         if st.done {
             return Ok(());
         }
         st.outbox = None;
-        let r = (|| -> Result<(), String> {
-            let t = Disk::open(&int.path, false).map_err(|e| e.to_string())?;
+        let r = (|| -> Result<(), IntegrationError> {
+            let t = Disk::open(&int.path, false)?;
             if st.side.is_none() {
-                let (cs, own) = t.own_clusters().map_err(|e| e.to_string())?;
+                let (cs, own) = t.own_clusters()?;
                 st.side = Some(NewSide::new(own, cs, self.image.size()));
             }
             let side = st.side.as_mut().expect("made above");
@@ -445,13 +476,13 @@ impl GuestDisk {
             let mut u = Image(&self.image, 0);
             for cluster in side.t_only_clusters() {
                 let mut data = vec![0; cs as usize];
-                Image(&t, cs).read_cluster(cluster, &mut data).map_err(|e| e.to_string())?;
-                side.on_message(ToNew::Cluster { cluster, data }, &mut u).map_err(|e| e.to_string())?;
+                Image(&t, cs).read_cluster(cluster, &mut data)?;
+                side.on_message(ToNew::Cluster { cluster, data }, &mut u)?;
             }
             // The rest of the protocol's own ending, with nobody on the other side.
             if !side.done() {
                 let _ = side.on_message(ToNew::IntegrateEnd, &mut u);
-                side.on_message(ToNew::UpdateDone, &mut u).map_err(|e| e.to_string())?;
+                side.on_message(ToNew::UpdateDone, &mut u)?;
             }
             Ok(())
         })();
@@ -479,18 +510,18 @@ impl Drop for GuestDisk {
 /// The new side's half of the hand-over: delivers the old side's messages until
 /// the integration ends. If the old side goes away first, finishes from T and
 /// says so in the error.
-pub fn serve_new_side(disk: &GuestDisk, inbound: Receiver<FromOld>) -> Result<(), String> {
+pub fn serve_new_side(disk: &GuestDisk, inbound: Receiver<FromOld>) -> Result<(), IntegrationError> {
     loop {
         let why = match inbound.recv() {
             Ok(m) => match disk.deliver(m) {
                 Ok(true) => return Ok(()),
                 Ok(false) => continue,
-                Err(e) => format!("the old instance broke the disk integration protocol: {e}"),
+                Err(e) => IntegrationError::OldSideBroke(Box::new(e)),
             },
-            Err(_) => "the old instance went away during the disk integration".to_string(),
+            Err(_) => IntegrationError::OldSideGone,
         };
         disk.finish_from_t()?;
-        return Err(format!("{why}; the rest was read from T directly and the guest's disk is whole"));
+        return Err(why);
     }
 }
 

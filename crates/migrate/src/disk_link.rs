@@ -1,12 +1,12 @@
 //! The disk hand-over of a CEVM checkpoint over the migration connection: after
-//! the switch, `Disk` frames carry the messages of `disk::handover` both ways.
+//! the switch, `Disk` frames carry the messages of `disk::integration` both ways.
 //! Each side gets a channel of the messages that arrive (a thread reads the
 //! connection) and an outbox that sends.
 
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
-use disk::handover::{FromOld, Outbox};
+use disk::integration::{FromOld, Outbox};
 use integrate::ToOld;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -75,7 +75,7 @@ pub fn serve_new_side(t: Box<dyn Transport>, inst: &vmm::Instance) -> Result<()>
         std::thread::Builder::new()
             .name("disk-handover".into())
             .spawn(move || {
-                if let Err(e) = disk::handover::serve_new_side(&disk, inbound) {
+                if let Err(e) = disk::integration::serve_new_side(&disk, inbound) {
                     eprintln!("cevm: disk integration: {e}");
                 }
             })
