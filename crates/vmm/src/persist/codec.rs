@@ -148,7 +148,7 @@ mod tests {
     use crate::persist::device_ids;
 
     /// The state.json of a checkpoint that cevm wrote at commit f3e6526: version 1.
-    const V1_JSON: &[u8] = include_bytes!("../../../checkpoint/tests/fixtures/main-f3e6526/state.json");
+    const V1_JSON: &[u8] = include_bytes!("../../../cevm/tests/fixtures/main-f3e6526/state.json");
 
     fn json_of(state: &InstanceState) -> serde_json::Value {
         serde_json::from_slice(&encode(state, Encoding::Json).unwrap()).unwrap()
