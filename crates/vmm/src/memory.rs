@@ -11,8 +11,8 @@ use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::error::{Error, Result};
 use crate::layout::{HIGH_RAM_START, LOW_RAM_END, MIN_MEM_SIZE, PAGE_SIZE};
-use crate::{Error, Result};
 
 /// Where guest memory lives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

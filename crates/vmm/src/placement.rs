@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// A list of host CPUs, written like `0,2-3` (as `taskset -c` takes it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
