@@ -511,7 +511,42 @@ pub fn run(a: Args) -> Result<(), String> {
         if m.host.is_empty() { "host" } else { &m.host },
         if a.quick { "-quick" } else { "" }
     ));
-    let host_limits = Limits::measure(&work, p.t_mem, 5)?;
+    let mut r = start_results(a.quick, &p, &work, path, started, m, qemu)?;
+    // What a run stopped now would leave: a report of nothing measured yet, saying so.
+    save(&mut r, t0, &stem, None)?;
+    measure_linux(&a, path, &p, &work, &mut r, t0, &stem);
+    r.not_reached.retain(|n| n == TURNAROUND);
+    save(&mut r, t0, &stem, None)?;
+    r.turnaround = measure_turnaround(&p, &work, &mut r.not_measured);
+    r.not_reached.clear();
+    // The README shows the latest finished full report; a quick run leaves it alone.
+    let readme = readme_for(&a, &r);
+    save(&mut r, t0, &stem, readme.as_deref())?;
+    // Whatever was not measured, a whole part or one guest of the comparison,
+    // makes the run fail once the report says so.
+    let mut missing = r.not_measured.clone();
+    if let Some(l) = &r.linux {
+        missing.extend(l.failed.iter().map(|f| linux_guest(f)));
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("not measured (the report says so too): {}", missing.join("; ")))
+    }
+}
+
+/// The results of a run about to measure: this host's limits (measured here,
+/// and printed), nothing else yet, every part to come listed as not reached.
+fn start_results(
+    quick: bool,
+    p: &Plan,
+    work: &Path,
+    path: LinuxPath,
+    started: String,
+    machine: Machine,
+    qemu: Option<String>,
+) -> Result<AllResults, String> {
+    let host_limits = Limits::measure(work, p.t_mem, 5)?;
     println!(
         "bench all: this host: memcpy {:.0} MiB/s, write + fdatasync {:.0} MiB/s on {}",
         host_limits.memcpy(),
@@ -519,17 +554,17 @@ pub fn run(a: Args) -> Result<(), String> {
         host_limits.fs
     );
     let mut not_reached: Vec<String> = match path {
-        LinuxPath::Nested => groups(&p).iter().map(|g| linux_guest(&g.name)).collect(),
+        LinuxPath::Nested => groups(p).iter().map(|g| linux_guest(&g.name)).collect(),
         LinuxPath::Direct => vec![COMPARISON.into()],
         LinuxPath::Off => Vec::new(),
     };
     not_reached.push(TURNAROUND.into());
-    let mut r = AllResults {
+    Ok(AllResults {
         schema: 1,
         started,
         duration_s: 0.0,
-        quick: a.quick,
-        machine: m,
+        quick,
+        machine,
         versions: versions(qemu),
         placement:
             "none: no thread pinned (cevm's default); the kernel's scheduler places vCPU, migration and writer threads"
@@ -539,19 +574,23 @@ pub fn run(a: Args) -> Result<(), String> {
         turnaround: None,
         not_measured: Vec::new(),
         not_reached,
-    };
-    // What a run stopped now would leave: a report of nothing measured yet, saying so.
-    save(&mut r, t0, &stem, None)?;
+    })
+}
+
+/// The Linux-guest comparison, by `path`, into `r.linux`; in the nested harness
+/// each guest's results are saved as they come. A comparison that fails is
+/// recorded as not measured.
+fn measure_linux(a: &Args, path: LinuxPath, p: &Plan, work: &Path, r: &mut AllResults, t0: Instant, stem: &Path) {
     let linux = match path {
-        LinuxPath::Nested => linux_nested(&a.source(), &p, &work, &mut |part, group| {
+        LinuxPath::Nested => linux_nested(&a.source(), p, work, &mut |part, group| {
             r.linux = part;
             r.not_reached.retain(|n| *n != linux_guest(group));
-            if let Err(e) = save(&mut r, t0, &stem, None) {
+            if let Err(e) = save(r, t0, stem, None) {
                 eprintln!("bench all: could not write the results so far: {e}");
             }
         })
         .map(Some),
-        LinuxPath::Direct => linux_direct(&a, &p, &work).map(Some),
+        LinuxPath::Direct => linux_direct(a, p, work).map(Some),
         LinuxPath::Off => Ok(None),
     };
     r.linux = linux.unwrap_or_else(|e| {
@@ -559,8 +598,10 @@ pub fn run(a: Args) -> Result<(), String> {
         r.not_measured.push(format!("{COMPARISON}: {e}"));
         None
     });
-    r.not_reached.retain(|n| n == TURNAROUND);
-    save(&mut r, t0, &stem, None)?;
+}
+
+/// The turnaround benchmark of the plan; a failure is added to `not_measured`.
+fn measure_turnaround(p: &Plan, work: &Path, not_measured: &mut Vec<String>) -> Option<TurnaroundPart> {
     let t = turnaround::Options {
         mem: p.t_mem,
         data_mib: p.t_data,
@@ -580,7 +621,7 @@ pub fn run(a: Args) -> Result<(), String> {
         json: None,
         report_from: None,
     };
-    r.turnaround = match turnaround::measure(&t) {
+    match turnaround::measure(&t) {
         Ok(runs) => Some(TurnaroundPart {
             mem_mib: p.t_mem >> 20,
             data_mib: p.t_data,
@@ -591,24 +632,9 @@ pub fn run(a: Args) -> Result<(), String> {
         }),
         Err(e) => {
             eprintln!("bench all: the turnaround benchmark failed: {e}");
-            r.not_measured.push(format!("{TURNAROUND}: {e}"));
+            not_measured.push(format!("{TURNAROUND}: {e}"));
             None
         }
-    };
-    r.not_reached.clear();
-    // The README shows the latest finished full report; a quick run leaves it alone.
-    let readme = readme_for(&a, &r);
-    save(&mut r, t0, &stem, readme.as_deref())?;
-    // Whatever was not measured, a whole part or one guest of the comparison,
-    // makes the run fail once the report says so.
-    let mut missing = r.not_measured.clone();
-    if let Some(l) = &r.linux {
-        missing.extend(l.failed.iter().map(|f| linux_guest(f)));
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("not measured (the report says so too): {}", missing.join("; ")))
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
-use vmm::{Instance, InstanceConfig};
+use vmm::{Boot, Instance, InstanceConfig};
 
 /// A console that hands the guest's output to a channel, line by line.
 struct LineSink {
@@ -35,8 +35,13 @@ pub fn start_guest(config: InstanceConfig) -> Result<(Instance, Receiver<String>
     let (line_tx, lines) = mpsc::channel();
     // The benchmarks end their instances themselves; guest events are not watched.
     let (ev_tx, _events) = mpsc::channel();
-    let mut inst =
-        Instance::new(config, Box::new(LineSink { buf: Vec::new(), tx: line_tx }), ev_tx).map_err(|e| e.to_string())?;
+    // The image of a built-in guest comes from crate `guests`; the VMM takes it from its caller.
+    let image = match &config.boot {
+        Boot::Builtin { guest, .. } => Some(guests::find(guest).map_err(|e| e.to_string())?),
+        Boot::Linux { .. } => None,
+    };
+    let console = Box::new(LineSink { buf: Vec::new(), tx: line_tx });
+    let mut inst = Instance::new(config, image, console, ev_tx).map_err(|e| e.to_string())?;
     inst.start().map_err(|e| e.to_string())?;
     Ok((inst, lines))
 }

@@ -242,23 +242,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// The methods a comparison measures: those asked for, or by default cevm's
+/// (and QEMU's, when a QEMU binary is given); QEMU's need that binary.
+fn compare_methods(asked: Vec<compare::Method>, have_qemu: bool) -> Result<Vec<compare::Method>, String> {
+    let methods = if asked.is_empty() {
+        let mut m = compare::Method::CEVM.to_vec();
+        if have_qemu {
+            m.extend(compare::Method::QEMU);
+        }
+        m
+    } else {
+        asked
+    };
+    if !have_qemu && methods.iter().any(|m| m.is_qemu()) {
+        return Err("QEMU methods need --qemu BINARY".into());
+    }
+    Ok(methods)
+}
+
 /// Runs one benchmark.
 fn run(cmd: BenchCmd) -> Result<(), String> {
     match cmd {
         BenchCmd::All(args) => all::run(args),
         BenchCmd::Compare { kernel, initrd, qemu, cases, methods, fill_pct, ws_mib, beat_ms, runs, dir, json } => {
-            let methods = if methods.is_empty() {
-                let mut m = compare::Method::CEVM.to_vec();
-                if qemu.is_some() {
-                    m.extend(compare::Method::QEMU);
-                }
-                m
-            } else {
-                methods
-            };
-            if qemu.is_none() && methods.iter().any(|m| m.is_qemu()) {
-                return Err("QEMU methods need --qemu BINARY".into());
-            }
+            let methods = compare_methods(methods, qemu.is_some())?;
             if !(1..=95).contains(&fill_pct) || beat_ms == 0 {
                 return Err("--fill-pct is 1..95 and --beat-ms more than 0".into());
             }

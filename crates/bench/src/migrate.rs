@@ -216,10 +216,21 @@ pub fn run(o: &Options) -> Result<(), String> {
         }
     }
 
+    print_table(&cases, o.runs);
+    if let Some(p) = &o.json {
+        let text = serde_json::to_string_pretty(&cases).map_err(|e| e.to_string())?;
+        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Prints the results as a Markdown table: per case, medians of its `runs`
+/// runs with min-max of the downtime and the total time.
+fn print_table(cases: &[Case], runs: usize) {
     println!();
     println!("| guest | dirty rate (measured pages/s) | mode | downtime ms | switch round trip ms | of it, destination restore ms | total ms | MiB sent | rounds | max throttle % |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for c in &cases {
+    for c in cases {
         let f = |get: fn(&migrate::Report) -> f64| {
             let v: Vec<f64> = c.reports.iter().map(get).collect();
             median_min_max(&v)
@@ -247,11 +258,6 @@ pub fn run(o: &Options) -> Result<(), String> {
     }
     println!(
         "(medians of {} runs, min-max in parentheses; downtime: from pausing the source's vCPUs to the destination starting its own, on this host's monotonic clock; round trip: until the source hears so)",
-        o.runs
+        runs
     );
-    if let Some(p) = &o.json {
-        let text = serde_json::to_string_pretty(&cases).map_err(|e| e.to_string())?;
-        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
-    }
-    Ok(())
 }

@@ -497,179 +497,209 @@ fn plot_all(r: &AllResults, dir: &Path) -> Result<Plots, String> {
     font()?;
     let mut out = Plots { files: Vec::new() };
     if let Some(l) = &r.linux {
-        let ms = methods(l);
-        let rate = main_rate(l);
-        for (w, tag) in [(Some(Workload::Idle), "idle"), (rate.map(dirty), "dirty")] {
-            let Some(w) = w else { continue };
-            let title = format!("Downtime vs guest memory, Linux guest, {w}");
-            plot(
-                dir,
-                &Chart {
-                    file: &format!("downtime-vs-memory-{tag}"),
-                    title: &title,
-                    x: "guest memory (MiB)",
-                    y: "downtime (ms, log)",
-                    log_y: true,
-                    series: ms
-                        .iter()
-                        .map(|&m| (m.label().to_string(), per_size(l, m, w, |s| Some(s.downtime_ms))))
-                        .collect(),
-                },
-                &mut out,
-            )?;
-        }
-        if let Some(w) = rate.map(dirty) {
-            let title = format!("Checkpoint time vs guest memory, {w} (request to on storage; migrations: to running at the destination)");
-            plot(
-                dir,
-                &Chart {
-                    file: "time-vs-memory",
-                    title: &title,
-                    x: "guest memory (MiB)",
-                    y: "request to answer (ms, log)",
-                    log_y: true,
-                    series: ms
-                        .iter()
-                        .map(|&m| (m.label().to_string(), per_size(l, m, w, |s| Some(s.total_ms))))
-                        .collect(),
-                },
-                &mut out,
-            )?;
-            plot(
-                dir,
-                &Chart {
-                    file: "size-vs-memory",
-                    title: &format!("Checkpoint size vs guest memory, {w}"),
-                    x: "guest memory (MiB)",
-                    y: "on storage (MiB)",
-                    log_y: false,
-                    series: ms
-                        .iter()
-                        .filter(|m| m.writes_checkpoint())
-                        .map(|&m| (m.label().to_string(), per_size(l, m, w, |s| s.size_bytes.map(|b| b as f64 / MIB))))
-                        .collect(),
-                },
-                &mut out,
-            )?;
-        }
+        plot_against_memory(l, dir, &mut out)?;
+        plot_downtime_vs_rate(l, dir, &mut out)?;
+        plot_progress_around_checkpoint(l, dir, &mut out)?;
+    }
+    if let Some(t) = &r.turnaround {
+        plot_turnaround(t, dir, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// The Linux-guest comparison against guest memory: downtime (idle and
+/// dirtying), checkpoint time and size, restore time.
+fn plot_against_memory(l: &LinuxPart, dir: &Path, out: &mut Plots) -> Result<(), String> {
+    let ms = methods(l);
+    let rate = main_rate(l);
+    for (w, tag) in [(Some(Workload::Idle), "idle"), (rate.map(dirty), "dirty")] {
+        let Some(w) = w else { continue };
+        let title = format!("Downtime vs guest memory, Linux guest, {w}");
         plot(
             dir,
             &Chart {
-                file: "restore-vs-memory",
-                title: "Restore: VMM start to the guest's first heartbeat, idle guest",
+                file: &format!("downtime-vs-memory-{tag}"),
+                title: &title,
                 x: "guest memory (MiB)",
-                y: "ms",
-                log_y: false,
-                series: [Method::Cevm(Cevm::StopAndSave), Method::Qemu(QemuMethod::StopAndSave)]
+                y: "downtime (ms, log)",
+                log_y: true,
+                series: ms
                     .iter()
-                    .map(|&m| (m.label().to_string(), per_size(l, m, Workload::Idle, |s| s.restore_ms)))
+                    .map(|&m| (m.label().to_string(), per_size(l, m, w, |s| Some(s.downtime_ms))))
                     .collect(),
             },
-            &mut out,
+            out,
         )?;
-        // Downtime against the dirty rate, at the size with the most rates.
-        let sz = sizes(l);
-        let rates_at = |mem: u64| {
-            l.results.samples.iter().filter(|s| s.mem_mib == mem).map(|s| s.workload.rate()).collect::<BTreeSet<_>>()
-        };
-        if let Some(&mem) = sz.iter().max_by_key(|&&m| (rates_at(m).len(), m)) {
-            let rates = rates_at(mem);
-            if rates.len() > 2 {
-                let series = ms
+    }
+    if let Some(w) = rate.map(dirty) {
+        let title = format!(
+            "Checkpoint time vs guest memory, {w} (request to on storage; migrations: to running at the destination)"
+        );
+        plot(
+            dir,
+            &Chart {
+                file: "time-vs-memory",
+                title: &title,
+                x: "guest memory (MiB)",
+                y: "request to answer (ms, log)",
+                log_y: true,
+                series: ms.iter().map(|&m| (m.label().to_string(), per_size(l, m, w, |s| Some(s.total_ms)))).collect(),
+            },
+            out,
+        )?;
+        plot(
+            dir,
+            &Chart {
+                file: "size-vs-memory",
+                title: &format!("Checkpoint size vs guest memory, {w}"),
+                x: "guest memory (MiB)",
+                y: "on storage (MiB)",
+                log_y: false,
+                series: ms
                     .iter()
-                    .map(|&m| {
-                        let p = rates
-                            .iter()
-                            .filter_map(|&rt| {
-                                let w = if rt == 0 { Workload::Idle } else { Workload::Dirty(rt) };
-                                let v = downtimes(&samples(l, m, mem, w));
-                                (!v.is_empty()).then(|| (rt as f64, med(&v).0))
-                            })
-                            .collect();
-                        (m.label().to_string(), p)
-                    })
-                    .collect();
-                plot(
-                    dir,
-                    &Chart {
-                        file: "downtime-vs-rate",
-                        title: &format!("Downtime vs dirty rate, Linux guest, {mem} MiB"),
-                        x: "pages written per second (0 = idle)",
-                        y: "downtime (ms, log)",
-                        log_y: true,
-                        series,
-                    },
-                    &mut out,
-                )?;
-            }
-        }
-        // The guest's progress around a checkpoint: largest size, dirtying, first run.
-        if let (Some(rate), Some(&mem)) = (rate, sz.last()) {
-            let bin = 100.0;
+                    .filter(|m| m.writes_checkpoint())
+                    .map(|&m| (m.label().to_string(), per_size(l, m, w, |s| s.size_bytes.map(|b| b as f64 / MIB))))
+                    .collect(),
+            },
+            out,
+        )?;
+    }
+    plot(
+        dir,
+        &Chart {
+            file: "restore-vs-memory",
+            title: "Restore: VMM start to the guest's first heartbeat, idle guest",
+            x: "guest memory (MiB)",
+            y: "ms",
+            log_y: false,
+            series: [Method::Cevm(Cevm::StopAndSave), Method::Qemu(QemuMethod::StopAndSave)]
+                .iter()
+                .map(|&m| (m.label().to_string(), per_size(l, m, Workload::Idle, |s| s.restore_ms)))
+                .collect(),
+        },
+        out,
+    )?;
+    Ok(())
+}
+
+/// Downtime against the dirty rate, at the size with the most rates (when it
+/// has more than two).
+fn plot_downtime_vs_rate(l: &LinuxPart, dir: &Path, out: &mut Plots) -> Result<(), String> {
+    let ms = methods(l);
+    // Downtime against the dirty rate, at the size with the most rates.
+    let sz = sizes(l);
+    let rates_at = |mem: u64| {
+        l.results.samples.iter().filter(|s| s.mem_mib == mem).map(|s| s.workload.rate()).collect::<BTreeSet<_>>()
+    };
+    if let Some(&mem) = sz.iter().max_by_key(|&&m| (rates_at(m).len(), m)) {
+        let rates = rates_at(mem);
+        if rates.len() > 2 {
             let series = ms
                 .iter()
-                .filter_map(|&m| {
-                    let s = samples(l, m, mem, dirty(rate)).into_iter().find(|s| s.run == 0)?;
-                    let mut p = Vec::new();
-                    let b = &s.beats;
-                    if b.is_empty() {
-                        return None;
-                    }
-                    let mut t = b[0].ms;
-                    while t + bin <= b[b.len() - 1].ms {
-                        // Pages written in [t, t + bin), by the beats' counts.
-                        let at = |x: f64| {
-                            let j = b.iter().rposition(|q| q.ms <= x).unwrap_or(0);
-                            b[j].pages as f64
-                        };
-                        let pages = at(t + bin) - at(t);
-                        p.push(((t + bin / 2.0) / 1e3, pages / (bin / 1e3) / rate as f64 * 100.0));
-                        t += bin;
-                    }
-                    Some((m.label().to_string(), p))
+                .map(|&m| {
+                    let p = rates
+                        .iter()
+                        .filter_map(|&rt| {
+                            let w = if rt == 0 { Workload::Idle } else { Workload::Dirty(rt) };
+                            let v = downtimes(&samples(l, m, mem, w));
+                            (!v.is_empty()).then(|| (rt as f64, med(&v).0))
+                        })
+                        .collect();
+                    (m.label().to_string(), p)
                 })
                 .collect();
             plot(
                 dir,
                 &Chart {
-                    file: "progress-around-checkpoint",
-                    title: &format!("Guest progress around a checkpoint, {mem} MiB, {rate} pages/s (0 s = request)"),
-                    x: "seconds from the request",
-                    y: "pages written, % of the set rate (100 ms bins)",
-                    log_y: false,
+                    file: "downtime-vs-rate",
+                    title: &format!("Downtime vs dirty rate, Linux guest, {mem} MiB"),
+                    x: "pages written per second (0 = idle)",
+                    y: "downtime (ms, log)",
+                    log_y: true,
                     series,
                 },
-                &mut out,
+                out,
             )?;
         }
     }
-    if let Some(t) = &r.turnaround {
-        let (t_comp, rows) = turnaround_rows(t);
-        let mut series: Series = Vec::new();
-        for st in [Cevm::StopAndSave, Cevm::MigrateThread, Cevm::CevmThread, Cevm::CevmProcess] {
-            let mut p: Vec<(f64, f64)> = vec![(0.0, t_comp)];
-            p.extend(rows.iter().filter(|x| x.strategy == st).map(|x| (x.n as f64, med(&x.turnaround).0)));
-            if p.len() > 1 {
-                series.push((st.to_string(), p));
-            }
-        }
+    Ok(())
+}
+
+/// The guest's progress around a checkpoint, per method: largest size,
+/// dirtying at the main rate, first run.
+fn plot_progress_around_checkpoint(l: &LinuxPart, dir: &Path, out: &mut Plots) -> Result<(), String> {
+    let ms = methods(l);
+    let rate = main_rate(l);
+    let sz = sizes(l);
+    // The guest's progress around a checkpoint: largest size, dirtying, first run.
+    if let (Some(rate), Some(&mem)) = (rate, sz.last()) {
+        let bin = 100.0;
+        let series = ms
+            .iter()
+            .filter_map(|&m| {
+                let s = samples(l, m, mem, dirty(rate)).into_iter().find(|s| s.run == 0)?;
+                let mut p = Vec::new();
+                let b = &s.beats;
+                if b.is_empty() {
+                    return None;
+                }
+                let mut t = b[0].ms;
+                while t + bin <= b[b.len() - 1].ms {
+                    // Pages written in [t, t + bin), by the beats' counts.
+                    let at = |x: f64| {
+                        let j = b.iter().rposition(|q| q.ms <= x).unwrap_or(0);
+                        b[j].pages as f64
+                    };
+                    let pages = at(t + bin) - at(t);
+                    p.push(((t + bin / 2.0) / 1e3, pages / (bin / 1e3) / rate as f64 * 100.0));
+                    t += bin;
+                }
+                Some((m.label().to_string(), p))
+            })
+            .collect();
         plot(
             dir,
             &Chart {
-                file: "turnaround-vs-n",
-                title: &format!(
-                    "Turnaround of a {} s job vs checkpoints n ({} MiB guest, this host)",
-                    t.seconds, t.mem_mib
-                ),
-                x: "checkpoints n",
-                y: "turnaround (s)",
+                file: "progress-around-checkpoint",
+                title: &format!("Guest progress around a checkpoint, {mem} MiB, {rate} pages/s (0 s = request)"),
+                x: "seconds from the request",
+                y: "pages written, % of the set rate (100 ms bins)",
                 log_y: false,
                 series,
             },
-            &mut out,
+            out,
         )?;
     }
-    Ok(out)
+    Ok(())
+}
+
+/// The turnaround of a job against the number of checkpoints, per method.
+fn plot_turnaround(t: &TurnaroundPart, dir: &Path, out: &mut Plots) -> Result<(), String> {
+    let (t_comp, rows) = turnaround_rows(t);
+    let mut series: Series = Vec::new();
+    for st in [Cevm::StopAndSave, Cevm::MigrateThread, Cevm::CevmThread, Cevm::CevmProcess] {
+        let mut p: Vec<(f64, f64)> = vec![(0.0, t_comp)];
+        p.extend(rows.iter().filter(|x| x.strategy == st).map(|x| (x.n as f64, med(&x.turnaround).0)));
+        if p.len() > 1 {
+            series.push((st.to_string(), p));
+        }
+    }
+    plot(
+        dir,
+        &Chart {
+            file: "turnaround-vs-n",
+            title: &format!(
+                "Turnaround of a {} s job vs checkpoints n ({} MiB guest, this host)",
+                t.seconds, t.mem_mib
+            ),
+            x: "checkpoints n",
+            y: "turnaround (s)",
+            log_y: false,
+            series,
+        },
+        out,
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -185,143 +185,166 @@ fn drain(lines: &Receiver<(Instant, String)>, seen: &mut Vec<String>) {
     }
 }
 
-/// Runs the job once, with `n` checkpoints of `strategy` (None: none).
-fn run_once(
-    o: &Options,
-    (strategy, n): (Option<Method>, usize),
-    placement: Placement,
-    tag: &str,
-) -> Result<Run, String> {
-    let cpus = placement.cpus();
-    // The API takes CPU lists (none: anywhere); the CLI a flag.
-    let cpu = |pick: fn((&'static str, &'static str, &'static str)) -> &'static str| {
-        cpus.map(|c| pick(c).parse::<CpuList>().expect("a placement names CPUs"))
-    };
-    let (vcpus_l, mig, writer) = (cpu(|c| c.0), cpu(|c| c.1), cpu(|c| c.2));
-    let vcpu_flag: Vec<String> = cpus.map(|c| vec!["--vcpu-cpus".to_string(), c.0.to_string()]).unwrap_or_default();
-    let work = o.rate * o.seconds;
-    let dir = &o.dir;
-    let log = dir.join("turnaround-vmm.log");
-    let sock = |k: usize| dir.join(format!("api-{tag}-{k}.sock"));
-    let (tx, lines) = mpsc::channel();
-    let args: Vec<String> = [
-        "run",
-        "--guest",
-        "dirtier",
-        "--guest-args",
-        &format!("mib={} rate={} work={work} data={}", o.ws_mib, o.rate, o.data_mib),
-        "--mem",
-        &format!("{}M", o.mem >> 20),
-        "--api-sock",
-        &sock(0).to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain(vcpu_flag.iter().cloned())
-    .collect();
-    let mut vmms = vec![spawn(&args, &tx, &log)?];
-    let pids = Arc::new(Mutex::new(vec![vmms[0].child.id()]));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = rss_sampler(pids.clone(), stop.clone());
-    let mut seen = Vec::new();
-    let result = (|| -> Result<Run, String> {
-        let t_fill = wait_for(&lines, &mut seen, |l| l.starts_with("dirtier: filled"))?;
+/// One run of the job: its VMM processes (the first runs the guest, each
+/// `cevm-process` checkpoint adds the one it moves to) and what starting and
+/// driving them needs.
+struct Job<'a> {
+    o: &'a Options,
+    tag: &'a str,
+    /// Where the VMM processes' output goes.
+    log: PathBuf,
+    /// The console lines of every VMM process of the job.
+    lines_tx: Sender<(Instant, String)>,
+    /// The CLI's flag placing the vCPUs (empty: anywhere).
+    vcpu_flag: Vec<String>,
+    /// The API's CPU lists for the vCPUs, the migration thread and the
+    /// checkpoint writer (None: anywhere).
+    vcpu_cpus: Option<CpuList>,
+    migration_cpus: Option<CpuList>,
+    writer_cpus: Option<CpuList>,
+    vmms: Vec<Vmm>,
+    /// The VMM processes' ids, for the resident-memory sampler.
+    pids: Arc<Mutex<Vec<u32>>>,
+}
+
+impl Job<'_> {
+    /// The API socket of the `k`-th VMM process (0: the first).
+    fn sock(&self, k: usize) -> PathBuf {
+        self.o.dir.join(format!("api-{}-{k}.sock", self.tag))
+    }
+
+    /// Starts a VMM process of the job with `args`.
+    fn spawn(&mut self, args: &[String]) -> Result<(), String> {
+        let v = spawn(args, &self.lines_tx, &self.log)?;
+        self.pids.lock().unwrap_or_else(|p| p.into_inner()).push(v.child.id());
+        self.vmms.push(v);
+        Ok(())
+    }
+
+    /// The request that takes checkpoint `k` by method `s`, a checkpoint or a
+    /// migration; for `cevm-process`, after starting the process it moves to.
+    fn request(&mut self, s: Method, k: usize) -> Result<(Option<CheckpointRequest>, Option<MigrateRequest>), String> {
+        let out = self.o.dir.join(format!("ckpt-{}", self.tag));
+        Ok(match s {
+            Method::MigrateThread => (
+                None,
+                Some(MigrateRequest {
+                    migration_cpus: self.migration_cpus.clone(),
+                    dest_vcpu_cpus: self.vcpu_cpus.clone(),
+                    ..MigrateRequest::new("local")
+                }),
+            ),
+            Method::CevmThread => (
+                Some(CheckpointRequest {
+                    migration_cpus: self.migration_cpus.clone(),
+                    dest_vcpu_cpus: self.vcpu_cpus.clone(),
+                    writer_cpus: self.writer_cpus.clone(),
+                    ..CheckpointRequest::new(out, "cevm")
+                }),
+                None,
+            ),
+            Method::CevmProcess => {
+                let inc = self.o.dir.join(format!("in-{}-{k}.sock", self.tag));
+                let to = format!("unix:{}", inc.display());
+                let a: Vec<String> = ["run", "--incoming", &to, "--api-sock"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain([self.sock(k).to_string_lossy().into_owned()])
+                    .chain(self.vcpu_flag.iter().cloned())
+                    .collect();
+                self.spawn(&a)?;
+                let deadline = Instant::now() + T;
+                while !inc.exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let req = CheckpointRequest {
+                    to: Some(to),
+                    migration_cpus: self.migration_cpus.clone(),
+                    writer_cpus: self.writer_cpus.clone(),
+                    ..CheckpointRequest::new(out, "cevm")
+                };
+                (Some(req), None)
+            }
+            _ => (CheckpointRequest::of_method(s, out, None), MigrateRequest::of_method(s, "local")),
+        })
+    }
+
+    /// Takes checkpoint `k` of `n` by method `s` through the API at `api_sock`;
+    /// returns the guest's pause: the checkpoint's, or the migration's downtime.
+    fn checkpoint(
+        &mut self,
+        (s, k, n): (Method, usize, usize),
+        api_sock: &Path,
+        lines: &Receiver<(Instant, String)>,
+        seen: &mut Vec<String>,
+    ) -> Result<f64, String> {
+        let (ckpt, migration) = self.request(s, k)?;
+        let api = Client::new(api_sock, T);
+        let downtime = match (ckpt, migration) {
+            (Some(c), _) => api.checkpoint(&c).map(|r| r.pause_ms),
+            (None, Some(m)) => api.migrate(&m).map(|r| r.downtime_ms),
+            (None, None) => unreachable!("a method writes a checkpoint or migrates"),
+        };
+        downtime.map_err(|e| {
+            drain(lines, seen);
+            // A job that ends during a checkpoint is a plan that does
+            // not fit, not a failing VMM: say which.
+            let ended = seen.iter().any(|l| l.starts_with("dirtier: done"));
+            format!(
+                "{s} checkpoint {k}: {e}{}",
+                if ended {
+                    format!(
+                        " (the {} s job ended during this checkpoint: {n} checkpoints do not fit in it; \
+                         give it more --seconds or a smaller --n)",
+                        self.o.seconds
+                    )
+                } else {
+                    String::new()
+                }
+            )
+        })
+    }
+
+    /// Waits for the guest to fill its memory, takes `n` checkpoints of
+    /// `strategy` spread evenly over the job, waits for the job's end and for
+    /// every VMM process to exit, and returns the run's times (its peak
+    /// resident memory is the caller's to add).
+    fn measure(
+        &mut self,
+        (strategy, n): (Option<Method>, usize),
+        placement: Placement,
+        lines: &Receiver<(Instant, String)>,
+        seen: &mut Vec<String>,
+    ) -> Result<Run, String> {
+        let o = self.o;
+        let t_fill = wait_for(lines, seen, |l| l.starts_with("dirtier: filled"))?;
         let (mut downtimes, mut request_ms) = (Vec::new(), Vec::new());
         let mut last_answer = t_fill;
-        let mut api_sock = sock(0);
+        let mut api_sock = self.sock(0);
         if let Some(s) = strategy {
             let period = Duration::from_secs_f64(o.seconds as f64 / (n + 1) as f64);
             for k in 1..=n {
                 let due = t_fill + period * k as u32;
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                let out = dir.join(format!("ckpt-{tag}"));
                 let t = Instant::now();
-                let (ckpt, migration) = match s {
-                    Method::MigrateThread => (
-                        None,
-                        Some(MigrateRequest {
-                            migration_cpus: mig.clone(),
-                            dest_vcpu_cpus: vcpus_l.clone(),
-                            ..MigrateRequest::new("local")
-                        }),
-                    ),
-                    Method::CevmThread => (
-                        Some(CheckpointRequest {
-                            migration_cpus: mig.clone(),
-                            dest_vcpu_cpus: vcpus_l.clone(),
-                            writer_cpus: writer.clone(),
-                            ..CheckpointRequest::new(out, "cevm")
-                        }),
-                        None,
-                    ),
-                    Method::CevmProcess => {
-                        let inc = dir.join(format!("in-{tag}-{k}.sock"));
-                        let to = format!("unix:{}", inc.display());
-                        let a: Vec<String> = ["run", "--incoming", &to, "--api-sock"]
-                            .iter()
-                            .map(|s| s.to_string())
-                            .chain([sock(k).to_string_lossy().into_owned()])
-                            .chain(vcpu_flag.iter().cloned())
-                            .collect();
-                        let v = spawn(&a, &tx, &log)?;
-                        pids.lock().unwrap_or_else(|p| p.into_inner()).push(v.child.id());
-                        vmms.push(v);
-                        let deadline = Instant::now() + T;
-                        while !inc.exists() && Instant::now() < deadline {
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        let req = CheckpointRequest {
-                            to: Some(to),
-                            migration_cpus: mig.clone(),
-                            writer_cpus: writer.clone(),
-                            ..CheckpointRequest::new(out, "cevm")
-                        };
-                        (Some(req), None)
-                    }
-                    _ => (CheckpointRequest::of_method(s, out, None), MigrateRequest::of_method(s, "local")),
-                };
-                let api = Client::new(&api_sock, T);
-                // The guest's pause: the checkpoint's, or the migration's downtime.
-                let downtime = match (ckpt, migration) {
-                    (Some(c), _) => api.checkpoint(&c).map(|r| r.pause_ms),
-                    (None, Some(m)) => api.migrate(&m).map(|r| r.downtime_ms),
-                    (None, None) => unreachable!("a method writes a checkpoint or migrates"),
-                };
-                let downtime = downtime.map_err(|e| {
-                    drain(&lines, &mut seen);
-                    // A job that ends during a checkpoint is a plan that does
-                    // not fit, not a failing VMM: say which.
-                    let ended = seen.iter().any(|l| l.starts_with("dirtier: done"));
-                    format!(
-                        "{s} checkpoint {k}: {e}{}",
-                        if ended {
-                            format!(
-                                " (the {} s job ended during this checkpoint: {n} checkpoints do not fit in it; \
-                                 give it more --seconds or a smaller --n)",
-                                o.seconds
-                            )
-                        } else {
-                            String::new()
-                        }
-                    )
-                })?;
+                let downtime = self.checkpoint((s, k, n), &api_sock, lines, seen)?;
                 last_answer = Instant::now();
                 request_ms.push((last_answer - t).as_secs_f64() * 1e3);
                 downtimes.push(downtime);
                 if s == Method::CevmProcess {
-                    api_sock = sock(k);
+                    api_sock = self.sock(k);
                 }
             }
         }
-        let t_done = wait_for(&lines, &mut seen, |l| l.starts_with("dirtier: done"))?;
-        for v in &mut vmms {
+        let t_done = wait_for(lines, seen, |l| l.starts_with("dirtier: done"))?;
+        for v in &mut self.vmms {
             let st = v.child.wait().map_err(|e| e.to_string())?;
             if !st.success() {
-                return Err(format!("a cevm process of the job ended with {st}; see {}", log.display()));
+                return Err(format!("a cevm process of the job ended with {st}; see {}", self.log.display()));
             }
         }
         let t_end = Instant::now();
-        drain(&lines, &mut seen);
+        drain(lines, seen);
         let per_second = seen
             .iter()
             .filter_map(|l| l.strip_prefix("dirtier: t=")?.split("pages/s=").nth(1)?.split(' ').next()?.parse().ok())
@@ -339,14 +362,62 @@ fn run_once(
             per_second,
             peak_rss_mib: 0.0,
         })
-    })();
+    }
+}
+
+/// Runs the job once, with `n` checkpoints of `strategy` (None: none).
+fn run_once(
+    o: &Options,
+    (strategy, n): (Option<Method>, usize),
+    placement: Placement,
+    tag: &str,
+) -> Result<Run, String> {
+    let cpus = placement.cpus();
+    // The API takes CPU lists (none: anywhere); the CLI a flag.
+    let cpu = |pick: fn((&'static str, &'static str, &'static str)) -> &'static str| {
+        cpus.map(|c| pick(c).parse::<CpuList>().expect("a placement names CPUs"))
+    };
+    let (tx, lines) = mpsc::channel();
+    let mut job = Job {
+        o,
+        tag,
+        log: o.dir.join("turnaround-vmm.log"),
+        lines_tx: tx,
+        vcpu_flag: cpus.map(|c| vec!["--vcpu-cpus".to_string(), c.0.to_string()]).unwrap_or_default(),
+        vcpu_cpus: cpu(|c| c.0),
+        migration_cpus: cpu(|c| c.1),
+        writer_cpus: cpu(|c| c.2),
+        vmms: Vec::new(),
+        pids: Arc::new(Mutex::new(Vec::new())),
+    };
+    let work = o.rate * o.seconds;
+    let args: Vec<String> = [
+        "run",
+        "--guest",
+        "dirtier",
+        "--guest-args",
+        &format!("mib={} rate={} work={work} data={}", o.ws_mib, o.rate, o.data_mib),
+        "--mem",
+        &format!("{}M", o.mem >> 20),
+        "--api-sock",
+        &job.sock(0).to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(job.vcpu_flag.iter().cloned())
+    .collect();
+    job.spawn(&args)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = rss_sampler(job.pids.clone(), stop.clone());
+    let mut seen = Vec::new();
+    let result = job.measure((strategy, n), placement, &lines, &mut seen);
     stop.store(true, Ordering::Relaxed);
     let peak_kib = sampler.join().unwrap_or(0);
-    for v in &mut vmms {
+    for v in &mut job.vmms {
         let _ = v.child.kill();
         let _ = v.child.wait();
     }
-    let _ = std::fs::remove_dir_all(dir.join(format!("ckpt-{tag}")));
+    let _ = std::fs::remove_dir_all(o.dir.join(format!("ckpt-{tag}")));
     let mut run = result?;
     run.peak_rss_mib = peak_kib as f64 / 1024.0;
     Ok(run)

@@ -269,7 +269,7 @@ fn run(cmd: Cmd) -> i32 {
                 Err(e) => return fail(e),
             };
             let (tx, rx) = mpsc::channel();
-            match Instance::new(config, Box::new(std::io::stdout()), tx) {
+            match new_instance(config, tx) {
                 Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref(), periodic)),
                 Err(e) => fail(e),
             }
@@ -474,6 +474,16 @@ fn finish(r: Result<Outcome, RunError>) -> i32 {
         Ok(Outcome::Failed(msg)) => fail(msg),
         Err(e) => fail(e),
     }
+}
+
+/// A new instance of `config` whose console is stdout. The image of a built-in
+/// guest is looked up here, in crate `guests`: the VMM takes it from its caller.
+fn new_instance(config: InstanceConfig, events: mpsc::Sender<vmm::VmEvent>) -> Result<Instance, String> {
+    let image = match &config.boot {
+        Boot::Builtin { guest, .. } => Some(guests::find(guest).map_err(|e| format!("invalid configuration: {e}"))?),
+        Boot::Linux { .. } => None,
+    };
+    Instance::new(config, image, Box::new(std::io::stdout()), events).map_err(|e| e.to_string())
 }
 
 /// The guest's disk: the image itself, or an overlay over it (created when missing,

@@ -201,7 +201,8 @@ pub fn copy_image_from(from: &std::fs::File, src: &Path, dst: &Path) -> Result<(
     let to = std::fs::OpenOptions::new().write(true).create_new(true).open(dst).map_err(werr)?;
     let mut pos = 0u64;
     while pos < size {
-        // SAFETY: lseek on a descriptor we own; results are checked.
+        // SAFETY: lseek takes no pointer, only the descriptor of `from`, open for
+        // the whole call; it moves that file's offset and touches no memory of ours.
         let data = unsafe { libc::lseek(from.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
             let e = std::io::Error::last_os_error();
@@ -210,7 +211,7 @@ pub fn copy_image_from(from: &std::fs::File, src: &Path, dst: &Path) -> Result<(
             }
             return Err(rerr(e));
         }
-        // SAFETY: as above.
+        // SAFETY: as the SEEK_DATA call above: no pointer, `from` open.
         let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) };
         if hole < 0 {
             return Err(rerr(std::io::Error::last_os_error()));
@@ -218,7 +219,8 @@ pub fn copy_image_from(from: &std::fs::File, src: &Path, dst: &Path) -> Result<(
         let (mut off_in, mut off_out) = (data, data);
         let end = (hole as u64).min(size) as i64;
         while off_in < end {
-            // SAFETY: both descriptors are ours; the offsets are valid locals.
+            // SAFETY: both descriptors belong to files open for the whole call, and
+            // the two offset pointers point to live local i64s the call updates.
             let n = unsafe {
                 libc::copy_file_range(
                     from.as_raw_fd(),

@@ -20,6 +20,20 @@ pub fn names() -> impl Iterator<Item = &'static str> {
     IMAGES.iter().map(|(n, _)| *n)
 }
 
+/// A name that is none of the built-in guests.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown guest `{name}` (built-in guests: {})", names().collect::<Vec<_>>().join(", "))]
+pub struct UnknownGuest {
+    /// The name asked for.
+    pub name: String,
+}
+
+/// The flat binary of the built-in guest `name`, or an error that lists the
+/// guests there are.
+pub fn find(name: &str) -> Result<&'static [u8], UnknownGuest> {
+    image(name).ok_or_else(|| UnknownGuest { name: name.to_string() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -33,5 +47,12 @@ mod tests {
             assert!(img.len() < 0x10_0000, "{name} is larger than 1 MiB");
         }
         assert!(image("nope").is_none());
+    }
+
+    #[test]
+    fn an_unknown_guest_is_refused_with_the_names_of_the_built_in_ones() {
+        assert_eq!(find("hello"), Ok(image("hello").unwrap()));
+        let e = find("nope").unwrap_err();
+        assert_eq!(e.to_string(), "unknown guest `nope` (built-in guests: digest, dirtier, hello)");
     }
 }

@@ -92,9 +92,8 @@ fn random_request(rng: &mut fastrand::Rng) -> Request {
     }
 }
 
-/// One random schedule; panics with the seed on any divergence.
-fn schedule(seed: u64) {
-    let mut rng = fastrand::Rng::with_seed(seed);
+/// A random base image B, and a random T over it: each cluster in T or not.
+fn random_disks(rng: &mut fastrand::Rng) -> (Vec<u8>, BTreeMap<u64, Vec<u8>>) {
     let mut b = vec![0u8; SIZE as usize];
     rng.fill(&mut b);
     let mut t_data = BTreeMap::new();
@@ -105,6 +104,38 @@ fn schedule(seed: u64) {
             t_data.insert(c, d);
         }
     }
+    (b, t_data)
+}
+
+/// Checks that request `id` completed as `completion`, in submission order (it
+/// must be the oldest pending one) and with the data of `reference`, the disk
+/// as the guest wrote it; a write takes effect on `reference`.
+fn check_completion(
+    seed: u64,
+    pending: &mut VecDeque<(u64, Request)>,
+    reference: &mut [u8],
+    id: u64,
+    completion: Completion,
+) {
+    let (want, req) = pending.pop_front().unwrap_or_else(|| panic!("seed {seed}: extra completion"));
+    assert_eq!(id, want, "seed {seed}: completed out of order");
+    match (req, completion) {
+        (Request::Read { off, len }, Completion::Read(data)) => {
+            let r = &reference[off as usize..(off + len) as usize];
+            assert_eq!(data.as_slice(), r, "seed {seed}: read {off:#x}+{len:#x} returned stale data");
+        }
+        (Request::Write { off, data }, Completion::Write) => {
+            reference[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        }
+        (Request::Flush, Completion::Flush) => {}
+        (r, c) => panic!("seed {seed}: {r:?} completed as {c:?}"),
+    }
+}
+
+/// One random schedule; panics with the seed on any divergence.
+fn schedule(seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (b, t_data) = random_disks(&mut rng);
     // The disk at the switch: T over B.
     let mut at_switch = b.clone();
     for (c, d) in &t_data {
@@ -172,19 +203,7 @@ fn schedule(seed: u64) {
                 let polled = new.poll(&mut u).unwrap();
                 to_old.extend(polled.to_old);
                 for (id, completion) in polled.completed {
-                    let (want, req) = pending.pop_front().unwrap_or_else(|| panic!("seed {seed}: extra completion"));
-                    assert_eq!(id, want, "seed {seed}: completed out of order");
-                    match (req, completion) {
-                        (Request::Read { off, len }, Completion::Read(data)) => {
-                            let r = &reference[off as usize..(off + len) as usize];
-                            assert_eq!(data.as_slice(), r, "seed {seed}: read {off:#x}+{len:#x} returned stale data");
-                        }
-                        (Request::Write { off, data }, Completion::Write) => {
-                            reference[off as usize..off as usize + data.len()].copy_from_slice(&data);
-                        }
-                        (Request::Flush, Completion::Flush) => {}
-                        (r, c) => panic!("seed {seed}: {r:?} completed as {c:?}"),
-                    }
+                    check_completion(seed, &mut pending, &mut reference, id, completion);
                 }
             }
         }

@@ -267,6 +267,8 @@ fn migrate_out_in_phases(
     r
 }
 
+/// The pre-copy rounds, then the switch; the report of a migration that ended
+/// with the guest running at the destination.
 fn precopy_and_switch(
     inst: &mut Instance,
     t: &mut dyn Transport,
@@ -280,87 +282,12 @@ fn precopy_and_switch(
     inst.harvest_dirty_pages()?;
     let ram: Vec<Ram> =
         inst.memory().ranges().iter().map(|r| Ram { gpa: r.guest_addr, len: r.size as usize }).collect();
-    let extents = inst.memory().data_extents();
-    let pages_total = inst.memory().pages();
+    let memory = MemoryToSend { ram, data_extents: inst.memory().data_extents(), pages: inst.memory().pages() };
     let mut s = PageSender::new(t, inst.memory().mmap().clone(), params.max_bandwidth_mib_s);
-    let mut rounds = 0u32;
-    // Auto-converge only ever raises it, so its last value is its highest.
-    let mut throttle = 0u32;
-
-    // Round 0: every page that may hold data. The destination's memory starts
-    // zeroed, so zero pages need not even be marked.
-    let result = (|| -> Result<Vec<Vec<u64>>> {
-        update(&|p| {
-            p.phase = "precopy".into();
-            p.pages_total = pages_total;
-        });
-        let mut last_harvest = Instant::now();
-        for (r, ext) in ram.iter().zip(&extents) {
-            for e in ext {
-                let mut off = (e.start as usize) & !(PAGE_SIZE - 1);
-                while off < e.end as usize && off + PAGE_SIZE <= r.len {
-                    s.push(r.gpa + off as u64, true)?;
-                    off += PAGE_SIZE;
-                }
-            }
-        }
-        s.flush()?;
-        s.sync(params)?;
-        let mut sent_in_round = s.bytes_sent;
-        let mut round_time = last_harvest.elapsed();
-        rounds = 1;
-        loop {
-            let dirty = inst.harvest_dirty_pages()?;
-            let since = last_harvest.elapsed();
-            last_harvest = Instant::now();
-            let n = count(&dirty);
-            let bytes_per_s = sent_in_round as f64 / round_time.as_secs_f64().max(1e-6);
-            let dirty_per_s = n as f64 / since.as_secs_f64().max(1e-6);
-            let expected_ms = (n as f64 * PAGE_SIZE as f64) / bytes_per_s.max(1.0) * 1e3;
-            let (ps, bs, th) = (s.pages_sent, s.bytes_sent, throttle);
-            update(&|p| {
-                p.round = rounds;
-                p.pages_sent = ps;
-                p.bytes_sent = bs;
-                p.dirty_pages = n;
-                p.dirty_pages_per_s = dirty_per_s;
-                p.mib_per_s = bytes_per_s / (1 << 20) as f64;
-                p.expected_downtime_ms = expected_ms;
-                p.throttle_pct = th;
-            });
-            if expected_ms <= params.max_downtime_ms {
-                return Ok(dirty);
-            }
-            if rounds >= params.max_rounds {
-                return Err(Error::NoConvergence {
-                    rounds,
-                    dirty_pages_per_s: dirty_per_s,
-                    link_pages_per_s: bytes_per_s / PAGE_SIZE as f64,
-                    remaining: n,
-                    expected_ms,
-                    limit_ms: params.max_downtime_ms,
-                });
-            }
-            // The guest dirtied more than half of what the link moved: throttle it.
-            if params.auto_converge && rounds >= 2 && (n * PAGE_SIZE as u64) as f64 > 0.5 * sent_in_round as f64 {
-                throttle = match throttle {
-                    0 => THROTTLE_START,
-                    p => (p + THROTTLE_STEP).min(THROTTLE_MAX),
-                };
-                inst.set_throttle(throttle)?;
-            }
-            let before = s.bytes_sent;
-            let start = Instant::now();
-            push_dirty(&mut s, &ram, &dirty)?;
-            s.sync(params)?;
-            sent_in_round = s.bytes_sent - before;
-            round_time = start.elapsed();
-            rounds += 1;
-        }
-    })();
+    let result = precopy(inst, &mut s, &memory, params, update);
     // The switch pauses the vCPUs anyway; after a failure the guest runs at full speed.
     let _ = inst.set_throttle(0);
-    let mut pending = result?;
+    let precopied = result?;
 
     // The switch: stop the vCPUs, send what they dirtied last, the state and the
     // disk hand-over, and wait for the destination to run.
@@ -370,61 +297,15 @@ fn precopy_and_switch(
     let t_switch_us = monotonic_us();
     let before_switch = s.pages_sent;
     let mut parts = SwitchParts::default();
-    let sent = (|| -> Result<u64> {
-        let t = Instant::now();
-        inst.pause()?;
-        parts.pause_ms = ms(t.elapsed());
-        // A guest that ended during the pre-copy stays here, where its end is
-        // heard; moved, it would sit past its end in the new instance.
-        if inst.guest_ended() {
-            return Err(Error::GuestEnded);
-        }
-        let t = Instant::now();
-        vmm::memory::union_dirty(&mut pending, inst.harvest_dirty_pages()?);
-        push_dirty(&mut s, &ram, &pending)?;
-        parts.last_pages_ms = ms(t.elapsed());
-        let t = Instant::now();
-        // Every write the guest's disk completed reaches the image before the
-        // destination opens it.
-        inst.flush_disk()?;
-        let state = inst.save_state()?;
-        let state = encode_state(&state)?;
-        s.t.send(FrameKind::State, &[&state])?;
-        parts.state_ms = ms(t.elapsed());
-        Ok(state.len() as u64)
-    })();
-    let state_bytes = match sent {
-        Ok(n) => n,
-        Err(e) => {
-            if was_running {
-                inst.resume()?;
-            }
-            return Err(e);
-        }
-    };
+    let sent = send_last_pages_and_state(inst, &mut s, &memory.ram, precopied.pending, &mut parts);
+    let state_bytes = resume_here_on_error(inst, was_running, sent)?;
     let done = serde_json::to_vec(&DoneMsg { running: was_running })
         .map_err(|source| Error::Encode { what: "Done", source })?;
-    if let Err(e) = s.t.send(FrameKind::Done, &[&done]) {
-        if was_running {
-            inst.resume()?;
-        }
-        return Err(e);
-    }
+    let sent = s.t.send(FrameKind::Done, &[&done]);
+    resume_here_on_error(inst, was_running, sent)?;
     let done_sent = t_switch.elapsed();
     phase.set(Phase::Resume);
-    let resumed = match expect(s.t, FrameKind::Resumed, "Resumed", params) {
-        Ok(f) => f,
-        Err(Error::Peer { peer, msg }) => {
-            // The destination refused the state: the guest is still only here.
-            if was_running {
-                inst.resume()?;
-            }
-            return Err(Error::Peer { peer, msg });
-        }
-        // The destination may be running the guest: the source stays paused
-        // (`migrate_out` says so).
-        Err(e) => return Err(e),
-    };
+    let resumed = wait_resumed(inst, s.t, params, was_running)?;
     let round_trip = ms(t_switch.elapsed());
     let resumed: Resumed = serde_json::from_slice(&resumed).map_err(|source| Error::BadMessage {
         peer: s.t.peer(),
@@ -450,15 +331,176 @@ fn precopy_and_switch(
         dest_state_decode_ms: resumed.state_decode_ms,
         switch: parts,
         total_ms: ms(t0.elapsed()),
-        rounds,
+        rounds: precopied.rounds,
         pages_sent: s.pages_sent,
         zero_pages: s.zero_pages,
         bytes_sent: s.bytes_sent,
         switch_pages: s.pages_sent - before_switch,
-        max_throttle_pct: throttle,
+        max_throttle_pct: precopied.max_throttle_pct,
         state_bytes,
         placement: Placement { destination_vcpus: resumed.vcpu_cpus, ..Default::default() },
     })
+}
+
+/// The guest memory a migration sends, taken before the pre-copy starts.
+struct MemoryToSend {
+    /// The RAM ranges.
+    ram: Vec<Ram>,
+    /// Per RAM range, the parts that may hold data (see `GuestMemory::data_extents`).
+    data_extents: Vec<Vec<std::ops::Range<u64>>>,
+    /// Pages of guest memory, for the progress.
+    pages: u64,
+}
+
+/// What the pre-copy rounds leave for the switch and the report.
+struct Precopied {
+    /// The pages dirtied during the last round, still to send.
+    pending: Vec<Vec<u64>>,
+    /// Rounds sent, the full pass included.
+    rounds: u32,
+    /// The highest throttle auto-converge set (it only ever raises it, so its
+    /// last value).
+    max_throttle_pct: u32,
+}
+
+/// Round 0, every page that may hold data, then rounds of the pages dirtied
+/// meanwhile until what is left fits in the downtime limit (or `max_rounds`
+/// is reached: [`Error::NoConvergence`]); throttles the guest when it dirties
+/// faster than the link moves pages, if auto-converge is on.
+fn precopy(
+    inst: &mut Instance,
+    s: &mut PageSender<'_>,
+    memory: &MemoryToSend,
+    params: &Params,
+    update: &Publish<'_>,
+) -> Result<Precopied> {
+    update(&|p| {
+        p.phase = "precopy".into();
+        p.pages_total = memory.pages;
+    });
+    let mut last_harvest = Instant::now();
+    send_data_pages(s, memory)?;
+    s.sync(params)?;
+    let mut sent_in_round = s.bytes_sent;
+    let mut round_time = last_harvest.elapsed();
+    let mut rounds = 1;
+    let mut throttle = 0u32;
+    loop {
+        let dirty = inst.harvest_dirty_pages()?;
+        let since = last_harvest.elapsed();
+        last_harvest = Instant::now();
+        let n = count(&dirty);
+        let bytes_per_s = sent_in_round as f64 / round_time.as_secs_f64().max(1e-6);
+        let dirty_per_s = n as f64 / since.as_secs_f64().max(1e-6);
+        let expected_ms = (n as f64 * PAGE_SIZE as f64) / bytes_per_s.max(1.0) * 1e3;
+        let (ps, bs, th) = (s.pages_sent, s.bytes_sent, throttle);
+        update(&|p| {
+            p.round = rounds;
+            p.pages_sent = ps;
+            p.bytes_sent = bs;
+            p.dirty_pages = n;
+            p.dirty_pages_per_s = dirty_per_s;
+            p.mib_per_s = bytes_per_s / (1 << 20) as f64;
+            p.expected_downtime_ms = expected_ms;
+            p.throttle_pct = th;
+        });
+        if expected_ms <= params.max_downtime_ms {
+            return Ok(Precopied { pending: dirty, rounds, max_throttle_pct: throttle });
+        }
+        if rounds >= params.max_rounds {
+            return Err(Error::NoConvergence {
+                rounds,
+                dirty_pages_per_s: dirty_per_s,
+                link_pages_per_s: bytes_per_s / PAGE_SIZE as f64,
+                remaining: n,
+                expected_ms,
+                limit_ms: params.max_downtime_ms,
+            });
+        }
+        // The guest dirtied more than half of what the link moved: throttle it.
+        if params.auto_converge && rounds >= 2 && (n * PAGE_SIZE as u64) as f64 > 0.5 * sent_in_round as f64 {
+            throttle = match throttle {
+                0 => THROTTLE_START,
+                p => (p + THROTTLE_STEP).min(THROTTLE_MAX),
+            };
+            inst.set_throttle(throttle)?;
+        }
+        let before = s.bytes_sent;
+        let start = Instant::now();
+        push_dirty(s, &memory.ram, &dirty)?;
+        s.sync(params)?;
+        sent_in_round = s.bytes_sent - before;
+        round_time = start.elapsed();
+        rounds += 1;
+    }
+}
+
+/// Sends every page that may hold data (the memory's data extents). The
+/// destination's memory starts zeroed, so zero pages need not even be marked.
+fn send_data_pages(s: &mut PageSender<'_>, memory: &MemoryToSend) -> Result<()> {
+    for (r, ext) in memory.ram.iter().zip(&memory.data_extents) {
+        for e in ext {
+            let mut off = (e.start as usize) & !(PAGE_SIZE - 1);
+            while off < e.end as usize && off + PAGE_SIZE <= r.len {
+                s.push(r.gpa + off as u64, true)?;
+                off += PAGE_SIZE;
+            }
+        }
+    }
+    s.flush()
+}
+
+/// The switch's part at the source: pauses the vCPUs, sends the pages dirtied
+/// since the last round (`pending` and what the final harvest finds), flushes
+/// the disk and sends the state. Returns the state's size in bytes.
+fn send_last_pages_and_state(
+    inst: &mut Instance,
+    s: &mut PageSender<'_>,
+    ram: &[Ram],
+    mut pending: Vec<Vec<u64>>,
+    parts: &mut SwitchParts,
+) -> Result<u64> {
+    let t = Instant::now();
+    inst.pause()?;
+    parts.pause_ms = ms(t.elapsed());
+    // A guest that ended during the pre-copy stays here, where its end is
+    // heard; moved, it would sit past its end in the new instance.
+    if inst.guest_ended() {
+        return Err(Error::GuestEnded);
+    }
+    let t = Instant::now();
+    vmm::memory::union_dirty(&mut pending, inst.harvest_dirty_pages()?);
+    push_dirty(s, ram, &pending)?;
+    parts.last_pages_ms = ms(t.elapsed());
+    let t = Instant::now();
+    // Every write the guest's disk completed reaches the image before the
+    // destination opens it.
+    inst.flush_disk()?;
+    let state = inst.save_state()?;
+    let state = encode_state(&state)?;
+    s.t.send(FrameKind::State, &[&state])?;
+    parts.state_ms = ms(t.elapsed());
+    Ok(state.len() as u64)
+}
+
+/// Lets the guest run here again (if it ran before the migration) when a step
+/// of the switch failed before the destination could run it.
+fn resume_here_on_error<T>(inst: &mut Instance, was_running: bool, step: Result<T>) -> Result<T> {
+    if step.is_err() && was_running {
+        inst.resume()?;
+    }
+    step
+}
+
+/// Waits for the destination's `Resumed`. If the destination refused the
+/// state, the guest is still only here and runs on (if it ran); if the answer
+/// never comes, the destination may be running the guest, so the source stays
+/// paused (`migrate_out` says so). Returns the frame's body.
+fn wait_resumed(inst: &mut Instance, t: &mut dyn Transport, params: &Params, was_running: bool) -> Result<Vec<u8>> {
+    match expect(t, FrameKind::Resumed, "Resumed", params) {
+        Err(e @ Error::Peer { .. }) => resume_here_on_error(inst, was_running, Err(e)),
+        r => r,
+    }
 }
 
 /// Waits for a frame of `kind`; an `Error` frame becomes [`Error::Peer`].

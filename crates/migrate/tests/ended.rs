@@ -19,7 +19,8 @@ fn a_guest_that_exited_is_not_migrated() {
         disk: None,
     };
     let (tx, events) = mpsc::channel();
-    let mut inst = Instance::new(config, Box::new(std::io::sink()), tx).unwrap();
+    let image = guests::find("hello").unwrap();
+    let mut inst = Instance::new(config, Some(image), Box::new(std::io::sink()), tx).unwrap();
     assert!(!inst.guest_ended());
     inst.start().unwrap();
     let ev = events.recv_timeout(Duration::from_secs(120)).expect("the guest did not exit");

@@ -160,13 +160,14 @@ impl Checkpoint {
 /// The next data extent at or after `pos` (SEEK_DATA / SEEK_HOLE), or None.
 fn next_extent(f: &File, pos: u64, size: u64) -> std::io::Result<Option<(u64, u64)>> {
     let fd = f.as_raw_fd();
-    // SAFETY: lseek on a file descriptor we own; results are checked.
+    // SAFETY: lseek takes no pointer, only `fd`, which `f` keeps open for the
+    // whole call; it moves that file's offset and touches no memory of ours.
     let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
     if data < 0 {
         let e = std::io::Error::last_os_error();
         return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
     }
-    // SAFETY: as above.
+    // SAFETY: as the SEEK_DATA call above: no pointer, `fd` kept open by `f`.
     let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
     if hole < 0 {
         return Err(std::io::Error::last_os_error());

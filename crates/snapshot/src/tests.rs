@@ -77,7 +77,8 @@ fn roundtrip_is_exact_and_sparse() {
     // Zero pages are holes: the first data at or after page 3 is page 33.
     let f = std::fs::File::open(d.join(MEMORY_FILE)).unwrap();
     assert_eq!(f.metadata().unwrap().len(), 48 * PAGE_SIZE);
-    // SAFETY: lseek on an open file.
+    // SAFETY: lseek takes no pointer, only the descriptor of `f`, open for the
+    // whole call; it moves that file's offset and touches no memory of ours.
     let next = unsafe { libc::lseek(f.as_raw_fd(), 3 * PAGE_SIZE as libc::off_t, libc::SEEK_DATA) };
     assert_eq!(next as u64, 33 * PAGE_SIZE);
 }

@@ -13,13 +13,12 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::instance::VirtioMmioSlot;
+use crate::error::{Error, Result};
 use crate::layout::{
-    ACPI_END, ACPI_RESET_PORT, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, COM1_BASE, COM1_IRQ, COM1_LEN,
-    IOAPIC_ADDR, LAPIC_ADDR, RSDP_ADDR,
+    VirtioMmioSlot, ACPI_END, ACPI_RESET_PORT, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, COM1_BASE, COM1_IRQ,
+    COM1_LEN, IOAPIC_ADDR, LAPIC_ADDR, RSDP_ADDR,
 };
 use crate::memory::GuestMemory;
-use crate::{Error, Result};
 
 const OEM_ID: [u8; 6] = *b"CEVM  ";
 const OEM_TABLE: [u8; 8] = *b"CEVMTBL ";

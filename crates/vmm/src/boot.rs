@@ -5,9 +5,9 @@
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::memory::GuestMemory;
-use crate::{Error, Result};
 
 /// "CEVMBOOT", little-endian.
 const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"CEVMBOOT");

@@ -7,88 +7,29 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use std::path::PathBuf;
-
+use devices::persist::Persist;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioResources, MmioTransport};
 use devices::virtio::VirtioDevice;
 use devices::{AcpiPower, ExitPort, Serial, SerialResources};
 use kvm_bindings::{kvm_msr_entry, kvm_pit_config, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::bus::lock;
+use crate::config::{Boot, InstanceConfig};
+use crate::error::{Error, Result};
+use crate::event::VmEvent;
 use crate::layout::{
-    ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, MAX_VCPUS, VIRTIO_BLK_GSI,
-    VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+    VirtioMmioSlot, ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, MAX_VCPUS,
+    VIRTIO_BLK_SLOT,
 };
-use crate::memory::{GuestMemory, MemoryBackend};
-use crate::persist::{device_ids, DeviceSet, DeviceStates, KvmVm, Persist};
-use crate::state::{InstanceState, VcpuState};
+use crate::memory::GuestMemory;
+use crate::persist::{device_ids, DeviceSet, KvmVm};
+use crate::state::{DeviceStates, InstanceState, VcpuState};
 use crate::vcpu::{self, kick_signal, Buses, FreshVcpu, RunControl, Vcpu, VcpuCommand};
 use crate::{acpi, boot, linux};
-use crate::{Error, Result, VmEvent};
-
-/// What the instance boots.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Boot {
-    /// A built-in freestanding guest (crate `guests`) with its argument string.
-    Builtin { guest: String, args: String },
-    /// A Linux bzImage, with an optional initramfs and a command line.
-    Linux { kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String },
-}
-
-impl std::fmt::Display for Boot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Boot::Builtin { guest, args } => write!(f, "{guest} \"{args}\""),
-            Boot::Linux { kernel, initrd, cmdline } => {
-                write!(f, "Linux {}", kernel.display())?;
-                if let Some(i) = initrd {
-                    write!(f, " + {}", i.display())?;
-                }
-                write!(f, " \"{cmdline}\"")
-            }
-        }
-    }
-}
-
-/// The guest's disk.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskConfig {
-    /// The image the virtio-blk device reads and writes: raw or qcow2 (typically
-    /// an overlay whose read-only backing file is the base image).
-    pub path: PathBuf,
-    /// Offer the disk read-only.
-    pub read_only: bool,
-}
-
-/// A virtio-mmio device as the guest firmware tables describe it.
-#[derive(Clone, Copy, Debug)]
-pub struct VirtioMmioSlot {
-    pub base: u64,
-    pub size: u64,
-    pub gsi: u32,
-}
-
-/// What an instance runs: the guest configuration, recorded in every checkpoint.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceConfig {
-    /// What to boot.
-    pub boot: Boot,
-    /// Guest RAM in bytes.
-    pub mem_size: u64,
-    /// Number of vCPUs.
-    pub vcpus: u32,
-    /// Where guest memory lives.
-    pub memory_backend: MemoryBackend,
-    /// The virtio-blk disk, if any.
-    #[serde(default)]
-    pub disk: Option<DiskConfig>,
-}
 
 /// How long a pause may take before it is reported as a failure.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -244,48 +185,61 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// A new instance booting the built-in guest of `config`; vCPUs not started yet.
-    pub fn new(config: InstanceConfig, console: Box<dyn Write + Send>, events: Sender<VmEvent>) -> Result<Self> {
+    /// A new instance booting what `config.boot` says; vCPUs not started yet.
+    ///
+    /// `builtin_image` is the flat binary of the built-in guest a
+    /// [`Boot::Builtin`] names, `None` for a Linux boot. The configuration keeps
+    /// only the guest's name and arguments (what a checkpoint manifest and a
+    /// migration's Hello record); the bytes come from whoever creates the
+    /// instance (the CLI and the tests look them up in the `guests` crate), so
+    /// the VMM does not link the built-in test programs. A restore needs no
+    /// image: the guest's memory comes from the saved state.
+    pub fn new(
+        config: InstanceConfig,
+        builtin_image: Option<&[u8]>,
+        console: Box<dyn Write + Send>,
+        events: Sender<VmEvent>,
+    ) -> Result<Self> {
         let inst = Self::create(config, console, None, None, events)?;
         boot::write_long_mode_tables(&inst.memory)?;
-        match &inst.config.boot {
-            Boot::Builtin { guest, args } => {
-                let image = guests::image(guest).ok_or_else(|| {
-                    Error::Config(format!(
-                        "unknown guest `{guest}` (built-in guests: {})",
-                        guests::names().collect::<Vec<_>>().join(", ")
-                    ))
-                })?;
-                let tsc_khz = inst.idle_vcpus[0].fd().get_tsc_khz().unwrap_or(0);
-                boot::load_builtin_guest(&inst.memory, image, inst.config.vcpus, tsc_khz, args)?;
-                // Every vCPU enters the guest directly, with a stack of its own.
-                for v in &inst.idle_vcpus {
-                    enter_long_mode(v, &boot::entry_regs(v.id))?;
-                    v.set_runnable()?;
-                }
+        match (&inst.config.boot, builtin_image) {
+            (Boot::Builtin { args, .. }, Some(image)) => inst.boot_builtin(image, args)?,
+            (Boot::Builtin { guest, .. }, None) => {
+                return Err(Error::Config(format!("the built-in guest `{guest}` was given no image")))
             }
-            Boot::Linux { kernel, initrd, cmdline } => {
-                let entry = linux::load(
-                    &inst.memory,
-                    kernel,
-                    initrd.as_deref(),
-                    cmdline,
-                    inst.config.vcpus,
-                    &inst.virtio_slots(),
-                )?;
-                for v in &inst.idle_vcpus {
-                    let err = |what: &'static str| {
-                        move |e: kvm_ioctls::Error| Error::Vcpu { id: v.id, msg: format!("{what}: {e}") }
-                    };
-                    let mut lapic = v.fd().get_lapic().map_err(err("KVM_GET_LAPIC"))?;
-                    linux::configure_lapic(&mut lapic);
-                    v.fd().set_lapic(&lapic).map_err(err("KVM_SET_LAPIC"))?;
-                }
-                // Only the boot vCPU enters the kernel; the others wait for its INIT/SIPI.
-                enter_long_mode(&inst.idle_vcpus[0], &linux::entry_regs(entry))?;
+            (Boot::Linux { .. }, Some(_)) => {
+                return Err(Error::Config("a Linux boot takes no built-in guest image".into()))
             }
+            (Boot::Linux { kernel, initrd, cmdline }, None) => inst.boot_linux(kernel, initrd.as_deref(), cmdline)?,
         }
         Ok(inst)
+    }
+
+    /// Loads the built-in guest `image` with its arguments `args`; every vCPU
+    /// enters it directly, with a stack of its own.
+    fn boot_builtin(&self, image: &[u8], args: &str) -> Result<()> {
+        let tsc_khz = self.idle_vcpus[0].fd().get_tsc_khz().unwrap_or(0);
+        boot::load_builtin_guest(&self.memory, image, self.config.vcpus, tsc_khz, args)?;
+        for v in &self.idle_vcpus {
+            enter_long_mode(v, &boot::entry_regs(v.id))?;
+            v.set_runnable()?;
+        }
+        Ok(())
+    }
+
+    /// Loads a Linux kernel (with its initramfs and command line) and the
+    /// firmware tables; only the boot vCPU enters the kernel, the others wait
+    /// for its INIT/SIPI.
+    fn boot_linux(&self, kernel: &std::path::Path, initrd: Option<&std::path::Path>, cmdline: &str) -> Result<()> {
+        let entry = linux::load(&self.memory, kernel, initrd, cmdline, self.config.vcpus, &self.virtio_slots())?;
+        for v in &self.idle_vcpus {
+            let err =
+                |what: &'static str| move |e: kvm_ioctls::Error| Error::Vcpu { id: v.id, msg: format!("{what}: {e}") };
+            let mut lapic = v.fd().get_lapic().map_err(err("KVM_GET_LAPIC"))?;
+            linux::configure_lapic(&mut lapic);
+            v.fd().set_lapic(&lapic).map_err(err("KVM_SET_LAPIC"))?;
+        }
+        enter_long_mode(&self.idle_vcpus[0], &linux::entry_regs(entry))
     }
 
     /// A new instance in the saved `state`. Guest memory is zeroed: the caller fills
@@ -372,10 +326,9 @@ impl Instance {
                         disk::Disk::open(&d.path, !d.read_only).map_err(|e| Error::Device(e.to_string()))?,
                     )),
                 };
-                let slot = VirtioMmioSlot { base: VIRTIO_MMIO_BASE, size: VIRTIO_MMIO_SIZE, gsi: VIRTIO_BLK_GSI };
                 let block = Block::new(image, "cevm-disk0");
                 let mut virtio = VirtioBuilder { set: &mut set, buses: &mut buses, vm: &vm, memory: &memory, devices };
-                Some(virtio.add(device_ids::VIRTIO_BLK, block, slot)?)
+                Some(virtio.add(device_ids::VIRTIO_BLK, block, VIRTIO_BLK_SLOT)?)
             }
             None => None,
         };
@@ -403,10 +356,7 @@ impl Instance {
 
     /// The virtio-mmio devices, for the firmware tables.
     pub fn virtio_slots(&self) -> Vec<VirtioMmioSlot> {
-        self.block
-            .iter()
-            .map(|_| VirtioMmioSlot { base: VIRTIO_MMIO_BASE, size: VIRTIO_MMIO_SIZE, gsi: VIRTIO_BLK_GSI })
-            .collect()
+        self.block.iter().map(|_| VIRTIO_BLK_SLOT).collect()
     }
 
     /// Makes every write the guest's disk completed durable (flushes the image).

@@ -78,6 +78,23 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// Interrupt (GSI) of the virtio block device.
 pub const VIRTIO_BLK_GSI: u32 = 5;
 
+/// Where a virtio-mmio device sits: its register block and its interrupt, as
+/// the instance places it and the firmware tables (ACPI, Linux's command line)
+/// describe it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioSlot {
+    /// First guest-physical address of the register block.
+    pub base: u64,
+    /// Size of the register block.
+    pub size: u64,
+    /// The device's interrupt.
+    pub gsi: u32,
+}
+
+/// The slot of the virtio block device.
+pub const VIRTIO_BLK_SLOT: VirtioMmioSlot =
+    VirtioMmioSlot { base: VIRTIO_MMIO_BASE, size: VIRTIO_MMIO_SIZE, gsi: VIRTIO_BLK_GSI };
+
 /// ACPI sleep control register (hardware-reduced ACPI): a write with SLP_EN powers off.
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
 /// ACPI sleep status register.

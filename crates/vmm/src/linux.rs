@@ -18,10 +18,10 @@ use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::{load_cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::instance::VirtioMmioSlot;
+use crate::acpi;
+use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::memory::GuestMemory;
-use crate::{acpi, Error, Result};
 
 /// Command line when none is given: console on COM1, reboot through the ACPI
 /// reset register, a panic ends the VM (reboot, which cevm turns into an exit), and

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// A list of host CPUs, written like `0,2-3` (as `taskset -c` takes it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,14 +71,15 @@ pub fn set_affinity(thread: libc::pthread_t, cpus: &[usize]) -> Result<()> {
 
 /// The CPUs `thread` may run on.
 pub fn affinity(thread: libc::pthread_t) -> Vec<usize> {
-    // SAFETY: as in `set_affinity`.
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `thread` is a live thread of this process; `set` has the size passed.
     let r = unsafe { libc::pthread_getaffinity_np(thread, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if r != 0 {
         return Vec::new();
     }
-    // SAFETY: reading bits of a valid set.
+    // SAFETY: CPU_ISSET only reads `set`, an initialized cpu_set_t, and every `c`
+    // is below CPU_SETSIZE, so inside it.
     (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
 }
 

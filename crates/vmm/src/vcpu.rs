@@ -19,9 +19,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::bus::{lock, MmioBus, PioBus};
-use crate::persist::Persist;
+use crate::error::{Error, Result};
+use crate::event::VmEvent;
 use crate::state::VcpuState;
-use crate::{Error, Result, VmEvent};
+use devices::persist::Persist;
 
 /// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {

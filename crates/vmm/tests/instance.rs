@@ -34,10 +34,19 @@ fn config(guest: &str, args: &str, vcpus: u32, backend: MemoryBackend) -> Instan
     }
 }
 
+/// The image of the built-in guest `cfg` boots, from the `guests` crate.
+fn image_of(cfg: &InstanceConfig) -> &'static [u8] {
+    match &cfg.boot {
+        Boot::Builtin { guest, .. } => guests::find(guest).expect("a built-in guest"),
+        Boot::Linux { .. } => panic!("these tests boot built-in guests"),
+    }
+}
+
 fn run_to_end(cfg: InstanceConfig) -> (VmEvent, String) {
     let console = Console::default();
     let (tx, rx) = mpsc::channel();
-    let mut inst = Instance::new(cfg, Box::new(console.clone()), tx).expect("create instance");
+    let image = image_of(&cfg);
+    let mut inst = Instance::new(cfg, Some(image), Box::new(console.clone()), tx).expect("create instance");
     inst.start().unwrap();
     let ev = rx.recv_timeout(Duration::from_secs(120)).expect("guest did not finish in 120 s");
     inst.shutdown();
@@ -60,12 +69,12 @@ fn a_triple_fault_is_reported_as_shutdown() {
 }
 
 #[test]
-fn unknown_guest_is_a_clear_error() {
+fn a_built_in_guest_without_its_image_is_a_clear_error() {
     let (tx, _rx) = mpsc::channel();
-    let err = Instance::new(config("nope", "", 1, MemoryBackend::Shared), Box::new(Console::default()), tx)
+    let err = Instance::new(config("hello", "", 1, MemoryBackend::Shared), None, Box::new(Console::default()), tx)
         .err()
         .expect("must fail");
-    assert!(err.to_string().contains("unknown guest `nope`"), "{err}");
+    assert!(err.to_string().contains("the built-in guest `hello` was given no image"), "{err}");
 }
 
 fn digest_line(out: &str) -> String {

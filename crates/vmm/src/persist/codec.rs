@@ -14,9 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::device_set::DeviceStates;
 use super::v1::InstanceStateV1;
-use crate::state::{InstanceState, VcpuState, VmState};
+use crate::state::{DeviceStates, InstanceState, VcpuState, VmState};
 
 /// The version of the state this cevm writes.
 pub const STATE_VERSION: u32 = 2;

@@ -11,11 +11,12 @@ mod v1;
 use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
 
-pub use device_set::{DeviceSet, DeviceStates};
+pub use device_set::DeviceSet;
 pub use devices::persist::{Device, Persist};
 
+use crate::error::{Error, Result};
+pub use crate::state::DeviceStates;
 use crate::state::VmState;
-use crate::{Error, Result};
 
 /// The ids of the devices of an instance: the names of their sections in the
 /// saved state.

@@ -7,9 +7,8 @@ use devices::SerialState;
 use serde::{Deserialize, Serialize};
 
 use super::device_ids;
-use super::DeviceStates;
-use crate::state::{InstanceState, VcpuState, VmState};
-use crate::Result;
+use crate::error::Result;
+use crate::state::{DeviceStates, InstanceState, VcpuState, VmState};
 
 /// The instance state of version 1.
 #[derive(Debug, Serialize, Deserialize)]

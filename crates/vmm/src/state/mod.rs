@@ -8,7 +8,9 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use crate::persist::DeviceStates;
+mod device_states;
+
+pub use device_states::DeviceStates;
 
 /// Everything KVM holds for one vCPU. The x87/SSE state is inside `xsave` (a superset
 /// of `KVM_GET_FPU`), so it is not saved a second time.
