@@ -25,82 +25,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a built-in guest or a Linux kernel (the guest console is this process's stdout).
-    Run {
-        /// Built-in guest: digest, dirtier or hello.
-        #[arg(long, required_unless_present_any = ["kernel", "incoming"], conflicts_with = "kernel")]
-        guest: Option<String>,
-        /// The built-in guest's arguments, e.g. "mib=2 rounds=8".
-        #[arg(long, default_value = "", conflicts_with = "kernel")]
-        guest_args: String,
-        /// Linux kernel (bzImage) to boot.
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// Initramfs for the Linux kernel.
-        #[arg(long, requires = "kernel")]
-        initrd: Option<PathBuf>,
-        /// Linux kernel command line.
-        #[arg(long, requires = "kernel", default_value = vmm::linux::DEFAULT_CMDLINE)]
-        cmdline: String,
-        /// Guest memory, e.g. 64M, 1G.
-        #[arg(long, default_value = "64M", value_parser = size::parse_size)]
-        mem: u64,
-        /// Number of vCPUs.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-        vcpus: u32,
-        /// Disk image of the guest's virtio-blk device (raw or qcow2); with
-        /// --overlay, the base image, which is then only read.
-        #[arg(long)]
-        disk: Option<PathBuf>,
-        /// qcow2 overlay over --disk that the guest writes (created if it does not exist).
-        #[arg(long, requires = "disk")]
-        overlay: Option<PathBuf>,
-        /// Offer the disk to the guest read-only.
-        #[arg(long, requires = "disk")]
-        disk_read_only: bool,
-        /// Where guest memory lives: shared (memfd) or private (anonymous).
-        #[arg(long, default_value = "shared")]
-        memory_backend: MemoryBackend,
-        /// Serve the control API on this unix socket.
-        #[arg(long)]
-        api_sock: Option<PathBuf>,
-        /// Boot nothing: wait for a live migration at unix:PATH or tcp:HOST:PORT and
-        /// run the guest that arrives (its configuration comes with it).
-        #[arg(long, conflicts_with_all = ["guest", "kernel", "disk"])]
-        incoming: Option<migrate::Endpoint>,
-        /// Place the vCPU threads: vCPU i on the i-th CPU of this list (e.g. 0,1 or 2-3).
-        #[arg(long)]
-        vcpu_cpus: Option<vmm::placement::CpuList>,
-        #[command(flatten)]
-        periodic: PeriodicArgs,
-    },
+    Run(RunArgs),
     /// Live-migrate a running VM: to a new instance in the same process (`--to
     /// local`, thread-based) or to a `cevm run --incoming` (unix or TCP).
-    Migrate {
-        /// The VM's API socket.
-        #[arg(long)]
-        api_sock: PathBuf,
-        /// `local`, unix:PATH or tcp:HOST:PORT.
-        #[arg(long)]
-        to: String,
-        /// Switch once the rest is expected to move within this many milliseconds.
-        #[arg(long, default_value_t = migrate::Params::default().max_downtime_ms)]
-        max_downtime_ms: f64,
-        /// Give up (the guest stays here) after this many pre-copy rounds.
-        #[arg(long, default_value_t = migrate::Params::default().max_rounds)]
-        max_rounds: u32,
-        /// Never throttle the vCPUs when the guest dirties memory faster than the link.
-        #[arg(long)]
-        no_auto_converge: bool,
-        /// Cap the migration stream at this many MiB/s (0: no cap).
-        #[arg(long, default_value_t = 0.0)]
-        max_bandwidth_mib_s: f64,
-        /// CPUs for the thread that runs the migration.
-        #[arg(long)]
-        migration_cpus: Option<vmm::placement::CpuList>,
-        /// CPUs for the new instance's vCPU threads (with --to local).
-        #[arg(long)]
-        dest_vcpu_cpus: Option<vmm::placement::CpuList>,
-    },
+    Migrate(MigrateArgs),
     /// Restore a checkpoint and run it on.
     Restore {
         /// The checkpoint directory.
@@ -187,6 +115,86 @@ enum Cmd {
     },
 }
 
+/// `cevm run`.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Built-in guest: digest, dirtier or hello.
+    #[arg(long, required_unless_present_any = ["kernel", "incoming"], conflicts_with = "kernel")]
+    guest: Option<String>,
+    /// The built-in guest's arguments, e.g. "mib=2 rounds=8".
+    #[arg(long, default_value = "", conflicts_with = "kernel")]
+    guest_args: String,
+    /// Linux kernel (bzImage) to boot.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs for the Linux kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Linux kernel command line.
+    #[arg(long, requires = "kernel", default_value = vmm::linux::DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest memory, e.g. 64M, 1G.
+    #[arg(long, default_value = "64M", value_parser = size::parse_size)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    vcpus: u32,
+    /// Disk image of the guest's virtio-blk device (raw or qcow2); with
+    /// --overlay, the base image, which is then only read.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// qcow2 overlay over --disk that the guest writes (created if it does not exist).
+    #[arg(long, requires = "disk")]
+    overlay: Option<PathBuf>,
+    /// Offer the disk to the guest read-only.
+    #[arg(long, requires = "disk")]
+    disk_read_only: bool,
+    /// Where guest memory lives: shared (memfd) or private (anonymous).
+    #[arg(long, default_value = "shared")]
+    memory_backend: MemoryBackend,
+    /// Serve the control API on this unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Boot nothing: wait for a live migration at unix:PATH or tcp:HOST:PORT and
+    /// run the guest that arrives (its configuration comes with it).
+    #[arg(long, conflicts_with_all = ["guest", "kernel", "disk"])]
+    incoming: Option<migrate::Endpoint>,
+    /// Place the vCPU threads: vCPU i on the i-th CPU of this list (e.g. 0,1 or 2-3).
+    #[arg(long)]
+    vcpu_cpus: Option<vmm::placement::CpuList>,
+    #[command(flatten)]
+    periodic: PeriodicArgs,
+}
+
+/// `cevm migrate`.
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// The VM's API socket.
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// `local`, unix:PATH or tcp:HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// Switch once the rest is expected to move within this many milliseconds.
+    #[arg(long, default_value_t = migrate::Params::default().max_downtime_ms)]
+    max_downtime_ms: f64,
+    /// Give up (the guest stays here) after this many pre-copy rounds.
+    #[arg(long, default_value_t = migrate::Params::default().max_rounds)]
+    max_rounds: u32,
+    /// Never throttle the vCPUs when the guest dirties memory faster than the link.
+    #[arg(long)]
+    no_auto_converge: bool,
+    /// Cap the migration stream at this many MiB/s (0: no cap).
+    #[arg(long, default_value_t = 0.0)]
+    max_bandwidth_mib_s: f64,
+    /// CPUs for the thread that runs the migration.
+    #[arg(long)]
+    migration_cpus: Option<vmm::placement::CpuList>,
+    /// CPUs for the new instance's vCPU threads (with --to local).
+    #[arg(long)]
+    dest_vcpu_cpus: Option<vmm::placement::CpuList>,
+}
+
 /// Periodic checkpoints of `cevm run` and `cevm restore`.
 #[derive(clap::Args, Debug)]
 struct PeriodicArgs {
@@ -234,62 +242,9 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
 
 fn run(cmd: Cmd) -> i32 {
     match cmd {
-        Cmd::Run {
-            guest,
-            guest_args,
-            kernel,
-            initrd,
-            cmdline,
-            mem,
-            vcpus,
-            disk,
-            overlay,
-            disk_read_only,
-            memory_backend,
-            api_sock,
-            incoming,
-            vcpu_cpus,
-            periodic,
-        } => {
-            if let Some(endpoint) = incoming {
-                return run_incoming(&endpoint, api_sock.as_deref(), vcpu_cpus.as_ref());
-            }
-            let disk = match disk_config(disk, overlay, disk_read_only) {
-                Ok(d) => d,
-                Err(e) => return fail(e),
-            };
-            let boot = match (guest, kernel) {
-                (Some(guest), _) => Boot::Builtin { guest, args: guest_args },
-                (None, Some(kernel)) => Boot::Linux { kernel, initrd, cmdline },
-                (None, None) => return fail("give --guest or --kernel"),
-            };
-            let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend, disk };
-            let periodic = match periodic.policy(&config) {
-                Ok(p) => p,
-                Err(e) => return fail(e),
-            };
-            let (tx, rx) = mpsc::channel();
-            match new_instance(config, tx) {
-                Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref(), periodic)),
-                Err(e) => fail(e),
-            }
-        }
+        Cmd::Run(a) => run_vm(a),
         Cmd::Restore { dir, overlay, api_sock, vcpu_cpus, periodic } => {
-            let (tx, rx) = mpsc::channel();
-            match checkpoint::restore(&dir, overlay.as_deref(), Box::new(std::io::stdout()), tx) {
-                Ok((inst, disk)) => {
-                    eprintln!("cevm: restored {} (every checksum verified)", dir.display());
-                    if let Some(d) = disk {
-                        eprintln!("cevm: the restored guest's disk is {}", d.display());
-                    }
-                    let periodic = match periodic.policy(inst.config()) {
-                        Ok(p) => p,
-                        Err(e) => return fail(e),
-                    };
-                    finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref(), periodic))
-                }
-                Err(e) => fail(format!("cannot restore: {e}")),
-            }
+            restore(&dir, overlay.as_deref(), api_sock.as_deref(), vcpu_cpus.as_ref(), periodic)
         }
         Cmd::Checkpoint { api_sock, out, strategy, stop, to } => {
             let out = match absolute(&out) {
@@ -299,34 +254,7 @@ fn run(cmd: Cmd) -> i32 {
             let req = CheckpointRequest { stop, to, ..CheckpointRequest::new(out, &strategy) };
             client(&api_sock, |c| c.checkpoint(&req))
         }
-        Cmd::Migrate {
-            api_sock,
-            to,
-            max_downtime_ms,
-            max_rounds,
-            no_auto_converge,
-            max_bandwidth_mib_s,
-            migration_cpus,
-            dest_vcpu_cpus,
-        } => {
-            let params = migrate::Params {
-                max_downtime_ms,
-                max_rounds,
-                auto_converge: !no_auto_converge,
-                max_bandwidth_mib_s,
-                ..Default::default()
-            };
-            let req = MigrateRequest { to, params, migration_cpus, dest_vcpu_cpus };
-            // The VMM checks it too; a bad target is this command line's mistake.
-            if let Err(e) = MigrationPlan::try_from(req.clone()) {
-                eprintln!("cevm: error: {e}");
-                return USAGE;
-            }
-            let bar = progress_bar(api_sock.clone());
-            let code = client(&api_sock, |c| c.migrate(&req));
-            bar.store(true, std::sync::atomic::Ordering::Relaxed);
-            code
-        }
+        Cmd::Migrate(a) => migrate_vm(a),
         Cmd::Pause { api_sock } => client(&api_sock, Client::pause),
         Cmd::Resume { api_sock } => client(&api_sock, Client::resume),
         Cmd::Status { api_sock } => client(&api_sock, Client::status),
@@ -364,6 +292,105 @@ fn run(cmd: Cmd) -> i32 {
         }
         Cmd::Bench { args } => bench(&args),
     }
+}
+
+/// `cevm run`: boots the guest (or waits for one with `--incoming`) and serves it.
+fn run_vm(a: RunArgs) -> i32 {
+    let RunArgs {
+        guest,
+        guest_args,
+        kernel,
+        initrd,
+        cmdline,
+        mem,
+        vcpus,
+        disk,
+        overlay,
+        disk_read_only,
+        memory_backend,
+        api_sock,
+        incoming,
+        vcpu_cpus,
+        periodic,
+    } = a;
+    if let Some(endpoint) = incoming {
+        return run_incoming(&endpoint, api_sock.as_deref(), vcpu_cpus.as_ref());
+    }
+    let disk = match disk_config(disk, overlay, disk_read_only) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let boot = match (guest, kernel) {
+        (Some(guest), _) => Boot::Builtin { guest, args: guest_args },
+        (None, Some(kernel)) => Boot::Linux { kernel, initrd, cmdline },
+        (None, None) => return fail("give --guest or --kernel"),
+    };
+    let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend, disk };
+    let periodic = match periodic.policy(&config) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let (tx, rx) = mpsc::channel();
+    match new_instance(config, tx) {
+        Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref(), periodic)),
+        Err(e) => fail(e),
+    }
+}
+
+/// `cevm restore`: verifies and loads a checkpoint and serves the guest.
+fn restore(
+    dir: &Path,
+    overlay: Option<&Path>,
+    api_sock: Option<&Path>,
+    vcpu_cpus: Option<&vmm::placement::CpuList>,
+    periodic: PeriodicArgs,
+) -> i32 {
+    let (tx, rx) = mpsc::channel();
+    match checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx) {
+        Ok((inst, disk)) => {
+            eprintln!("cevm: restored {} (every checksum verified)", dir.display());
+            if let Some(d) = disk {
+                eprintln!("cevm: the restored guest's disk is {}", d.display());
+            }
+            let periodic = match periodic.policy(inst.config()) {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
+            finish(runner::run(inst, rx, api_sock, vcpu_cpus, periodic))
+        }
+        Err(e) => fail(format!("cannot restore: {e}")),
+    }
+}
+
+/// `cevm migrate`: asks the VMM for a live migration, showing its progress.
+fn migrate_vm(a: MigrateArgs) -> i32 {
+    let MigrateArgs {
+        api_sock,
+        to,
+        max_downtime_ms,
+        max_rounds,
+        no_auto_converge,
+        max_bandwidth_mib_s,
+        migration_cpus,
+        dest_vcpu_cpus,
+    } = a;
+    let params = migrate::Params {
+        max_downtime_ms,
+        max_rounds,
+        auto_converge: !no_auto_converge,
+        max_bandwidth_mib_s,
+        ..Default::default()
+    };
+    let req = MigrateRequest { to, params, migration_cpus, dest_vcpu_cpus };
+    // The VMM checks it too; a bad target is this command line's mistake.
+    if let Err(e) = MigrationPlan::try_from(req.clone()) {
+        eprintln!("cevm: error: {e}");
+        return USAGE;
+    }
+    let bar = progress_bar(api_sock.clone());
+    let code = client(&api_sock, |c| c.migrate(&req));
+    bar.store(true, std::sync::atomic::Ordering::Relaxed);
+    code
 }
 
 /// `cevm bench ARGS`: replaces this process with `cevm-bench ARGS`, the
