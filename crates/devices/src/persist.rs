@@ -11,7 +11,7 @@ use serde::Serialize;
 /// Saving a component's state and building the component again from it.
 pub trait Persist: Sized {
     /// The saved state: plain data, serializable.
-    type State: Serialize + DeserializeOwned;
+    type State: Serialize + DeserializeOwned + Send + Sync + 'static;
     /// What the component is built on besides its state: host resources that do
     /// not travel with a checkpoint or a migration (eventfds, files, the
     /// console, guest memory, a fresh KVM object).

@@ -31,7 +31,8 @@ impl<D: Device + Send> Member for Shared<D> {
 
     fn save_into(&self, states: &mut DeviceStates) -> Result<()> {
         let state = lock(&self.device).save().map_err(|e| Error::device_state(self.id, e))?;
-        states.insert(self.id, &state)
+        states.insert(self.id, state);
+        Ok(())
     }
 
     fn reassert_pending_interrupt(&self) -> Result<()> {
@@ -154,7 +155,7 @@ mod tests {
         assert!(e.to_string().contains("holds device `com1`"), "{e}");
         // A section that is not the device's state.
         let mut wrong = DeviceStates::default();
-        wrong.insert("com1", &"not a UART").unwrap();
+        wrong.insert("com1", "not a UART");
         let e = DeviceSet::default().add::<Serial>("com1", uart(&irq), Some(&wrong)).err().expect("refused");
         assert!(e.to_string().starts_with("device `com1`: "), "{e}");
     }

@@ -31,9 +31,9 @@ impl InstanceStateV1 {
     /// The same state in today's layout: each device's state in its section.
     pub fn upgrade(self) -> Result<InstanceState> {
         let mut devices = DeviceStates::default();
-        devices.insert(device_ids::SERIAL, &self.devices.serial)?;
-        if let Some(blk) = &self.devices.virtio_blk {
-            devices.insert(device_ids::VIRTIO_BLK, blk)?;
+        devices.insert(device_ids::SERIAL, self.devices.serial);
+        if let Some(blk) = self.devices.virtio_blk {
+            devices.insert(device_ids::VIRTIO_BLK, blk);
         }
         Ok(InstanceState { vm: self.vm, vcpus: self.vcpus, devices })
     }
