@@ -697,7 +697,7 @@ fn cevm_case(o: &Options, mem: u64, w: Workload, out: &mut Vec<Sample>) -> Resul
     for run in 0..o.runs {
         for &m in &methods {
             s.settle(SETTLE);
-            let tag = format!("{}-{}-{m:?}-{run}", mem >> 20, w.rate());
+            let tag = format!("{}-{}-{}-{run}", mem >> 20, w.rate(), m.name());
             let t = cevm_take(o, &mut g, &mut s, m, &tag, &log)?;
             let x = sample(o, &mut s, m, (mem, w, run), t, |p| cevm_restore(o, p, &log))?;
             print_sample(&x);
@@ -722,7 +722,7 @@ fn qemu_case(o: &Options, bin: &str, mem: u64, w: Workload, out: &mut Vec<Sample
         for run in 0..o.runs {
             for &m in &methods {
                 s.settle(SETTLE);
-                let tag = format!("{}-{}-{m:?}-{run}", mem >> 20, w.rate());
+                let tag = format!("{}-{}-{}-{run}", mem >> 20, w.rate(), m.name());
                 let t = qemu_take(&q, &mut src, &mut s, m, &tag)?;
                 let x = sample(o, &mut s, m, (mem, w, run), t, |p| qemu_restore(&q, p))?;
                 print_sample(&x);
