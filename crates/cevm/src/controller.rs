@@ -103,7 +103,7 @@ pub type SharedProgress = Arc<Mutex<migrate::Progress>>;
 pub enum Flow {
     Continue,
     /// The VMM ends so.
-    End(crate::runner::Outcome),
+    End(Outcome),
 }
 
 /// The thread writing a CEVM checkpoint from the frozen old instance; the VMM
@@ -156,11 +156,6 @@ impl Controller {
     /// answers go to `control`; migrations publish their progress in `progress`.
     pub fn new(instance: Instance, control: Sender<Control>, progress: SharedProgress) -> Self {
         Controller { instance, generation: 0, checkpoints: 0, writer: Writer::default(), progress, control }
-    }
-
-    /// The instance the guest runs in.
-    pub fn instance_mut(&mut self) -> &mut Instance {
-        &mut self.instance
     }
 
     /// Whether `gen` is the running instance's generation.
