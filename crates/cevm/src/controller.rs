@@ -219,7 +219,7 @@ impl Controller {
         if let Some(why) = self.busy() {
             return Err(ActionError::Busy(why));
         }
-        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = migrate::Progress::default();
+        self.reset_progress();
         let (events, new_events) = mpsc::channel();
         let to_new = migrate::NewInstance { console: Box::new(std::io::stdout()), events };
         let moved = migrate::migrate_to(
@@ -314,7 +314,7 @@ impl Controller {
     /// answers) or in another VMM (process-based: written here, then this VMM
     /// ends).
     fn cevm(&mut self, plan: CevmPlan, respond: Respond) -> Flow {
-        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = migrate::Progress::default();
+        self.reset_progress();
         let req = checkpoint::cevm::Request {
             out: &plan.out,
             to: &plan.to,
@@ -365,6 +365,11 @@ impl Controller {
                 Flow::Continue
             }
         }
+    }
+
+    /// A new migration starts: `GET /v1/migration` shows it from its beginning.
+    fn reset_progress(&self) {
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = migrate::Progress::default();
     }
 
     /// The instance was replaced by a new one whose events arrive on `events`:

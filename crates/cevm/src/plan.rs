@@ -10,20 +10,19 @@ use vmm::placement::CpuList;
 
 use crate::api::{CheckpointRequest, MigrateRequest};
 
-/// Where a live migration's new instance runs.
-pub use migrate::Destination as Target;
+use migrate::Destination;
 
 /// Parses `local`, `unix:PATH` or `tcp:HOST:PORT` into where the new instance
 /// runs; `vcpu_cpus` only for `local` (a process-based one places its own).
-pub fn parse_target(to: &str, vcpu_cpus: Option<CpuList>) -> Result<Target, PlanError> {
+fn parse_destination(to: &str, vcpu_cpus: Option<CpuList>) -> Result<Destination, PlanError> {
     if to == "local" {
-        return Ok(Target::Local { vcpu_cpus });
+        return Ok(Destination::Local { vcpu_cpus });
     }
     let endpoint = to.parse().map_err(|e| PlanError::Target(format!("{e} (or `local`)")))?;
     if vcpu_cpus.is_some() {
         return Err(PlanError::RemoteVcpuCpus);
     }
-    Ok(Target::Remote(endpoint))
+    Ok(Destination::Remote(endpoint))
 }
 
 /// A checkpoint to take.
@@ -41,7 +40,7 @@ pub struct CevmPlan {
     /// The directory the checkpoint is committed to (absolute).
     pub out: PathBuf,
     /// Where the guest goes on.
-    pub to: Target,
+    pub to: Destination,
     /// CPUs for the thread that runs the live migration.
     pub migration_cpus: Option<CpuList>,
     /// CPUs for the thread that writes the checkpoint from the old instance
@@ -55,37 +54,11 @@ impl CheckpointPlan {
         match method {
             Method::CevmThread | Method::CevmProcess => CheckpointPlan::Cevm(CevmPlan {
                 out,
-                to: Target::Local { vcpu_cpus: None },
+                to: Destination::Local { vcpu_cpus: None },
                 migration_cpus: None,
                 writer_cpus: None,
             }),
             _ => CheckpointPlan::StopAndSave { out, stop: false },
-        }
-    }
-
-    /// Where the checkpoint goes.
-    pub fn out(&self) -> &std::path::Path {
-        match self {
-            CheckpointPlan::StopAndSave { out, .. } => out,
-            CheckpointPlan::Cevm(c) => &c.out,
-        }
-    }
-
-    /// The method it takes the checkpoint with.
-    pub fn method(&self) -> Method {
-        match self {
-            CheckpointPlan::StopAndSave { .. } => Method::StopAndSave,
-            CheckpointPlan::Cevm(c) => c.method(),
-        }
-    }
-}
-
-impl CevmPlan {
-    /// Thread- or process-based, by where the guest goes on.
-    pub fn method(&self) -> Method {
-        match self.to {
-            Target::Local { .. } => Method::CevmThread,
-            Target::Remote(_) => Method::CevmProcess,
         }
     }
 }
@@ -93,7 +66,7 @@ impl CevmPlan {
 /// A live migration to run.
 #[derive(Clone, Debug)]
 pub struct MigrationPlan {
-    pub to: Target,
+    pub to: Destination,
     pub params: migrate::Params,
     /// CPUs for the thread that runs the migration.
     pub migration_cpus: Option<CpuList>,
@@ -137,7 +110,7 @@ impl TryFrom<CheckpointRequest> for CheckpointPlan {
                 if r.stop {
                     return Err(PlanError::CevmStop);
                 }
-                let to = parse_target(r.to.as_deref().unwrap_or("local"), r.dest_vcpu_cpus)?;
+                let to = parse_destination(r.to.as_deref().unwrap_or("local"), r.dest_vcpu_cpus)?;
                 Ok(CheckpointPlan::Cevm(CevmPlan {
                     out: r.out,
                     to,
@@ -153,7 +126,7 @@ impl TryFrom<MigrateRequest> for MigrationPlan {
     type Error = PlanError;
     fn try_from(r: MigrateRequest) -> Result<Self, PlanError> {
         Ok(MigrationPlan {
-            to: parse_target(&r.to, r.dest_vcpu_cpus)?,
+            to: parse_destination(&r.to, r.dest_vcpu_cpus)?,
             params: r.params,
             migration_cpus: r.migration_cpus,
         })
@@ -196,9 +169,12 @@ mod tests {
             Ok(CheckpointPlan::StopAndSave { out: "/ck".into(), stop: true })
         );
         let p = CheckpointPlan::try_from(CheckpointRequest { to: Some("unix:/d.sock".into()), ..req("cevm") }).unwrap();
-        assert_eq!(p.method(), Method::CevmProcess);
-        assert_eq!(p.out(), std::path::Path::new("/ck"));
+        let remote = Destination::Remote("unix:/d.sock".parse().unwrap());
+        assert!(
+            matches!(&p, CheckpointPlan::Cevm(CevmPlan { out, to, .. }) if out.as_path() == std::path::Path::new("/ck") && *to == remote),
+            "{p:?}"
+        );
         let p = CheckpointPlan::try_from(CheckpointRequest { dest_vcpu_cpus: Some(CpuList(vec![1])), ..req("cevm") });
-        assert!(matches!(p, Ok(CheckpointPlan::Cevm(CevmPlan { to: Target::Local { vcpu_cpus: Some(_) }, .. }))));
+        assert!(matches!(p, Ok(CheckpointPlan::Cevm(CevmPlan { to: Destination::Local { vcpu_cpus: Some(_) }, .. }))));
     }
 }
