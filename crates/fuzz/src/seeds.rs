@@ -1,0 +1,108 @@
+//! Well-formed inputs for the targets: the first entries of their corpora,
+//! from which the fuzzer mutates its way into the parsers' deep paths.
+
+use devices::GuestMemoryMmap;
+use migrate::protocol::{encode_header, encode_page_table, FrameKind, Hello, PageEntry};
+use virtio_bindings::virtio_mmio::*;
+use vm_memory::{Address, Bytes, GuestAddress};
+
+/// Every seed, with the name of its target.
+pub fn all() -> Vec<(&'static str, Vec<u8>)> {
+    vec![("migration_stream", migration_stream()), ("virtio_block", virtio_read())]
+}
+
+fn frame(kind: FrameKind, payload: &[u8]) -> Vec<u8> {
+    let mut f = encode_header(kind, &[payload]).to_vec();
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A source's stream: Hello, a Pages frame of one zero and one data page, Sync, Done.
+pub fn migration_stream() -> Vec<u8> {
+    let hello = Hello {
+        cevm_version: "fuzz".into(),
+        config: vmm::InstanceConfig {
+            boot: vmm::Boot::Builtin { guest: "digest".into(), args: String::new() },
+            mem_size: 64 << 20,
+            vcpus: 1,
+            memory_backend: Default::default(),
+            disk: None,
+        },
+        cevm: false,
+    };
+    let mut pages = encode_page_table(&[PageEntry { gpa: 0, zero: true }, PageEntry { gpa: 0x1000, zero: false }]);
+    pages.extend(std::iter::repeat_n(0xa5, 4096));
+    let mut s = frame(FrameKind::Hello, &serde_json::to_vec(&hello).expect("Hello serializes"));
+    s.extend(frame(FrameKind::Pages, &pages));
+    s.extend(frame(FrameKind::Sync, &[]));
+    s.extend(frame(FrameKind::Done, &[]));
+    s
+}
+
+/// How many frames of the stream seed decode.
+pub fn migration_stream_decodes() -> usize {
+    crate::migration::decoded(&migration_stream())
+}
+
+// Where the virtio seed puts its queue and request.
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const HEADER: u64 = 0x4000;
+const DATA: u64 = 0x5000;
+const STATUS: u64 = 0x6000;
+const NOT_YET: u8 = 0xff;
+
+/// Memory holding one virtio-blk read of sector 0 into DATA, then a driver's
+/// setup of queue 0 (virtio spec 3.1.1 and 4.2.3) and a notification.
+pub fn virtio_read() -> Vec<u8> {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x7000)]).expect("memory");
+    let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let at = GuestAddress(DESC + 16 * i);
+        mem.write_obj(addr, at).unwrap();
+        mem.write_obj(len, at.unchecked_add(8)).unwrap();
+        mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+        mem.write_obj(next, at.unchecked_add(14)).unwrap();
+    };
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    desc(0, HEADER, 16, NEXT, 1);
+    desc(1, DATA, 512, NEXT | WRITE, 2);
+    desc(2, STATUS, 1, WRITE, 0);
+    mem.write_obj(0u32, GuestAddress(HEADER)).unwrap(); // VIRTIO_BLK_T_IN
+    mem.write_obj(0u64, GuestAddress(HEADER + 8)).unwrap(); // sector 0
+    mem.write_obj(NOT_YET, GuestAddress(STATUS)).unwrap();
+    mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap(); // idx 1, ring[0] = 0
+    let mut image = vec![0u8; 0x7000];
+    mem.read_slice(&mut image, GuestAddress(0)).unwrap();
+
+    let mut input = vec![0u8];
+    input.extend_from_slice(&(image.len() as u16).to_le_bytes());
+    input.extend_from_slice(&image);
+    let mut w = |reg: u32, v: u32| {
+        input.extend_from_slice(&[0, (reg / 4) as u8]);
+        input.extend_from_slice(&v.to_le_bytes());
+    };
+    w(VIRTIO_MMIO_STATUS, 1 | 2);
+    w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    w(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+    w(VIRTIO_MMIO_STATUS, 1 | 2 | 8);
+    w(VIRTIO_MMIO_QUEUE_SEL, 0);
+    w(VIRTIO_MMIO_QUEUE_NUM, 8);
+    w(VIRTIO_MMIO_QUEUE_DESC_LOW, DESC as u32);
+    w(VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL as u32);
+    w(VIRTIO_MMIO_QUEUE_USED_LOW, USED as u32);
+    w(VIRTIO_MMIO_QUEUE_READY, 1);
+    w(VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+    w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    input
+}
+
+/// Whether the device served the seed's read: the used ring holds it and its
+/// status byte says OK.
+pub fn virtio_read_is_served() -> bool {
+    let Some(mem) = crate::virtio::run(&virtio_read()) else { return false };
+    let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    let status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
+    used_idx == 1 && status == 0
+}
