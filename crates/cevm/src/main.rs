@@ -240,11 +240,20 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
     ERROR
 }
 
+/// Runs a VMM command confined by its seccomp filters (see crate `sandbox`):
+/// installed before the VMM makes any thread, so that every thread has one.
+fn sandboxed(vmm: impl FnOnce() -> i32) -> i32 {
+    match sandbox::enable() {
+        Ok(()) => vmm(),
+        Err(e) => fail(e),
+    }
+}
+
 fn run(cmd: Cmd) -> i32 {
     match cmd {
-        Cmd::Run(a) => run_vm(a),
+        Cmd::Run(a) => sandboxed(|| run_vm(a)),
         Cmd::Restore { dir, overlay, api_sock, vcpu_cpus, periodic } => {
-            restore(&dir, overlay.as_deref(), api_sock.as_deref(), vcpu_cpus.as_ref(), periodic)
+            sandboxed(|| restore(&dir, overlay.as_deref(), api_sock.as_deref(), vcpu_cpus.as_ref(), periodic))
         }
         Cmd::Checkpoint { api_sock, out, strategy, stop, to } => {
             let out = match absolute(&out) {

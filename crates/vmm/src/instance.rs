@@ -66,6 +66,14 @@ impl ParkedThread {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                // The guest drives this thread: it gets the narrowest filter
+                // (KVM's ioctls, memory, eventfds, the console) before it runs
+                // a guest instruction. If that fails the thread ends, and so
+                // does the start of its instance (its channel is closed).
+                if let Err(e) = sandbox::confine(sandbox::Kind::Vcpu) {
+                    eprintln!("cevm: vcpu{id}: {e}");
+                    return;
+                }
                 if let Ok(s) = rx.recv() {
                     vcpu::run_vcpu_thread(s.vcpu, s.ctl, s.buses, s.commands, s.events)
                 }

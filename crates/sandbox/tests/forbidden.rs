@@ -1,0 +1,115 @@
+//! What a confined process may and may not do, seen from outside: each case
+//! runs in a child process (this test binary again, told by an environment
+//! variable which case to play), and the parent reads its exit status and stderr.
+
+use std::process::Command;
+
+const CASE: &str = "SANDBOX_TEST_CASE";
+
+/// Runs `case` in a child and returns (exit code, stderr).
+fn child(case: &str) -> (Option<i32>, String) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "play_the_case_named_in_the_environment", "--nocapture", "--test-threads=1"])
+        .env(CASE, case)
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The child's side: does what `SANDBOX_TEST_CASE` says (nothing without it).
+#[test]
+fn play_the_case_named_in_the_environment() {
+    let Ok(case) = std::env::var(CASE) else { return };
+    sandbox::enable().unwrap();
+    match case.as_str() {
+        // A VMM thread may open files and make threads...
+        "vmm-files-and-threads" => {
+            let f = std::fs::File::open("/proc/self/status").unwrap();
+            drop(f);
+            std::thread::Builder::new().name("worker".into()).spawn(|| 7).unwrap().join().unwrap();
+            std::process::exit(0);
+        }
+        // ...but never make a process...
+        "vmm-fork" => {
+            // SAFETY: the child, if the call were let through, only exits.
+            if unsafe { libc::fork() } == 0 {
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(0) };
+            }
+            panic!("fork was not stopped");
+        }
+        // ...nor start a program.
+        "vmm-exec" => {
+            let e = Command::new("/bin/true").status();
+            panic!("spawning a process was not stopped: {e:?}");
+        }
+        // A vCPU thread may not open a socket.
+        "vcpu-socket" => {
+            std::thread::Builder::new()
+                .name("vcpu0".into())
+                .spawn(|| {
+                    sandbox::confine(sandbox::Kind::Vcpu).unwrap();
+                    let s = std::net::UdpSocket::bind("127.0.0.1:0");
+                    panic!("a socket on a vCPU thread was not stopped: {s:?}");
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+        }
+        // An API thread cannot open files: the call fails with EACCES.
+        "api-open" => {
+            let e = std::thread::Builder::new()
+                .name("api".into())
+                .spawn(|| {
+                    sandbox::confine(sandbox::Kind::Api).unwrap();
+                    std::fs::File::open("/etc/hostname").unwrap_err().raw_os_error()
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            std::process::exit(if e == Some(libc::EACCES) { 0 } else { 1 });
+        }
+        other => panic!("unknown case {other}"),
+    }
+}
+
+#[test]
+fn a_vmm_thread_opens_files_and_makes_threads() {
+    let (code, err) = child("vmm-files-and-threads");
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn making_a_process_ends_the_vmm_naming_the_call() {
+    let (code, err) = child("vmm-fork");
+    assert_eq!(code, Some(sandbox::EXIT_FORBIDDEN), "{err}");
+    assert!(err.contains("thread `play_the_case_n` made the forbidden system call `clone` (56)"), "{err}");
+}
+
+#[test]
+fn starting_a_program_ends_the_vmm() {
+    // posix_spawn blocks every signal around its clone, so the kernel cannot
+    // run the handler and ends the process with SIGSYS itself ("Bad system call").
+    use std::os::unix::process::ExitStatusExt;
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "play_the_case_named_in_the_environment", "--nocapture", "--test-threads=1"])
+        .env(CASE, "vmm-exec")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{:?} {err}", out.status);
+    assert!(!err.contains("not stopped"), "{err}");
+}
+
+#[test]
+fn a_socket_on_a_vcpu_thread_ends_the_vmm_naming_the_thread_and_the_call() {
+    let (code, err) = child("vcpu-socket");
+    assert_eq!(code, Some(sandbox::EXIT_FORBIDDEN), "{err}");
+    assert!(err.contains("thread `vcpu0` made the forbidden system call `socket` (41)"), "{err}");
+}
+
+#[test]
+fn an_api_thread_cannot_open_files() {
+    let (code, err) = child("api-open");
+    assert_eq!(code, Some(0), "{err}");
+}
