@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub mod integration;
+pub mod qcow2_check;
 
 pub use integration::GuestDisk;
 
@@ -69,10 +70,15 @@ pub struct Disk {
 
 impl Disk {
     /// Opens `path` (format probed). A qcow2 image's backing chain is opened from
-    /// its header, read-only. `writable` opens the top image for writing.
+    /// its header, read-only. `writable` opens the top image for writing; a qcow2
+    /// image is first checked, and repaired if a killed writer left its refcounts
+    /// behind its tables ([`qcow2_check`], which says so on stderr).
     pub fn open(path: &Path, writable: bool) -> Result<Disk, Error> {
         let format = probe_format(path)?;
         let open_err = |source| Error::Open { path: path.into(), source };
+        if writable && format == ImageFormat::Qcow2 {
+            qcow2_check::repair_before_writing(path)?;
+        }
         let access = match format {
             ImageFormat::Qcow2 => FormatAccess::new(
                 Qcow2::<ImagoFile>::builder_path(path)
