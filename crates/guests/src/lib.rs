@@ -84,7 +84,7 @@ pub const GUESTS: &[GuestSpec] = &[
         args: &[
             arg("mib", 16, 1, "MiB of the working set"),
             arg("rate", 0, 0, "pages written per second (0: as fast as it goes)"),
-            arg("seconds", 10, 0, "how long to run (0: forever; default 0 with work=)"),
+            arg("seconds", 10, 0, "seconds to run, 0: forever (with work=, 0 unless given)"),
             arg("fill", 0, 0, "1: write every page of the working set once first"),
             arg("idle", 0, 0, "1: after the fill, halt for good"),
             arg("data", 0, 0, "MiB of memory to fill with data first"),
