@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use vmm::layout::{FREE_START, LOW_RAM_END, MEM_ALIGN, MIN_MEM_SIZE};
 
-/// `--mem`: a size the VMM can map (at least 8 MiB, whole 2 MiB pages) that
-/// this host can hold.
+/// `--mem`: a size the VMM can map (at least 8 MiB, whole 2 MiB pages). Whether
+/// this host can hold it is [`check_host_mem`]'s question, after parsing
+/// (`--overcommit` lifts it).
 pub fn parse_mem(s: &str) -> Result<u64, String> {
-    check_mem(crate::size::parse_size(s)?, crate::host::memory_limit())
+    check_mem(crate::size::parse_size(s)?)
 }
 
-/// [`parse_mem`] of a size already parsed, on a host of `limit`.
-pub fn check_mem(bytes: u64, limit: Option<crate::host::MemoryLimit>) -> Result<u64, String> {
+/// [`parse_mem`] of a size already parsed.
+pub fn check_mem(bytes: u64) -> Result<u64, String> {
     if bytes < MIN_MEM_SIZE {
         return Err(format!(
             "a guest needs at least {} MiB (the first {} MiB hold its boot tables, image and vCPU stacks)",
@@ -36,10 +37,23 @@ pub fn check_mem(bytes: u64, limit: Option<crate::host::MemoryLimit>) -> Result<
             up >> 20
         ));
     }
-    if let Some(why) = limit.and_then(|l| l.refusal(bytes)) {
-        return Err(why);
-    }
     Ok(bytes)
+}
+
+/// Refuses `--mem` of `bytes` that a host of `limit` cannot hold. Guest memory
+/// is mapped without reserving it, so the kernel would let such a guest start
+/// and kill it (or the VMM) only once the guest had touched more than there is.
+pub fn check_host_mem(bytes: u64, limit: Option<crate::host::MemoryLimit>) -> Result<(), String> {
+    match limit.and_then(|l| l.refusal(bytes)) {
+        Some(why) => {
+            let size =
+                if bytes % (1 << 30) == 0 { format!("{} GiB", bytes >> 30) } else { format!("{} MiB", bytes >> 20) };
+            Err(format!(
+                "--mem {size}: {why} (--overcommit starts it anyway, for a guest that touches little of its memory)"
+            ))
+        }
+        None => Ok(()),
+    }
 }
 
 /// `--checkpoint-every`: a duration longer than zero.
@@ -121,19 +135,22 @@ mod tests {
 
     #[test]
     fn memory_sizes_follow_the_vmms_rules_and_the_hosts_limit() {
-        let host = Some(MemoryLimit { bytes: 16 << 30, ram: 16 << 30, swap: 0, strict: false });
-        assert_eq!(check_mem(8 << 20, host), Ok(8 << 20));
-        assert_eq!(check_mem(16 << 30, host), Ok(16 << 30));
+        assert_eq!(check_mem(8 << 20), Ok(8 << 20));
+        assert_eq!(check_mem(1 << 40), Ok(1 << 40));
         for small in [0, 1, 3 << 20, (8 << 20) - 4096] {
-            assert!(check_mem(small, host).unwrap_err().contains("at least 8 MiB"), "{small}");
+            assert!(check_mem(small).unwrap_err().contains("at least 8 MiB"), "{small}");
         }
         assert_eq!(
-            check_mem(9 << 20, host).unwrap_err(),
+            check_mem(9 << 20).unwrap_err(),
             "not a multiple of 2 MiB (guest memory comes in 2 MiB pages): 8M or 10M would do"
         );
-        assert!(check_mem(4097 << 20, host).unwrap_err().contains("4096M or 4098M"));
-        assert!(check_mem((16 << 30) + (2 << 20), host).unwrap_err().contains("this host has 16.0 GiB of RAM"));
-        assert_eq!(check_mem(1 << 40, None), Ok(1 << 40));
+        assert!(check_mem(4097 << 20).unwrap_err().contains("4096M or 4098M"));
+        let host = Some(MemoryLimit { bytes: 16 << 30, ram: 16 << 30, swap: 0, strict: false });
+        assert_eq!(check_host_mem(16 << 30, host), Ok(()));
+        let e = check_host_mem((16 << 30) + (2 << 20), host).unwrap_err();
+        assert!(e.starts_with("--mem 16386 MiB: this host has 16.0 GiB of RAM") && e.contains("--overcommit"), "{e}");
+        assert!(check_host_mem(1 << 40, host).unwrap_err().starts_with("--mem 1024 GiB: "));
+        assert_eq!(check_host_mem(1 << 40, None), Ok(()));
     }
 
     #[test]

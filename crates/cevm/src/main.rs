@@ -142,10 +142,16 @@ struct RunArgs {
     #[arg(long, requires = "kernel", default_value = vmm::linux::DEFAULT_CMDLINE)]
     cmdline: String,
     /// Guest memory, e.g. 64M, 1G: at least 8M, a multiple of 2M, at most the
-    /// host's RAM and swap. A built-in guest needs 4M of its own plus what its
-    /// arguments fill (digest: mib=, dirtier: the larger of mib= and data=).
+    /// host's RAM and swap (see --overcommit). A built-in guest needs 4M of its
+    /// own plus what its arguments fill (digest: mib=, dirtier: the larger of
+    /// mib= and data=).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = args::parse_mem)]
     mem: u64,
+    /// Start a guest with more --mem than the host's RAM and swap (or its
+    /// commit limit): for a guest that touches little of its memory; one that
+    /// touches more than the host has is killed by the kernel.
+    #[arg(long)]
+    overcommit: bool,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(vmm::layout::MAX_VCPUS)))]
     vcpus: u32,
@@ -485,6 +491,7 @@ fn run_vm(a: RunArgs) -> i32 {
         initrd,
         cmdline,
         mem,
+        overcommit,
         vcpus,
         disk,
         overlay,
@@ -497,6 +504,11 @@ fn run_vm(a: RunArgs) -> i32 {
     } = a;
     if let Some(endpoint) = incoming {
         return run_incoming(&endpoint, api_sock.as_deref(), vcpu_cpus.as_ref());
+    }
+    if !overcommit {
+        if let Err(e) = args::check_host_mem(mem, cevm::host::memory_limit()) {
+            return usage(e);
+        }
     }
     let boot = match (guest, kernel) {
         (Some(guest), _) => match args::check_guest(&guest, &guest_args, mem) {
