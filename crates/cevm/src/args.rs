@@ -65,6 +65,15 @@ pub fn parse_period(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `--keep`: how many periodic checkpoints to keep, at least one.
+pub fn parse_keep(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (a series always keeps its newest checkpoint)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a number of checkpoints: {e}")),
+    }
+}
+
 /// `--checkpoint-dir`: a directory, or a path where one can be made: neither it
 /// nor any directory above it may be something else (a regular file...).
 pub fn parse_checkpoint_dir(s: &str) -> Result<PathBuf, String> {
@@ -158,6 +167,13 @@ mod tests {
         assert_eq!(parse_period("0s").unwrap_err(), "must be longer than zero");
         assert_eq!(parse_period("0ms").unwrap_err(), "must be longer than zero");
         assert_eq!(parse_period("1ms"), Ok(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn a_series_keeps_at_least_one_checkpoint() {
+        assert_eq!(parse_keep("3"), Ok(3));
+        assert!(parse_keep("0").unwrap_err().contains("at least 1"));
+        assert!(parse_keep("-1").unwrap_err().contains("not a number"));
     }
 
     #[test]

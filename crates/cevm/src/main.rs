@@ -257,7 +257,7 @@ struct PeriodicArgs {
     checkpoint_dir: Option<PathBuf>,
     /// How many periodic checkpoints to keep (at least 1); older ones are
     /// removed only once a newer one is committed.
-    #[arg(long, value_name = "N", default_value_t = 2, requires = "checkpoint_every", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "checkpoint_every", value_parser = args::parse_keep)]
     keep: usize,
     /// Strategy of the periodic checkpoints.
     #[arg(long, value_name = "STRATEGY", default_value = "cevm", requires = "checkpoint_every", value_parser = strategies().try_map(|s| Method::of_strategy(&s, false)))]

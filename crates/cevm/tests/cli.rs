@@ -210,7 +210,7 @@ fn bad_periodic_checkpoint_settings_are_usage_errors_that_create_nothing() {
     refused(&[&run[..], &["--checkpoint-every", "0s", "--checkpoint-dir", s]].concat(), &["'0s'", "longer than zero"]);
     refused(
         &[&run[..], &["--checkpoint-every", "1m", "--checkpoint-dir", s, "--keep", "0"]].concat(),
-        &["'0'", "--keep"],
+        &["'0'", "--keep", "at least 1"],
     );
     assert!(!series.exists(), "a refused run created {}", series.display());
     let file = dir.join("a-file");
