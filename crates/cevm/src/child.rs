@@ -21,7 +21,15 @@ impl CevmChild {
     /// Starts `bin` with `args`; stderr goes to ours. With `echo`, each console line
     /// is printed with that prefix as soon as it arrives.
     pub fn spawn(bin: &Path, args: &[&str], echo: Option<&str>) -> std::io::Result<Self> {
-        let mut child = Command::new(bin).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args);
+        Self::spawn_cmd(cmd, echo)
+    }
+
+    /// As [`CevmChild::spawn`], of a command the caller prepared (e.g. with its
+    /// own working directory); its stdin and stdout are set here.
+    pub fn spawn_cmd(mut cmd: Command, echo: Option<&str>) -> std::io::Result<Self> {
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?;
         let out = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout pipe"))?;
         let (tx, stamped) = mpsc::channel::<Stamped>();
         let (line_tx, lines) = mpsc::channel();

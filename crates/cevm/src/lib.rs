@@ -3,6 +3,7 @@
 //! integration tests use [`child`] and [`api`].
 
 pub mod api;
+pub mod args;
 pub mod child;
 pub mod controller;
 pub mod demo;
@@ -12,7 +13,7 @@ pub mod plan;
 pub mod runner;
 pub mod size;
 
-/// Exit codes of `cevm`.
+/// Exit codes of `cevm` (`cevm --help` and the man page list them: [`exit_code::MEANINGS`]).
 pub mod exit_code {
     /// The guest exited with status 0, or the command succeeded.
     pub const OK: i32 = 0;
@@ -22,4 +23,15 @@ pub mod exit_code {
     pub const USAGE: i32 = 2;
     /// The guest exited with a non-zero status (printed on stderr).
     pub const GUEST_FAILED: i32 = 3;
+    /// What each exit code means, for `--help` and the man page.
+    pub const MEANINGS: [(i32, &str); 4] = [
+        (OK, "the guest exited with status 0, or the command succeeded"),
+        (ERROR, "an error: KVM, a checkpoint, a migration, a guest crash, a file that cannot be read or written"),
+        (
+            USAGE,
+            "a bad command line (a value out of its range or list, a guest argument the guest does not take, a \
+             --checkpoint-dir that is a file...) or no VMM at the API socket; nothing was created",
+        ),
+        (GUEST_FAILED, "the guest exited with a non-zero status (printed on stderr)"),
+    ];
 }

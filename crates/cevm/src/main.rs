@@ -6,17 +6,18 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use checkpoint::Method;
-use clap::{Parser, Subcommand};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{CommandFactory, Parser, Subcommand, ValueHint};
 
 use cevm::api::{CheckpointRequest, Client, ClientError, MigrateRequest};
 use cevm::exit_code::{ERROR, GUEST_FAILED, OK, USAGE};
-use cevm::plan::MigrationPlan;
+use cevm::plan::{CheckpointPlan, MigrationPlan};
 use cevm::runner::{Outcome, RunError};
-use cevm::{demo, inspect, runner, size};
+use cevm::{args, demo, inspect, runner};
 use vmm::{Boot, DiskConfig, Instance, InstanceConfig, MemoryBackend};
 
 #[derive(Parser)]
-#[command(name = "cevm", version, about = "A KVM VMM with live checkpoint/restart")]
+#[command(name = "cevm", version, about = "A KVM VMM with live checkpoint/restart", after_help = exit_status_help())]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -32,65 +33,57 @@ enum Cmd {
     /// Restore a checkpoint and run it on.
     Restore {
         /// The checkpoint directory.
+        #[arg(value_hint = ValueHint::DirPath)]
         dir: PathBuf,
         /// Where the restored guest's disk goes (a copy of the checkpoint's; default
         /// DIR.disk.qcow2 beside the checkpoint). Must not exist.
-        #[arg(long)]
+        #[arg(long, value_hint = ValueHint::FilePath)]
         overlay: Option<PathBuf>,
         /// Serve the control API on this unix socket.
-        #[arg(long)]
+        #[arg(long, value_hint = ValueHint::FilePath)]
         api_sock: Option<PathBuf>,
-        /// Place the vCPU threads: vCPU i on the i-th CPU of this list.
-        #[arg(long)]
+        /// Place the vCPU threads: vCPU i on the i-th CPU of this list (e.g. 1,0 or 2-3).
+        #[arg(long, value_name = "CPUS")]
         vcpu_cpus: Option<vmm::placement::CpuList>,
         #[command(flatten)]
         periodic: PeriodicArgs,
     },
     /// Checkpoint a running VM.
-    Checkpoint {
-        /// The VM's API socket.
-        #[arg(long)]
-        api_sock: PathBuf,
-        /// Directory to commit the checkpoint to (replaced atomically if it exists).
-        #[arg(long)]
-        out: PathBuf,
-        /// Strategy: stop-and-save (pause, write, resume) or cevm (live-migrate
-        /// to a new instance, the old one writes the checkpoint meanwhile).
-        #[arg(long, default_value = "stop-and-save")]
-        strategy: String,
-        /// Leave the VM stopped after the checkpoint (its VMM exits).
-        #[arg(long)]
-        stop: bool,
-        /// cevm strategy: where the new instance runs: `local` (thread-based, in
-        /// the same VMM) or `unix:PATH` / `tcp:HOST:PORT` of a `cevm run
-        /// --incoming` (process-based; the old VMM ends once it wrote the checkpoint).
-        #[arg(long)]
-        to: Option<String>,
-    },
+    Checkpoint(CheckpointArgs),
     /// Pause a running VM.
     Pause {
-        #[arg(long)]
+        /// The VM's API socket (`cevm run --api-sock`).
+        #[arg(long, value_hint = ValueHint::FilePath)]
         api_sock: PathBuf,
     },
     /// Resume a paused VM.
     Resume {
-        #[arg(long)]
+        /// The VM's API socket (`cevm run --api-sock`).
+        #[arg(long, value_hint = ValueHint::FilePath)]
         api_sock: PathBuf,
     },
     /// Show a VM's state.
     Status {
-        #[arg(long)]
+        /// The VM's API socket (`cevm run --api-sock`).
+        #[arg(long, value_hint = ValueHint::FilePath)]
         api_sock: PathBuf,
     },
     /// Stop a VM and its VMM.
     Quit {
-        #[arg(long)]
+        /// The VM's API socket (`cevm run --api-sock`).
+        #[arg(long, value_hint = ValueHint::FilePath)]
         api_sock: PathBuf,
     },
     /// Check a checkpoint completely (every file and checksum).
-    Verify { dir: PathBuf },
+    Verify {
+        /// The checkpoint directory.
+        #[arg(value_hint = ValueHint::DirPath)]
+        dir: PathBuf,
+    },
     /// Show what a checkpoint holds.
     Inspect {
+        /// The checkpoint directory.
+        #[arg(value_hint = ValueHint::DirPath)]
         dir: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
@@ -102,7 +95,7 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
         /// Work directory (default: a new one under $TMPDIR).
-        #[arg(long)]
+        #[arg(long, value_hint = ValueHint::DirPath)]
         dir: Option<PathBuf>,
     },
     /// Benchmarks: runs `cevm-bench ARGS` from beside this binary (the
@@ -110,70 +103,127 @@ enum Cmd {
     /// --help` lists them).
     #[command(disable_help_flag = true)]
     Bench {
+        /// The arguments of `cevm-bench` (`cevm bench --help` lists them).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
+    },
+    /// Print a completion script for SHELL (e.g. `cevm completions bash >
+    /// /usr/share/bash-completion/completions/cevm`).
+    Completions {
+        /// The shell the script is for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page cevm(1), or write it and a page for each command
+    /// (cevm-run(1), ...) into a directory.
+    Man {
+        /// Write cevm.1 and cevm-COMMAND.1 into this directory (e.g.
+        /// /usr/local/share/man/man1) instead of printing cevm.1.
+        #[arg(long, value_hint = ValueHint::DirPath)]
+        dir: Option<PathBuf>,
     },
 }
 
 /// `cevm run`.
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Built-in guest: digest, dirtier or hello.
-    #[arg(long, required_unless_present_any = ["kernel", "incoming"], conflicts_with = "kernel")]
+    /// Built-in guest to boot (--guest-args lists what each takes).
+    #[arg(long, required_unless_present_any = ["kernel", "incoming"], conflicts_with = "kernel", value_parser = guest_names())]
     guest: Option<String>,
     /// The built-in guest's arguments, e.g. "mib=2 rounds=8".
-    #[arg(long, default_value = "", conflicts_with = "kernel")]
+    #[arg(long, default_value = "", conflicts_with = "kernel", long_help = guest_args_help())]
     guest_args: String,
     /// Linux kernel (bzImage) to boot.
-    #[arg(long)]
+    #[arg(long, value_hint = ValueHint::FilePath)]
     kernel: Option<PathBuf>,
     /// Initramfs for the Linux kernel.
-    #[arg(long, requires = "kernel")]
+    #[arg(long, requires = "kernel", value_hint = ValueHint::FilePath)]
     initrd: Option<PathBuf>,
     /// Linux kernel command line.
     #[arg(long, requires = "kernel", default_value = vmm::linux::DEFAULT_CMDLINE)]
     cmdline: String,
-    /// Guest memory, e.g. 64M, 1G.
-    #[arg(long, default_value = "64M", value_parser = size::parse_size)]
+    /// Guest memory, e.g. 64M, 1G: at least 8M, a multiple of 2M, at most the
+    /// host's RAM and swap (see --overcommit). A built-in guest needs 4M of its
+    /// own plus what its arguments fill (digest: mib=, dirtier: the larger of
+    /// mib= and data=).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = args::parse_mem)]
     mem: u64,
+    /// Start a guest with more --mem than the host's RAM and swap (or its
+    /// commit limit): for a guest that touches little of its memory; one that
+    /// touches more than the host has is killed by the kernel.
+    #[arg(long)]
+    overcommit: bool,
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(vmm::layout::MAX_VCPUS)))]
     vcpus: u32,
     /// Disk image of the guest's virtio-blk device (raw or qcow2); with
     /// --overlay, the base image, which is then only read.
-    #[arg(long)]
+    #[arg(long, value_hint = ValueHint::FilePath)]
     disk: Option<PathBuf>,
     /// qcow2 overlay over --disk that the guest writes (created if it does not exist).
-    #[arg(long, requires = "disk")]
+    #[arg(long, requires = "disk", value_hint = ValueHint::FilePath)]
     overlay: Option<PathBuf>,
     /// Offer the disk to the guest read-only.
     #[arg(long, requires = "disk")]
     disk_read_only: bool,
-    /// Where guest memory lives: shared (memfd) or private (anonymous).
-    #[arg(long, default_value = "shared")]
+    /// Where guest memory lives.
+    #[arg(long, default_value = "shared", value_parser = memory_backends())]
     memory_backend: MemoryBackend,
     /// Serve the control API on this unix socket.
-    #[arg(long)]
+    #[arg(long, value_hint = ValueHint::FilePath)]
     api_sock: Option<PathBuf>,
     /// Boot nothing: wait for a live migration at unix:PATH or tcp:HOST:PORT and
     /// run the guest that arrives (its configuration comes with it).
-    #[arg(long, conflicts_with_all = ["guest", "kernel", "disk"])]
+    #[arg(long, value_name = "ENDPOINT", conflicts_with_all = ["guest", "kernel", "disk"])]
     incoming: Option<migrate::Endpoint>,
-    /// Place the vCPU threads: vCPU i on the i-th CPU of this list (e.g. 0,1 or 2-3).
-    #[arg(long)]
+    /// Place the vCPU threads: vCPU i on the i-th CPU of this list (e.g. 1,0 or 2-3).
+    #[arg(long, value_name = "CPUS")]
     vcpu_cpus: Option<vmm::placement::CpuList>,
     #[command(flatten)]
     periodic: PeriodicArgs,
 }
 
+/// `cevm checkpoint`.
+#[derive(clap::Args)]
+struct CheckpointArgs {
+    /// The VM's API socket (`cevm run --api-sock`).
+    #[arg(long, value_hint = ValueHint::FilePath)]
+    api_sock: PathBuf,
+    /// Directory to commit the checkpoint to (replaced atomically if it exists).
+    #[arg(long, value_hint = ValueHint::DirPath)]
+    out: PathBuf,
+    /// How the checkpoint is taken.
+    #[arg(long, default_value = "stop-and-save", value_parser = strategies())]
+    strategy: String,
+    /// Leave the VM stopped after the checkpoint (its VMM exits; stop-and-save only).
+    #[arg(long)]
+    stop: bool,
+    /// cevm strategy: where the new instance runs: `local` (thread-based, in
+    /// the same VMM) or `unix:PATH` / `tcp:HOST:PORT` of a `cevm run
+    /// --incoming` (process-based; the old VMM ends once it wrote the checkpoint).
+    #[arg(long, value_name = "local|unix:PATH|tcp:HOST:PORT")]
+    to: Option<String>,
+    /// cevm strategy: CPUs for the thread that runs the live migration (e.g. 0).
+    #[arg(long, value_name = "CPUS")]
+    migration_cpus: Option<vmm::placement::CpuList>,
+    /// cevm strategy: CPUs for the thread that writes the checkpoint from the
+    /// old instance, and the disk hand-over it starts (e.g. 1).
+    #[arg(long, value_name = "CPUS")]
+    writer_cpus: Option<vmm::placement::CpuList>,
+    /// cevm strategy, `--to local`: CPUs for the new instance's vCPU threads,
+    /// vCPU i on the i-th.
+    #[arg(long, value_name = "CPUS")]
+    dest_vcpu_cpus: Option<vmm::placement::CpuList>,
+}
+
 /// `cevm migrate`.
 #[derive(clap::Args)]
 struct MigrateArgs {
-    /// The VM's API socket.
-    #[arg(long)]
+    /// The VM's API socket (`cevm run --api-sock`).
+    #[arg(long, value_hint = ValueHint::FilePath)]
     api_sock: PathBuf,
-    /// `local`, unix:PATH or tcp:HOST:PORT.
-    #[arg(long)]
+    /// Where the guest goes: `local` (a new instance in the same VMM), or the
+    /// unix:PATH or tcp:HOST:PORT of a `cevm run --incoming`.
+    #[arg(long, value_name = "local|unix:PATH|tcp:HOST:PORT")]
     to: String,
     /// Switch once the rest is expected to move within this many milliseconds.
     #[arg(long, default_value_t = migrate::Params::default().max_downtime_ms)]
@@ -188,10 +238,10 @@ struct MigrateArgs {
     #[arg(long, default_value_t = 0.0)]
     max_bandwidth_mib_s: f64,
     /// CPUs for the thread that runs the migration.
-    #[arg(long)]
+    #[arg(long, value_name = "CPUS")]
     migration_cpus: Option<vmm::placement::CpuList>,
-    /// CPUs for the new instance's vCPU threads (with --to local).
-    #[arg(long)]
+    /// CPUs for the new instance's vCPU threads (with --to local), vCPU i on the i-th.
+    #[arg(long, value_name = "CPUS")]
     dest_vcpu_cpus: Option<vmm::placement::CpuList>,
 }
 
@@ -199,28 +249,72 @@ struct MigrateArgs {
 #[derive(clap::Args, Debug)]
 struct PeriodicArgs {
     /// Take a checkpoint every DURATION (e.g. 90s, 10m, 1h) into --checkpoint-dir.
-    #[arg(long, requires = "checkpoint_dir", value_parser = size::parse_duration)]
+    #[arg(long, value_name = "DURATION", requires = "checkpoint_dir", value_parser = args::parse_period)]
     checkpoint_every: Option<std::time::Duration>,
     /// Where periodic checkpoints go: DIR/ckpt-000001, ... and DIR/latest, a
     /// link to the newest committed one (`cevm restore DIR/latest`).
-    #[arg(long, requires = "checkpoint_every")]
+    #[arg(long, value_name = "DIR", requires = "checkpoint_every", value_hint = ValueHint::DirPath, value_parser = args::parse_checkpoint_dir)]
     checkpoint_dir: Option<PathBuf>,
-    /// How many periodic checkpoints to keep; older ones are removed only once a
-    /// newer one is committed.
-    #[arg(long, default_value_t = 2, requires = "checkpoint_every")]
+    /// How many periodic checkpoints to keep (at least 1); older ones are
+    /// removed only once a newer one is committed.
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "checkpoint_every", value_parser = args::parse_keep)]
     keep: usize,
-    /// Strategy of the periodic checkpoints: cevm or stop-and-save.
-    #[arg(long, default_value = "cevm", requires = "checkpoint_every", value_parser = |s: &str| Method::of_strategy(s, false))]
+    /// Strategy of the periodic checkpoints.
+    #[arg(long, value_name = "STRATEGY", default_value = "cevm", requires = "checkpoint_every", value_parser = strategies().try_map(|s| Method::of_strategy(&s, false)))]
     checkpoint_strategy: Method,
+}
+
+/// The built-in guests, each with what it does.
+fn guest_names() -> PossibleValuesParser {
+    PossibleValuesParser::new(guests::GUESTS.iter().map(|g| PossibleValue::new(g.name).help(g.about)))
+}
+
+/// `--guest-args` described guest by guest, argument by argument.
+fn guest_args_help() -> String {
+    let mut s = String::from(
+        "The built-in guest's arguments: key=value words (decimal values) separated by spaces, e.g. \
+         \"mib=2 rounds=8\". Each guest takes:",
+    );
+    for g in guests::GUESTS {
+        s.push_str(&format!("\n\n{}: {}", g.name, g.about));
+        for a in g.args {
+            s.push_str(&format!("\n  {}=N  {} (default {})", a.key, a.help, a.default));
+        }
+    }
+    s
+}
+
+/// The checkpoint strategies.
+fn strategies() -> PossibleValuesParser {
+    PossibleValuesParser::new([
+        PossibleValue::new("stop-and-save").help("pause the guest, write the checkpoint, resume it"),
+        PossibleValue::new("cevm")
+            .help("live-migrate the guest to a new instance; the old one writes the checkpoint meanwhile"),
+    ])
+}
+
+/// Where guest memory can live.
+fn memory_backends() -> impl TypedValueParser<Value = MemoryBackend> {
+    PossibleValuesParser::new([
+        PossibleValue::new("shared").help("a memfd mapped shared (the same pages can be mapped by another process)"),
+        PossibleValue::new("private").help("private anonymous memory (a fork of the VMM gets a copy-on-write view)"),
+    ])
+    .try_map(|s| s.parse::<MemoryBackend>())
+}
+
+/// The exit codes, as `--help` ends.
+fn exit_status_help() -> String {
+    let mut s = String::from("Exit status:");
+    for (code, meaning) in cevm::exit_code::MEANINGS {
+        s.push_str(&format!("\n  {code}  {meaning}"));
+    }
+    s
 }
 
 impl PeriodicArgs {
     /// The policy for a guest of `config`, checked before anything runs.
     fn policy(self, config: &InstanceConfig) -> Result<Option<runner::Periodic>, String> {
         let (Some(every), Some(dir)) = (self.checkpoint_every, self.checkpoint_dir) else { return Ok(None) };
-        if every.is_zero() {
-            return Err("--checkpoint-every must be longer than zero".into());
-        }
         if self.checkpoint_strategy == Method::CevmThread {
             checkpoint::cevm::supports(config).map_err(|e| format!("--checkpoint-strategy cevm: {e}"))?;
         }
@@ -253,16 +347,14 @@ fn run(cmd: Cmd) -> i32 {
     match cmd {
         Cmd::Run(a) => sandboxed(|| run_vm(a)),
         Cmd::Restore { dir, overlay, api_sock, vcpu_cpus, periodic } => {
+            // Absolute: the restored guest's disk path is stored in its configuration.
+            let (dir, overlay) = match (absolute(&dir), overlay.as_deref().map(anchored).transpose()) {
+                (Ok(d), Ok(o)) => (d, o),
+                (Err(e), _) | (_, Err(e)) => return fail(e),
+            };
             sandboxed(|| restore(&dir, overlay.as_deref(), api_sock.as_deref(), vcpu_cpus.as_ref(), periodic))
         }
-        Cmd::Checkpoint { api_sock, out, strategy, stop, to } => {
-            let out = match absolute(&out) {
-                Ok(p) => p,
-                Err(e) => return fail(e),
-            };
-            let req = CheckpointRequest { stop, to, ..CheckpointRequest::new(out, &strategy) };
-            client(&api_sock, |c| c.checkpoint(&req))
-        }
+        Cmd::Checkpoint(a) => checkpoint_vm(a),
         Cmd::Migrate(a) => migrate_vm(a),
         Cmd::Pause { api_sock } => client(&api_sock, Client::pause),
         Cmd::Resume { api_sock } => client(&api_sock, Client::resume),
@@ -270,22 +362,17 @@ fn run(cmd: Cmd) -> i32 {
         Cmd::Quit { api_sock } => client(&api_sock, Client::quit),
         Cmd::Verify { dir } => match checkpoint::verify(&dir) {
             Ok(r) => {
-                println!("{}: OK", dir.display());
+                let mut s = format!("{}: OK\n", dir.display());
                 for f in &r.files {
-                    println!("  {:<14} {:>14} bytes  crc32 {}  ok", f.name, f.size, f.crc32);
+                    s.push_str(&format!("  {:<14} {:>14} bytes  crc32 {}  ok\n", f.name, f.size, f.crc32));
                 }
-                OK
+                out(s.as_bytes())
             }
             Err(e) => fail(format!("verify failed: {e}")),
         },
         Cmd::Inspect { dir, json } => match inspect::describe(&dir, json) {
-            Ok(s) => {
-                print!("{s}");
-                if json {
-                    println!();
-                }
-                OK
-            }
+            Ok(s) if json => out(format!("{s}\n").as_bytes()),
+            Ok(s) => out(s.as_bytes()),
             Err(e) => fail(format!("cannot inspect: {e}")),
         },
         Cmd::Demo { keep, dir } => {
@@ -300,7 +387,108 @@ fn run(cmd: Cmd) -> i32 {
             }
         }
         Cmd::Bench { args } => bench(&args),
+        Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "cevm", &mut script);
+            out(&script)
+        }
+        Cmd::Man { dir } => man(dir.as_deref()),
     }
+}
+
+/// Writes `bytes` to stdout. A reader that went away (`cevm inspect DIR |
+/// head -1`) is no error: cevm ends quietly, with the status of the work done.
+/// (Rust ignores SIGPIPE, so the write fails with EPIPE instead of ending the
+/// process as it ends coreutils; `print!` would panic on it.)
+fn out(bytes: &[u8]) -> i32 {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => OK,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => OK,
+        Err(e) => fail(format!("cannot write to stdout: {e}")),
+    }
+}
+
+/// A bad command line found after parsing (exit 2).
+fn usage(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("cevm: error: {msg}");
+    USAGE
+}
+
+/// `cevm checkpoint`: asks the VMM for a checkpoint.
+fn checkpoint_vm(a: CheckpointArgs) -> i32 {
+    let (sock, req) = match checkpoint_request(a) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    // The VMM checks it too; a combination it cannot serve is this command line's mistake.
+    if let Err(e) = CheckpointPlan::try_from(req.clone()) {
+        return usage(e);
+    }
+    client(&sock, |c| c.checkpoint(&req))
+}
+
+/// The API socket and the request of `cevm checkpoint` (`--out` made absolute).
+fn checkpoint_request(a: CheckpointArgs) -> Result<(PathBuf, CheckpointRequest), String> {
+    let CheckpointArgs { api_sock, out, strategy, stop, to, migration_cpus, writer_cpus, dest_vcpu_cpus } = a;
+    let out = absolute(&out)?;
+    let req = CheckpointRequest {
+        stop,
+        to,
+        migration_cpus,
+        writer_cpus,
+        dest_vcpu_cpus,
+        ..CheckpointRequest::new(out, &strategy)
+    };
+    Ok((api_sock, req))
+}
+
+/// `cevm man`: cevm(1) on stdout, or it and cevm-COMMAND(1) for each command into `dir`.
+fn man(dir: Option<&Path>) -> i32 {
+    let mut cli = Cli::command().disable_help_subcommand(true);
+    cli.build();
+    let Some(dir) = dir else {
+        return match man_page(&cli) {
+            Ok(page) => out(&page),
+            Err(e) => fail(format!("cannot render the man page: {e}")),
+        };
+    };
+    let pages = std::iter::once(&cli).chain(cli.get_subcommands());
+    for cmd in pages {
+        let name = cmd.get_display_name().unwrap_or(cmd.get_name());
+        let path = dir.join(format!("{name}.1"));
+        if let Err(e) = man_page(cmd).and_then(|page| std::fs::write(&path, page)) {
+            return fail(format!("{}: {e}", path.display()));
+        }
+        eprintln!("cevm: wrote {}", path.display());
+    }
+    OK
+}
+
+/// The man page of `cmd` (built), with the exit codes in an EXIT STATUS section.
+fn man_page(cmd: &clap::Command) -> std::io::Result<Vec<u8>> {
+    let man = clap_mangen::Man::new(cmd.clone());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    if cmd.get_arguments().any(|a| !a.is_hide_set()) {
+        man.render_options_section(&mut page)?;
+    }
+    if cmd.has_subcommands() {
+        man.render_subcommands_section(&mut page)?;
+    }
+    // Plain words only (no leading dot or backslash): valid roff as they are.
+    page.extend_from_slice(b".SH \"EXIT STATUS\"\n");
+    for (code, meaning) in cevm::exit_code::MEANINGS {
+        page.extend_from_slice(format!(".TP\n{code}\n{meaning}\n").as_bytes());
+    }
+    if cmd.get_version().is_some() {
+        man.render_version_section(&mut page)?;
+    }
+    Ok(page)
 }
 
 /// `cevm run`: boots the guest (or waits for one with `--incoming`) and serves it.
@@ -312,6 +500,7 @@ fn run_vm(a: RunArgs) -> i32 {
         initrd,
         cmdline,
         mem,
+        overcommit,
         vcpus,
         disk,
         overlay,
@@ -325,14 +514,26 @@ fn run_vm(a: RunArgs) -> i32 {
     if let Some(endpoint) = incoming {
         return run_incoming(&endpoint, api_sock.as_deref(), vcpu_cpus.as_ref());
     }
+    if !overcommit {
+        if let Err(e) = args::check_host_mem(mem, cevm::host::memory_limit()) {
+            return usage(e);
+        }
+    }
+    let boot = match (guest, kernel) {
+        (Some(guest), _) => match args::check_guest(&guest, &guest_args, mem) {
+            Ok(()) => Boot::Builtin { guest, args: guest_args },
+            Err(e) => return usage(e),
+        },
+        // Absolute: the configuration holding them travels in checkpoints and migrations.
+        (None, Some(kernel)) => match (anchored(&kernel), initrd.as_deref().map(anchored).transpose()) {
+            (Ok(kernel), Ok(initrd)) => Boot::Linux { kernel, initrd, cmdline },
+            (Err(e), _) | (_, Err(e)) => return fail(e),
+        },
+        (None, None) => return usage("give --guest or --kernel"),
+    };
     let disk = match disk_config(disk, overlay, disk_read_only) {
         Ok(d) => d,
         Err(e) => return fail(e),
-    };
-    let boot = match (guest, kernel) {
-        (Some(guest), _) => Boot::Builtin { guest, args: guest_args },
-        (None, Some(kernel)) => Boot::Linux { kernel, initrd, cmdline },
-        (None, None) => return fail("give --guest or --kernel"),
     };
     let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend, disk };
     let periodic = match periodic.policy(&config) {
@@ -393,8 +594,7 @@ fn migrate_vm(a: MigrateArgs) -> i32 {
     let req = MigrateRequest { to, params, migration_cpus, dest_vcpu_cpus };
     // The VMM checks it too; a bad target is this command line's mistake.
     if let Err(e) = MigrationPlan::try_from(req.clone()) {
-        eprintln!("cevm: error: {e}");
-        return USAGE;
+        return usage(e);
     }
     let bar = progress_bar(api_sock.clone());
     let code = client(&api_sock, |c| c.migrate(&req));
@@ -523,15 +723,18 @@ fn new_instance(config: InstanceConfig, events: mpsc::Sender<vmm::VmEvent>) -> R
 }
 
 /// The guest's disk: the image itself, or an overlay over it (created when missing,
-/// with the base recorded by its absolute path so the overlay can move).
+/// with the base recorded by its absolute path so the overlay can move). Both
+/// paths are made absolute: the configuration holding them travels to a
+/// migration's destination or a restore, which may run in another directory.
 fn disk_config(disk: Option<PathBuf>, overlay: Option<PathBuf>, read_only: bool) -> Result<Option<DiskConfig>, String> {
     let Some(disk) = disk else { return Ok(None) };
+    let disk = anchored(&disk)?;
     let path = match overlay {
         Some(top) => {
+            let top = anchored(&top)?;
             if !top.exists() {
-                let base = absolute(&disk)?;
-                disk::Disk::create_overlay(&top, &base).map_err(|e| e.to_string())?;
-                eprintln!("cevm: created overlay {} over {}", top.display(), base.display());
+                disk::Disk::create_overlay(&top, &disk).map_err(|e| e.to_string())?;
+                eprintln!("cevm: created overlay {} over {}", top.display(), disk.display());
             }
             top
         }
@@ -544,17 +747,108 @@ fn absolute(p: &Path) -> Result<PathBuf, String> {
     std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
+/// [`args::anchored`], its error naming `p`.
+fn anchored(p: &Path) -> Result<PathBuf, String> {
+    args::anchored(p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
 /// One API call; prints the answer as JSON. A missing socket is a usage error (2).
 fn client<T: serde::Serialize>(sock: &Path, call: impl FnOnce(&Client) -> Result<T, ClientError>) -> i32 {
     match call(&Client::new(sock, Duration::from_secs(3600))) {
-        Ok(v) => {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            OK
-        }
+        Ok(v) => out(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()).as_bytes()),
         Err(e @ ClientError::Connect { .. }) => {
             eprintln!("cevm: error: {e} (is a `cevm run --api-sock` running there?)");
             USAGE
         }
         Err(e) => fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every command, and every argument of every command, says what it is.
+    #[test]
+    fn every_command_and_argument_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut cli = Cli::command();
+        cli.build();
+        let mut missing = Vec::new();
+        walk(&cli, "cevm", &mut missing);
+        assert!(missing.is_empty(), "without a help text: {missing:?}");
+    }
+
+    /// Options that take one of a fixed set of words list them (in `--help`,
+    /// the man page and the completions).
+    #[test]
+    fn options_with_a_fixed_set_of_values_list_them() {
+        let cli = Cli::command();
+        let arg = |sub: &str, id: &str| {
+            let cmd = cli.find_subcommand(sub).unwrap_or_else(|| panic!("no `{sub}`"));
+            let a = cmd.get_arguments().find(|a| a.get_id() == id).unwrap_or_else(|| panic!("no {sub} {id}"));
+            a.get_possible_values().iter().map(|v| v.get_name().to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(arg("run", "guest"), guests::names().collect::<Vec<_>>());
+        assert_eq!(arg("run", "memory_backend"), ["shared", "private"]);
+        for sub in ["run", "restore"] {
+            assert_eq!(arg(sub, "checkpoint_strategy"), ["stop-and-save", "cevm"]);
+        }
+        assert_eq!(arg("checkpoint", "strategy"), ["stop-and-save", "cevm"]);
+        assert!(arg("completions", "shell").contains(&"bash".to_string()));
+        // What each strategy value maps to.
+        let m = |s: &str| {
+            Cli::try_parse_from([
+                "cevm",
+                "run",
+                "--guest",
+                "hello",
+                "--checkpoint-every",
+                "1m",
+                "--checkpoint-dir",
+                "/tmp/x",
+                "--checkpoint-strategy",
+                s,
+            ])
+        };
+        let Ok(Cli { cmd: Cmd::Run(r) }) = m("stop-and-save") else { panic!("stop-and-save refused") };
+        assert_eq!(r.periodic.checkpoint_strategy, Method::StopAndSave);
+    }
+
+    #[test]
+    fn checkpoint_placement_flags_go_into_the_api_request() {
+        #[rustfmt::skip]
+        let argv = [
+            "cevm", "checkpoint", "--api-sock", "/run/vm.sock", "--out", "ckpt", "--strategy", "cevm",
+            "--writer-cpus", "1", "--migration-cpus", "0", "--dest-vcpu-cpus", "1,0",
+        ];
+        let Ok(Cli { cmd: Cmd::Checkpoint(a) }) = Cli::try_parse_from(argv) else { panic!("refused") };
+        let (sock, req) = checkpoint_request(a).unwrap();
+        assert_eq!(sock, Path::new("/run/vm.sock"));
+        assert!(req.out.is_absolute() && req.out.ends_with("ckpt"), "{}", req.out.display());
+        let body = serde_json::to_value(&req).unwrap();
+        assert_eq!(body["strategy"], "cevm");
+        assert_eq!(body["writer_cpus"], serde_json::json!([1]));
+        assert_eq!(body["migration_cpus"], serde_json::json!([0]));
+        assert_eq!(body["dest_vcpu_cpus"], serde_json::json!([1, 0]));
+        assert!(CheckpointPlan::try_from(req).is_ok());
     }
 }

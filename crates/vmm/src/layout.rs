@@ -41,8 +41,13 @@ pub const STACK_SIZE: u64 = 0x4000;
 pub const MAX_VCPUS: u32 = 64;
 /// First byte of RAM a built-in guest may use freely.
 pub const FREE_START: u64 = 0x40_0000;
-/// Smallest guest memory accepted.
+/// Smallest guest memory accepted: the first FREE_START bytes hold the boot
+/// tables, the built-in guest image and the vCPU stacks, and a guest needs room
+/// of its own beyond them.
 pub const MIN_MEM_SIZE: u64 = 8 << 20;
+/// Guest memory comes in whole 2 MiB pages: the identity map of the built-in
+/// guests uses 2 MiB pages, and private memory is backed by transparent huge pages.
+pub const MEM_ALIGN: u64 = 2 << 20;
 /// End of RAM below 4 GiB; the hole above is left for MMIO.
 pub const LOW_RAM_END: u64 = 0xc000_0000;
 /// Where RAM beyond LOW_RAM_END continues.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{Error, Result};
-use crate::layout::{HIGH_RAM_START, LOW_RAM_END, MIN_MEM_SIZE, PAGE_SIZE};
+use crate::layout::{HIGH_RAM_START, LOW_RAM_END, MEM_ALIGN, MIN_MEM_SIZE, PAGE_SIZE};
 
 /// Where guest memory lives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +66,7 @@ pub struct GuestMemory {
 impl GuestMemory {
     /// Allocates `mem_size` bytes of zeroed guest memory.
     pub fn new(mem_size: u64, backend: MemoryBackend) -> Result<Self> {
-        if mem_size < MIN_MEM_SIZE || mem_size % (2 << 20) != 0 {
+        if mem_size < MIN_MEM_SIZE || mem_size % MEM_ALIGN != 0 {
             return Err(Error::MemorySize(mem_size));
         }
         let ranges = ram_ranges(mem_size);

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// A list of host CPUs, written like `0,2-3` (as `taskset -c` takes it).
+/// A list of host CPUs, written like `0,2-3` (as `taskset -c` takes it), kept
+/// in the order written: vCPU i goes on the i-th CPU of a vCPU list, so `1,0`
+/// puts vCPU 0 on CPU 1 (a CPU written twice takes two vCPUs).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuList(pub Vec<usize>);
 
@@ -32,8 +34,6 @@ impl std::str::FromStr for CpuList {
             }
             cpus.extend(a..=b);
         }
-        cpus.sort_unstable();
-        cpus.dedup();
         Ok(CpuList(cpus))
     }
 }
@@ -97,6 +97,9 @@ mod tests {
     fn cpu_lists_parse_like_taskset() {
         assert_eq!("0,2-3".parse::<CpuList>().unwrap().0, vec![0, 2, 3]);
         assert_eq!("1".parse::<CpuList>().unwrap().to_string(), "1");
+        // The order written is the order of the vCPUs placed.
+        assert_eq!("1,0".parse::<CpuList>().unwrap().0, vec![1, 0]);
+        assert_eq!("3,0-1,0".parse::<CpuList>().unwrap().to_string(), "3,0,1,0");
         assert!("3-1".parse::<CpuList>().is_err());
         assert!("a".parse::<CpuList>().unwrap_err().contains("0,2-3"));
     }
