@@ -238,12 +238,16 @@ fn assert_refused_alike(dir: &Path, needles: &[&str]) {
     assert!(!restored_disk(dir).exists(), "a refused restore left {}", restored_disk(dir).display());
 }
 
-/// Sets the size and CRC of file `name` in a manifest to those of `bytes`.
+/// Sets the size and CRC of file `name` in a manifest (of every entry of that
+/// name) to those of `bytes`.
 fn set_entry(manifest: &mut Value, name: &str, bytes: &[u8]) {
     let files = manifest["files"].as_array_mut().unwrap();
-    let entry = files.iter_mut().find(|f| f["name"] == name).unwrap();
-    entry["size"] = bytes.len().into();
-    entry["crc32"] = format!("{:08x}", crc32fast::hash(bytes)).into();
+    let mut entries = files.iter_mut().filter(|f| f["name"] == name).peekable();
+    assert!(entries.peek().is_some(), "the manifest lists no {name}");
+    for entry in entries {
+        entry["size"] = bytes.len().into();
+        entry["crc32"] = format!("{:08x}", crc32fast::hash(bytes)).into();
+    }
 }
 
 /// Writes `manifest` into `dir`, sealed with a valid checksum.
@@ -330,24 +334,32 @@ fn dev_zero_and_huge_files_are_refused_with_bounded_memory() {
     assert_refused_alike(&d, &["manifest.json: 3221225472 bytes, more than the 1048576 bytes"]);
 }
 
+// Forged manifests and states (re-sealed): each is refused by `cevm verify`, not
+// only by `cevm restore`, and by both in the same words.
+
 #[test]
-fn forged_manifests_and_states_are_refused_by_verify_as_by_restore() {
-    let good = good_checkpoint();
-    let d = forge(good, "forged-mem0", |d, m, _| {
+fn a_forged_memory_size_of_zero_is_refused_by_verify_as_by_restore() {
+    let d = forge(good_checkpoint(), "forged-mem0", |d, m, _| {
         m["guest"]["mem_size"] = 0.into();
         m["memory"]["regions"] = serde_json::json!([{ "guest_addr": 0, "size": 0 }]);
         std::fs::OpenOptions::new().write(true).open(d.join("memory.img")).unwrap().set_len(0).unwrap();
         set_entry(m, "memory.img", b"");
     });
     assert_refused_alike(&d, &["guest memory size 0 bytes"]);
+}
 
-    let d = forge(good, "forged-vcpus0", |_, m, s| {
+#[test]
+fn a_forged_guest_of_zero_vcpus_is_refused_by_verify_as_by_restore() {
+    let d = forge(good_checkpoint(), "forged-vcpus0", |_, m, s| {
         m["guest"]["vcpus"] = 0.into();
         s["vcpus"] = serde_json::json!([]);
     });
     assert_refused_alike(&d, &["0 vCPUs: between 1 and 64 are supported"]);
+}
 
-    let d = forge(good, "forged-vcpus65", |_, m, s| {
+#[test]
+fn a_forged_guest_of_65_vcpus_is_refused_by_verify_as_by_restore() {
+    let d = forge(good_checkpoint(), "forged-vcpus65", |_, m, s| {
         m["guest"]["vcpus"] = 65.into();
         let one = s["vcpus"][0].clone();
         s["vcpus"] = (0..65)
@@ -359,36 +371,54 @@ fn forged_manifests_and_states_are_refused_by_verify_as_by_restore() {
             .collect();
     });
     assert_refused_alike(&d, &["65 vCPUs: between 1 and 64 are supported"]);
+}
 
-    let d = forge(good, "forged-msrs", |_, _, s| {
+#[test]
+fn a_forged_vcpu_of_100000_msrs_is_refused_by_verify_as_by_restore() {
+    let d = forge(good_checkpoint(), "forged-msrs", |_, _, s| {
         let msrs = s["vcpus"][0]["msrs"].as_array().unwrap().clone();
         s["vcpus"][0]["msrs"] = msrs.iter().cycle().take(100_000).cloned().collect();
     });
     assert_refused_alike(&d, &["vCPU 0: 100000 MSRs, a vCPU saves at most 256"]);
+}
 
-    let d = forge(good, "forged-xsave", |_, _, s| {
+#[test]
+fn a_forged_truncated_xsave_area_is_refused_by_verify_as_by_restore() {
+    let d = forge(good_checkpoint(), "forged-xsave", |_, _, s| {
         let xsave = s["vcpus"][0]["xsave"].as_array().unwrap().clone();
         assert_eq!(xsave.len(), 4096);
         s["vcpus"][0]["xsave"] = xsave[..1024].to_vec().into();
     });
     assert_refused_alike(&d, &["state.json", "kvm_xsave holds 1024 bytes, it must hold 4096"]);
+}
 
-    let d = forge(good, "forged-no-serial", |_, _, s| {
+#[test]
+fn a_forged_state_without_its_serial_device_is_refused_by_verify_as_by_restore() {
+    let d = forge(good_checkpoint(), "forged-no-serial", |_, _, s| {
         s["devices"].as_object_mut().unwrap().remove("serial");
     });
     assert_refused_alike(&d, &["no section for device `serial`"]);
+}
 
-    let d = forge(good, "forged-twice", |_, m, _| {
+#[test]
+fn a_forged_manifest_listing_a_file_twice_is_refused_by_verify_as_by_restore() {
+    let d = forge(good_checkpoint(), "forged-twice", |_, m, _| {
         let state = m["files"].as_array().unwrap().iter().find(|f| f["name"] == "state.json").unwrap().clone();
         m["files"].as_array_mut().unwrap().push(state);
     });
     assert_refused_alike(&d, &["lists `state.json` twice"]);
+}
 
-    let d = forge(good, "forged-disk-no-file", |_, m, _| {
+#[test]
+fn a_forged_disk_without_its_image_is_refused_by_verify_as_by_restore() {
+    let d = forge(good_checkpoint(), "forged-disk-no-file", |_, m, _| {
         m["guest"]["disk"] = serde_json::json!({ "path": "/nonexistent/disk.raw", "read_only": false });
     });
     assert_refused_alike(&d, &["the guest has a disk but the checkpoint holds no disk image"]);
+}
 
+#[test]
+fn a_forged_disk_image_without_a_disk_is_refused_by_verify_as_by_restore() {
     let d = forge(disk_checkpoint(), "forged-file-no-disk", |_, m, _| {
         m["guest"]["disk"] = Value::Null;
     });
