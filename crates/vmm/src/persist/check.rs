@@ -108,3 +108,89 @@ fn check_devices(config: &InstanceConfig, saved: &DeviceStates) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Boot, DiskConfig};
+    use crate::persist::codec::{decode, Encoding};
+
+    /// The state.json of the checkpoint cevm wrote at commit f3e6526: one vCPU,
+    /// 8 MiB, no disk.
+    const V1_JSON: &[u8] = include_bytes!("../../../cevm/tests/fixtures/main-f3e6526/state.json");
+
+    fn config() -> InstanceConfig {
+        InstanceConfig {
+            boot: Boot::Builtin { guest: "digest".into(), args: String::new() },
+            mem_size: 8 << 20,
+            vcpus: 1,
+            memory_backend: crate::MemoryBackend::Shared,
+            disk: None,
+        }
+    }
+
+    fn refused(config: &InstanceConfig, state: &InstanceState) -> String {
+        check_restorable(config, state).err().expect("refused").to_string()
+    }
+
+    #[test]
+    fn a_state_and_configuration_that_match_pass() {
+        check_restorable(&config(), &decode(V1_JSON, Encoding::Json).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn what_no_instance_can_take_is_refused_by_name() {
+        let state = || decode(V1_JSON, Encoding::Json).unwrap();
+        let e = refused(&InstanceConfig { vcpus: 0, ..config() }, &state());
+        assert!(e.contains("0 vCPUs: between 1 and 64"), "{e}");
+        let e = refused(&InstanceConfig { vcpus: 2, ..config() }, &state());
+        assert!(e.contains("the state holds 1 vCPUs, the configuration 2"), "{e}");
+        let e = refused(&InstanceConfig { mem_size: 0, ..config() }, &state());
+        assert!(e.contains("guest memory size 0 bytes"), "{e}");
+
+        let mut s = state();
+        let first = s.vcpus[0].msrs[0];
+        s.vcpus[0].msrs.push(first);
+        assert!(refused(&config(), &s).contains(&format!("MSR {:#x} saved twice", first.index)));
+        s.vcpus[0].msrs = vec![first; MAX_SAVED_MSRS + 1];
+        assert!(refused(&config(), &s).contains("257 MSRs, a vCPU saves at most 256"));
+
+        let mut s = state();
+        s.vcpus[0].id = 3;
+        assert!(refused(&config(), &s).contains("vCPU 3: saved at position 0"));
+        let mut s = state();
+        s.vm.ioapic.chip_id = 0;
+        assert!(refused(&config(), &s).contains("irqchip 2 of the state is chip 0"));
+    }
+
+    #[test]
+    fn device_sections_must_be_those_of_the_configuration() {
+        let state = || decode(V1_JSON, Encoding::Json).unwrap();
+        let disk = InstanceConfig { disk: Some(DiskConfig { path: "d.raw".into(), read_only: false }), ..config() };
+        let e = refused(&disk, &state());
+        assert!(e.contains("no section for device `virtio-blk`"), "{e}");
+        let mut s = state();
+        s.devices.insert(device_ids::VIRTIO_BLK, "not a transport");
+        let e = refused(&config(), &s);
+        assert!(e.contains("holds device `virtio-blk`, which an instance of this configuration lacks"), "{e}");
+        let e = refused(&disk, &s);
+        assert!(e.starts_with("device `virtio-blk`: "), "{e}");
+        // A transport of the right shape, with queues its device does not have.
+        let transport = MmioState {
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+            queues: vec![],
+        };
+        s.devices.insert(device_ids::VIRTIO_BLK, transport);
+        let e = refused(&disk, &s);
+        assert!(e.contains("wrong number of queues (the device has 1)"), "{e}");
+        let mut s = state();
+        s.devices.insert(device_ids::SERIAL, 7u32);
+        assert!(refused(&config(), &s).starts_with("device `serial`: "));
+    }
+}
