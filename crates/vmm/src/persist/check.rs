@@ -130,7 +130,7 @@ mod tests {
     }
 
     fn refused(config: &InstanceConfig, state: &InstanceState) -> String {
-        check_restorable(config, state).err().expect("refused").to_string()
+        check_restorable(config, state).expect_err("refused").to_string()
     }
 
     #[test]
