@@ -7,7 +7,7 @@ use std::path::Path;
 use cevm_testkit::*;
 
 /// What `cevm run --guest digest --guest-args "mib=1 rounds=6" --mem 8M` prints
-/// at its end when nothing disturbs it (see the fixture's README).
+/// at its end when nothing disturbs it (see fixtures/main-f3e6526.md).
 const UNDISTURBED_DIGEST: &str = "30b963f3537e3f8a";
 
 #[test]

@@ -256,23 +256,28 @@ pub struct OpenCheckpoint {
     pub checkpoint: Checkpoint,
     pub config: InstanceConfig,
     pub state: InstanceState,
+    /// The name of the guest's disk image in the checkpoint, if the guest has a disk.
+    pub disk_file: Option<String>,
 }
 
-/// Opens and checks the checkpoint at `dir` and decodes what it holds.
+/// Opens and checks the checkpoint at `dir` and decodes what it holds: every
+/// check but memory.img's checksum (see [`verify`]). The one check both
+/// `cevm verify` and `cevm restore` run: the files as the snapshot crate checks
+/// them (regular files, listed once, nothing unlisted, sizes and checksums),
+/// then what they hold as the VMM checks a state before restoring it
+/// ([`vmm::persist::check_restorable`]), the memory layout of the configuration,
+/// and a disk image exactly when the guest has a disk.
 pub fn open(dir: &Path) -> Result<OpenCheckpoint> {
     let checkpoint = Checkpoint::open(dir)?;
     let manifest_path = dir.join(snapshot::MANIFEST_FILE);
     let config: InstanceConfig = serde_json::from_value(checkpoint.manifest.guest.clone())
         .map_err(|e| Error::Decode { path: manifest_path.clone(), reason: format!("guest configuration: {e}") })?;
+    let disk_file = check_disk_file(dir, &checkpoint, &config)?;
     let state_path = dir.join(snapshot::STATE_FILE);
     let state = codec::decode(&checkpoint.read_file(snapshot::STATE_FILE)?, Encoding::Json)
         .map_err(|source| Error::State { path: state_path.clone(), source })?;
-    if state.vcpus.len() != config.vcpus as usize {
-        return Err(Error::Decode {
-            path: state_path,
-            reason: format!("holds {} vCPUs, the manifest says {}", state.vcpus.len(), config.vcpus),
-        });
-    }
+    vmm::persist::check_restorable(&config, &state)
+        .map_err(|e| Error::Decode { path: state_path, reason: format!("cannot be restored: {e}") })?;
     let expected: Vec<_> = vmm::memory::ram_ranges(config.mem_size)
         .iter()
         .map(|r| MemoryRegionLayout { guest_addr: r.guest_addr, size: r.size })
@@ -283,7 +288,29 @@ pub fn open(dir: &Path) -> Result<OpenCheckpoint> {
             reason: format!("memory layout does not match a guest of {} bytes", config.mem_size),
         });
     }
-    Ok(OpenCheckpoint { checkpoint, config, state })
+    Ok(OpenCheckpoint { checkpoint, config, state, disk_file })
+}
+
+/// The checkpoint's disk image: there is one, `disk.raw` or `disk.qcow2` as its
+/// content says, exactly when the guest has a disk.
+fn check_disk_file(dir: &Path, checkpoint: &Checkpoint, config: &InstanceConfig) -> Result<Option<String>> {
+    let manifest_path = dir.join(snapshot::MANIFEST_FILE);
+    let bad = |reason: String| Error::Decode { path: manifest_path.clone(), reason };
+    let disks: Vec<&str> =
+        checkpoint.manifest.files.iter().map(|f| f.name.as_str()).filter(|n| n.starts_with("disk.")).collect();
+    let name = match (&config.disk, disks.as_slice()) {
+        (None, []) => return Ok(None),
+        (None, [name, ..]) => return Err(bad(format!("the guest has no disk but the checkpoint holds {name}"))),
+        (Some(_), []) => return Err(bad("the guest has a disk but the checkpoint holds no disk image".into())),
+        (Some(_), [name]) => name.to_string(),
+        (Some(_), _) => return Err(bad(format!("the checkpoint holds {} disk images", disks.len()))),
+    };
+    let path = dir.join(&name);
+    let format = disk::probe_format_of(&checkpoint.open_file(&name)?, &path)?;
+    if name != disk_file(format) {
+        return Err(Error::Decode { path, reason: format!("holds a {} image", format.name()) });
+    }
+    Ok(Some(name))
 }
 
 /// Where a restored guest's disk goes when the caller does not say: beside the
@@ -293,56 +320,93 @@ pub fn default_restored_disk(dir: &Path, format: disk::ImageFormat) -> PathBuf {
     dir.with_file_name(format!("{name}.disk.{}", format.name()))
 }
 
+/// A file that is removed when dropped, unless kept: what a restore made
+/// before a later step failed.
+struct Made(Option<PathBuf>);
+
+impl Made {
+    fn keep(mut self) -> Option<PathBuf> {
+        self.0.take()
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Restores the checkpoint at `dir` into a new instance, memory loaded and checked,
 /// vCPUs not started. Nothing of the guest runs unless every check passed. A
 /// guest disk is copied from the checkpoint to `disk_to` (or
 /// [`default_restored_disk`]), which must not exist: the checkpoint itself stays
-/// untouched, so it can be restored again. Returns the instance and that path.
+/// untouched, so it can be restored again. That copy is made only once every
+/// check passed (memory.img's checksum included), and removed again if the
+/// instance cannot be made: a refused restore leaves nothing behind. Returns the
+/// instance and the disk's path.
 pub fn restore(
     dir: &Path,
     disk_to: Option<&Path>,
     console: Box<dyn Write + Send>,
     events: Sender<VmEvent>,
 ) -> Result<(Instance, Option<PathBuf>)> {
-    let mut open = open(dir)?;
-    let mut restored_disk = None;
-    if let Some(d) = &mut open.config.disk {
-        let entry = open.checkpoint.manifest.files.iter().find(|f| f.name.starts_with("disk.")).ok_or_else(|| {
-            Error::Decode {
-                path: dir.join(snapshot::MANIFEST_FILE),
-                reason: "the guest has a disk but the checkpoint holds no disk image".into(),
+    let OpenCheckpoint { checkpoint, mut config, state, disk_file } = open(dir)?;
+    let disk = match &disk_file {
+        Some(name) => {
+            let src = checkpoint.open_file(name)?;
+            let format = disk::probe_format_of(&src, &dir.join(name))?;
+            let target = match disk_to {
+                Some(p) => p.to_path_buf(),
+                None => default_restored_disk(dir, format),
+            };
+            if std::fs::symlink_metadata(&target).is_ok() {
+                return Err(Error::Decode {
+                    path: target,
+                    reason: "exists; not overwriting it (choose another path for the restored disk)".into(),
+                });
             }
-        })?;
-        let src = dir.join(&entry.name);
-        let target = match disk_to {
-            Some(p) => p.to_path_buf(),
-            None => default_restored_disk(dir, disk::probe_format(&src)?),
-        };
-        if target.exists() {
-            return Err(Error::Decode {
-                path: target,
-                reason: "exists; not overwriting it (choose another path for the restored disk)".into(),
-            });
+            Some((src, target))
         }
-        disk::copy_image(&src, &target)?;
-        d.path = target.clone();
-        restored_disk = Some(target);
-    }
-    let instance = Instance::restore(open.config, &open.state, console, events)?;
+        None => None,
+    };
+    let shell = vmm::Shell::new(&config, None)?;
     {
-        // SAFETY: the instance's vCPUs have not started and no device touches memory yet.
-        let mut slices = unsafe { instance.memory().slices_mut() };
+        // SAFETY: the shell's vCPUs have not started and it has no devices: nothing
+        // else touches its memory.
+        let mut slices = unsafe { shell.memory().slices_mut() };
         let mut targets: Vec<MemoryTarget<'_>> =
             slices.iter_mut().map(|(a, d)| MemoryTarget { guest_addr: *a, data: d }).collect();
-        open.checkpoint.load_memory(&mut targets)?;
+        checkpoint.load_memory(&mut targets)?;
     }
-    Ok((instance, restored_disk))
+    // Every check passed: only now is anything made outside the process.
+    let made = match (&mut config.disk, disk) {
+        (Some(d), Some((src, target))) => {
+            let made = Made(Some(target.clone()));
+            if let Err(e) = disk::copy_image_from(&src, &dir.join(disk_file.unwrap_or_default()), &target) {
+                if matches!(&e, disk::Error::Create { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists)
+                {
+                    // Made by someone else since the check above: not ours to remove.
+                    made.keep();
+                }
+                return Err(e.into());
+            }
+            d.path = target;
+            made
+        }
+        _ => Made(None),
+    };
+    let instance = Instance::restore_into(shell, config, &state, console, events)?;
+    Ok((instance, made.keep()))
 }
 
-/// Verifies a checkpoint completely: every file and checksum, and that its state
-/// decodes. Returns the snapshot crate's report.
+/// Verifies a checkpoint completely: everything [`open`] checks (so a checkpoint
+/// that verifies is one that restore accepts), and memory.img's checksum.
+/// Returns the snapshot crate's report.
 pub fn verify(dir: &Path) -> Result<snapshot::VerifyReport> {
-    let report = snapshot::verify(dir)?;
-    open(dir)?;
-    Ok(report)
+    let open = open(dir)?;
+    open.checkpoint.verify_memory()?;
+    let manifest = open.checkpoint.manifest;
+    Ok(snapshot::VerifyReport { files: manifest.files.clone(), manifest })
 }

@@ -4,7 +4,6 @@
 //! imago gives synchronous block access (`sync` feature): reads and writes take
 //! `&self`, so one image serves the virtio-blk device without a lock of ours.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub mod integration;
@@ -52,9 +51,15 @@ impl ImageFormat {
 
 /// Tells qcow2 from raw by the qcow2 magic.
 pub fn probe_format(path: &Path) -> Result<ImageFormat, Error> {
+    let f = std::fs::File::open(path).map_err(|source| Error::Open { path: path.into(), source })?;
+    probe_format_of(&f, path)
+}
+
+/// [`probe_format`] of an open file (`path` names it in errors).
+pub fn probe_format_of(f: &std::fs::File, path: &Path) -> Result<ImageFormat, Error> {
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|source| Error::Open { path: path.into(), source })?;
-    let n = f.read(&mut magic).map_err(|source| Error::Open { path: path.into(), source })?;
+    let n = std::os::unix::fs::FileExt::read_at(f, &mut magic, 0)
+        .map_err(|source| Error::Open { path: path.into(), source })?;
     Ok(if n == 4 && &magic == b"QFI\xfb" { ImageFormat::Qcow2 } else { ImageFormat::Raw })
 }
 

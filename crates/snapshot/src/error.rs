@@ -11,6 +11,16 @@ pub enum Error {
     /// A file has another size than the manifest says.
     #[error("{path}: size is {actual} bytes, the manifest says {expected}")]
     Size { path: PathBuf, expected: u64, actual: u64 },
+    /// An entry of the checkpoint is not a regular file (a symbolic link, a
+    /// FIFO, a device, a directory...): it is never followed nor read.
+    #[error("{path}: is {kind}, not a regular file (a checkpoint holds only regular files)")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    /// The directory holds entries its manifest does not list.
+    #[error("{dir}: not listed in the manifest: {entries}")]
+    Unlisted { dir: PathBuf, entries: String },
+    /// A file is larger than what this format ever reads whole.
+    #[error("{path}: {size} bytes, more than the {max} bytes such a file can have")]
+    TooLarge { path: PathBuf, size: u64, max: u64 },
     /// A file of the checkpoint is missing.
     #[error("{path}: missing")]
     Missing { path: PathBuf },

@@ -22,6 +22,12 @@
 //! `00000000` there, `crc32` the copy. Any flipped byte of the file is caught,
 //! and the file stays plain JSON for `jq` and friends.
 //!
+//! **Reading trusts nothing** (see `reader`): manifest.json and every file it lists
+//! must be regular files (a symbolic link, FIFO or device is refused, never
+//! followed or read), each listed once; anything else in the directory is an
+//! error naming it; manifest.json and the files read whole (state.json) have a
+//! maximum size, checked before they are read; memory.img's size is its layout's.
+//!
 //! **Atomic commit.** Everything is written into a temporary sibling directory
 //! (`.<name>.tmp-<pid>-<n>`), each file and the directory are fsynced, then the
 //! directory is renamed into place (`renameat2(RENAME_EXCHANGE)` when an older
@@ -38,7 +44,7 @@ mod tests;
 
 pub use error::Error;
 pub use manifest::{seal_manifest, FileEntry, Manifest, MemoryLayout, MemoryRegionLayout, MemoryStats};
-pub use reader::{verify, Checkpoint, MemoryTarget, VerifyReport};
+pub use reader::{verify, Checkpoint, MemoryTarget, VerifyReport, MAX_MANIFEST_SIZE, MAX_READ_SIZE};
 pub use writer::{CheckpointWriter, MemorySource};
 
 /// Version of the format this crate writes and reads.

@@ -1,13 +1,28 @@
-//! Reading and checking a checkpoint.
+//! Reading and checking a checkpoint. Nothing in the directory is trusted: every
+//! file is opened without following a symbolic link and without blocking (a FIFO
+//! or a device is refused, never read), must be a regular file the manifest lists
+//! once, and is bounded in size before anything is read from it; an entry the
+//! manifest does not list is an error that names it.
 
-use std::fs::File;
+use std::collections::HashSet;
+use std::fs::{File, FileType, OpenOptions};
+use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::manifest::{decode, FileEntry, Manifest};
 use crate::writer::hash_zeros;
-use crate::{hex, Error, MANIFEST_FILE, MEMORY_FILE};
+use crate::{hex, Error, MANIFEST_FILE, MEMORY_FILE, STATE_FILE};
+
+/// The largest manifest.json read: a manifest lists a few files and a guest
+/// configuration, a few KiB.
+pub const MAX_MANIFEST_SIZE: u64 = 1 << 20;
+/// The largest file read whole into memory ([`Checkpoint::read_file`]), state.json
+/// among them: the state of a 64-vCPU guest is about 1.6 MiB of JSON.
+pub const MAX_READ_SIZE: u64 = 16 << 20;
+/// How many unlisted entries an error names (then says how many more there are).
+const UNLISTED_NAMED: usize = 8;
 
 /// A contiguous piece of guest memory to fill on restore. The caller provides zeroed
 /// memory: holes of the image are left untouched.
@@ -29,46 +44,164 @@ pub struct VerifyReport {
     pub files: Vec<FileEntry>,
 }
 
-fn read_checked(path: &Path, entry: &FileEntry) -> Result<Vec<u8>, Error> {
-    let bytes = std::fs::read(path).map_err(Error::io(path, "read"))?;
-    if bytes.len() as u64 != entry.size {
-        return Err(Error::Size { path: path.into(), expected: entry.size, actual: bytes.len() as u64 });
+/// What a file type is, in words.
+fn kind_of(t: FileType) -> &'static str {
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "of an unknown kind"
     }
-    let actual = hex(crc32fast::hash(&bytes));
-    if actual != entry.crc32 {
-        return Err(Error::Checksum { path: path.into(), expected: entry.crc32.clone(), actual });
+}
+
+/// Opens `path` for reading if it is a regular file, and returns it with its
+/// size. `O_NOFOLLOW`: a symbolic link is refused, not followed; `O_NONBLOCK`: a
+/// FIFO opens at once (then is refused by its type) instead of waiting for a writer.
+fn open_regular(path: &Path) -> Result<(File, u64), Error> {
+    let opened =
+        OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path);
+    let f = match opened {
+        Ok(f) => f,
+        // ELOOP is O_NOFOLLOW's answer for a link; ENXIO a socket's: say what it is.
+        Err(e) => match std::fs::symlink_metadata(path) {
+            Ok(m) if !m.file_type().is_file() => {
+                return Err(Error::NotRegular { path: path.into(), kind: kind_of(m.file_type()) })
+            }
+            _ => return Err(Error::io(path, "open")(e)),
+        },
+    };
+    let meta = f.metadata().map_err(Error::io(path, "stat"))?;
+    if !meta.file_type().is_file() {
+        return Err(Error::NotRegular { path: path.into(), kind: kind_of(meta.file_type()) });
+    }
+    Ok((f, meta.len()))
+}
+
+/// Reads all of `f` (of `size` bytes by its metadata), refusing more than `max`
+/// bytes before and while reading (a file that grows is not read past `max`).
+fn read_bounded(f: &File, path: &Path, size: u64, max: u64) -> Result<Vec<u8>, Error> {
+    if size > max {
+        return Err(Error::TooLarge { path: path.into(), size, max });
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    f.take(max + 1).read_to_end(&mut bytes).map_err(Error::io(path, "read"))?;
+    if bytes.len() as u64 > max {
+        return Err(Error::TooLarge { path: path.into(), size: bytes.len() as u64, max });
     }
     Ok(bytes)
 }
 
+/// Checks the size and CRC of an open file against its entry, reading it in
+/// pieces (a disk image can be large).
+fn check_streamed(mut f: &File, path: &Path, entry: &FileEntry) -> Result<(), Error> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(Error::io(path, "read"))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        if size > entry.size {
+            break;
+        }
+        crc.update(&buf[..n]);
+    }
+    if size != entry.size {
+        return Err(Error::Size { path: path.into(), expected: entry.size, actual: size });
+    }
+    let actual = hex(crc.finalize());
+    if actual != entry.crc32 {
+        return Err(Error::Checksum { path: path.into(), expected: entry.crc32.clone(), actual });
+    }
+    Ok(())
+}
+
+/// Checks the names the manifest lists: plain file names, each once, memory.img
+/// among them, and state.json no larger than it can be read.
+fn check_names(mpath: &Path, manifest: &Manifest) -> Result<(), Error> {
+    let bad = |reason: String| Error::Manifest { path: mpath.into(), reason };
+    let mut seen = HashSet::new();
+    for f in &manifest.files {
+        let n = f.name.as_str();
+        if n.is_empty() || n.contains('/') || n.contains('\0') || n == ".." || n == "." || n == MANIFEST_FILE {
+            return Err(bad(format!("bad file name `{n}`")));
+        }
+        if !seen.insert(n) {
+            return Err(bad(format!("lists `{n}` twice")));
+        }
+        if n == STATE_FILE && f.size > MAX_READ_SIZE {
+            return Err(Error::TooLarge { path: mpath.with_file_name(n), size: f.size, max: MAX_READ_SIZE });
+        }
+    }
+    if !seen.contains(MEMORY_FILE) {
+        return Err(bad(format!("lists no {MEMORY_FILE}")));
+    }
+    Ok(())
+}
+
+/// Refuses every entry of `dir` the manifest does not list (files, directories,
+/// links, whatever they are), naming them.
+fn check_listing(dir: &Path, manifest: &Manifest) -> Result<(), Error> {
+    let listed: HashSet<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    let mut unlisted = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(Error::io(dir, "list"))? {
+        let e = e.map_err(Error::io(dir, "list"))?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name == MANIFEST_FILE || listed.contains(name.as_ref()) {
+            continue;
+        }
+        let kind = e.file_type().map(kind_of).unwrap_or("of an unknown kind");
+        unlisted.push(format!("`{name}` ({kind})"));
+    }
+    if unlisted.is_empty() {
+        return Ok(());
+    }
+    unlisted.sort();
+    let more = unlisted.len().saturating_sub(UNLISTED_NAMED);
+    unlisted.truncate(UNLISTED_NAMED);
+    let mut entries = unlisted.join(", ");
+    if more > 0 {
+        entries.push_str(&format!(" and {more} more"));
+    }
+    Err(Error::Unlisted { dir: dir.into(), entries })
+}
+
 impl Checkpoint {
-    /// Checks manifest.json (checksum, version, fields), that every listed file is
-    /// there with its size, and the CRC of every file but memory.img.
+    /// Checks manifest.json (bounded size, checksum, version, fields, each name
+    /// listed once), that the directory holds nothing else, that every listed file
+    /// is a regular file of its size, and the CRC of every file but memory.img.
     pub fn open(dir: &Path) -> Result<Checkpoint, Error> {
         let mpath = dir.join(MANIFEST_FILE);
-        let bytes = std::fs::read(&mpath).map_err(Error::io(&mpath, "read"))?;
+        let (f, size) = open_regular(&mpath)?;
+        let bytes = read_bounded(&f, &mpath, size, MAX_MANIFEST_SIZE)?;
         let manifest = decode(&mpath, &bytes)?;
-        let mut has_memory = false;
-        for f in &manifest.files {
-            if f.name.is_empty() || f.name.contains('/') || f.name == ".." || f.name == "." || f.name == MANIFEST_FILE {
-                return Err(Error::Manifest { path: mpath, reason: format!("bad file name `{}`", f.name) });
+        check_names(&mpath, &manifest)?;
+        check_listing(dir, &manifest)?;
+        for entry in &manifest.files {
+            let path = dir.join(&entry.name);
+            let (f, size) = open_regular(&path)?;
+            if size != entry.size {
+                return Err(Error::Size { path, expected: entry.size, actual: size });
             }
-            let path = dir.join(&f.name);
-            let size = std::fs::metadata(&path).map_err(Error::io(&path, "stat"))?.len();
-            if size != f.size {
-                return Err(Error::Size { path, expected: f.size, actual: size });
-            }
-            if f.name == MEMORY_FILE {
-                has_memory = true;
+            if entry.name == MEMORY_FILE {
                 if size != manifest.memory.image_size() {
                     return Err(Error::Size { path, expected: manifest.memory.image_size(), actual: size });
                 }
             } else {
-                read_checked(&path, f)?;
+                check_streamed(&f, &path, entry)?;
             }
-        }
-        if !has_memory {
-            return Err(Error::Manifest { path: mpath, reason: format!("lists no {MEMORY_FILE}") });
         }
         Ok(Checkpoint { dir: dir.to_path_buf(), manifest })
     }
@@ -81,9 +214,38 @@ impl Checkpoint {
             .ok_or_else(|| Error::Manifest { path: self.dir.join(MANIFEST_FILE), reason: format!("lists no {name}") })
     }
 
-    /// Reads one file of the checkpoint, checking its size and CRC again.
+    /// Reads one file of the checkpoint whole (at most [`MAX_READ_SIZE`] bytes),
+    /// checking again that it is a regular file, its size and its CRC.
     pub fn read_file(&self, name: &str) -> Result<Vec<u8>, Error> {
-        read_checked(&self.dir.join(name), self.entry(name)?)
+        let entry = self.entry(name)?;
+        let path = self.dir.join(name);
+        let (f, size) = open_regular(&path)?;
+        let bytes = read_bounded(&f, &path, size, MAX_READ_SIZE)?;
+        if bytes.len() as u64 != entry.size {
+            return Err(Error::Size { path, expected: entry.size, actual: bytes.len() as u64 });
+        }
+        let actual = hex(crc32fast::hash(&bytes));
+        if actual != entry.crc32 {
+            return Err(Error::Checksum { path, expected: entry.crc32.clone(), actual });
+        }
+        Ok(bytes)
+    }
+
+    /// Opens one listed file of the checkpoint for reading (a regular file, never
+    /// through a link), checking its size again: to copy a disk image from.
+    pub fn open_file(&self, name: &str) -> Result<File, Error> {
+        let entry = self.entry(name)?;
+        let path = self.dir.join(name);
+        let (f, size) = open_regular(&path)?;
+        if size != entry.size {
+            return Err(Error::Size { path, expected: entry.size, actual: size });
+        }
+        Ok(f)
+    }
+
+    /// Checks memory.img's CRC over its whole logical content (holes read as zeros).
+    pub fn verify_memory(&self) -> Result<(), Error> {
+        self.scan_memory(&mut [])
     }
 
     /// Path of the memory image.
@@ -112,8 +274,7 @@ impl Checkpoint {
     fn scan_memory(&self, targets: &mut [MemoryTarget<'_>]) -> Result<(), Error> {
         let path = self.memory_path();
         let entry = self.entry(MEMORY_FILE)?;
-        let f = File::open(&path).map_err(Error::io(&path, "open"))?;
-        let size = f.metadata().map_err(Error::io(&path, "stat"))?.len();
+        let (f, size) = open_regular(&path)?;
         if size != entry.size {
             return Err(Error::Size { path, expected: entry.size, actual: size });
         }
@@ -179,6 +340,6 @@ fn next_extent(f: &File, pos: u64, size: u64) -> std::io::Result<Option<(u64, u6
 /// included (read as a stream).
 pub fn verify(dir: &Path) -> Result<VerifyReport, Error> {
     let c = Checkpoint::open(dir)?;
-    c.scan_memory(&mut [])?;
+    c.verify_memory()?;
     Ok(VerifyReport { files: c.manifest.files.clone(), manifest: c.manifest })
 }

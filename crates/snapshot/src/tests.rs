@@ -243,3 +243,118 @@ fn pages_outside_the_data_extents_are_not_read_and_count_as_zero() {
     assert_eq!(load(&d).unwrap(), mem);
     verify(&d).unwrap();
 }
+
+/// Writes `m` as the manifest of `dir`, sealed with a valid checksum: a forgery
+/// that only the checks after the checksum can catch.
+fn reseal(dir: &Path, m: &Manifest) {
+    std::fs::write(dir.join(MANIFEST_FILE), crate::manifest::encode(m).unwrap()).unwrap();
+}
+
+/// Runs `f` on another thread and gives its result, failing the test if it does
+/// not return within a minute (a read blocked on a FIFO would never return; the
+/// limit only keeps such a failure from hanging the test run).
+fn without_hanging<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the checkpoint reader blocked")
+}
+
+#[test]
+fn entries_the_manifest_does_not_list_are_refused_by_name() {
+    let (_t, d) = fresh();
+    std::fs::write(d.join("extra.bin"), b"x").unwrap();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", d.join("link")).unwrap();
+    for e in [Checkpoint::open(&d).err().unwrap(), verify(&d).err().unwrap()] {
+        let msg = e.to_string();
+        assert!(msg.contains("not listed in the manifest"), "{msg}");
+        for needle in ["`extra.bin` (a regular file)", "`sub` (a directory)", "`link` (a symbolic link)"] {
+            assert!(msg.contains(needle), "`{needle}` missing in: {msg}");
+        }
+    }
+    for name in ["extra.bin", "link"] {
+        std::fs::remove_file(d.join(name)).unwrap();
+    }
+    std::fs::remove_dir(d.join("sub")).unwrap();
+    verify(&d).unwrap();
+}
+
+#[test]
+fn a_symlink_in_place_of_a_file_is_refused_even_to_an_identical_file() {
+    for name in [MANIFEST_FILE, STATE_FILE, MEMORY_FILE] {
+        let (t, d) = fresh();
+        // The link's target holds the very bytes the manifest expects: only
+        // following it would make it pass.
+        let outside = t.path().join(format!("outside-{name}"));
+        std::fs::rename(d.join(name), &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, d.join(name)).unwrap();
+        let e = without_hanging(move || verify(&d).err().map(|e| e.to_string())).expect("a link passed verify");
+        assert!(e.contains(&format!("{name}: is a symbolic link, not a regular file")), "{e}");
+    }
+}
+
+#[test]
+fn a_listed_link_to_a_host_file_is_refused() {
+    // A re-sealed manifest lists disk.raw with the size and CRC of /etc/hostname,
+    // and disk.raw links there.
+    let (_t, d) = fresh();
+    let host = std::fs::read("/etc/hostname").unwrap();
+    let mut m = Checkpoint::open(&d).unwrap().manifest;
+    m.files.push(FileEntry { name: "disk.raw".into(), size: host.len() as u64, crc32: hex(crc32fast::hash(&host)) });
+    reseal(&d, &m);
+    std::os::unix::fs::symlink("/etc/hostname", d.join("disk.raw")).unwrap();
+    let e = verify(&d).err().expect("a link to a host file passed verify").to_string();
+    assert!(e.contains("disk.raw: is a symbolic link, not a regular file"), "{e}");
+}
+
+#[test]
+fn a_fifo_is_refused_without_blocking() {
+    for name in [MANIFEST_FILE, STATE_FILE, MEMORY_FILE] {
+        let (t, d) = fresh();
+        std::fs::remove_file(d.join(name)).unwrap();
+        let c = std::ffi::CString::new(d.join(name).into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = without_hanging(move || verify(&d).err().map(|e| e.to_string()));
+        let e = e.expect("a FIFO passed verify");
+        assert!(e.contains(&format!("{name}: is a FIFO, not a regular file")), "{e}");
+        drop(t);
+    }
+}
+
+#[test]
+fn links_to_dev_zero_and_huge_files_are_refused_before_reading() {
+    for name in [MANIFEST_FILE, STATE_FILE] {
+        let (_t, d) = fresh();
+        std::fs::remove_file(d.join(name)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.join(name)).unwrap();
+        let e = without_hanging(move || verify(&d).err().map(|e| e.to_string())).expect("/dev/zero passed");
+        assert!(e.contains(&format!("{name}: is a symbolic link")), "{e}");
+    }
+    // A 3 GiB sparse manifest: refused by its size, nothing of it read.
+    let (_t, d) = fresh();
+    std::fs::OpenOptions::new().write(true).open(d.join(MANIFEST_FILE)).unwrap().set_len(3 << 30).unwrap();
+    let e = without_hanging(move || verify(&d).err().map(|e| e.to_string())).expect("a 3 GiB manifest passed");
+    assert!(e.contains("manifest.json: 3221225472 bytes, more than the 1048576 bytes"), "{e}");
+    // A state file the (re-sealed) manifest says is 3 GiB: refused before any read.
+    let (_t, d) = fresh();
+    let mut m = Checkpoint::open(&d).unwrap().manifest;
+    m.files.iter_mut().find(|f| f.name == STATE_FILE).unwrap().size = 3 << 30;
+    reseal(&d, &m);
+    std::fs::OpenOptions::new().write(true).open(d.join(STATE_FILE)).unwrap().set_len(3 << 30).unwrap();
+    let e = without_hanging(move || verify(&d).err().map(|e| e.to_string())).expect("a 3 GiB state passed");
+    assert!(e.contains("state.json: 3221225472 bytes, more than the 16777216 bytes"), "{e}");
+}
+
+#[test]
+fn a_file_listed_twice_is_refused() {
+    let (_t, d) = fresh();
+    let mut m = Checkpoint::open(&d).unwrap().manifest;
+    let state = m.files.iter().find(|f| f.name == STATE_FILE).unwrap().clone();
+    m.files.push(state);
+    reseal(&d, &m);
+    let e = verify(&d).err().expect("a duplicate entry passed verify");
+    assert!(e.to_string().contains("manifest.json: invalid manifest: lists `state.json` twice"), "{e}");
+}

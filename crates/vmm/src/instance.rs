@@ -22,8 +22,7 @@ use crate::config::{Boot, InstanceConfig};
 use crate::error::{Error, Result};
 use crate::event::VmEvent;
 use crate::layout::{
-    VirtioMmioSlot, ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, MAX_VCPUS,
-    VIRTIO_BLK_SLOT,
+    VirtioMmioSlot, ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, VIRTIO_BLK_SLOT,
 };
 use crate::memory::GuestMemory;
 use crate::persist::{device_ids, DeviceSet, KvmVm};
@@ -126,9 +125,7 @@ pub struct Shell {
 impl Shell {
     /// Makes the VM for `config`, on `memory` or on new zeroed memory.
     pub fn new(config: &InstanceConfig, memory: Option<GuestMemory>) -> Result<Self> {
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(Error::Config(format!("{} vCPUs: between 1 and {MAX_VCPUS} are supported", config.vcpus)));
-        }
+        crate::persist::check_config(config)?;
         vcpu::install_kick_handler()?;
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let vm = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
@@ -272,12 +269,12 @@ impl Instance {
         console: Box<dyn Write + Send>,
         events: Sender<VmEvent>,
     ) -> Result<Self> {
-        if state.vcpus.len() != config.vcpus as usize || shell.vcpus.len() != config.vcpus as usize {
+        crate::persist::check_restorable(&config, state)?;
+        if shell.vcpus.len() != config.vcpus as usize {
             return Err(Error::Config(format!(
-                "the state has {} vCPUs, the configuration {}, the VM {}",
-                state.vcpus.len(),
-                config.vcpus,
-                shell.vcpus.len()
+                "the VM has {} vCPUs, the configuration {}",
+                shell.vcpus.len(),
+                config.vcpus
             )));
         }
         if shell.memory.size() != config.mem_size {

@@ -43,6 +43,15 @@ pub struct RamRange {
     pub size: u64,
 }
 
+/// Checks that a guest can have `mem_size` bytes of RAM: at least
+/// [`MIN_MEM_SIZE`], in whole 2 MiB pages.
+pub fn check_size(mem_size: u64) -> Result<()> {
+    if mem_size < MIN_MEM_SIZE || mem_size % MEM_ALIGN != 0 {
+        return Err(Error::MemorySize(mem_size));
+    }
+    Ok(())
+}
+
 /// The RAM ranges of a guest with `mem_size` bytes: up to LOW_RAM_END below 4 GiB,
 /// the rest from 4 GiB on.
 pub fn ram_ranges(mem_size: u64) -> Vec<RamRange> {
@@ -66,9 +75,7 @@ pub struct GuestMemory {
 impl GuestMemory {
     /// Allocates `mem_size` bytes of zeroed guest memory.
     pub fn new(mem_size: u64, backend: MemoryBackend) -> Result<Self> {
-        if mem_size < MIN_MEM_SIZE || mem_size % MEM_ALIGN != 0 {
-            return Err(Error::MemorySize(mem_size));
-        }
+        check_size(mem_size)?;
         let ranges = ram_ranges(mem_size);
         let mut memfd_file = None;
         let mem = match backend {

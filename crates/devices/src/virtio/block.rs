@@ -18,6 +18,8 @@ use super::VirtioDevice;
 
 const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
+/// The maximum size of each of the device's queues (it has one).
+pub const QUEUE_MAX_SIZES: &[u16] = &[QUEUE_SIZE];
 /// Bytes of a request header: type, reserved, sector.
 const HEADER_LEN: u32 = 16;
 
@@ -120,7 +122,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        QUEUE_MAX_SIZES
     }
 
     fn device_features(&self) -> u64 {

@@ -50,6 +50,36 @@ pub struct MmioState {
     pub queues: Vec<QueueState>,
 }
 
+impl MmioState {
+    /// The queues this state holds, each set up and checked as virtio-queue
+    /// checks a guest's settings, for a device of `count` queues: what
+    /// [`Persist::restore`] loads, and what a saved state's check runs without a
+    /// device.
+    pub fn queues(&self, count: usize) -> Result<Vec<Queue>, Error> {
+        if self.queues.len() != count {
+            return Err(Error::Queue {
+                index: self.queues.len(),
+                reason: format!("wrong number of queues (the device has {count})"),
+            });
+        }
+        let mut queues = Vec::with_capacity(count);
+        for (index, qs) in self.queues.iter().enumerate() {
+            let bad = |e: virtio_queue::Error| Error::Queue { index, reason: e.to_string() };
+            let mut q = Queue::new(qs.max_size).map_err(bad)?;
+            q.try_set_size(qs.size).map_err(bad)?;
+            q.try_set_desc_table_address(GuestAddress(qs.desc_table)).map_err(bad)?;
+            q.try_set_avail_ring_address(GuestAddress(qs.avail_ring)).map_err(bad)?;
+            q.try_set_used_ring_address(GuestAddress(qs.used_ring)).map_err(bad)?;
+            q.set_next_avail(qs.next_avail);
+            q.set_next_used(qs.next_used);
+            q.set_event_idx(qs.event_idx_enabled);
+            q.set_ready(qs.ready);
+            queues.push(q);
+        }
+        Ok(queues)
+    }
+}
+
 /// A virtio device behind its MMIO register block.
 pub struct MmioTransport<D: VirtioDevice> {
     device: D,
@@ -175,21 +205,7 @@ impl<D: VirtioDevice> Persist for MmioTransport<D> {
 
     fn restore(resources: MmioResources<D>, s: &MmioState) -> Result<Self, Error> {
         let mut t = Self::create(resources);
-        if s.queues.len() != t.queues.len() {
-            return Err(Error::Queue { index: s.queues.len(), reason: "wrong number of queues".into() });
-        }
-        for (index, (q, qs)) in t.queues.iter_mut().zip(&s.queues).enumerate() {
-            let bad = |e: virtio_queue::Error| Error::Queue { index, reason: e.to_string() };
-            *q = Queue::new(qs.max_size).map_err(bad)?;
-            q.try_set_size(qs.size).map_err(bad)?;
-            q.try_set_desc_table_address(GuestAddress(qs.desc_table)).map_err(bad)?;
-            q.try_set_avail_ring_address(GuestAddress(qs.avail_ring)).map_err(bad)?;
-            q.try_set_used_ring_address(GuestAddress(qs.used_ring)).map_err(bad)?;
-            q.set_next_avail(qs.next_avail);
-            q.set_next_used(qs.next_used);
-            q.set_event_idx(qs.event_idx_enabled);
-            q.set_ready(qs.ready);
-        }
+        t.queues = s.queues(t.queues.len())?;
         t.device_features_sel = s.device_features_sel;
         t.driver_features_sel = s.driver_features_sel;
         t.driver_features = s.driver_features;

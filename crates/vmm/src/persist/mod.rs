@@ -4,6 +4,7 @@
 //! one loop, and the versioned codec of the saved state, shared by checkpoints
 //! and live migration ([`codec`]).
 
+mod check;
 pub mod codec;
 mod device_set;
 mod v1;
@@ -11,6 +12,7 @@ mod v1;
 use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
 
+pub use check::{check_config, check_restorable, device_ids_of, MAX_SAVED_MSRS};
 pub use device_set::DeviceSet;
 pub use devices::persist::{Device, Persist};
 
