@@ -20,7 +20,9 @@
 //! benchmarks and the tests use.
 
 pub mod client;
+pub mod http;
 pub mod server;
+pub mod socket;
 
 use std::path::PathBuf;
 
@@ -134,4 +136,8 @@ pub struct Status {
     pub guest: vmm::InstanceConfig,
     /// Checkpoints committed by this VMM process.
     pub checkpoints: u64,
+    /// The long operation under way, if any: `checkpoint` (its progress at
+    /// `GET /v1/checkpoint`) or `migration` (`GET /v1/migration`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
 }
