@@ -241,3 +241,23 @@ fn a_bad_checkpoint_directory_is_refused_with_400_and_the_guest_runs_on() {
     quit(&sock, &mut vm);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_incoming_vmm_claims_its_socket_at_once_and_answers_503_until_a_guest_arrives() {
+    let dir = workdir("api-incoming");
+    let sock = dir.join("api.sock");
+    let to = format!("unix:{}", dir.join("in.sock").display());
+    let mut dst =
+        CevmChild::spawn(bin(), &["run", "--incoming", &to, "--api-sock", sock.to_str().unwrap()], None).unwrap();
+    wait_for_file(&sock);
+    for call in [Client::status as fn(&Client) -> Result<_, _>, Client::pause] {
+        match call(&api(&sock)) {
+            Err(ClientError::Api { code: 503, msg }) => {
+                assert!(msg.contains("waits for an incoming migration"), "{msg}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    dst.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}

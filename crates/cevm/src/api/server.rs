@@ -135,7 +135,8 @@ struct Hub {
     published: Arc<Published>,
 }
 
-const NO_GUEST: &str = "no guest is under this VMM's control (it waits for an incoming migration, or it is ending)";
+const NO_GUEST: &str =
+    "no guest is under this VMM's control (it is still starting, waits for an incoming migration, or is ending)";
 
 /// The API server: listening from [`Server::start`] on, serving actions once
 /// a control loop is [attached](Server::attach). Dropped, it stops (answers
@@ -382,12 +383,14 @@ impl Reactor {
             }
             let first_conn = fds.len();
             for c in &self.conns {
-                let events = match c.stage {
-                    Stage::Reading { .. } => libc::POLLIN,
-                    Stage::Writing { .. } => libc::POLLOUT,
-                    Stage::Waiting | Stage::Closed => 0,
-                };
-                fds.push(pollfd(&c.stream, events));
+                fds.push(match c.stage {
+                    Stage::Reading { .. } => pollfd(&c.stream, libc::POLLIN),
+                    Stage::Writing { .. } => pollfd(&c.stream, libc::POLLOUT),
+                    // Left out (poll skips a negative descriptor): a client that
+                    // hangs up while its action runs would otherwise wake
+                    // poll at once, again and again, with POLLHUP.
+                    Stage::Waiting | Stage::Closed => libc::pollfd { fd: -1, events: 0, revents: 0 },
+                });
             }
             let next = self.conns.iter().filter(|c| !matches!(c.stage, Stage::Waiting)).map(|c| c.deadline).min();
             let wait = next.map_or(1000, |d| d.saturating_duration_since(now).as_millis().min(1000) as i32 + 1);
