@@ -141,7 +141,8 @@ fn ambiguous_malformed_and_oversized_requests_are_refused_and_do_nothing() {
     let dir = workdir("api-bad");
     let sock = dir.join("api.sock");
     let mut vm = idle_vm(&sock);
-    let (code, body) = raw(&sock, b"PUT /v1/pause HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n");
+    let dup = b"PUT /v1/pause HTTP/1.1\r\nConnection: close\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n";
+    let (code, body) = raw(&sock, dup);
     assert_eq!(code, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("Content-Length given more than once"), "{body}");
     assert_eq!(api(&sock).status().unwrap().state, "running", "a refused pause paused the guest");
