@@ -21,7 +21,6 @@ use crate::runner::Outcome;
 /// What an action asks of the controller.
 #[derive(Debug)]
 pub enum Action {
-    Status,
     Pause,
     Resume,
     Checkpoint(CheckpointPlan),
@@ -47,6 +46,10 @@ pub enum ActionError {
     /// The request does not fit this guest (e.g. a CEVM checkpoint of a raw disk).
     #[error("{0}")]
     Unsupported(checkpoint::Error),
+    /// A checkpoint cannot be committed to the requested directory (found
+    /// before the guest was paused or moved).
+    #[error("bad checkpoint directory: {0}")]
+    Out(checkpoint::Error),
     /// Another checkpoint or a disk hand-over is under way.
     #[error("{0}")]
     Busy(&'static str),
@@ -98,6 +101,29 @@ pub enum Control {
 /// An empty `phase`: no migration has run.
 pub type SharedProgress = Arc<Mutex<migrate::Progress>>;
 
+/// What the control API answers by itself, never waiting for the control
+/// loop (which is busy for a whole migration or stop-and-save checkpoint):
+/// the status, and the progress of the running (or last) migration and
+/// checkpoint. The controller publishes; the API thread reads.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// `None`: no guest yet (a `cevm run --incoming` waiting for one).
+    status: Mutex<Option<Status>>,
+    pub migration: SharedProgress,
+    pub checkpoint: Arc<checkpoint::Progress>,
+}
+
+impl Published {
+    /// The last published status.
+    pub fn status(&self) -> Option<Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_status(&self, s: Status) {
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+    }
+}
+
 /// How the control loop goes on after an action.
 #[derive(Debug)]
 pub enum Flow {
@@ -147,15 +173,42 @@ pub struct Controller {
     /// Checkpoints committed by this VMM process.
     checkpoints: u64,
     writer: Writer,
-    progress: SharedProgress,
+    published: Arc<Published>,
+    /// The long operation under way, if any (`checkpoint`, `migration`).
+    operation: Option<&'static str>,
+    /// Whether the VMM is ending (`quit`).
+    stopping: bool,
     control: Sender<Control>,
 }
 
 impl Controller {
     /// Controls `instance` (generation 0); new instances' events and writers'
-    /// answers go to `control`; migrations publish their progress in `progress`.
-    pub fn new(instance: Instance, control: Sender<Control>, progress: SharedProgress) -> Self {
-        Controller { instance, generation: 0, checkpoints: 0, writer: Writer::default(), progress, control }
+    /// answers go to `control`; the status and the progress of migrations and
+    /// checkpoints are published in `published`.
+    pub fn new(instance: Instance, control: Sender<Control>, published: Arc<Published>) -> Self {
+        let c = Controller {
+            instance,
+            generation: 0,
+            checkpoints: 0,
+            writer: Writer::default(),
+            published,
+            operation: None,
+            stopping: false,
+            control,
+        };
+        c.publish();
+        c
+    }
+
+    /// Publishes the status as it is now.
+    pub fn publish(&self) {
+        self.published.set_status(self.status());
+    }
+
+    /// A long operation starts (`Some`) or ends (`None`): published at once.
+    fn operation(&mut self, op: Option<&'static str>) {
+        self.operation = op;
+        self.publish();
     }
 
     /// Whether `gen` is the running instance's generation.
@@ -169,12 +222,18 @@ impl Controller {
             state: state.into(),
             guest: self.instance.config().clone(),
             checkpoints: self.checkpoints,
+            operation: self.operation.map(str::to_string),
         }
     }
 
     /// `status`.
     pub fn status(&self) -> Status {
-        self.status_as(if self.instance.run_state() == RunState::Paused { "paused" } else { "running" })
+        let state = match self.instance.run_state() {
+            _ if self.stopping => "stopping",
+            RunState::Paused => "paused",
+            _ => "running",
+        };
+        self.status_as(state)
     }
 
     /// `pause`.
@@ -191,6 +250,7 @@ impl Controller {
 
     /// `quit`: the guest stops; the VMM ends once the answer is out.
     pub fn quit(&mut self) -> Status {
+        self.stopping = true;
         let s = self.status_as("stopping");
         self.instance.shutdown();
         s
@@ -220,17 +280,19 @@ impl Controller {
             return Err(ActionError::Busy(why));
         }
         self.reset_progress();
+        self.operation(Some("migration"));
         let (events, new_events) = mpsc::channel();
         let to_new = migrate::NewInstance { console: Box::new(std::io::stdout()), events };
         let moved = migrate::migrate_to(
             &mut self.instance,
             &plan.to,
             &plan.params,
-            &self.progress,
+            &self.published.migration,
             plan.migration_cpus.as_ref(),
             to_new,
-        )
-        .map_err(ActionError::Migration)?;
+        );
+        self.operation(None);
+        let moved = moved.map_err(ActionError::Migration)?;
         let migrate::Moved { report, new, .. } = moved;
         match new {
             None => {
@@ -269,6 +331,13 @@ impl Controller {
             respond(Err(ActionError::Busy(why)));
             return Flow::Continue;
         }
+        // A directory that cannot take the checkpoint is refused before the
+        // guest is paused or moved for it.
+        if let Err(e) = checkpoint::check_out(plan.out()) {
+            eprintln!("cevm: checkpoint to {} refused: {e}", plan.out().display());
+            respond(Err(ActionError::Out(e)));
+            return Flow::Continue;
+        }
         match plan {
             CheckpointPlan::StopAndSave { out, stop } => self.stop_and_save(out, stop, respond),
             CheckpointPlan::Cevm(plan) => self.cevm(plan, respond),
@@ -276,7 +345,10 @@ impl Controller {
     }
 
     fn stop_and_save(&mut self, out: PathBuf, stop: bool, respond: Respond) -> Flow {
-        match checkpoint::stop_and_save(&mut self.instance, &out, stop) {
+        self.operation(Some("checkpoint"));
+        let r = checkpoint::stop_and_save(&mut self.instance, &out, stop, &self.published.checkpoint);
+        self.operation(None);
+        match r {
             Ok(report) => {
                 self.checkpoints += 1;
                 eprintln!(
@@ -306,6 +378,7 @@ impl Controller {
         // request does not find it still busy.
         self.writer = Writer::default();
         self.checkpoints += u64::from(result.is_ok());
+        self.operation(None);
         respond(logged(result, self.checkpoints));
     }
 
@@ -315,11 +388,14 @@ impl Controller {
     /// ends).
     fn cevm(&mut self, plan: CevmPlan, respond: Respond) -> Flow {
         self.reset_progress();
+        // Until the writer has written (thread-based), or this VMM ends.
+        self.operation(Some("checkpoint"));
         let req = checkpoint::cevm::Request {
             out: &plan.out,
             to: &plan.to,
             migration_cpus: plan.migration_cpus.as_ref(),
             writer_cpus: plan.writer_cpus.as_ref(),
+            progress: &self.published.checkpoint,
         };
         let (events, new_events) = mpsc::channel();
         let to_new = migrate::NewInstance { console: Box::new(std::io::stdout()), events };
@@ -331,7 +407,8 @@ impl Controller {
                 let _ = control.send(Control::CheckpointWritten(r.map_err(ActionError::Checkpoint), respond));
             }
         });
-        match checkpoint::cevm::take(&mut self.instance, &req, &self.progress, to_new, on_written) {
+        let published = self.published.clone();
+        match checkpoint::cevm::take(&mut self.instance, &req, &published.migration, to_new, on_written) {
             Err(f) => {
                 let e = match f.error {
                     checkpoint::FailureKind::Write(e @ checkpoint::Error::Unsupported(_)) => {
@@ -341,6 +418,7 @@ impl Controller {
                 };
                 eprintln!("cevm: checkpoint to {} failed: {e}", plan.out.display());
                 respond(Err(e));
+                self.operation(None);
                 Flow::Continue
             }
             Ok(Taken::Writing { writer, .. }) => {
@@ -361,6 +439,7 @@ impl Controller {
                     self.instance.shutdown();
                     return Flow::End(Outcome::MigratedAway(Box::new(migration)));
                 }
+                self.operation(None);
                 self.watch_new_instance(new_events);
                 Flow::Continue
             }
@@ -369,7 +448,7 @@ impl Controller {
 
     /// A new migration starts: `GET /v1/migration` shows it from its beginning.
     fn reset_progress(&self) {
-        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = migrate::Progress::default();
+        *self.published.migration.lock().unwrap_or_else(|p| p.into_inner()) = migrate::Progress::default();
     }
 
     /// The instance was replaced by a new one whose events arrive on `events`:

@@ -9,6 +9,7 @@ use checkpoint::Method;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{CommandFactory, Parser, Subcommand, ValueHint};
 
+use cevm::api::server::{ServeError, Server};
 use cevm::api::{CheckpointRequest, Client, ClientError, MigrateRequest};
 use cevm::exit_code::{ERROR, GUEST_FAILED, OK, USAGE};
 use cevm::plan::{CheckpointPlan, MigrationPlan};
@@ -511,8 +512,13 @@ fn run_vm(a: RunArgs) -> i32 {
         vcpu_cpus,
         periodic,
     } = a;
+    // First of all: a refused socket path leaves nothing behind (no overlay).
+    let api = match start_api(api_sock.as_deref()) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     if let Some(endpoint) = incoming {
-        return run_incoming(&endpoint, api_sock.as_deref(), vcpu_cpus.as_ref());
+        return run_incoming(&endpoint, api.as_ref(), vcpu_cpus.as_ref());
     }
     if !overcommit {
         if let Err(e) = args::check_host_mem(mem, cevm::host::memory_limit()) {
@@ -542,7 +548,7 @@ fn run_vm(a: RunArgs) -> i32 {
     };
     let (tx, rx) = mpsc::channel();
     match new_instance(config, tx) {
-        Ok(inst) => finish(runner::run(inst, rx, api_sock.as_deref(), vcpu_cpus.as_ref(), periodic)),
+        Ok(inst) => finish(runner::run(inst, rx, api.as_ref(), vcpu_cpus.as_ref(), periodic)),
         Err(e) => fail(e),
     }
 }
@@ -555,6 +561,11 @@ fn restore(
     vcpu_cpus: Option<&vmm::placement::CpuList>,
     periodic: PeriodicArgs,
 ) -> i32 {
+    // Before the restore creates the guest's disk: a refusal leaves nothing.
+    let api = match start_api(api_sock) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     let (tx, rx) = mpsc::channel();
     match checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx) {
         Ok((inst, disk)) => {
@@ -566,7 +577,7 @@ fn restore(
                 Ok(p) => p,
                 Err(e) => return fail(e),
             };
-            finish(runner::run(inst, rx, api_sock, vcpu_cpus, periodic))
+            finish(runner::run(inst, rx, api.as_ref(), vcpu_cpus, periodic))
         }
         Err(e) => fail(format!("cannot restore: {e}")),
     }
@@ -617,7 +628,7 @@ fn bench(args: &[std::ffi::OsString]) -> i32 {
 /// `cevm run --incoming`: waits for one migration, then runs the guest that came.
 fn run_incoming(
     endpoint: &migrate::Endpoint,
-    api_sock: Option<&Path>,
+    api: Option<&Server>,
     vcpu_cpus: Option<&vmm::placement::CpuList>,
 ) -> i32 {
     let listener = match endpoint.listen() {
@@ -640,7 +651,7 @@ fn run_incoming(
             if let Some(e) = &arrived.disk_link_error {
                 eprintln!("cevm: disk hand-over: {e}");
             }
-            finish(runner::run(arrived.instance, rx, api_sock, None, None))
+            finish(runner::run(arrived.instance, rx, api, None, None))
         }
         Err(e) => fail(format!("incoming migration failed, nothing runs: {e}")),
     }
@@ -679,6 +690,19 @@ fn progress_bar(sock: PathBuf) -> std::sync::Arc<std::sync::atomic::AtomicBool> 
         eprintln!();
     });
     done
+}
+
+/// Serves the control API at `path`, if given; a path that cannot be used is
+/// refused (exit code 2) with nothing changed on disk.
+fn start_api(path: Option<&Path>) -> Result<Option<Server>, i32> {
+    path.map(Server::start).transpose().map_err(|e: ServeError| {
+        eprintln!("cevm: error: {e}");
+        if e.is_usage() {
+            USAGE
+        } else {
+            ERROR
+        }
+    })
 }
 
 /// Turns the end of a VMM run into a message and an exit code.

@@ -49,6 +49,14 @@ pub struct CevmPlan {
 }
 
 impl CheckpointPlan {
+    /// The directory the checkpoint is committed to.
+    pub fn out(&self) -> &std::path::Path {
+        match self {
+            CheckpointPlan::StopAndSave { out, .. } => out,
+            CheckpointPlan::Cevm(p) => &p.out,
+        }
+    }
+
     /// The plan of a periodic checkpoint into `out`: `method` with nothing placed.
     pub fn periodic(method: Method, out: PathBuf) -> CheckpointPlan {
         match method {

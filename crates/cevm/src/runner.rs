@@ -3,9 +3,9 @@
 //! does. What each action does is the controller's ([`crate::controller`]); this
 //! loop only delivers actions and events to it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use checkpoint::Method;
@@ -13,7 +13,7 @@ use vmm::instance::RunState;
 use vmm::{Instance, VmEvent};
 
 use crate::api;
-use crate::controller::{forward_events, Action, Answer, Control, Controller, Flow, Respond, SharedProgress};
+use crate::controller::{forward_events, Action, Answer, Control, Controller, Flow, Published, Respond};
 use crate::plan::CheckpointPlan;
 
 /// How a VMM run ended.
@@ -39,8 +39,6 @@ pub enum Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
-    Api(#[from] api::server::ServeError),
-    #[error(transparent)]
     Vmm(#[from] vmm::Error),
     #[error("cannot start the {0} thread: {1}")]
     Thread(&'static str, std::io::Error),
@@ -56,40 +54,30 @@ pub struct Periodic {
     pub method: Method,
 }
 
-/// Removes the API socket file when the VMM ends.
-struct SocketFile(Option<PathBuf>);
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 /// Starts `instance` (whose vCPU events arrive on `vm_events`) and serves it until
-/// it ends. With `api_sock`, the control API listens there; with `vcpu_cpus`, the
-/// vCPU threads are placed on those CPUs (see `Instance::place_vcpus`).
+/// it ends. With `api`, the control API (already listening) serves it; with
+/// `vcpu_cpus`, the vCPU threads are placed on those CPUs (see
+/// `Instance::place_vcpus`).
 pub fn run(
     mut instance: Instance,
     vm_events: Receiver<VmEvent>,
-    api_sock: Option<&Path>,
+    api: Option<&api::server::Server>,
     vcpu_cpus: Option<&vmm::placement::CpuList>,
     mut periodic: Option<Periodic>,
 ) -> Result<Outcome, RunError> {
     let (tx, rx) = mpsc::channel::<Control>();
     forward_events(vm_events, tx.clone(), 0).map_err(|e| RunError::Thread("vm-events", e))?;
-    let progress: SharedProgress = Arc::new(Mutex::new(migrate::Progress::default()));
-    let _socket = SocketFile(api_sock.map(Path::to_path_buf));
-    if let Some(path) = api_sock {
-        api::server::serve(path, tx.clone(), progress.clone())?;
-    }
     if instance.run_state() == RunState::Created {
         instance.start()?;
     }
     if let Some(c) = vcpu_cpus {
         instance.place_vcpus(&c.0)?;
     }
-    let mut vmm = Controller::new(instance, tx.clone(), progress);
+    let published = api.map_or_else(|| Arc::new(Published::default()), |s| s.published());
+    let mut vmm = Controller::new(instance, tx.clone(), published);
+    if let Some(s) = api {
+        s.attach(tx.clone());
+    }
     let mut due = periodic.as_ref().map(|p| Instant::now() + p.every);
     loop {
         let msg = match due {
@@ -111,7 +99,9 @@ pub fn run(
             },
             None => rx.recv().map_err(|_| RunError::Closed)?,
         };
-        if let Flow::End(outcome) = handle(&mut vmm, msg, periodic.as_ref()) {
+        let flow = handle(&mut vmm, msg, periodic.as_ref());
+        vmm.publish();
+        if let Flow::End(outcome) = flow {
             return Ok(outcome);
         }
     }
@@ -155,7 +145,6 @@ fn handle(vmm: &mut Controller, msg: Control, periodic: Option<&Periodic>) -> Fl
 /// Runs one action and answers it.
 fn act(vmm: &mut Controller, action: Action, respond: Respond) -> Flow {
     match action {
-        Action::Status => respond(Ok(Answer::Status(vmm.status()))),
         Action::Pause => respond(vmm.pause().map(Answer::Status)),
         Action::Resume => respond(vmm.resume().map(Answer::Status)),
         Action::Quit => {

@@ -1,5 +1,5 @@
 //! Every thread of a running VMM is confined by seccomp, and the threads the
-//! guest and the clients drive by a narrower filter than the VMM's own; a VMM
+//! guest and the clients drive (vCPUs, API) by a narrower filter than the VMM's own; a VMM
 //! confined so still boots, checkpoints and restores its guest right.
 
 use std::path::Path;
@@ -39,6 +39,8 @@ fn every_thread_of_a_running_vmm_is_confined_and_the_vcpus_most() {
     let vcpus: Vec<u32> = seen.iter().filter(|(_, n, _)| n.starts_with("vcpu")).map(|t| t.2).collect();
     assert_eq!(vcpus.len(), 2, "{seen:?}");
     assert!(vcpus.iter().all(|&f| f > main), "vCPU threads add their own filter: {seen:?}");
+    let api: Vec<u32> = seen.iter().filter(|(_, n, _)| n == "api").map(|t| t.2).collect();
+    assert!(api.len() == 1 && api[0] > main, "the API thread adds its own filter: {seen:?}");
 
     // Confined, the VMM still checkpoints; the restored VMM is confined too,
     // and its guest ends right.

@@ -10,7 +10,7 @@
 //! (`migrate::accept_guest`); this module runs the old side.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -18,7 +18,9 @@ use snapshot::CheckpointWriter;
 use vmm::placement::CpuList;
 use vmm::{Instance, InstanceConfig};
 
-use crate::{absolute_backing, disk_file, report, write_paused, CheckpointReport, DiskHandover, Error, Method, Result};
+use crate::{
+    absolute_backing, disk_file, report, write_paused, CheckpointReport, DiskHandover, Error, Method, Progress, Result,
+};
 
 /// Where the guest runs after a checkpoint failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -132,6 +134,8 @@ pub struct Request<'a> {
     /// CPUs for the thread that writes the checkpoint (and the disk hand-over
     /// thread it starts).
     pub writer_cpus: Option<&'a CpuList>,
+    /// Follows the checkpoint, from its migration to its commit.
+    pub progress: &'a Arc<Progress>,
 }
 
 /// Answers a thread-based CEVM checkpoint once its writer has written.
@@ -166,10 +170,15 @@ pub fn take(
     on_written: OnWritten,
 ) -> std::result::Result<Taken, Failure> {
     let t0 = Instant::now();
-    supports(instance.config()).map_err(|e| Failure::new(GuestRuns::Here, e))?;
+    req.progress.start(Method::CevmThread, req.out, "migrating");
+    let ended = |f: Failure| {
+        req.progress.end(Some(f.to_string()));
+        f
+    };
+    supports(instance.config()).map_err(|e| ended(Failure::new(GuestRuns::Here, e)))?;
     let params = migrate::Params { cevm: true, ..Default::default() };
     let moved = migrate::migrate_to(instance, req.to, &params, progress, req.migration_cpus, new)
-        .map_err(|f| Failure::new(f.guest.into(), FailureKind::Migration(f)))?;
+        .map_err(|f| ended(Failure::new(f.guest.into(), FailureKind::Migration(f))))?;
     let migrate::Moved { report: migration, new, disk_link } = moved;
     let method = if new.is_some() { Method::CevmThread } else { Method::CevmProcess };
     let after = if new.is_some() { GuestRuns::NewInstance } else { GuestRuns::Elsewhere };
@@ -182,18 +191,23 @@ pub fn take(
                 // Without a checkpoint to write, the old instance goes.
                 drop(std::mem::replace(instance, new));
             }
-            return Ok(Taken::NotWritten { migration, why: Failure::new(after, FailureKind::DiskLink(e)) });
+            return Ok(Taken::NotWritten { migration, why: ended(Failure::new(after, FailureKind::DiskLink(e))) });
         }
     };
     let (out, downtime_ms) = (req.out.to_path_buf(), migration.downtime_ms);
     let writer_cpus = req.writer_cpus.map(|c| c.0.clone());
+    let progress = req.progress.clone();
     let write = move |old: &mut Instance| -> std::result::Result<CheckpointReport, Failure> {
-        if let Some(c) = &writer_cpus {
-            // The disk hand-over thread the writer starts inherits this.
-            vmm::placement::set_affinity(vmm::placement::this_thread(), c)
-                .map_err(|e| Failure::new(after, FailureKind::WriterPlacement(e)))?;
-        }
-        write_frozen(old, method, &out, downtime_ms, t0, link).map_err(|e| Failure::new(after, e))
+        let r = (|| {
+            if let Some(c) = &writer_cpus {
+                // The disk hand-over thread the writer starts inherits this.
+                vmm::placement::set_affinity(vmm::placement::this_thread(), c)
+                    .map_err(|e| Failure::new(after, FailureKind::WriterPlacement(e)))?;
+            }
+            write_frozen(old, method, &out, downtime_ms, t0, link, &progress).map_err(|e| Failure::new(after, e))
+        })();
+        progress.end(r.as_ref().err().map(ToString::to_string));
+        r
     };
     let Some(new) = new else {
         // Process-based: nothing runs here any more; write now.
@@ -210,9 +224,10 @@ pub fn take(
         Ok(writer) => Taken::Writing { writer, migration },
         // The OS refused a thread: the link went with the closure, so the new
         // instance completes its disk from T; the guest runs on there.
-        Err(e) => {
-            Taken::NotWritten { migration, why: Failure::new(GuestRuns::NewInstance, FailureKind::WriterThread(e)) }
-        }
+        Err(e) => Taken::NotWritten {
+            migration,
+            why: ended(Failure::new(GuestRuns::NewInstance, FailureKind::WriterThread(e))),
+        },
     })
 }
 
@@ -233,9 +248,10 @@ fn write_frozen(
     pause_ms: f64,
     t0: Instant,
     link: Option<OldSideLink>,
+    progress: &Progress,
 ) -> Result<CheckpointReport> {
     supports_frozen(frozen.config())?;
-    let written = write_paused(frozen, out, method, link)?;
+    let written = write_paused(frozen, out, method, link, progress)?;
     Ok(report(out, method, pause_ms, t0, written, false))
 }
 

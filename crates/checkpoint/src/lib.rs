@@ -8,10 +8,12 @@
 
 pub mod cevm;
 mod method;
+mod progress;
 pub mod series;
 
 pub use cevm::{Failure, FailureKind, GuestRuns};
 pub use method::Method;
+pub use progress::{Progress, ProgressView};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -122,17 +124,38 @@ fn ms(d: Duration) -> f64 {
 /// (committed atomically), then resumes it, or leaves it paused when `stop`.
 /// If writing fails the instance is resumed anyway (unless `stop`) and `out`,
 /// if it held an older checkpoint, still holds it.
-pub fn stop_and_save(instance: &mut Instance, out: &Path, stop: bool) -> Result<CheckpointReport> {
+/// `progress` follows it.
+pub fn stop_and_save(instance: &mut Instance, out: &Path, stop: bool, progress: &Progress) -> Result<CheckpointReport> {
+    progress.start(Method::StopAndSave, out, "state");
+    let r = stop_and_save_paused(instance, out, stop, progress);
+    progress.end(r.as_ref().err().map(ToString::to_string));
+    r
+}
+
+fn stop_and_save_paused(
+    instance: &mut Instance,
+    out: &Path,
+    stop: bool,
+    progress: &Progress,
+) -> Result<CheckpointReport> {
     let t0 = Instant::now();
     let was_running = instance.run_state() == vmm::instance::RunState::Running;
     instance.pause()?;
-    let written = write_paused(instance, out, Method::StopAndSave, None);
+    let written = write_paused(instance, out, Method::StopAndSave, None, progress);
     // An instance the user had paused before stays paused.
     if was_running && !stop {
         instance.resume()?;
     }
     let pause_ms = ms(t0.elapsed());
     Ok(report(out, Method::StopAndSave, pause_ms, t0, written?, stop))
+}
+
+/// Whether a checkpoint can be committed to `out` (see
+/// [`snapshot::CheckpointWriter::check_target`]): checked before a guest is
+/// paused or moved for it.
+pub fn check_out(out: &Path) -> Result<()> {
+    CheckpointWriter::check_target(out)?;
+    Ok(())
 }
 
 /// The report of a committed checkpoint: `written` as [`write_paused`] returns it.
@@ -175,7 +198,9 @@ pub(crate) fn write_paused(
     out: &Path,
     method: Method,
     link: Option<cevm::OldSideLink>,
+    progress: &Progress,
 ) -> Result<Written> {
+    progress.phase("state");
     let state = instance.save_state()?;
     let state_json = codec::encode(&state, Encoding::Json).map_err(|e| Error::Encode(e.to_string()))?;
     let mut writer = CheckpointWriter::create(out)?;
@@ -187,6 +212,7 @@ pub(crate) fn write_paused(
     };
     writer.write_file(snapshot::STATE_FILE, &state_json)?;
     let layout = memory_layout(instance);
+    writer.track(progress.memory(layout.regions.iter().map(|r| r.size).sum()));
     let t = Instant::now();
     let memory = instance.memory();
     let extents = memory.data_extents();
@@ -202,6 +228,7 @@ pub(crate) fn write_paused(
         .collect();
     let stats = writer.write_memory(&layout, &sources)?;
     let write_time = t.elapsed();
+    progress.phase("disk");
     let disk_handover = match job {
         Some(job) => Some(job.finish(&mut writer)?),
         None => {
@@ -210,6 +237,7 @@ pub(crate) fn write_paused(
         }
     };
     let guest = serde_json::to_value(instance.config()).map_err(|e| Error::Encode(e.to_string()))?;
+    progress.phase("commit");
     writer.commit(method.strategy(), env!("CARGO_PKG_VERSION"), guest)?;
     Ok(Written { memory: stats, state_bytes: state_json.len() as u64, write_time, disk_handover })
 }

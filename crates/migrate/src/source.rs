@@ -379,7 +379,7 @@ fn precopy(
         p.pages_total = memory.pages;
     });
     let mut last_harvest = Instant::now();
-    send_data_pages(s, memory)?;
+    send_data_pages(s, memory, update)?;
     s.sync(params)?;
     let mut sent_in_round = s.bytes_sent;
     let mut round_time = last_harvest.elapsed();
@@ -437,18 +437,29 @@ fn precopy(
 
 /// Sends every page that may hold data (the memory's data extents). The
 /// destination's memory starts zeroed, so zero pages need not even be marked.
-fn send_data_pages(s: &mut PageSender<'_>, memory: &MemoryToSend) -> Result<()> {
+/// Publishes the pages sent so far every [`PROGRESS_EVERY`] pages, so that a
+/// long first pass shows its progress as it goes.
+fn send_data_pages(s: &mut PageSender<'_>, memory: &MemoryToSend, update: &Publish<'_>) -> Result<()> {
+    let mut queued = 0u64;
     for (r, ext) in memory.ram.iter().zip(&memory.data_extents) {
         for e in ext {
             let mut off = (e.start as usize) & !(PAGE_SIZE - 1);
             while off < e.end as usize && off + PAGE_SIZE <= r.len {
                 s.push(r.gpa + off as u64, true)?;
                 off += PAGE_SIZE;
+                queued += 1;
+                if queued % PROGRESS_EVERY == 0 {
+                    let (ps, bs) = (s.pages_sent, s.bytes_sent);
+                    update(&|p| (p.pages_sent, p.bytes_sent) = (ps, bs));
+                }
             }
         }
     }
     s.flush()
 }
+
+/// Pages between two progress updates of the first pass (4 MiB).
+const PROGRESS_EVERY: u64 = 1024;
 
 /// The switch's part at the source: pauses the vCPUs, sends the pages dirtied
 /// since the last round (`pending` and what the final harvest finds), flushes

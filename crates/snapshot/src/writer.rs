@@ -7,6 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::manifest::{encode, FileEntry, Manifest, MemoryLayout, MemoryStats};
@@ -22,6 +23,17 @@ pub struct MemorySource<'a> {
     pub data_extents: Option<&'a [std::ops::Range<u64>]>,
 }
 
+/// Counters of a memory image being written, read from other threads while
+/// [`CheckpointWriter::write_memory`] runs (the control API shows them as a
+/// checkpoint's progress).
+#[derive(Debug, Default)]
+pub struct MemoryProgress {
+    /// Bytes of guest memory done: written, or known or found to be zero.
+    pub done: AtomicU64,
+    /// Bytes of data pages written.
+    pub written: AtomicU64,
+}
+
 /// A checkpoint being written. Dropped without [`commit`](Self::commit), it removes
 /// its temporary directory and leaves any older checkpoint untouched.
 pub struct CheckpointWriter {
@@ -31,6 +43,7 @@ pub struct CheckpointWriter {
     files: Vec<FileEntry>,
     memory: Option<(MemoryLayout, MemoryStats)>,
     committed: bool,
+    progress: Option<Arc<MemoryProgress>>,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -105,9 +118,12 @@ fn tmp_prefix(name: &std::ffi::OsStr) -> String {
 }
 
 impl CheckpointWriter {
-    /// Starts a checkpoint that becomes `final_dir` on commit. The parent directory
-    /// must exist. Temporary siblings left by dead processes are removed.
-    pub fn create(final_dir: &Path) -> Result<Self, Error> {
+    /// Whether a checkpoint can be committed to `final_dir`: its parent is a
+    /// directory, and it does not exist or is a checkpoint or an empty
+    /// directory (never a user's file or directory). Returns its name and
+    /// parent. [`create`](Self::create) checks it; a caller checks it too
+    /// before it pauses or moves a guest for a checkpoint.
+    pub fn check_target(final_dir: &Path) -> Result<(&std::ffi::OsStr, PathBuf), Error> {
         let name = final_dir
             .file_name()
             .ok_or_else(|| Error::Layout { path: final_dir.into(), reason: "not a directory name".into() })?;
@@ -128,6 +144,13 @@ impl CheckpointWriter {
                 });
             }
         }
+        Ok((name, parent))
+    }
+
+    /// Starts a checkpoint that becomes `final_dir` on commit. The parent directory
+    /// must exist. Temporary siblings left by dead processes are removed.
+    pub fn create(final_dir: &Path) -> Result<Self, Error> {
+        let (name, parent) = Self::check_target(final_dir)?;
         let prefix = tmp_prefix(name);
         if let Ok(entries) = std::fs::read_dir(&parent) {
             for e in entries.flatten() {
@@ -151,7 +174,13 @@ impl CheckpointWriter {
             files: Vec::new(),
             memory: None,
             committed: false,
+            progress: None,
         })
+    }
+
+    /// Counts the memory image's progress into `progress` as it is written.
+    pub fn track(&mut self, progress: Arc<MemoryProgress>) {
+        self.progress = Some(progress);
     }
 
     /// The temporary directory the checkpoint is written into.
@@ -207,6 +236,8 @@ impl CheckpointWriter {
         let mut stats = MemoryStats::default();
         let mut pos = 0u64;
         let mut streamer = Streamer::default();
+        let progress = self.progress.clone();
+        let mut region_base = 0u64;
         for (region, src) in layout.regions.iter().zip(sources) {
             if src.guest_addr != region.guest_addr || src.data.len() as u64 != region.size {
                 return Err(mismatch(format!(
@@ -247,6 +278,10 @@ impl CheckpointWriter {
                     let run = &bytes[i * ps..j * ps];
                     streamer.write(&f, run, base + (i * ps) as u64).map_err(Error::io(&path, "write"))?;
                     crc.update(run);
+                    if let Some(p) = &progress {
+                        p.written.fetch_add(run.len() as u64, Ordering::Relaxed);
+                        p.done.store(region_base + start + (j * ps) as u64, Ordering::Relaxed);
+                    }
                     stats.data_pages += (j - i) as u64;
                     stats.data_bytes += run.len() as u64;
                     i = j;
@@ -256,6 +291,10 @@ impl CheckpointWriter {
             hash_zeros(&mut crc, region.size - scanned_to);
             stats.zero_pages += (region.size - scanned_to) / layout.page_size;
             pos = region.guest_addr + region.size;
+            region_base += region.size;
+            if let Some(p) = &progress {
+                p.done.store(region_base, Ordering::Relaxed);
+            }
         }
         f.set_len(layout.image_size()).map_err(Error::io(&path, "set length"))?;
         f.sync_all().map_err(Error::io(&path, "fsync"))?;

@@ -80,6 +80,11 @@ impl Client {
         self.typed("GET", "/v1/migration", None::<&()>)
     }
 
+    /// `GET /v1/checkpoint`: the running (or last) checkpoint's progress.
+    pub fn checkpoint_progress(&self) -> Result<checkpoint::ProgressView, ClientError> {
+        self.typed("GET", "/v1/checkpoint", None::<&()>)
+    }
+
     fn typed<B: Serialize, T: DeserializeOwned>(
         &self,
         method: &str,

@@ -1,26 +1,37 @@
 //! The control API: HTTP/1.1 with JSON bodies on a unix socket (mode 0600), like
 //! Firecracker's, so `curl --unix-socket PATH http://localhost/v1/status` works.
+//! Described in OpenAPI 3.1 in `docs/api/openapi.json`; the server's route
+//! table, [`server::ROUTES`], lists exactly its paths (a test compares them).
 //!
-//! | method | path            | body                                        | answer                      |
-//! |--------|-----------------|---------------------------------------------|-----------------------------|
-//! | GET    | /v1/status      |                                             | [`Status`]                  |
-//! | PUT    | /v1/pause       |                                             | [`Status`]                  |
-//! | PUT    | /v1/resume      |                                             | [`Status`]                  |
-//! | PUT    | /v1/checkpoint  | [`CheckpointRequest`]                       | `checkpoint::CheckpointReport` |
-//! | PUT    | /v1/migrate     | [`MigrateRequest`]                          | `migrate::Report`           |
-//! | GET    | /v1/migration   |                                             | `migrate::Progress` of the running (or last) migration |
-//! | PUT    | /v1/quit        |                                             | [`Status`], then the VMM exits |
+//! | method | path            | body                  | answer                                                       |
+//! |--------|-----------------|-----------------------|--------------------------------------------------------------|
+//! | GET    | /v1/status      |                       | [`Status`], at once, also during a migration or checkpoint   |
+//! | PUT    | /v1/pause       |                       | [`Status`]                                                   |
+//! | PUT    | /v1/resume      |                       | [`Status`]                                                   |
+//! | PUT    | /v1/checkpoint  | [`CheckpointRequest`] | `checkpoint::CheckpointReport` once committed                |
+//! | GET    | /v1/checkpoint  |                       | `checkpoint::ProgressView` of the running (or last) checkpoint |
+//! | PUT    | /v1/migrate     | [`MigrateRequest`]    | `migrate::Report` once the guest runs at the destination     |
+//! | GET    | /v1/migration   |                       | `migrate::Progress` of the running (or last) migration       |
+//! | PUT    | /v1/quit        |                       | [`Status`], then the VMM exits                               |
 //!
 //! Errors answer 4xx/5xx with `{"error": "..."}` (and, where a migration or a
 //! checkpoint failed, `"guest"`: where the guest runs now). The version is in
 //! the path; a request for another version gets 404 naming the supported one.
 //!
-//! This module holds the wire types; [`server`] is the HTTP edge (the only place
-//! that knows status codes), [`client`] the typed client the CLI, the
-//! benchmarks and the tests use.
+//! Connections: one request each, answered with `Connection: close`. The
+//! limits (head 8 KiB, body 64 KiB, one `Content-Length`, no
+//! `Transfer-Encoding`) are [`http`]'s; the deadlines (10 s to send a whole
+//! request) and the cap of [`server::MAX_CONNECTIONS`] are [`server`]'s. How
+//! the socket file is claimed and removed is [`socket`]'s.
+//!
+//! This module holds the wire types; [`http`] parses requests (pure, no I/O),
+//! [`server`] is the HTTP edge (the only place that knows status codes),
+//! [`client`] the typed client the CLI, the benchmarks and the tests use.
 
 pub mod client;
+pub mod http;
 pub mod server;
+pub mod socket;
 
 use std::path::PathBuf;
 
@@ -134,4 +145,8 @@ pub struct Status {
     pub guest: vmm::InstanceConfig,
     /// Checkpoints committed by this VMM process.
     pub checkpoints: u64,
+    /// The long operation under way, if any: `checkpoint` (its progress at
+    /// `GET /v1/checkpoint`) or `migration` (`GET /v1/migration`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
 }

@@ -1,0 +1,149 @@
+//! The OpenAPI description of the control API (docs/api/openapi.json) and the
+//! server agree: it lists exactly the server's routes, and a real VMM answers
+//! each of them with a status code it lists and a body valid against the
+//! schema it gives for that code.
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use cevm::api::server::ROUTES;
+use cevm_testkit::*;
+use serde_json::{json, Value};
+
+fn spec() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/api/openapi.json");
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The (METHOD, path) pairs the description lists.
+fn spec_routes(spec: &Value) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            out.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_description_lists_exactly_the_routes_the_server_serves() {
+    let spec = spec();
+    assert_eq!(spec["openapi"], "3.1.0");
+    let served: BTreeSet<(String, String)> = ROUTES.iter().map(|r| (r.method.into(), r.path.into())).collect();
+    assert_eq!(spec_routes(&spec), served);
+}
+
+/// What is wrong with `body` by the description's schema `name` (resolved
+/// within the whole document, so that its `$ref`s resolve).
+fn schema_errors(spec: &Value, name: &str, body: &Value) -> Vec<String> {
+    let mut schema = spec.clone();
+    schema["$ref"] = json!(format!("#/components/schemas/{name}"));
+    let validator = jsonschema::draft202012::new(&schema).unwrap_or_else(|e| panic!("schema {name}: {e}"));
+    validator.iter_errors(body).map(|e| format!("{e} at {}", e.instance_path())).collect()
+}
+
+#[test]
+fn the_schemas_refuse_what_the_server_must_not_send() {
+    let spec = spec();
+    let guest = json!({ "boot": { "kind": "builtin", "guest": "hello", "args": "" }, "mem_size": 16777216, "vcpus": 1, "memory_backend": "shared", "disk": null });
+    let ok = json!({ "api_version": 1, "state": "running", "guest": guest, "checkpoints": 0 });
+    assert_eq!(schema_errors(&spec, "Status", &ok), Vec::<String>::new());
+    let mut missing = ok.clone();
+    missing.as_object_mut().unwrap().remove("guest");
+    let mut extra = ok.clone();
+    extra["surprise"] = json!(1);
+    let mut bad_state = ok.clone();
+    bad_state["state"] = json!("dancing");
+    let mut bad_boot = ok.clone();
+    bad_boot["guest"]["boot"]["kind"] = json!("floppy");
+    for bad in [missing, extra, bad_state, bad_boot] {
+        assert!(!schema_errors(&spec, "Status", &bad).is_empty(), "{bad} must not validate");
+    }
+    assert!(!schema_errors(&spec, "Error", &json!({ "message": "x" })).is_empty());
+}
+
+/// Checks one answer against the description: its code is listed for the
+/// operation, and its body is valid against that code's schema.
+struct Checker {
+    spec: Value,
+    exercised: HashSet<(String, String)>,
+}
+
+impl Checker {
+    fn check(&mut self, method: &str, path: &str, code: u16, body: &Value) {
+        let op = &self.spec["paths"][path][method.to_lowercase()];
+        assert!(op.is_object(), "{method} {path} is not in the description");
+        let answer = &op["responses"][code.to_string()];
+        assert!(answer.is_object(), "{method} {path} answered {code}, which the description does not list: {body}");
+        let reference = answer["content"]["application/json"]["schema"]["$ref"].as_str().unwrap();
+        let name = reference.strip_prefix("#/components/schemas/").unwrap();
+        let errors = schema_errors(&self.spec, name, body);
+        assert!(errors.is_empty(), "{method} {path} {code}: {body}\ndoes not match the description: {errors:#?}");
+        if (200..300).contains(&code) {
+            self.exercised.insert((method.into(), path.into()));
+        }
+    }
+
+    /// Sends a request, checks the answer, returns it.
+    fn call(&mut self, sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        let (head, text) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{answer:?}"));
+        assert!(head.contains("\r\nContent-Type: application/json\r\n"), "{head}");
+        let code: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text:?}"));
+        self.check(method, path, code, &value);
+        (code, value)
+    }
+}
+
+#[test]
+fn every_route_answers_as_the_description_says() {
+    let dir = workdir("openapi");
+    let sock = dir.join("api.sock");
+    let mut c = Checker { spec: spec(), exercised: HashSet::new() };
+    let mut vm = run_guest("dirtier", "mib=4 fill=1 idle=1", "32M", 1, Some(&sock));
+    vm.wait_line(T, |l| l.starts_with("dirtier: filled")).expect("the guest never filled its memory");
+    assert_eq!(c.call(&sock, "GET", "/v1/migration", None).0, 404);
+    assert_eq!(c.call(&sock, "GET", "/v1/checkpoint", None).0, 404);
+    assert_eq!(c.call(&sock, "GET", "/v1/status", None).0, 200);
+    assert_eq!(c.call(&sock, "PUT", "/v1/pause", None).1["state"], "paused");
+    assert_eq!(c.call(&sock, "PUT", "/v1/resume", None).1["state"], "running");
+    let ck = dir.join("ck");
+    assert_eq!(c.call(&sock, "PUT", "/v1/checkpoint", Some(json!({ "out": ck }))).0, 200);
+    let cevm = json!({ "out": dir.join("ck2"), "strategy": "cevm", "writer_cpus": [0] });
+    assert_eq!(c.call(&sock, "PUT", "/v1/checkpoint", Some(cevm)).0, 200);
+    assert_eq!(c.call(&sock, "GET", "/v1/checkpoint", None).1["phase"], "done");
+    for bad in [json!({ "out": "relative" }), json!({ "out": dir.join("no/ck") }), json!({ "oops": 1 })] {
+        assert_eq!(c.call(&sock, "PUT", "/v1/checkpoint", Some(bad)).0, 400);
+    }
+    assert_eq!(c.call(&sock, "PUT", "/v1/migrate", Some(json!({ "to": "ftp:x" }))).0, 400);
+    let local = json!({ "to": "local", "params": { "max_downtime_ms": 5.0 } });
+    assert_eq!(c.call(&sock, "PUT", "/v1/migrate", Some(local)).0, 200);
+    assert_eq!(c.call(&sock, "GET", "/v1/migration", None).1["phase"], "done");
+    let status = c.call(&sock, "GET", "/v1/status", None).1;
+    assert_eq!(status["checkpoints"], 2, "{status}");
+    // Outside the routes: 404 and 405, with the error body of every refusal.
+    for (method, path, code) in [("GET", "/v2/status", 404), ("DELETE", "/v1/status", 405), ("GET", "/v1/quit", 405)] {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with(&format!("HTTP/1.1 {code} ")), "{method} {path}: {answer}");
+        let body: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(schema_errors(&c.spec, "Error", &body), Vec::<String>::new(), "{body}");
+    }
+    assert_eq!(c.call(&sock, "PUT", "/v1/quit", None).0, 200);
+    assert!(vm.finish(T).expect("the VMM did not end").success());
+    let all: HashSet<(String, String)> = ROUTES.iter().map(|r| (r.method.to_string(), r.path.to_string())).collect();
+    assert_eq!(c.exercised, all, "every route must have been answered with success once");
+    let _ = std::fs::remove_dir_all(&dir);
+}
