@@ -39,7 +39,7 @@ mod tests;
 pub use error::Error;
 pub use manifest::{seal_manifest, FileEntry, Manifest, MemoryLayout, MemoryRegionLayout, MemoryStats};
 pub use reader::{verify, Checkpoint, MemoryTarget, VerifyReport};
-pub use writer::{CheckpointWriter, MemorySource};
+pub use writer::{CheckpointWriter, MemorySource, Replaced};
 
 /// Version of the format this crate writes and reads.
 pub const FORMAT_VERSION: u32 = 1;

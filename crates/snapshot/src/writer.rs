@@ -270,8 +270,22 @@ impl CheckpointWriter {
         Ok(stats)
     }
 
-    /// Writes manifest.json and atomically puts the checkpoint at its final name.
-    pub fn commit(mut self, strategy: &str, cevm_version: &str, guest: serde_json::Value) -> Result<Manifest, Error> {
+    /// Writes manifest.json and atomically puts the checkpoint at its final name
+    /// (removing the older checkpoint it replaced, if any, before it returns).
+    pub fn commit(self, strategy: &str, cevm_version: &str, guest: serde_json::Value) -> Result<Manifest, Error> {
+        self.commit_replacing(strategy, cevm_version, guest).map(|(m, _replaced)| m)
+    }
+
+    /// As [`commit`](Self::commit), but the older checkpoint it replaced, if any,
+    /// is removed only when the returned [`Replaced`] is dropped: removing a
+    /// large sparse memory image takes tens of milliseconds whatever it holds,
+    /// which a caller whose guest is paused drops after resuming it.
+    pub fn commit_replacing(
+        mut self,
+        strategy: &str,
+        cevm_version: &str,
+        guest: serde_json::Value,
+    ) -> Result<(Manifest, Replaced), Error> {
         let (memory, memory_stats) = self.memory.clone().ok_or_else(|| Error::Layout {
             path: self.tmp.join(MEMORY_FILE),
             reason: "no memory image written".into(),
@@ -292,17 +306,40 @@ impl CheckpointWriter {
         f.write_all(text.as_bytes()).map_err(Error::io(&mpath, "write"))?;
         f.sync_all().map_err(Error::io(&mpath, "fsync"))?;
         fsync_dir(&self.tmp)?;
+        let mut replaced = Replaced(None);
         if std::fs::symlink_metadata(&self.final_dir).is_ok() {
             exchange(&self.tmp, &self.final_dir)?;
             self.committed = true;
             // The temporary name now holds the older checkpoint.
-            let _ = std::fs::remove_dir_all(&self.tmp);
+            replaced.0 = Some(self.tmp.clone());
         } else {
             std::fs::rename(&self.tmp, &self.final_dir).map_err(Error::io(&self.final_dir, "rename"))?;
             self.committed = true;
         }
         fsync_dir(&self.parent)?;
-        Ok(manifest)
+        Ok((manifest, replaced))
+    }
+}
+
+/// The older checkpoint a commit replaced, under a temporary name: removed when
+/// dropped. If the process ends first, the next writer of that checkpoint
+/// removes it (it is a temporary sibling of a dead process).
+#[must_use = "dropping it removes the replaced checkpoint"]
+#[derive(Debug)]
+pub struct Replaced(Option<PathBuf>);
+
+impl Replaced {
+    /// Where the replaced checkpoint is, if the commit replaced one.
+    pub fn path(&self) -> Option<&Path> {
+        self.0.as_deref()
+    }
+}
+
+impl Drop for Replaced {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
     }
 }
 
@@ -459,5 +496,43 @@ mod tests {
         assert_eq!((stats.data_pages, stats.zero_pages), (1, TIB / 4096 - 1));
         let entry = entry.unwrap();
         assert_eq!((entry.size, entry.crc32), (TIB, hex(want)));
+    }
+
+    /// A commit over an older checkpoint keeps the older one, under a hidden
+    /// temporary name, until its `Replaced` is dropped; `commit` removes it at once.
+    #[test]
+    fn the_replaced_checkpoint_goes_when_its_handle_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("cevm-writer-replaced-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = dir.join("ck");
+        let take = |byte: u8| {
+            let mut w = CheckpointWriter::create(&ck).unwrap();
+            w.write_file("state.json", &[byte]).unwrap();
+            let layout = MemoryLayout { page_size: 4096, regions: vec![] };
+            w.write_memory(&layout, &[]).unwrap();
+            w
+        };
+        let names = || {
+            let mut v: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let (_, none) = take(1).commit_replacing("t", "t", serde_json::Value::Null).unwrap();
+        assert!(none.path().is_none());
+        let (_, old) = take(2).commit_replacing("t", "t", serde_json::Value::Null).unwrap();
+        let old_path = old.path().unwrap().to_path_buf();
+        assert_eq!(std::fs::read(ck.join("state.json")).unwrap(), [2]);
+        assert_eq!(std::fs::read(old_path.join("state.json")).unwrap(), [1]);
+        assert_eq!(names().len(), 2);
+        drop(old);
+        assert_eq!(names(), ["ck"]);
+        take(3).commit("t", "t", serde_json::Value::Null).unwrap();
+        assert_eq!(names(), ["ck"]);
+        assert_eq!(std::fs::read(ck.join("state.json")).unwrap(), [3]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
