@@ -182,3 +182,37 @@ fn sigkills_at_random_moments_leave_a_series_the_next_start_puts_right() {
     assert_eq!(digest_to_end(&mut restore(&dir.join("latest"), None)), want, "{}", newest.display());
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// With `--checkpoint-every 1ms` and the cevm strategy a checkpoint is nearly
+/// always being written, also when the guest ends: the one its writer commits
+/// as the VMM ends is recorded too, so the run leaves `--keep` checkpoints and
+/// `latest` on the newest (main left 3 and `latest` on the one before).
+#[test]
+fn a_run_that_ends_mid_checkpoint_leaves_keep_checkpoints_and_latest_on_the_newest() {
+    let work = workdir("series-end");
+    for round in 0..3 {
+        let dir = work.join(format!("ckpts-{round}"));
+        let a = [
+            "run",
+            "--guest",
+            "digest",
+            "--guest-args",
+            "mib=1 rounds=3",
+            "--mem",
+            "32M",
+            "--checkpoint-every",
+            "1ms",
+            "--checkpoint-strategy",
+            "cevm",
+            "--keep",
+            "2",
+            "--checkpoint-dir",
+            dir.to_str().unwrap(),
+        ];
+        let o = Command::new(bin()).args(a).stderr(Stdio::null()).output().unwrap();
+        assert!(o.status.success(), "round {round}: {}", String::from_utf8_lossy(&o.stdout));
+        assert!(whole(&dir, 2), "round {round}: {:?} -> {:?}", entries(&dir), std::fs::read_link(dir.join("latest")));
+        assert_whole(&dir, 2, &format!("round {round}"));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -18,9 +18,11 @@
 //! [`Series::open`] sweeps what a killed VMM left: it finishes removals,
 //! removes temporary directories of writers that died, points `latest` at the
 //! newest complete checkpoint and removes the ones beyond `keep`, and says
-//! what it did ([`Series::repairs`]). From the first commit on, a complete
-//! checkpoint and a `latest` naming the newest one exist at every instant
-//! after a sweep, whatever failed or crashed.
+//! what it did ([`Series::repairs`]). Dropping a series (the VMM ends)
+//! settles it the same way, since a CEVM checkpoint may commit after the
+//! control loop stopped listening. From the first commit on, a complete
+//! checkpoint exists at every instant, and after a sweep `latest` names the
+//! newest one, whatever failed or crashed.
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -48,7 +50,24 @@ pub struct Series {
     repairs: Vec<Repair>,
 }
 
-/// What opening a series did to put right what a killed VMM left.
+/// Settles the series (see [`Series::settle`]) and says what that changed.
+impl Drop for Series {
+    fn drop(&mut self) {
+        // Gone (removed by its owner): nothing to settle.
+        if !self.dir.is_dir() {
+            return;
+        }
+        let settled = self.settle();
+        let dir = self.dir.display();
+        match settled {
+            Ok(done) => done.iter().for_each(|r| eprintln!("cevm: checkpoint series {dir}: {r}")),
+            Err(e) => eprintln!("cevm: checkpoint series {dir}: {e}"),
+        }
+    }
+}
+
+/// What opening (or settling) a series did to put right what a killed (or
+/// ended) VMM left.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Repair {
     /// A removal a VMM had begun (`.ckpt-N.deleting`) was finished.
@@ -66,7 +85,7 @@ pub enum Repair {
     /// `latest` named no complete checkpoint, and there is none: it was removed.
     RemovedLatest { was: String },
     /// A complete checkpoint beyond the newest `keep` was removed (the VMM was
-    /// killed between a commit and the removal it allowed).
+    /// killed, or ended, between a commit and the removal it allowed).
     Pruned(PathBuf),
 }
 
@@ -428,6 +447,24 @@ impl Series {
         Ok(())
     }
 
+    /// Brings the series to what a commit leaves behind: `latest` on the newest
+    /// complete checkpoint, none beyond `keep`. For the end of a VMM, whose last
+    /// checkpoint may have been committed after its control loop stopped
+    /// listening (a CEVM writer finishing as the guest ends); dropping a
+    /// series does it. Returns what it changed.
+    pub fn settle(&mut self) -> Result<Vec<Repair>> {
+        let before = self.repairs.len();
+        let newest = self.list()?.last().map(|(n, _)| *n);
+        if let Some(n) = newest {
+            if self.latest()?.is_none_or(|(m, _)| m < n) {
+                self.repair_latest(Some(n))?;
+            }
+        }
+        let pruned = self.remove(&self.beyond_keep()?)?;
+        self.repairs.extend(pruned.into_iter().map(Repair::Pruned));
+        Ok(self.repairs.split_off(before))
+    }
+
     /// Makes `latest` name the newest complete checkpoint, `newest`.
     fn repair_latest(&mut self, newest: Option<u64>) -> Result<()> {
         let link = self.dir.join(LATEST);
@@ -685,6 +722,24 @@ mod tests {
         assert_eq!(latest(&t), "ckpt-000001");
         assert!(t.join("ckpt-000002/state.json").exists());
         assert!(s.next_path().ends_with("ckpt-000003"));
+        let _ = std::fs::remove_dir_all(&t);
+    }
+
+    /// A checkpoint committed after the VMM's control loop stopped listening
+    /// (its `committed` never called): dropping the series settles it.
+    #[test]
+    fn dropping_a_series_settles_a_commit_nobody_recorded() {
+        let t = scratch("settle");
+        let mut s = Series::open(&t, 2).unwrap();
+        let p: Vec<PathBuf> = (0..3).map(|_| s.next_path()).collect();
+        real_commit(&p[0]);
+        s.committed(&p[0]).unwrap();
+        real_commit(&p[1]);
+        s.committed(&p[1]).unwrap();
+        real_commit(&p[2]);
+        drop(s);
+        assert_eq!(names(&t), ["ckpt-000002", "ckpt-000003", "latest"]);
+        assert_eq!(latest(&t), "ckpt-000003");
         let _ = std::fs::remove_dir_all(&t);
     }
 }
