@@ -4,7 +4,7 @@
 //! this (plots, QEMU drivers); `cevm bench ARGS` runs `cevm-bench ARGS` from
 //! beside the `cevm` binary.
 //!
-//! Modules: the benchmarks themselves (`stop_and_save`, `migrate`, `linux`,
+//! Modules: the benchmarks themselves (`stop_and_save`, `pause_vs_ram`, `migrate`, `linux`,
 //! `compare`, `turnaround`), the whole run (`all`: orchestration) with its
 //! results data (`results`) and their rendering (`report`: markdown and plots),
 //! and what they share (`guest`: in-process guests, `host`: this machine's
@@ -24,6 +24,7 @@ mod guest;
 mod host;
 mod linux;
 mod migrate;
+mod pause_vs_ram;
 mod qemu;
 mod report;
 mod results;
@@ -103,6 +104,30 @@ enum BenchCmd {
         /// Guest memory backend: shared (memfd) or private (anonymous).
         #[arg(long, default_value = "shared")]
         memory_backend: MemoryBackend,
+    },
+    /// Pause of a stop-and-save checkpoint of a guest holding little data at
+    /// several memory sizes, for one or several `cevm` binaries in the same run
+    /// (e.g. main's build against this one): medians and ratios.
+    PauseVsRam {
+        /// Guest memory sizes, comma-separated.
+        #[arg(long, default_value = "4G,64G", value_delimiter = ',', value_parser = parse_size)]
+        mem: Vec<u64>,
+        /// MiB of memory the guest fills with data (the rest it never touches).
+        #[arg(long, default_value_t = 1)]
+        data_mib: u64,
+        /// Checkpoints per binary and size, after one warm-up (medians are reported).
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+        /// The cevm binaries to measure, comma-separated LABEL=PATH (default: the
+        /// cevm beside this program). The first is the baseline of the ratios.
+        #[arg(long, value_delimiter = ',', value_parser = pause_vs_ram::parse_binary)]
+        cevm: Vec<pause_vs_ram::Binary>,
+        /// Directory for checkpoints and sockets (on the checkpoint file system).
+        #[arg(long, default_value = "bench-work")]
+        dir: PathBuf,
+        /// Also write every sample as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Live migration of a guest whose memory all holds data, idle or dirtying at
     /// set rates, thread- and process-based: downtime, total time, bytes, rounds.
@@ -287,6 +312,11 @@ fn run(cmd: BenchCmd) -> Result<(), String> {
         }
         BenchCmd::StopAndSave { sizes, runs, dir, json, memory_backend } => {
             stop_and_save::run(&sizes, runs.max(1), &dir, json.as_deref(), memory_backend)
+        }
+        BenchCmd::PauseVsRam { mem, data_mib, runs, cevm, dir, json } => {
+            let binaries = if cevm.is_empty() { vec![pause_vs_ram::Binary::beside(cevm_bin()?)] } else { cevm };
+            let dir = std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            pause_vs_ram::run(&pause_vs_ram::Options { mems: mem, data_mib, runs: runs.max(1), binaries, dir, json })
         }
         BenchCmd::Migrate { sizes, rates, modes, runs, max_downtime_ms, no_auto_converge, dir, json } => {
             let params =

@@ -319,10 +319,19 @@ impl PeriodicArgs {
         if self.checkpoint_strategy == Method::CevmThread {
             checkpoint::cevm::supports(config).map_err(|e| format!("--checkpoint-strategy cevm: {e}"))?;
         }
-        let dir = absolute(&dir)?;
-        let series = checkpoint::series::Series::open(&dir, self.keep).map_err(|e| e.to_string())?;
+        let series = open_series(&absolute(&dir)?, self.keep)?;
         Ok(Some(runner::Periodic { every, series, method: self.checkpoint_strategy }))
     }
+}
+
+/// Opens the series of periodic checkpoints in `dir`, which puts right what a
+/// killed VMM left there (see `checkpoint::series`), and says what it did.
+fn open_series(dir: &Path, keep: usize) -> Result<checkpoint::series::Series, String> {
+    let series = checkpoint::series::Series::open(dir, keep).map_err(|e| e.to_string())?;
+    for r in series.repairs() {
+        eprintln!("cevm: checkpoint series {}: {r}", dir.display());
+    }
+    Ok(series)
 }
 
 fn main() -> ExitCode {
@@ -566,6 +575,14 @@ fn restore(
         Ok(a) => a,
         Err(code) => return code,
     };
+    // Restoring DIR/latest after a VMM was killed: the series is put right
+    // first, so `latest` is there and names the newest complete checkpoint
+    // (nothing removed yet: the checkpoint to restore may be one beyond --keep).
+    if let Some(series) = &periodic.checkpoint_dir {
+        if let Err(e) = absolute(series).and_then(|d| open_series(&d, usize::MAX)) {
+            return fail(e);
+        }
+    }
     let (tx, rx) = mpsc::channel();
     match checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx) {
         Ok((inst, disk)) => {

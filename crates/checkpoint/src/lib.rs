@@ -167,8 +167,8 @@ pub(crate) fn report(
     written: Written,
     stopped: bool,
 ) -> CheckpointReport {
-    let Written { memory, state_bytes, write_time, disk_handover } = written;
-    CheckpointReport {
+    let Written { memory, state_bytes, write_time, disk_handover, replaced } = written;
+    let report = CheckpointReport {
         dir: out.to_path_buf(),
         strategy: method.strategy().into(),
         method,
@@ -179,7 +179,11 @@ pub(crate) fn report(
         state_bytes,
         stopped,
         disk_handover,
-    }
+    };
+    // The checkpoint `out` replaced goes now, the guest resumed (and the
+    // report's times taken).
+    drop(replaced);
+    report
 }
 
 /// What writing a checkpoint produced.
@@ -189,6 +193,10 @@ pub(crate) struct Written {
     /// Time spent writing memory.
     write_time: Duration,
     disk_handover: Option<DiskHandover>,
+    /// The older checkpoint at `out`, removed when this is dropped: removing a
+    /// large sparse memory image takes tens of milliseconds, whatever it holds,
+    /// so not while the guest is paused.
+    replaced: snapshot::Replaced,
 }
 
 /// Writes the checkpoint of a paused instance: state, memory, disk (copied, or,
@@ -238,8 +246,8 @@ pub(crate) fn write_paused(
     };
     let guest = serde_json::to_value(instance.config()).map_err(|e| Error::Encode(e.to_string()))?;
     progress.phase("commit");
-    writer.commit(method.strategy(), env!("CARGO_PKG_VERSION"), guest)?;
-    Ok(Written { memory: stats, state_bytes: state_json.len() as u64, write_time, disk_handover })
+    let (_, replaced) = writer.commit_replacing(method.strategy(), env!("CARGO_PKG_VERSION"), guest)?;
+    Ok(Written { memory: stats, state_bytes: state_json.len() as u64, write_time, disk_handover, replaced })
 }
 
 /// Makes the backing file name of `copy` (a copy of `original`) absolute, so the
