@@ -6,9 +6,9 @@ fn main() {
         eprintln!("usage: seeds CORPUS_DIR");
         std::process::exit(2);
     };
-    for (target, seed) in cevm_fuzz::seeds::all() {
+    for (i, (target, seed)) in cevm_fuzz::seeds::all().into_iter().enumerate() {
         let dir = std::path::Path::new(&root).join(target);
-        let path = dir.join("seed");
+        let path = dir.join(format!("seed-{i}"));
         if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, &seed)) {
             eprintln!("{}: {e}", path.display());
             std::process::exit(1);

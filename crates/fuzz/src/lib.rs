@@ -8,13 +8,20 @@
 //! nightly: `cargo +nightly fuzz run NAME`), and `tests/corpus.rs` replays the
 //! kept corpus in `fuzz/corpus/NAME/` on stable, in every test run.
 
+pub mod api;
+pub mod checkpoint_dir;
 pub mod migration;
 pub mod seeds;
 pub mod virtio;
 
 /// The targets by name (the names of `fuzz/fuzz_targets/*.rs` and of the
 /// corpus directories).
-pub const TARGETS: &[(&str, Target)] = &[("migration_stream", migration::stream), ("virtio_block", virtio::block)];
+pub const TARGETS: &[(&str, Target)] = &[
+    ("migration_stream", migration::stream),
+    ("virtio_block", virtio::block),
+    ("api_request", api::request),
+    ("checkpoint_dir", checkpoint_dir::verify),
+];
 
 /// A fuzz target: bytes in, nothing out; a panic is a finding.
 pub type Target = fn(&[u8]);

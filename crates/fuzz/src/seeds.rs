@@ -8,7 +8,36 @@ use vm_memory::{Address, Bytes, GuestAddress};
 
 /// Every seed, with the name of its target.
 pub fn all() -> Vec<(&'static str, Vec<u8>)> {
-    vec![("migration_stream", migration_stream()), ("virtio_block", virtio_read())]
+    let mut seeds = vec![("migration_stream", migration_stream()), ("virtio_block", virtio_read())];
+    seeds.extend(api_requests().into_iter().map(|r| ("api_request", r)));
+    seeds.push(("checkpoint_dir", checkpoint_dir(true)));
+    seeds.push(("checkpoint_dir", checkpoint_dir(false)));
+    seeds
+}
+
+/// Requests a client sends: a status query and a checkpoint with a body.
+pub fn api_requests() -> Vec<Vec<u8>> {
+    let body = br#"{"out":"/tmp/ckpt","strategy":"cevm","writer_cpus":[1]}"#;
+    let mut put = format!("PUT /v1/checkpoint HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    put.extend_from_slice(body);
+    vec![b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(), put]
+}
+
+/// The checkpoint the restore-fixture test keeps (a digest guest taken by
+/// cevm f3e6526), its manifest and state packed as the target reads them;
+/// memory.img is made by the target (all zeros), so only the re-sealed form
+/// verifies.
+pub fn checkpoint_dir(reseal: bool) -> Vec<u8> {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cevm/tests/fixtures/main-f3e6526");
+    let mut out = vec![u8::from(reseal)];
+    for name in [snapshot::MANIFEST_FILE, snapshot::STATE_FILE] {
+        let bytes = std::fs::read(fixture.join(name)).expect("the restore fixture");
+        out.push(name.len() as u8);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
 }
 
 fn frame(kind: FrameKind, payload: &[u8]) -> Vec<u8> {

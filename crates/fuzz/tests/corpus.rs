@@ -40,4 +40,9 @@ fn the_seeds_reach_the_deep_paths() {
     }
     assert!(cevm_fuzz::seeds::virtio_read_is_served());
     assert!(cevm_fuzz::seeds::migration_stream_decodes() >= 3);
+    assert!(cevm_fuzz::checkpoint_dir::verified(&cevm_fuzz::seeds::checkpoint_dir(true)));
+    assert!(!cevm_fuzz::checkpoint_dir::verified(&cevm_fuzz::seeds::checkpoint_dir(false)));
+    for r in cevm_fuzz::seeds::api_requests() {
+        assert!(matches!(cevm::api::http::parse(&r), Ok(cevm::api::http::Parsed::Complete(_))));
+    }
 }

@@ -45,8 +45,8 @@ pub enum Kind {
     /// The main thread and the VMM's workers (migration, checkpoint writer,
     /// disk hand-over, events): files, sockets, KVM, threads.
     Vmm,
-    /// A vCPU thread: KVM's ioctls, memory, and writes to its eventfds and
-    /// the console.
+    /// A vCPU thread: KVM's ioctls, memory, writes to its eventfds and the
+    /// console, and I/O on the disk images already open.
     Vcpu,
     /// An API thread: accepted connections only.
     Api,
@@ -162,8 +162,33 @@ const COMMON: &[Sysno] = &[
     Sysno::openat,
 ];
 
-/// A vCPU thread's own calls besides [`COMMON`] (ioctls: KVM's only).
-const VCPU: &[Sysno] = &[Sysno::read];
+/// A vCPU thread's own calls besides [`COMMON`] (ioctls: KVM's only). cevm
+/// serves a virtio-blk request on the vCPU thread that notified its queue
+/// (crate `devices`), so these threads read, write and flush the disk images
+/// the VMM opened for them (imago may also grow an image and stat it), and,
+/// in a process-based CEVM checkpoint's disk hand-over, send the new
+/// instance's requests for frozen clusters on the connection already open;
+/// they still open nothing.
+const VCPU: &[Sysno] = &[
+    Sysno::read,
+    Sysno::readv,
+    Sysno::pread64,
+    Sysno::preadv,
+    Sysno::preadv2,
+    Sysno::pwrite64,
+    Sysno::pwritev,
+    Sysno::pwritev2,
+    Sysno::lseek,
+    Sysno::fsync,
+    Sysno::fdatasync,
+    Sysno::fallocate,
+    Sysno::ftruncate,
+    Sysno::fstat,
+    Sysno::newfstatat,
+    Sysno::statx,
+    Sysno::sendto,
+    Sysno::sendmsg,
+];
 
 /// An API thread's: its connections.
 const API: &[Sysno] = &[
