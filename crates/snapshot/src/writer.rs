@@ -347,7 +347,7 @@ impl CheckpointWriter {
         fsync_dir(&self.tmp)?;
         let mut replaced = Replaced(None);
         if std::fs::symlink_metadata(&self.final_dir).is_ok() {
-            exchange(&self.tmp, &self.final_dir)?;
+            exchange(&self.tmp, &self.final_dir).map_err(Error::io(&self.final_dir, "renameat2(RENAME_EXCHANGE)"))?;
             self.committed = true;
             // The temporary name now holds the older checkpoint.
             replaced.0 = Some(self.tmp.clone());
@@ -382,12 +382,11 @@ impl Drop for Replaced {
     }
 }
 
-/// Swaps two paths atomically (`renameat2(RENAME_EXCHANGE)`).
-fn exchange(a: &Path, b: &Path) -> Result<(), Error> {
-    let ca = std::ffi::CString::new(a.as_os_str().as_bytes())
-        .map_err(|_| Error::Layout { path: a.into(), reason: "path contains NUL".into() })?;
-    let cb = std::ffi::CString::new(b.as_os_str().as_bytes())
-        .map_err(|_| Error::Layout { path: b.into(), reason: "path contains NUL".into() })?;
+/// Swaps two paths atomically (`renameat2(RENAME_EXCHANGE)`: std has no
+/// exchanging rename). Both must exist; either may be a file of any kind.
+pub fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (ca, cb) = (c(a)?, c(b)?);
     // SAFETY: both are valid NUL-terminated paths; the result is checked.
     let r = unsafe {
         libc::syscall(
@@ -400,11 +399,7 @@ fn exchange(a: &Path, b: &Path) -> Result<(), Error> {
         )
     };
     if r != 0 {
-        return Err(Error::Io {
-            path: b.into(),
-            op: "renameat2(RENAME_EXCHANGE)",
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

@@ -147,30 +147,6 @@ fn kind(t: std::fs::FileType) -> &'static str {
     }
 }
 
-fn cpath(p: &Path) -> std::io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other)
-}
-
-/// `renameat2(a, b, RENAME_EXCHANGE)`.
-fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
-    let (ca, cb) = (cpath(a)?, cpath(b)?);
-    // SAFETY: both are valid NUL-terminated paths; the result is checked.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Binds a listener at `tmp` whose file is never reachable by others.
 fn bind_private(tmp: &Path) -> std::io::Result<UnixListener> {
     // The socket is created with the umask applied; tighten the umask around
@@ -232,12 +208,12 @@ pub fn bind(path: &Path) -> Result<ApiSocket, SocketError> {
             Err(e) => return Err(io("link")(e)),
         },
         Some(stale_id) => {
-            exchange(&tmp, path).map_err(io("replace the stale socket"))?;
+            snapshot::exchange(&tmp, path).map_err(io("replace the stale socket"))?;
             // What was at `path` is now at `tmp`: the stale socket, unless another
             // process put its own there since it was probed.
             let swapped = std::fs::symlink_metadata(&tmp).map(|m| (m.dev(), m.ino()));
             if swapped.ok() != Some(stale_id) {
-                exchange(&tmp, path).map_err(io("put back what was there"))?;
+                snapshot::exchange(&tmp, path).map_err(io("put back what was there"))?;
                 // `tmp` is ours again: the guard removes it.
                 return Err(SocketError::InUse(path.to_path_buf()));
             }
