@@ -9,6 +9,7 @@ pub mod controller;
 pub mod demo;
 pub mod host;
 pub mod inspect;
+pub mod logging;
 pub mod plan;
 pub mod runner;
 pub mod size;

@@ -14,7 +14,7 @@ use cevm::api::{CheckpointRequest, Client, ClientError, MigrateRequest};
 use cevm::exit_code::{ERROR, GUEST_FAILED, OK, USAGE};
 use cevm::plan::{CheckpointPlan, MigrationPlan};
 use cevm::runner::{Outcome, RunError};
-use cevm::{args, demo, inspect, runner};
+use cevm::{args, demo, inspect, logging, runner};
 use vmm::{Boot, DiskConfig, Instance, InstanceConfig, MemoryBackend};
 
 #[derive(Parser)]
@@ -22,6 +22,13 @@ use vmm::{Boot, DiskConfig, Instance, InstanceConfig, MemoryBackend};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// The most detailed diagnostics printed on stderr; given, it decides alone,
+    /// otherwise RUST_LOG does (e.g. RUST_LOG=warn,checkpoint=debug), otherwise info.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<logging::Level>,
+    /// How diagnostics on stderr look: text lines, or JSON lines for a log shipper.
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "text")]
+    log_format: logging::Format,
 }
 
 #[derive(Subcommand)]
@@ -327,11 +334,12 @@ impl PeriodicArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::init(cli.log_level, cli.log_format);
     ExitCode::from(run(cli.cmd).clamp(0, 255) as u8)
 }
 
 fn fail(msg: impl std::fmt::Display) -> i32 {
-    eprintln!("cevm: error: {msg}");
+    tracing::error!("{msg}");
     ERROR
 }
 
@@ -413,7 +421,7 @@ fn out(bytes: &[u8]) -> i32 {
 
 /// A bad command line found after parsing (exit 2).
 fn usage(msg: impl std::fmt::Display) -> i32 {
-    eprintln!("cevm: error: {msg}");
+    tracing::error!("{msg}");
     USAGE
 }
 
@@ -462,7 +470,7 @@ fn man(dir: Option<&Path>) -> i32 {
         if let Err(e) = man_page(cmd).and_then(|page| std::fs::write(&path, page)) {
             return fail(format!("{}: {e}", path.display()));
         }
-        eprintln!("cevm: wrote {}", path.display());
+        tracing::info!("wrote {}", path.display());
     }
     OK
 }
@@ -569,9 +577,9 @@ fn restore(
     let (tx, rx) = mpsc::channel();
     match checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx) {
         Ok((inst, disk)) => {
-            eprintln!("cevm: restored {} (every checksum verified)", dir.display());
+            tracing::info!("restored {} (every checksum verified)", dir.display());
             if let Some(d) = disk {
-                eprintln!("cevm: the restored guest's disk is {}", d.display());
+                tracing::info!("the restored guest's disk is {}", d.display());
             }
             let periodic = match periodic.policy(inst.config()) {
                 Ok(p) => p,
@@ -635,7 +643,7 @@ fn run_incoming(
         Ok(l) => l,
         Err(e) => return fail(e),
     };
-    eprintln!("cevm: waiting for a migration at {endpoint}");
+    tracing::info!("waiting for a migration at {endpoint}");
     let t = match listener.accept() {
         Ok(t) => t,
         Err(e) => return fail(e),
@@ -647,9 +655,9 @@ fn run_incoming(
     // disk hand-over) while the source writes the checkpoint.
     match migrate::accept_guest(t, Box::new(std::io::stdout()), tx, &cpus) {
         Ok(arrived) => {
-            eprintln!("cevm: guest arrived from {} ({}), running", arrived.peer, arrived.hello.config.boot);
+            tracing::info!("guest arrived from {} ({}), running", arrived.peer, arrived.hello.config.boot);
             if let Some(e) = &arrived.disk_link_error {
-                eprintln!("cevm: disk hand-over: {e}");
+                tracing::warn!("disk hand-over: {e}");
             }
             finish(runner::run(arrived.instance, rx, api, None, None))
         }
@@ -696,7 +704,7 @@ fn progress_bar(sock: PathBuf) -> std::sync::Arc<std::sync::atomic::AtomicBool> 
 /// refused (exit code 2) with nothing changed on disk.
 fn start_api(path: Option<&Path>) -> Result<Option<Server>, i32> {
     path.map(Server::start).transpose().map_err(|e: ServeError| {
-        eprintln!("cevm: error: {e}");
+        tracing::error!("{e}");
         if e.is_usage() {
             USAGE
         } else {
@@ -710,23 +718,23 @@ fn finish(r: Result<Outcome, RunError>) -> i32 {
     match r {
         Ok(Outcome::GuestExit(0)) => OK,
         Ok(Outcome::GuestExit(s)) => {
-            eprintln!("cevm: guest exited with status {s}");
+            tracing::info!("guest exited with status {s}");
             GUEST_FAILED
         }
         Ok(Outcome::PowerOff) => {
-            eprintln!("cevm: guest powered off");
+            tracing::info!("guest powered off");
             OK
         }
         Ok(Outcome::Reboot) => {
-            eprintln!("cevm: guest asked for a reboot; cevm ends the VM instead (run it again to restart)");
+            tracing::info!("guest asked for a reboot; cevm ends the VM instead (run it again to restart)");
             OK
         }
         Ok(Outcome::StoppedAfterCheckpoint(dir)) => {
-            eprintln!("cevm: VM stopped after its checkpoint to {}", dir.display());
+            tracing::info!("VM stopped after its checkpoint to {}", dir.display());
             OK
         }
         Ok(Outcome::Quit) => {
-            eprintln!("cevm: VM stopped by the API");
+            tracing::info!("VM stopped by the API");
             OK
         }
         // The runner already said where the guest went.
@@ -758,7 +766,7 @@ fn disk_config(disk: Option<PathBuf>, overlay: Option<PathBuf>, read_only: bool)
             let top = anchored(&top)?;
             if !top.exists() {
                 disk::Disk::create_overlay(&top, &disk).map_err(|e| e.to_string())?;
-                eprintln!("cevm: created overlay {} over {}", top.display(), disk.display());
+                tracing::info!("created overlay {} over {}", top.display(), disk.display());
             }
             top
         }
@@ -781,7 +789,7 @@ fn client<T: serde::Serialize>(sock: &Path, call: impl FnOnce(&Client) -> Result
     match call(&Client::new(sock, Duration::from_secs(3600))) {
         Ok(v) => out(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()).as_bytes()),
         Err(e @ ClientError::Connect { .. }) => {
-            eprintln!("cevm: error: {e} (is a `cevm run --api-sock` running there?)");
+            tracing::error!("{e} (is a `cevm run --api-sock` running there?)");
             USAGE
         }
         Err(e) => fail(e),
@@ -853,7 +861,7 @@ mod tests {
                 s,
             ])
         };
-        let Ok(Cli { cmd: Cmd::Run(r) }) = m("stop-and-save") else { panic!("stop-and-save refused") };
+        let Ok(Cli { cmd: Cmd::Run(r), .. }) = m("stop-and-save") else { panic!("stop-and-save refused") };
         assert_eq!(r.periodic.checkpoint_strategy, Method::StopAndSave);
     }
 
@@ -864,7 +872,7 @@ mod tests {
             "cevm", "checkpoint", "--api-sock", "/run/vm.sock", "--out", "ckpt", "--strategy", "cevm",
             "--writer-cpus", "1", "--migration-cpus", "0", "--dest-vcpu-cpus", "1,0",
         ];
-        let Ok(Cli { cmd: Cmd::Checkpoint(a) }) = Cli::try_parse_from(argv) else { panic!("refused") };
+        let Ok(Cli { cmd: Cmd::Checkpoint(a), .. }) = Cli::try_parse_from(argv) else { panic!("refused") };
         let (sock, req) = checkpoint_request(a).unwrap();
         assert_eq!(sock, Path::new("/run/vm.sock"));
         assert!(req.out.is_absolute() && req.out.ends_with("ckpt"), "{}", req.out.display());
