@@ -11,6 +11,7 @@ pub mod host;
 pub mod inspect;
 pub mod logging;
 pub mod plan;
+pub mod progress;
 pub mod runner;
 pub mod size;
 

@@ -14,7 +14,7 @@ use cevm::api::{CheckpointRequest, Client, ClientError, MigrateRequest};
 use cevm::exit_code::{ERROR, GUEST_FAILED, OK, USAGE};
 use cevm::plan::{CheckpointPlan, MigrationPlan};
 use cevm::runner::{Outcome, RunError};
-use cevm::{args, demo, inspect, logging, runner};
+use cevm::{args, demo, inspect, logging, progress, runner};
 use vmm::{Boot, DiskConfig, Instance, InstanceConfig, MemoryBackend};
 
 #[derive(Parser)]
@@ -369,16 +369,7 @@ fn run(cmd: Cmd) -> i32 {
         Cmd::Resume { api_sock } => client(&api_sock, Client::resume),
         Cmd::Status { api_sock } => client(&api_sock, Client::status),
         Cmd::Quit { api_sock } => client(&api_sock, Client::quit),
-        Cmd::Verify { dir } => match checkpoint::verify(&dir) {
-            Ok(r) => {
-                let mut s = format!("{}: OK\n", dir.display());
-                for f in &r.files {
-                    s.push_str(&format!("  {:<14} {:>14} bytes  crc32 {}  ok\n", f.name, f.size, f.crc32));
-                }
-                out(s.as_bytes())
-            }
-            Err(e) => fail(format!("verify failed: {e}")),
-        },
+        Cmd::Verify { dir } => verify(&dir),
         Cmd::Inspect { dir, json } => match inspect::describe(&dir, json) {
             Ok(s) if json => out(format!("{s}\n").as_bytes()),
             Ok(s) => out(s.as_bytes()),
@@ -402,6 +393,23 @@ fn run(cmd: Cmd) -> i32 {
             out(&script)
         }
         Cmd::Man { dir } => man(dir.as_deref()),
+    }
+}
+
+/// `cevm verify DIR`, with a bar of the bytes checked on a terminal.
+fn verify(dir: &Path) -> i32 {
+    let bar = progress::Bytes::new("verifying");
+    let verified = checkpoint::verify_with(dir, &mut |done, total| bar.update(done, total));
+    drop(bar);
+    match verified {
+        Ok(r) => {
+            let mut s = format!("{}: OK\n", dir.display());
+            for f in &r.files {
+                s.push_str(&format!("  {:<14} {:>14} bytes  crc32 {}  ok\n", f.name, f.size, f.crc32));
+            }
+            out(s.as_bytes())
+        }
+        Err(e) => fail(format!("verify failed: {e}")),
     }
 }
 
@@ -435,6 +443,7 @@ fn checkpoint_vm(a: CheckpointArgs) -> i32 {
     if let Err(e) = CheckpointPlan::try_from(req.clone()) {
         return usage(e);
     }
+    let _bar = progress::checkpoint(sock.clone());
     client(&sock, |c| c.checkpoint(&req))
 }
 
@@ -575,7 +584,10 @@ fn restore(
         Err(code) => return code,
     };
     let (tx, rx) = mpsc::channel();
-    match checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx) {
+    let bar = progress::Bytes::new("restoring");
+    let restored = checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx, &mut |d, t| bar.update(d, t));
+    drop(bar);
+    match restored {
         Ok((inst, disk)) => {
             tracing::info!("restored {} (every checksum verified)", dir.display());
             if let Some(d) = disk {
@@ -615,10 +627,8 @@ fn migrate_vm(a: MigrateArgs) -> i32 {
     if let Err(e) = MigrationPlan::try_from(req.clone()) {
         return usage(e);
     }
-    let bar = progress_bar(api_sock.clone());
-    let code = client(&api_sock, |c| c.migrate(&req));
-    bar.store(true, std::sync::atomic::Ordering::Relaxed);
-    code
+    let _bar = progress::migration(api_sock.clone());
+    client(&api_sock, |c| c.migrate(&req))
 }
 
 /// `cevm bench ARGS`: replaces this process with `cevm-bench ARGS`, the
@@ -663,41 +673,6 @@ fn run_incoming(
         }
         Err(e) => fail(format!("incoming migration failed, nothing runs: {e}")),
     }
-}
-
-/// While a migration runs, shows its progress on stderr (when stderr is a
-/// terminal) from `GET /v1/migration`. Set the returned flag to stop it.
-fn progress_bar(sock: PathBuf) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    use std::io::IsTerminal;
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if !std::io::stderr().is_terminal() {
-        return done;
-    }
-    let d = done.clone();
-    std::thread::spawn(move || {
-        let api = Client::new(sock, Duration::from_secs(2));
-        while !d.load(std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(200));
-            if let Ok(p) = api.migration() {
-                let pct = (p.pages_sent as f64 / p.pages_total.max(1) as f64 * 100.0).min(100.0);
-                let filled = (pct / 5.0) as usize;
-                eprint!(
-                    "\r[{}{}] {:>3.0}% {} round {} dirty {:.0} p/s {:.0} MiB/s expect {:.1} ms throttle {}%   ",
-                    "#".repeat(filled),
-                    " ".repeat(20 - filled.min(20)),
-                    pct,
-                    p.phase,
-                    p.round,
-                    p.dirty_pages_per_s,
-                    p.mib_per_s,
-                    p.expected_downtime_ms,
-                    p.throttle_pct
-                );
-            }
-        }
-        eprintln!();
-    });
-    done
 }
 
 /// Serves the control API at `path`, if given; a path that cannot be used is
