@@ -13,9 +13,10 @@ use std::fmt;
 
 use clap::ValueEnum;
 use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
@@ -79,8 +80,16 @@ fn filter(level: Option<Level>) -> (EnvFilter, Option<String>) {
 /// Installs the subscriber for the rest of the process. A second call (or a
 /// subscriber already set) changes nothing.
 pub fn init(level: Option<Level>, format: Format) {
+    install(level, format, std::io::stderr);
+}
+
+/// [`init`], writing to `writer` (stderr, or a test's buffer).
+fn install<W>(level: Option<Level>, format: Format, writer: W)
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let (filter, warning) = filter(level);
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let installed = match format {
         Format::Text => builder.event_format(Text).try_init(),
         Format::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
@@ -108,7 +117,9 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &Event<'_>) -> fmt::Result {
-        let meta = event.metadata();
+        // A `log` record's own target (virtio_queue::queue), not the bridge's (`log`).
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         SystemTime.format_time(&mut w)?;
         write!(w, " {:>5} cevm: ", meta.level())?;
         let target = meta.target();
@@ -118,5 +129,44 @@ where
         }
         ctx.field_format().format_fields(w.by_ref(), event)?;
         writeln!(w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A buffer the subscriber writes into.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A dependency logging through the `log` crate (as virtio-queue does) is
+    /// printed like cevm's own events, its target named, at the level chosen.
+    /// (The only test here that installs the process-wide subscriber.)
+    #[test]
+    fn log_crate_records_of_dependencies_come_through_the_subscriber() {
+        let buf = Buffer::default();
+        let b = buf.clone();
+        install(Some(Level::Info), Format::Text, move || b.clone());
+        log::warn!(target: "virtio_queue::queue", "a descriptor chain is too long");
+        log::debug!(target: "virtio_queue::queue", "details nobody asked for");
+        tracing::info!("cevm's own");
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<_> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert!(lines[0].ends_with(" WARN cevm: virtio_queue::queue: a descriptor chain is too long"), "{out}");
+        assert!(lines[1].ends_with(" INFO cevm: cevm's own"), "{out}");
     }
 }
