@@ -443,8 +443,10 @@ fn checkpoint_vm(a: CheckpointArgs) -> i32 {
     if let Err(e) = CheckpointPlan::try_from(req.clone()) {
         return usage(e);
     }
-    let _bar = progress::checkpoint(sock.clone());
-    client(&sock, |c| c.checkpoint(&req))
+    client(&sock, |c| {
+        let _bar = progress::checkpoint(sock.clone());
+        c.checkpoint(&req)
+    })
 }
 
 /// The API socket and the request of `cevm checkpoint` (`--out` made absolute).
@@ -627,8 +629,11 @@ fn migrate_vm(a: MigrateArgs) -> i32 {
     if let Err(e) = MigrationPlan::try_from(req.clone()) {
         return usage(e);
     }
-    let _bar = progress::migration(api_sock.clone());
-    client(&api_sock, |c| c.migrate(&req))
+    // The bar ends before the answer or an error is printed.
+    client(&api_sock, |c| {
+        let _bar = progress::migration(api_sock.clone());
+        c.migrate(&req)
+    })
 }
 
 /// `cevm bench ARGS`: replaces this process with `cevm-bench ARGS`, the

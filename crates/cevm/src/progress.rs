@@ -94,12 +94,20 @@ fn polled(sock: PathBuf, template: &str, show: fn(&Client, &ProgressBar)) -> Pol
     Polled { stop, thread: Some(thread) }
 }
 
+/// Whether a view in `phase` belongs on bar `b`: not the end (`done`,
+/// `failed`) of an earlier run, still there before this one starts; once this
+/// run showed a phase, its end too.
+fn running(b: &ProgressBar, phase: &str) -> bool {
+    !matches!(phase, "" | "done" | "failed") || !b.prefix().is_empty()
+}
+
 /// `cevm migrate`'s bar: pages sent of the guest's, the round, the dirty rate,
 /// the bandwidth, the expected downtime and the throttle, from `GET /v1/migration`.
 pub fn migration(sock: PathBuf) -> Polled {
     let template = "{prefix} [{bar:30}] {percent:>3}% {pos}/{len} pages, {msg}";
     polled(sock, template, |api, b| {
-        if let Ok(p) = api.migration() {
+        let Ok(p) = api.migration() else { return };
+        if running(b, &p.phase) {
             b.set_prefix(p.phase.clone());
             b.set_length(p.pages_total);
             b.set_position(p.pages_sent);
@@ -116,7 +124,8 @@ pub fn migration(sock: PathBuf) -> Polled {
 pub fn checkpoint(sock: PathBuf) -> Polled {
     let template = "{prefix} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} of memory, {msg}";
     polled(sock, template, |api, b| {
-        if let Ok(p) = api.checkpoint_progress() {
+        let Ok(p) = api.checkpoint_progress() else { return };
+        if running(b, &p.phase) {
             b.set_prefix(p.phase.clone());
             b.set_length(p.memory_bytes_total);
             b.set_position(p.memory_bytes_done);
