@@ -296,8 +296,8 @@ impl Controller {
         let migrate::Moved { report, new, .. } = moved;
         match new {
             None => {
-                eprintln!(
-                    "cevm: guest migrated to {} (downtime {:.2} ms, {} rounds, {} MiB sent); this VMM ends",
+                tracing::info!(
+                    "guest migrated to {} (downtime {:.2} ms, {} rounds, {} MiB sent); this VMM ends",
                     report.to,
                     report.downtime_ms,
                     report.rounds,
@@ -308,8 +308,8 @@ impl Controller {
                 Ok((report, end))
             }
             Some(new) => {
-                eprintln!(
-                    "cevm: guest migrated to a new instance in this process (downtime {:.2} ms, {} rounds, {} MiB copied)",
+                tracing::info!(
+                    "guest migrated to a new instance in this process (downtime {:.2} ms, {} rounds, {} MiB copied)",
                     report.downtime_ms,
                     report.rounds,
                     report.bytes_sent >> 20
@@ -334,7 +334,7 @@ impl Controller {
         // A directory that cannot take the checkpoint is refused before the
         // guest is paused or moved for it.
         if let Err(e) = checkpoint::check_out(plan.out()) {
-            eprintln!("cevm: checkpoint to {} refused: {e}", plan.out().display());
+            tracing::warn!("checkpoint to {} refused: {e}", plan.out().display());
             respond(Err(ActionError::Out(e)));
             return Flow::Continue;
         }
@@ -351,8 +351,8 @@ impl Controller {
         match r {
             Ok(report) => {
                 self.checkpoints += 1;
-                eprintln!(
-                    "cevm: checkpoint {} committed to {} (paused {:.1} ms, {} data pages)",
+                tracing::info!(
+                    "checkpoint {} committed to {} (paused {:.1} ms, {} data pages)",
                     self.checkpoints,
                     report.dir.display(),
                     report.pause_ms,
@@ -365,7 +365,7 @@ impl Controller {
                 }
             }
             Err(e) => {
-                eprintln!("cevm: checkpoint to {} failed, the guest goes on: {e}", out.display());
+                tracing::warn!("checkpoint to {} failed, the guest goes on: {e}", out.display());
                 respond(Err(ActionError::Checkpoint(checkpoint::Failure::new(GuestRuns::Here, e))));
             }
         }
@@ -416,7 +416,7 @@ impl Controller {
                     }
                     _ => ActionError::Checkpoint(f),
                 };
-                eprintln!("cevm: checkpoint to {} failed: {e}", plan.out.display());
+                tracing::error!("checkpoint to {} failed: {e}", plan.out.display());
                 respond(Err(e));
                 self.operation(None);
                 Flow::Continue
@@ -458,7 +458,7 @@ impl Controller {
         self.generation += 1;
         // Without its events forwarded the guest's end would go unheard.
         if let Err(e) = forward_events(events, self.control.clone(), self.generation) {
-            eprintln!("cevm: cannot watch the new instance's events: {e}");
+            tracing::warn!("cannot watch the new instance's events: {e}");
         }
     }
 }
@@ -468,20 +468,20 @@ impl Controller {
 fn logged(r: Result<CheckpointReport, ActionError>, n: u64) -> Reply {
     match &r {
         Ok(report) => {
-            eprintln!(
-                "cevm: checkpoint {n} committed to {} (cevm: guest paused {:.2} ms for the switch, {} data pages written meanwhile in {:.0} ms)",
+            tracing::info!(
+                "checkpoint {n} committed to {} (cevm: guest paused {:.2} ms for the switch, {} data pages written meanwhile in {:.0} ms)",
                 report.dir.display(),
                 report.pause_ms,
                 report.memory.data_pages,
                 report.total_ms
             );
             if let Some(e) = report.disk_handover.as_ref().and_then(|d| d.error.as_ref()) {
-                eprintln!(
-                    "cevm: the disk hand-over did not end normally ({e}); the checkpoint holds the disk of the switch"
+                tracing::warn!(
+                    "the disk hand-over did not end normally ({e}); the checkpoint holds the disk of the switch"
                 );
             }
         }
-        Err(e) => eprintln!("cevm: {e}"),
+        Err(e) => tracing::error!("{e}"),
     }
     r.map(Answer::Checkpoint)
 }

@@ -9,7 +9,9 @@ pub mod controller;
 pub mod demo;
 pub mod host;
 pub mod inspect;
+pub mod logging;
 pub mod plan;
+pub mod progress;
 pub mod runner;
 pub mod size;
 

@@ -14,7 +14,7 @@ use cevm::api::{CheckpointRequest, Client, ClientError, MigrateRequest};
 use cevm::exit_code::{ERROR, GUEST_FAILED, OK, USAGE};
 use cevm::plan::{CheckpointPlan, MigrationPlan};
 use cevm::runner::{Outcome, RunError};
-use cevm::{args, demo, inspect, runner};
+use cevm::{args, demo, inspect, logging, progress, runner};
 use vmm::{Boot, DiskConfig, Instance, InstanceConfig, MemoryBackend};
 
 #[derive(Parser)]
@@ -22,6 +22,13 @@ use vmm::{Boot, DiskConfig, Instance, InstanceConfig, MemoryBackend};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// The most detailed diagnostics printed on stderr; given, it decides alone,
+    /// otherwise RUST_LOG does (e.g. RUST_LOG=warn,checkpoint=debug), otherwise info.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<logging::Level>,
+    /// How diagnostics on stderr look: text lines, or JSON lines for a log shipper.
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "text")]
+    log_format: logging::Format,
 }
 
 #[derive(Subcommand)]
@@ -329,18 +336,19 @@ impl PeriodicArgs {
 fn open_series(dir: &Path, keep: usize) -> Result<checkpoint::series::Series, String> {
     let series = checkpoint::series::Series::open(dir, keep).map_err(|e| e.to_string())?;
     for r in series.repairs() {
-        eprintln!("cevm: checkpoint series {}: {r}", dir.display());
+        tracing::warn!("checkpoint series {}: {r}", dir.display());
     }
     Ok(series)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::init(cli.log_level, cli.log_format);
     ExitCode::from(run(cli.cmd).clamp(0, 255) as u8)
 }
 
 fn fail(msg: impl std::fmt::Display) -> i32 {
-    eprintln!("cevm: error: {msg}");
+    tracing::error!("{msg}");
     ERROR
 }
 
@@ -370,16 +378,7 @@ fn run(cmd: Cmd) -> i32 {
         Cmd::Resume { api_sock } => client(&api_sock, Client::resume),
         Cmd::Status { api_sock } => client(&api_sock, Client::status),
         Cmd::Quit { api_sock } => client(&api_sock, Client::quit),
-        Cmd::Verify { dir } => match checkpoint::verify(&dir) {
-            Ok(r) => {
-                let mut s = format!("{}: OK\n", dir.display());
-                for f in &r.files {
-                    s.push_str(&format!("  {:<14} {:>14} bytes  crc32 {}  ok\n", f.name, f.size, f.crc32));
-                }
-                out(s.as_bytes())
-            }
-            Err(e) => fail(format!("verify failed: {e}")),
-        },
+        Cmd::Verify { dir } => verify(&dir),
         Cmd::Inspect { dir, json } => match inspect::describe(&dir, json) {
             Ok(s) if json => out(format!("{s}\n").as_bytes()),
             Ok(s) => out(s.as_bytes()),
@@ -406,6 +405,23 @@ fn run(cmd: Cmd) -> i32 {
     }
 }
 
+/// `cevm verify DIR`, with a bar of the bytes checked on a terminal.
+fn verify(dir: &Path) -> i32 {
+    let bar = progress::Bytes::new("verifying");
+    let verified = checkpoint::verify_with(dir, &mut |done, total| bar.update(done, total));
+    drop(bar);
+    match verified {
+        Ok(r) => {
+            let mut s = format!("{}: OK\n", dir.display());
+            for f in &r.files {
+                s.push_str(&format!("  {:<14} {:>14} bytes  crc32 {}  ok\n", f.name, f.size, f.crc32));
+            }
+            out(s.as_bytes())
+        }
+        Err(e) => fail(format!("verify failed: {e}")),
+    }
+}
+
 /// Writes `bytes` to stdout. A reader that went away (`cevm inspect DIR |
 /// head -1`) is no error: cevm ends quietly, with the status of the work done.
 /// (Rust ignores SIGPIPE, so the write fails with EPIPE instead of ending the
@@ -422,7 +438,7 @@ fn out(bytes: &[u8]) -> i32 {
 
 /// A bad command line found after parsing (exit 2).
 fn usage(msg: impl std::fmt::Display) -> i32 {
-    eprintln!("cevm: error: {msg}");
+    tracing::error!("{msg}");
     USAGE
 }
 
@@ -436,7 +452,10 @@ fn checkpoint_vm(a: CheckpointArgs) -> i32 {
     if let Err(e) = CheckpointPlan::try_from(req.clone()) {
         return usage(e);
     }
-    client(&sock, |c| c.checkpoint(&req))
+    client(&sock, |c| {
+        let _bar = progress::checkpoint(sock.clone());
+        c.checkpoint(&req)
+    })
 }
 
 /// The API socket and the request of `cevm checkpoint` (`--out` made absolute).
@@ -471,7 +490,7 @@ fn man(dir: Option<&Path>) -> i32 {
         if let Err(e) = man_page(cmd).and_then(|page| std::fs::write(&path, page)) {
             return fail(format!("{}: {e}", path.display()));
         }
-        eprintln!("cevm: wrote {}", path.display());
+        tracing::info!("wrote {}", path.display());
     }
     OK
 }
@@ -584,11 +603,14 @@ fn restore(
         }
     }
     let (tx, rx) = mpsc::channel();
-    match checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx) {
+    let bar = progress::Bytes::new("restoring");
+    let restored = checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx, &mut |d, t| bar.update(d, t));
+    drop(bar);
+    match restored {
         Ok((inst, disk)) => {
-            eprintln!("cevm: restored {} (every checksum verified)", dir.display());
+            tracing::info!("restored {} (every checksum verified)", dir.display());
             if let Some(d) = disk {
-                eprintln!("cevm: the restored guest's disk is {}", d.display());
+                tracing::info!("the restored guest's disk is {}", d.display());
             }
             let periodic = match periodic.policy(inst.config()) {
                 Ok(p) => p,
@@ -624,10 +646,11 @@ fn migrate_vm(a: MigrateArgs) -> i32 {
     if let Err(e) = MigrationPlan::try_from(req.clone()) {
         return usage(e);
     }
-    let bar = progress_bar(api_sock.clone());
-    let code = client(&api_sock, |c| c.migrate(&req));
-    bar.store(true, std::sync::atomic::Ordering::Relaxed);
-    code
+    // The bar ends before the answer or an error is printed.
+    client(&api_sock, |c| {
+        let _bar = progress::migration(api_sock.clone());
+        c.migrate(&req)
+    })
 }
 
 /// `cevm bench ARGS`: replaces this process with `cevm-bench ARGS`, the
@@ -652,7 +675,7 @@ fn run_incoming(
         Ok(l) => l,
         Err(e) => return fail(e),
     };
-    eprintln!("cevm: waiting for a migration at {endpoint}");
+    tracing::info!("waiting for a migration at {endpoint}");
     let t = match listener.accept() {
         Ok(t) => t,
         Err(e) => return fail(e),
@@ -664,9 +687,9 @@ fn run_incoming(
     // disk hand-over) while the source writes the checkpoint.
     match migrate::accept_guest(t, Box::new(std::io::stdout()), tx, &cpus) {
         Ok(arrived) => {
-            eprintln!("cevm: guest arrived from {} ({}), running", arrived.peer, arrived.hello.config.boot);
+            tracing::info!("guest arrived from {} ({}), running", arrived.peer, arrived.hello.config.boot);
             if let Some(e) = &arrived.disk_link_error {
-                eprintln!("cevm: disk hand-over: {e}");
+                tracing::warn!("disk hand-over: {e}");
             }
             finish(runner::run(arrived.instance, rx, api, None, None))
         }
@@ -674,46 +697,11 @@ fn run_incoming(
     }
 }
 
-/// While a migration runs, shows its progress on stderr (when stderr is a
-/// terminal) from `GET /v1/migration`. Set the returned flag to stop it.
-fn progress_bar(sock: PathBuf) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    use std::io::IsTerminal;
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if !std::io::stderr().is_terminal() {
-        return done;
-    }
-    let d = done.clone();
-    std::thread::spawn(move || {
-        let api = Client::new(sock, Duration::from_secs(2));
-        while !d.load(std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(200));
-            if let Ok(p) = api.migration() {
-                let pct = (p.pages_sent as f64 / p.pages_total.max(1) as f64 * 100.0).min(100.0);
-                let filled = (pct / 5.0) as usize;
-                eprint!(
-                    "\r[{}{}] {:>3.0}% {} round {} dirty {:.0} p/s {:.0} MiB/s expect {:.1} ms throttle {}%   ",
-                    "#".repeat(filled),
-                    " ".repeat(20 - filled.min(20)),
-                    pct,
-                    p.phase,
-                    p.round,
-                    p.dirty_pages_per_s,
-                    p.mib_per_s,
-                    p.expected_downtime_ms,
-                    p.throttle_pct
-                );
-            }
-        }
-        eprintln!();
-    });
-    done
-}
-
 /// Serves the control API at `path`, if given; a path that cannot be used is
 /// refused (exit code 2) with nothing changed on disk.
 fn start_api(path: Option<&Path>) -> Result<Option<Server>, i32> {
     path.map(Server::start).transpose().map_err(|e: ServeError| {
-        eprintln!("cevm: error: {e}");
+        tracing::error!("{e}");
         if e.is_usage() {
             USAGE
         } else {
@@ -727,23 +715,23 @@ fn finish(r: Result<Outcome, RunError>) -> i32 {
     match r {
         Ok(Outcome::GuestExit(0)) => OK,
         Ok(Outcome::GuestExit(s)) => {
-            eprintln!("cevm: guest exited with status {s}");
+            tracing::info!("guest exited with status {s}");
             GUEST_FAILED
         }
         Ok(Outcome::PowerOff) => {
-            eprintln!("cevm: guest powered off");
+            tracing::info!("guest powered off");
             OK
         }
         Ok(Outcome::Reboot) => {
-            eprintln!("cevm: guest asked for a reboot; cevm ends the VM instead (run it again to restart)");
+            tracing::info!("guest asked for a reboot; cevm ends the VM instead (run it again to restart)");
             OK
         }
         Ok(Outcome::StoppedAfterCheckpoint(dir)) => {
-            eprintln!("cevm: VM stopped after its checkpoint to {}", dir.display());
+            tracing::info!("VM stopped after its checkpoint to {}", dir.display());
             OK
         }
         Ok(Outcome::Quit) => {
-            eprintln!("cevm: VM stopped by the API");
+            tracing::info!("VM stopped by the API");
             OK
         }
         // The runner already said where the guest went.
@@ -775,7 +763,7 @@ fn disk_config(disk: Option<PathBuf>, overlay: Option<PathBuf>, read_only: bool)
             let top = anchored(&top)?;
             if !top.exists() {
                 disk::Disk::create_overlay(&top, &disk).map_err(|e| e.to_string())?;
-                eprintln!("cevm: created overlay {} over {}", top.display(), disk.display());
+                tracing::info!("created overlay {} over {}", top.display(), disk.display());
             }
             top
         }
@@ -798,7 +786,7 @@ fn client<T: serde::Serialize>(sock: &Path, call: impl FnOnce(&Client) -> Result
     match call(&Client::new(sock, Duration::from_secs(3600))) {
         Ok(v) => out(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()).as_bytes()),
         Err(e @ ClientError::Connect { .. }) => {
-            eprintln!("cevm: error: {e} (is a `cevm run --api-sock` running there?)");
+            tracing::error!("{e} (is a `cevm run --api-sock` running there?)");
             USAGE
         }
         Err(e) => fail(e),
@@ -870,7 +858,7 @@ mod tests {
                 s,
             ])
         };
-        let Ok(Cli { cmd: Cmd::Run(r) }) = m("stop-and-save") else { panic!("stop-and-save refused") };
+        let Ok(Cli { cmd: Cmd::Run(r), .. }) = m("stop-and-save") else { panic!("stop-and-save refused") };
         assert_eq!(r.periodic.checkpoint_strategy, Method::StopAndSave);
     }
 
@@ -881,7 +869,7 @@ mod tests {
             "cevm", "checkpoint", "--api-sock", "/run/vm.sock", "--out", "ckpt", "--strategy", "cevm",
             "--writer-cpus", "1", "--migration-cpus", "0", "--dest-vcpu-cpus", "1,0",
         ];
-        let Ok(Cli { cmd: Cmd::Checkpoint(a) }) = Cli::try_parse_from(argv) else { panic!("refused") };
+        let Ok(Cli { cmd: Cmd::Checkpoint(a), .. }) = Cli::try_parse_from(argv) else { panic!("refused") };
         let (sock, req) = checkpoint_request(a).unwrap();
         assert_eq!(sock, Path::new("/run/vm.sock"));
         assert!(req.out.is_absolute() && req.out.ends_with("ckpt"), "{}", req.out.display());

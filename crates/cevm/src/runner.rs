@@ -90,7 +90,7 @@ pub fn run(
                     let now = Instant::now();
                     due = Some(if at + p.every > now { at + p.every } else { now + p.every });
                     match vmm.busy() {
-                        Some(why) => eprintln!("cevm: periodic checkpoint skipped: {why}"),
+                        Some(why) => tracing::warn!("periodic checkpoint skipped: {why}"),
                         None => periodic_checkpoint(p, &tx),
                     }
                     continue;
@@ -131,10 +131,10 @@ fn handle(vmm: &mut Controller, msg: Control, periodic: Option<&Periodic>) -> Fl
                 match p.series.committed(&dir) {
                     Ok(removed) => {
                         for r in removed {
-                            eprintln!("cevm: removed the older checkpoint {}", r.display());
+                            tracing::info!("removed the older checkpoint {}", r.display());
                         }
                     }
-                    Err(e) => eprintln!("cevm: periodic checkpoints: {e}"),
+                    Err(e) => tracing::error!("periodic checkpoints: {e}"),
                 }
             }
             Flow::Continue
@@ -158,7 +158,7 @@ fn act(vmm: &mut Controller, action: Action, respond: Respond) -> Flow {
                 return flow;
             }
             Err(e) => {
-                eprintln!("cevm: migration to {} failed: {e}", plan.to.name());
+                tracing::error!("migration to {} failed: {e}", plan.to.name());
                 respond(Err(e));
             }
         },

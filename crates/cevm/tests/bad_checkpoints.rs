@@ -223,12 +223,13 @@ fn cevm_bounded(args: &[&str]) -> Output {
 /// one of `needles`; restore runs no guest code and leaves no disk behind.
 fn assert_refused_alike(dir: &Path, needles: &[&str]) {
     let mut reasons = Vec::new();
-    for (cmd, prefix) in [("verify", "cevm: error: verify failed: "), ("restore", "cevm: error: cannot restore: ")] {
+    for (cmd, prefix) in [("verify", "ERROR cevm: verify failed: "), ("restore", "ERROR cevm: cannot restore: ")] {
         let out = cevm_bounded(&[cmd, dir.to_str().unwrap()]);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "`cevm {cmd}` must fail with 1: {err}");
         assert!(out.stdout.is_empty(), "`cevm {cmd}`: guest code ran: {}", text(&out.stdout));
-        let reason = err.lines().find_map(|l| l.strip_prefix(prefix)).unwrap_or_else(|| panic!("`cevm {cmd}`: {err}"));
+        let reason =
+            err.lines().find_map(|l| Some(l.split_once(prefix)?.1)).unwrap_or_else(|| panic!("`cevm {cmd}`: {err}"));
         for n in needles {
             assert!(reason.contains(n), "`cevm {cmd}`: expected `{n}` in: {reason}");
         }

@@ -31,7 +31,7 @@ echo "cevm-scenario: read-only base exit=$?"
     assert!(out.contains(&format!("cevm-guest: disk-read md5={expected_md5} hello=written by a cevm guest")), "{out}");
     // A read-only base opened for writing: a clear error, no panic.
     let refusal = out.lines().find(|l| l.contains("disk image /tmp/ro/base.qcow2")).unwrap_or_default();
-    assert!(refusal.starts_with("cevm: error:") && refusal.contains("Read-only file system"), "{out}");
+    assert!(refusal.contains("ERROR cevm: ") && refusal.contains("Read-only file system"), "{out}");
     assert!(out.contains("cevm-scenario: read-only base exit=1"), "{out}");
     assert!(!out.contains("panicked"), "{out}");
 

@@ -7,7 +7,7 @@
 //! exactly once, and checks clean.
 
 use cevm_testkit::linux::{
-    base_image, compute_steps, hash_chain_result, logged_steps, run_scenario_with_files, sh, start_linux_vm,
+    base_image, compute_steps, hash_chain_result, logged_steps, run_scenario_with_files, said, sh, start_linux_vm,
 };
 
 const STEPS: u32 = 24;
@@ -47,11 +47,15 @@ cp /tmp/run.qcow2 "$OUT/run.qcow2"
         "cevm-scenario: unix migration exit=0",
         "cevm-scenario: source exit=0",
         "cevm-scenario: destination exit=0",
-        "src: cevm: guest migrated to a new instance in this process",
-        "src: cevm: guest migrated to unix:/tmp/dst.sock",
-        "dst: cevm: guest powered off",
     ] {
         assert!(out.contains(line), "missing `{line}`: {out}");
+    }
+    for (who, words) in [
+        ("src: ", "INFO cevm: guest migrated to a new instance in this process"),
+        ("src: ", "INFO cevm: guest migrated to unix:/tmp/dst.sock"),
+        ("dst: ", "INFO cevm: guest powered off"),
+    ] {
+        assert!(said(&out, who, words), "missing `{who}... {words}`: {out}");
     }
     // Both reports describe a real pre-copy and a real switch.
     for m in ["m1: ", "m2: "] {

@@ -381,12 +381,14 @@ impl Drop for Made {
 /// untouched, so it can be restored again. That copy is made only once every
 /// check passed (memory.img's checksum included), and removed again if the
 /// instance cannot be made: a refused restore leaves nothing behind. Returns the
-/// instance and the disk's path.
+/// instance and the disk's path. `progress(done, total)` is called with the bytes
+/// of memory.img loaded and checked so far as it goes.
 pub fn restore(
     dir: &Path,
     disk_to: Option<&Path>,
     console: Box<dyn Write + Send>,
     events: Sender<VmEvent>,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(Instance, Option<PathBuf>)> {
     let OpenCheckpoint { checkpoint, mut config, state, disk_file } = open(dir)?;
     let disk = match &disk_file {
@@ -414,7 +416,7 @@ pub fn restore(
         let mut slices = unsafe { shell.memory().slices_mut() };
         let mut targets: Vec<MemoryTarget<'_>> =
             slices.iter_mut().map(|(a, d)| MemoryTarget { guest_addr: *a, data: d }).collect();
-        checkpoint.load_memory(&mut targets)?;
+        checkpoint.load_memory_with(&mut targets, progress)?;
     }
     // Every check passed: only now is anything made outside the process.
     let made = match (&mut config.disk, disk) {
@@ -441,8 +443,14 @@ pub fn restore(
 /// that verifies is one that restore accepts), and memory.img's checksum.
 /// Returns the snapshot crate's report.
 pub fn verify(dir: &Path) -> Result<snapshot::VerifyReport> {
+    verify_with(dir, &mut |_, _| {})
+}
+
+/// [`verify`], calling `progress(done, total)` with the bytes of memory.img
+/// checked so far as it goes.
+pub fn verify_with(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<snapshot::VerifyReport> {
     let open = open(dir)?;
-    open.checkpoint.verify_memory()?;
+    open.checkpoint.verify_memory_with(progress)?;
     let manifest = open.checkpoint.manifest;
     Ok(snapshot::VerifyReport { files: manifest.files.clone(), manifest })
 }

@@ -407,8 +407,8 @@ impl GuestDisk {
         let r = self.image.flush().and_then(|()| std::fs::rename(&u, path));
         match r {
             Ok(()) => *lock(&self.current) = path.to_path_buf(),
-            Err(e) => eprintln!(
-                "cevm: the disk integration ended but {} could not become {}: {e}; the guest keeps using it under its \
+            Err(e) => tracing::warn!(
+                "the disk integration ended but {} could not become {}: {e}; the guest keeps using it under its \
                  present name",
                 u.display(),
                 path.display()

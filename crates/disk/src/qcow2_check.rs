@@ -610,7 +610,7 @@ pub(crate) fn repair_before_writing(path: &Path) -> Result<(), Error> {
     if let Some(report) = repair(path)? {
         if !report.is_clean() {
             let kind = if crate::backing_file(path)?.is_some() { "overlay" } else { "qcow2 image" };
-            eprintln!("cevm: repaired {kind} {}: found {report}", path.display());
+            tracing::warn!("repaired {kind} {}: found {report}", path.display());
         }
     }
     Ok(())

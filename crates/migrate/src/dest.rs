@@ -145,7 +145,7 @@ fn receive(
                 if let Err(e) = t.send(FrameKind::Resumed, &[&b]) {
                     // The source never learns that the guest runs here; it keeps its
                     // copy paused. Running on is the only way not to lose the guest.
-                    eprintln!("cevm: the guest runs here, but the source could not be told: {e}");
+                    tracing::warn!("the guest runs here, but the source could not be told: {e}");
                 }
                 return Ok((inst, hello));
             }

@@ -73,7 +73,7 @@ pub fn migrate_to(
             let cpus = vcpu_cpus.clone().unwrap_or_default().0;
             crate::migrate_local(inst, params, progress, new.console, new.events, &cpus).map(|done| {
                 if let Some(e) = &done.disk_link_error {
-                    eprintln!("cevm: disk hand-over, new instance: {e}");
+                    tracing::warn!("disk hand-over, new instance: {e}");
                 }
                 Moved { report: done.report, new: Some(done.instance), disk_link: done.disk_link }
             })

@@ -37,7 +37,7 @@ where
                 if f.kind != FrameKind::Disk {
                     if f.kind == FrameKind::Error {
                         let e = Error::from_error_frame(rx_half.peer(), &f.payload);
-                        eprintln!("cevm: disk hand-over: {e}");
+                        tracing::warn!("disk hand-over: {e}");
                     }
                     break;
                 }
@@ -76,7 +76,7 @@ pub fn serve_new_side(t: Box<dyn Transport>, inst: &vmm::Instance) -> Result<()>
             .name("disk-handover".into())
             .spawn(move || {
                 if let Err(e) = disk::integration::serve_new_side(&disk, inbound) {
-                    eprintln!("cevm: disk integration: {e}");
+                    tracing::warn!("disk integration: {e}");
                 }
             })
             .map(|_| ())

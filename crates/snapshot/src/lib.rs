@@ -44,7 +44,7 @@ mod tests;
 
 pub use error::Error;
 pub use manifest::{seal_manifest, FileEntry, Manifest, MemoryLayout, MemoryRegionLayout, MemoryStats};
-pub use reader::{verify, Checkpoint, MemoryTarget, VerifyReport, MAX_MANIFEST_SIZE, MAX_READ_SIZE};
+pub use reader::{verify, Checkpoint, MemoryTarget, VerifyReport, MAX_MANIFEST_SIZE, MAX_READ_SIZE, PROGRESS_STEP};
 pub use writer::{exchange, CheckpointWriter, MemoryProgress, MemorySource, Replaced};
 
 /// Version of the format this crate writes and reads.

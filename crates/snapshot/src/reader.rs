@@ -245,7 +245,14 @@ impl Checkpoint {
 
     /// Checks memory.img's CRC over its whole logical content (holes read as zeros).
     pub fn verify_memory(&self) -> Result<(), Error> {
-        self.scan_memory(&mut [])
+        self.verify_memory_with(&mut |_, _| {})
+    }
+
+    /// [`verify_memory`](Self::verify_memory), calling `progress(done, total)`
+    /// with the bytes of memory.img's logical content checked so far as it goes
+    /// (after each hole and each read of at most [`PROGRESS_STEP`] bytes).
+    pub fn verify_memory_with(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<(), Error> {
+        self.scan_memory(&mut [], progress)
     }
 
     /// Path of the memory image.
@@ -256,6 +263,16 @@ impl Checkpoint {
     /// Loads memory.img into `targets` (which must match the layout), reading only
     /// its data extents straight into them, and checks its CRC in the same pass.
     pub fn load_memory(&self, targets: &mut [MemoryTarget<'_>]) -> Result<(), Error> {
+        self.load_memory_with(targets, &mut |_, _| {})
+    }
+
+    /// [`load_memory`](Self::load_memory), calling `progress(done, total)` as
+    /// [`verify_memory_with`](Self::verify_memory_with) does.
+    pub fn load_memory_with(
+        &self,
+        targets: &mut [MemoryTarget<'_>],
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), Error> {
         let path = self.memory_path();
         let layout = &self.manifest.memory;
         let matches = targets.len() == layout.regions.len()
@@ -266,12 +283,12 @@ impl Checkpoint {
         if !matches {
             return Err(Error::Layout { path, reason: "guest memory does not match the checkpoint's layout".into() });
         }
-        self.scan_memory(targets)
+        self.scan_memory(targets, progress)
     }
 
     /// Reads memory.img's data extents into the targets (parts outside every target
     /// into a scratch buffer) and checks the CRC of the whole logical content.
-    fn scan_memory(&self, targets: &mut [MemoryTarget<'_>]) -> Result<(), Error> {
+    fn scan_memory(&self, targets: &mut [MemoryTarget<'_>], progress: &mut dyn FnMut(u64, u64)) -> Result<(), Error> {
         let path = self.memory_path();
         let entry = self.entry(MEMORY_FILE)?;
         let (f, size) = open_regular(&path)?;
@@ -284,13 +301,14 @@ impl Checkpoint {
         while pos < size {
             let Some((start, end)) = next_extent(&f, pos, size).map_err(Error::io(&path, "seek"))? else { break };
             hash_zeros(&mut crc, start - pos);
+            progress(start, size);
             let mut off = start;
             while off < end {
                 let target =
                     targets.iter_mut().find(|t| off >= t.guest_addr && off < t.guest_addr + t.data.len() as u64);
                 let n = match target {
                     Some(t) => {
-                        let n = (end - off).min(t.guest_addr + t.data.len() as u64 - off);
+                        let n = (end - off).min(t.guest_addr + t.data.len() as u64 - off).min(PROGRESS_STEP);
                         let at = (off - t.guest_addr) as usize;
                         let buf = &mut t.data[at..at + n as usize];
                         f.read_exact_at(buf, off).map_err(Error::io(&path, "read"))?;
@@ -298,7 +316,7 @@ impl Checkpoint {
                         n
                     }
                     None => {
-                        let n = (end - off).min(8 << 20);
+                        let n = (end - off).min(PROGRESS_STEP);
                         scratch.resize(n as usize, 0);
                         f.read_exact_at(&mut scratch, off).map_err(Error::io(&path, "read"))?;
                         crc.update(&scratch);
@@ -306,10 +324,12 @@ impl Checkpoint {
                     }
                 };
                 off += n;
+                progress(off, size);
             }
             pos = end;
         }
         hash_zeros(&mut crc, size - pos);
+        progress(size, size);
         let actual = hex(crc.finalize());
         if actual != entry.crc32 {
             return Err(Error::Checksum { path, expected: entry.crc32.clone(), actual });
@@ -317,6 +337,10 @@ impl Checkpoint {
         Ok(())
     }
 }
+
+/// The most memory.img bytes read between two progress reports (and the
+/// scratch buffer's size for data outside every target).
+pub const PROGRESS_STEP: u64 = 8 << 20;
 
 /// The next data extent at or after `pos` (SEEK_DATA / SEEK_HOLE), or None.
 fn next_extent(f: &File, pos: u64, size: u64) -> std::io::Result<Option<(u64, u64)>> {

@@ -358,3 +358,33 @@ fn a_file_listed_twice_is_refused() {
     let e = verify(&d).err().expect("a duplicate entry passed verify");
     assert!(e.to_string().contains("manifest.json: invalid manifest: lists `state.json` twice"), "{e}");
 }
+
+/// Verifying and loading report their progress: rising, at most
+/// [`PROGRESS_STEP`] apart over data, ending at memory.img's size.
+#[test]
+fn verify_and_load_report_rising_progress_to_the_end() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("ckpt");
+    let size = 5 * PROGRESS_STEP / 2;
+    let layout = MemoryLayout { page_size: PAGE_SIZE, regions: vec![MemoryRegionLayout { guest_addr: 0, size }] };
+    let data: Vec<u8> = (0..size).map(|i| (i / PAGE_SIZE % 251) as u8 + 1).collect();
+    let mut w = CheckpointWriter::create(&d).unwrap();
+    w.write_file(STATE_FILE, b"{}").unwrap();
+    w.write_memory(&layout, &[MemorySource { guest_addr: 0, data: &data, data_extents: None }]).unwrap();
+    w.commit("stop-and-save", "test", serde_json::json!({ "guest": "x" })).unwrap();
+    let c = Checkpoint::open(&d).unwrap();
+    let check = |seen: Vec<(u64, u64)>| {
+        assert!(seen.len() >= 3, "{seen:?}");
+        assert!(seen.iter().all(|&(_, total)| total == size), "{seen:?}");
+        assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0 && w[1].0 - w[0].0 <= PROGRESS_STEP), "{seen:?}");
+        assert_eq!(seen.last().unwrap().0, size);
+    };
+    let mut seen = Vec::new();
+    c.verify_memory_with(&mut |done, total| seen.push((done, total))).unwrap();
+    check(seen);
+    let mut back = vec![0u8; size as usize];
+    let mut seen = Vec::new();
+    c.load_memory_with(&mut [MemoryTarget { guest_addr: 0, data: &mut back }], &mut |d, t| seen.push((d, t))).unwrap();
+    check(seen);
+    assert!(back == data, "loaded memory differs");
+}

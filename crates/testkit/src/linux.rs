@@ -208,3 +208,10 @@ pub fn logged_steps(raw: &str, dir: &Path) -> Vec<u32> {
     let log = sh(&format!("debugfs -R 'cat /log.txt' {raw} 2>/dev/null"), dir);
     log.lines().filter_map(|l| l.strip_prefix("step ")?.split(' ').next()?.parse().ok()).collect()
 }
+
+/// Whether a line of `out` begins with `prefix` (a scenario's `src: ` and so
+/// on) and holds `words`: a cevm diagnostic such as `INFO cevm: guest powered
+/// off`, after its timestamp.
+pub fn said(out: &str, prefix: &str, words: &str) -> bool {
+    out.lines().any(|l| l.strip_prefix(prefix).is_some_and(|l| l.contains(words)))
+}

@@ -70,7 +70,7 @@ impl ParkedThread {
                 // a guest instruction. If that fails the thread ends, and so
                 // does the start of its instance (its channel is closed).
                 if let Err(e) = sandbox::confine(sandbox::Kind::Vcpu) {
-                    eprintln!("cevm: vcpu{id}: {e}");
+                    tracing::error!("vcpu{id}: {e}");
                     return;
                 }
                 if let Ok(s) = rx.recv() {
@@ -428,6 +428,7 @@ impl Instance {
             self.threads.push(VcpuThread { handle: parked.handle, commands: tx });
         }
         self.state = RunState::Running;
+        tracing::debug!("instance started: {} vCPU threads running", self.threads.len());
         Ok(())
     }
 
@@ -562,7 +563,7 @@ impl Instance {
         // the new overlay, which takes the disk's name only when the hand-over
         // ends; wait for that, so the disk left behind is the guest's.
         if let Some(d) = self.disk().filter(|d| d.integrating()) {
-            eprintln!("cevm: waiting for the disk hand-over to end");
+            tracing::info!("waiting for the disk hand-over to end");
             d.wait_integrated();
         }
         self.state = RunState::Created;

@@ -182,7 +182,7 @@ impl Server {
                 // calls (crate sandbox), before it reads a byte of theirs.
                 match sandbox::confine(sandbox::Kind::Api) {
                     Ok(()) => reactor.run(),
-                    Err(e) => eprintln!("cevm: the API does not serve: {e}"),
+                    Err(e) => tracing::error!("the API does not serve: {e}"),
                 }
             })
             .map_err(thread_err)?;
