@@ -200,6 +200,19 @@ impl Controller {
         c
     }
 
+    /// Starts the instance if it has not run yet (a restored or booted guest;
+    /// an arrived migration's already runs) and places its vCPU threads.
+    pub fn start(&mut self, vcpu_cpus: Option<&vmm::placement::CpuList>) -> Result<(), vmm::Error> {
+        if self.instance.run_state() == RunState::Created {
+            self.instance.start()?;
+        }
+        if let Some(c) = vcpu_cpus {
+            self.instance.place_vcpus(&c.0)?;
+        }
+        self.publish();
+        Ok(())
+    }
+
     /// Publishes the status as it is now.
     pub fn publish(&self) {
         self.published.set_status(self.status());

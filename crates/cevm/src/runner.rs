@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use checkpoint::Method;
-use vmm::instance::RunState;
 use vmm::{Instance, VmEvent};
 
 use crate::api;
@@ -59,7 +58,7 @@ pub struct Periodic {
 /// `vcpu_cpus`, the vCPU threads are placed on those CPUs (see
 /// `Instance::place_vcpus`).
 pub fn run(
-    mut instance: Instance,
+    instance: Instance,
     vm_events: Receiver<VmEvent>,
     api: Option<&api::server::Server>,
     vcpu_cpus: Option<&vmm::placement::CpuList>,
@@ -67,17 +66,15 @@ pub fn run(
 ) -> Result<Outcome, RunError> {
     let (tx, rx) = mpsc::channel::<Control>();
     forward_events(vm_events, tx.clone(), 0).map_err(|e| RunError::Thread("vm-events", e))?;
-    if instance.run_state() == RunState::Created {
-        instance.start()?;
-    }
-    if let Some(c) = vcpu_cpus {
-        instance.place_vcpus(&c.0)?;
-    }
     let published = api.map_or_else(|| Arc::new(Published::default()), |s| s.published());
     let mut vmm = Controller::new(instance, tx.clone(), published);
+    // The API takes actions for this guest before it runs: a client that sees
+    // the guest's first output and calls at once must find the VMM attached
+    // (its call waits in the channel until the loop below takes it).
     if let Some(s) = api {
         s.attach(tx.clone());
     }
+    vmm.start(vcpu_cpus)?;
     let mut due = periodic.as_ref().map(|p| Instant::now() + p.every);
     loop {
         let msg = match due {
