@@ -17,18 +17,20 @@ fn a_linux_guest_writing_files_keeps_them_through_cevm_checkpoints_and_each_rest
     let scenario = format!(
         r#"{}
 wait_for "step 8/" /tmp/src.txt
-$CEVM checkpoint --api-sock /tmp/api.sock --strategy cevm --out /tmp/ck1 > /tmp/ck1.json
+$CEVM checkpoint --api-sock /tmp/api.sock --strategy cevm --out /tmp/ck1 > /tmp/ck1.json 2> /tmp/ck1.err
 echo "cevm-scenario: thread-based checkpoint exit=$?"
 sed 's/^/ck1: /' /tmp/ck1.json
+sed 's/^/ck1-stderr: /' /tmp/ck1.err
 $CEVM run --incoming unix:/tmp/dst.sock > /tmp/dst.txt 2> /tmp/dst.err &
 dst=$!
 # Two steps after the first checkpoint was committed (the guest ran on meanwhile).
 n=$(($(grep -o "step [0-9]*/" /tmp/src.txt | tail -1 | tr -dc 0-9) + 2))
 wait_for "step $n/" /tmp/src.txt
 echo "cevm-scenario: second checkpoint after step $n"
-$CEVM checkpoint --api-sock /tmp/api.sock --strategy cevm --to unix:/tmp/dst.sock --out /tmp/ck2 > /tmp/ck2.json
+$CEVM checkpoint --api-sock /tmp/api.sock --strategy cevm --to unix:/tmp/dst.sock --out /tmp/ck2 > /tmp/ck2.json 2> /tmp/ck2.err
 echo "cevm-scenario: process-based checkpoint exit=$?"
 sed 's/^/ck2: /' /tmp/ck2.json
+sed 's/^/ck2-stderr: /' /tmp/ck2.err
 wait_vm $src src
 echo "cevm-scenario: source exit=$?"
 wait_vm $dst dst

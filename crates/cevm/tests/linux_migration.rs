@@ -17,15 +17,17 @@ fn a_linux_guest_migrated_thread_based_then_over_a_unix_socket_keeps_its_result_
     let scenario = format!(
         r#"{}
 wait_for "step 6/" /tmp/src.txt
-$CEVM migrate --api-sock /tmp/api.sock --to local > /tmp/m1.json
+$CEVM migrate --api-sock /tmp/api.sock --to local > /tmp/m1.json 2> /tmp/m1.err
 echo "cevm-scenario: local migration exit=$?"
 sed 's/^/m1: /' /tmp/m1.json
+sed 's/^/m1-stderr: /' /tmp/m1.err
 $CEVM run --incoming unix:/tmp/dst.sock > /tmp/dst.txt 2> /tmp/dst.err &
 dst=$!
 wait_for "step 14/" /tmp/src.txt
-$CEVM migrate --api-sock /tmp/api.sock --to unix:/tmp/dst.sock > /tmp/m2.json
+$CEVM migrate --api-sock /tmp/api.sock --to unix:/tmp/dst.sock > /tmp/m2.json 2> /tmp/m2.err
 echo "cevm-scenario: unix migration exit=$?"
 sed 's/^/m2: /' /tmp/m2.json
+sed 's/^/m2-stderr: /' /tmp/m2.err
 wait_vm $src src
 echo "cevm-scenario: source exit=$?"
 wait_vm $dst dst
