@@ -77,7 +77,7 @@ impl Disk {
     /// Opens `path` (format probed). A qcow2 image's backing chain is opened from
     /// its header, read-only. `writable` opens the top image for writing; a qcow2
     /// image is first checked, and repaired if a killed writer left its refcounts
-    /// behind its tables ([`qcow2_check`], which says so on stderr).
+    /// behind its tables ([`qcow2_check`], which says so in a warning).
     pub fn open(path: &Path, writable: bool) -> Result<Disk, Error> {
         let format = probe_format(path)?;
         let open_err = |source| Error::Open { path: path.into(), source };

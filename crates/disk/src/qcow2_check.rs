@@ -605,7 +605,7 @@ fn set_refcount(block: &mut [u8], i: u64, bits: u32, v: u64) {
 }
 
 /// Run before a qcow2 image is opened for writing: repairs it if it must and
-/// says so on stderr.
+/// says so in a warning (cevm's log, on stderr).
 pub(crate) fn repair_before_writing(path: &Path) -> Result<(), Error> {
     if let Some(report) = repair(path)? {
         if !report.is_clean() {

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use disk::{Disk, GuestDisk};
 
 /// Set in the child process: `write GEOMETRY PATH START_ID SEED` (the writer), or
-/// `open PATH` (cevm's next open of the overlay, whose stderr the parent reads).
+/// `open PATH` (cevm's next open of the overlay, whose log on stderr the parent reads).
 const CHILD_ENV: &str = "CEVM_DISK_CRASH_WRITER";
 const SECTOR: u64 = 512;
 const ITERATIONS: usize = 40;
@@ -116,6 +116,9 @@ fn write_bytes(g: &Geometry, seed: u64, id: u64) -> (u64, Vec<u8>) {
 fn child(spec: &str) -> ! {
     let mut parts = spec.split(' ');
     if parts.next() == Some("open") {
+        // cevm's binary logs through tracing to stderr; so does this child, so
+        // that the parent reads the repair warning as an operator would.
+        tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).without_time().init();
         let path = Path::new(parts.next().unwrap());
         match Disk::open(path, true) {
             Ok(_) => std::process::exit(0),
@@ -323,7 +326,7 @@ fn kill_writers(test: &str, g: &Geometry, seed: u64) {
         // its own, must repair it and say so exactly when qemu-img complains.
         let complaint = qemu_img_check(&top);
         let said = open_in_a_process(test, &top);
-        let repaired = said.contains(&format!("cevm: repaired overlay {}: found ", top.display()));
+        let repaired = said.contains(&format!("repaired overlay {}: found ", top.display()));
         if let Some(complaint) = complaint {
             if !repaired {
                 failures
