@@ -249,15 +249,19 @@ impl Controller {
         self.status_as(state)
     }
 
-    /// `pause`.
+    /// `pause`. The new status is published before it is answered.
     pub fn pause(&mut self) -> Result<Status, ActionError> {
-        self.instance.pause()?;
+        let r = self.instance.pause();
+        self.publish();
+        r?;
         Ok(self.status_as("paused"))
     }
 
-    /// `resume`.
+    /// `resume`. The new status is published before it is answered.
     pub fn resume(&mut self) -> Result<Status, ActionError> {
-        self.instance.resume()?;
+        let r = self.instance.resume();
+        self.publish();
+        r?;
         Ok(self.status_as("running"))
     }
 
@@ -331,6 +335,8 @@ impl Controller {
                 // (a CEVM checkpoint writes from it) it goes, ending its vCPU threads.
                 drop(std::mem::replace(&mut self.instance, new));
                 self.watch_new_instance(new_events);
+                // The new instance's status, published before the answer goes out.
+                self.publish();
                 Ok((report, Flow::Continue))
             }
         }
@@ -360,10 +366,12 @@ impl Controller {
     fn stop_and_save(&mut self, out: PathBuf, stop: bool, respond: Respond) -> Flow {
         self.operation(Some("checkpoint"));
         let r = checkpoint::stop_and_save(&mut self.instance, &out, stop, &self.published.checkpoint);
+        // Published before the answer goes out: a client that asks for the
+        // status right after it sees this checkpoint counted.
+        self.checkpoints += u64::from(r.is_ok());
         self.operation(None);
         match r {
             Ok(report) => {
-                self.checkpoints += 1;
                 tracing::info!(
                     "checkpoint {} committed to {} (paused {:.1} ms, {} data pages)",
                     self.checkpoints,

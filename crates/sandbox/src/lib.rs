@@ -23,7 +23,9 @@
 //! per thread name, then widened on the VMM list to whole families (every
 //! file and socket call cevm's code paths could make), so that what the
 //! filters take away is what a VMM never needs: new processes and programs
-//! (`fork`, `execve`), other processes (`ptrace`, `process_vm_*`, `kill`),
+//! (`fork`, `execve`), other processes (`ptrace`, `process_vm_*`, `kill`
+//! with a signal: `kill(pid, 0)`, which only asks whether a process lives, is
+//! let through),
 //! the system (`mount`, `reboot`, modules, `bpf`, `perf_event_open`, keys,
 //! namespaces).
 
@@ -333,7 +335,12 @@ fn allowlist(kind: Kind) -> BTreeMap<i64, Vec<SeccompRule>> {
         vec![rule(0, SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64), libc::CLONE_THREAD as u64)],
     );
     match kind {
-        Kind::Vmm => {}
+        // Whether a process still lives (`kill(pid, 0)`: a checkpoint series asks
+        // whether the writer of a temporary directory it finds has ended), never a
+        // signal sent to another process.
+        Kind::Vmm => {
+            rules.insert(i64::from(Sysno::kill.id()), vec![rule(1, SeccompCmpOp::Eq, 0)]);
+        }
         // The guest drives this thread: KVM's ioctls on its vCPU and VM, nothing else.
         Kind::Vcpu => {
             rules.insert(i64::from(Sysno::ioctl.id()), vec![rule(1, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)]);

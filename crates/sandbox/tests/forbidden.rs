@@ -20,6 +20,7 @@ fn child(case: &str) -> (Option<i32>, String) {
 #[test]
 fn play_the_case_named_in_the_environment() {
     let Ok(case) = std::env::var(CASE) else { return };
+    let parent = std::os::unix::process::parent_id() as i32;
     sandbox::enable().unwrap();
     match case.as_str() {
         // A VMM thread may open files and make threads...
@@ -69,6 +70,18 @@ fn play_the_case_named_in_the_environment() {
                 .unwrap();
             std::process::exit(if e == Some(libc::EACCES) { 0 } else { 1 });
         }
+        // A VMM thread may ask whether a process lives (signal 0)...
+        "vmm-probe-process" => {
+            // SAFETY: signal 0 sends nothing.
+            let alive = unsafe { libc::kill(parent, 0) };
+            std::process::exit(if alive == 0 { 0 } else { 1 });
+        }
+        // ...but not signal one.
+        "vmm-signal-process" => {
+            // SAFETY: SIGCONT to the parent (the test), harmless if let through.
+            unsafe { libc::kill(parent, libc::SIGCONT) };
+            panic!("a signal to another process was not stopped");
+        }
         other => panic!("unknown case {other}"),
     }
 }
@@ -112,4 +125,13 @@ fn a_socket_on_a_vcpu_thread_ends_the_vmm_naming_the_thread_and_the_call() {
 fn an_api_thread_cannot_open_files() {
     let (code, err) = child("api-open");
     assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn a_vmm_thread_may_ask_whether_a_process_lives_but_not_signal_it() {
+    let (code, err) = child("vmm-probe-process");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = child("vmm-signal-process");
+    assert_eq!(code, Some(sandbox::EXIT_FORBIDDEN), "{err}");
+    assert!(err.contains("made the forbidden system call `kill` (62)"), "{err}");
 }
