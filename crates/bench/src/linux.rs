@@ -95,6 +95,7 @@ fn cevm_rows(w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<(), String
         vcpus: 1,
         memory_backend: MemoryBackend::Shared,
         disk: None,
+        nics: vec![],
     };
     let (mut inst, lines) = start_guest(config)?;
     wait_line(&lines, Duration::from_secs(900), |l| l.contains(marker(w)))?;

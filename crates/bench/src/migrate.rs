@@ -173,6 +173,7 @@ pub fn run(o: &Options) -> Result<(), String> {
                 vcpus: 1,
                 memory_backend: MemoryBackend::Shared,
                 disk: None,
+                nics: vec![],
             };
             let (mut inst, lines) = start_guest(config)?;
             wait_line(&lines, Duration::from_secs(600), |l| l.starts_with("dirtier: filled"))?;

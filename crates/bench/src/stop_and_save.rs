@@ -48,6 +48,7 @@ pub fn run(
             vcpus: 1,
             memory_backend,
             disk: None,
+            nics: vec![],
         };
         let (mut inst, lines) = start_guest(config)?;
         wait_dirtied(&lines, ws_mib * 256, Duration::from_secs(600))?;

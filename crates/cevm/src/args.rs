@@ -123,6 +123,69 @@ pub fn check_guest(guest: &str, args: &str, mem: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// `--net tap=NAME[,mac=MAC]`: a NIC on a host tap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetArg {
+    pub tap: String,
+    pub mac: Option<devices::virtio::net::MacAddr>,
+}
+
+/// Parses `tap=NAME[,mac=MAC]`.
+pub fn parse_net(s: &str) -> Result<NetArg, String> {
+    let (mut tap, mut mac) = (None, None);
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if tap.is_none() => {
+                devices::virtio::net::tap::check_name(name).map_err(|e| e.to_string())?;
+                tap = Some(name.to_string());
+            }
+            Some(("mac", m)) if mac.is_none() => mac = Some(m.parse()?),
+            Some(("tap" | "mac", _)) => return Err(format!("`{part}`: given twice in `{s}`")),
+            _ => return Err(format!("`{part}` is not tap=NAME or mac=MAC (the form is tap=NAME[,mac=MAC])")),
+        }
+    }
+    let tap = tap.ok_or_else(|| format!("`{s}` names no tap (the form is tap=NAME[,mac=MAC])"))?;
+    Ok(NetArg { tap, mac })
+}
+
+/// The NICs of a new guest: each `--net` in order, a NIC without a MAC given
+/// one made from its tap's name (the same on every run), no MAC twice, at
+/// most [`vmm::layout::MAX_NICS`].
+pub fn nics(nets: &[NetArg]) -> Result<Vec<vmm::NicConfig>, String> {
+    if nets.len() > vmm::layout::MAX_NICS {
+        return Err(format!("{} --net given: at most {} NICs are supported", nets.len(), vmm::layout::MAX_NICS));
+    }
+    let mut out: Vec<vmm::NicConfig> = Vec::new();
+    for n in nets {
+        // FNV-1a of the name: a stable, locally administered address.
+        let h = n.tap.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+        let mac = n.mac.unwrap_or_else(|| devices::virtio::net::MacAddr::local(h));
+        if out.iter().any(|o| o.mac == mac) {
+            return Err(format!("two NICs would have the MAC address {mac}: give each its own with mac="));
+        }
+        if out.iter().any(|o| o.tap == n.tap) {
+            return Err(format!("tap `{}` is given twice: each NIC needs a tap of its own", n.tap));
+        }
+        out.push(vmm::NicConfig { tap: n.tap.clone(), mac });
+    }
+    Ok(out)
+}
+
+/// The taps `--net` gives a guest that keeps its NICs (a restore or an
+/// arriving migration): NIC i is bound to the i-th; a MAC cannot change.
+pub fn tap_overrides(nets: &[NetArg]) -> Result<Vec<String>, String> {
+    nets.iter()
+        .map(|n| match n.mac {
+            Some(_) => Err(format!(
+                "`--net tap={},mac=...`: a restored or arriving guest keeps its NICs' MAC addresses; give only tap=NAME",
+                n.tap
+            )),
+            None => Ok(n.tap.clone()),
+        })
+        .collect()
+}
+
+
 /// `p` as an absolute path, its directory canonical (symlinks and `..`
 /// resolved, when it exists) and its last component kept as given: what a
 /// process in another directory (a migration's destination, a restore) can

@@ -236,6 +236,7 @@ impl Controller {
             guest: self.instance.config().clone(),
             checkpoints: self.checkpoints,
             operation: self.operation.map(str::to_string),
+            nics: self.instance.nics().into_iter().map(Into::into).collect(),
         }
     }
 

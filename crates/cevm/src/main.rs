@@ -53,6 +53,10 @@ enum Cmd {
         /// Place the vCPU threads: vCPU i on the i-th CPU of this list (e.g. 1,0 or 2-3).
         #[arg(long, value_name = "CPUS")]
         vcpu_cpus: Option<vmm::placement::CpuList>,
+        /// Bind the checkpoint's NIC i to the tap of the i-th --net instead of the
+        /// one it had (its MAC stays). Repeatable.
+        #[arg(long, value_name = "tap=NAME", value_parser = args::parse_net)]
+        net: Vec<args::NetArg>,
         #[command(flatten)]
         periodic: PeriodicArgs,
     },
@@ -173,6 +177,11 @@ struct RunArgs {
     /// Offer the disk to the guest read-only.
     #[arg(long, requires = "disk")]
     disk_read_only: bool,
+    /// A NIC (virtio-net) on the existing host tap NAME, with address MAC (default:
+    /// one made from the tap's name). Repeatable. With --incoming: bind the
+    /// arriving guest's NIC i to the i-th tap instead of the one it had.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = args::parse_net)]
+    net: Vec<args::NetArg>,
     /// Where guest memory lives.
     #[arg(long, default_value = "shared", value_parser = memory_backends())]
     memory_backend: MemoryBackend,
@@ -364,13 +373,18 @@ fn sandboxed(vmm: impl FnOnce() -> i32) -> i32 {
 fn run(cmd: Cmd) -> i32 {
     match cmd {
         Cmd::Run(a) => sandboxed(|| run_vm(a)),
-        Cmd::Restore { dir, overlay, api_sock, vcpu_cpus, periodic } => {
+        Cmd::Restore { dir, overlay, api_sock, vcpu_cpus, net, periodic } => {
+            let taps = match args::tap_overrides(&net) {
+                Ok(t) => t,
+                Err(e) => return usage(e),
+            };
             // Absolute: the restored guest's disk path is stored in its configuration.
             let (dir, overlay) = match (absolute(&dir), overlay.as_deref().map(anchored).transpose()) {
                 (Ok(d), Ok(o)) => (d, o),
                 (Err(e), _) | (_, Err(e)) => return fail(e),
             };
-            sandboxed(|| restore(&dir, overlay.as_deref(), api_sock.as_deref(), vcpu_cpus.as_ref(), periodic))
+            let how = Restore { overlay: overlay.as_deref(), api_sock: api_sock.as_deref(), vcpu_cpus: vcpu_cpus.as_ref(), taps };
+            sandboxed(|| restore(&dir, how, periodic))
         }
         Cmd::Checkpoint(a) => checkpoint_vm(a),
         Cmd::Migrate(a) => migrate_vm(a),
@@ -534,19 +548,39 @@ fn run_vm(a: RunArgs) -> i32 {
         disk,
         overlay,
         disk_read_only,
+        net,
         memory_backend,
         api_sock,
         incoming,
         vcpu_cpus,
         periodic,
     } = a;
+    // The NICs' taps are checked before anything is made: a new guest's must
+    // open; an arriving guest's must exist (its source on this host may still
+    // hold it).
+    let (nics, taps) = match incoming {
+        Some(_) => (Ok(Vec::new()), args::tap_overrides(&net)),
+        None => (args::nics(&net), Ok(Vec::new())),
+    };
+    let (nics, taps) = match (nics, taps) {
+        (Ok(n), Ok(t)) => (n, t),
+        (Err(e), _) | (_, Err(e)) => return usage(e),
+    };
+    let usable = nics
+        .iter()
+        .try_for_each(|n| devices::virtio::net::Tap::open(&n.tap).map(drop))
+        .and_then(|()| taps.iter().try_for_each(|t| devices::virtio::net::tap::check_exists(t)));
+    if let Err(e) = usable {
+        return usage(e);
+    }
     // First of all: a refused socket path leaves nothing behind (no overlay).
     let api = match start_api(api_sock.as_deref()) {
         Ok(a) => a,
         Err(code) => return code,
     };
     if let Some(endpoint) = incoming {
-        return run_incoming(&endpoint, api.as_ref(), vcpu_cpus.as_ref());
+        let host = migrate::HostBinding { vcpu_cpus: vcpu_cpus.map(|c| c.0).unwrap_or_default(), taps };
+        return run_incoming(&endpoint, api.as_ref(), &host);
     }
     if !overcommit {
         if let Err(e) = args::check_host_mem(mem, cevm::host::memory_limit()) {
@@ -569,7 +603,7 @@ fn run_vm(a: RunArgs) -> i32 {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
-    let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend, disk };
+    let config = InstanceConfig { boot, mem_size: mem, vcpus, memory_backend, disk, nics };
     let periodic = match periodic.policy(&config) {
         Ok(p) => p,
         Err(e) => return fail(e),
@@ -581,14 +615,18 @@ fn run_vm(a: RunArgs) -> i32 {
     }
 }
 
+/// How `cevm restore` runs the guest it restores.
+struct Restore<'a> {
+    overlay: Option<&'a Path>,
+    api_sock: Option<&'a Path>,
+    vcpu_cpus: Option<&'a vmm::placement::CpuList>,
+    /// NIC i binds `taps[i]` instead of the tap it had.
+    taps: Vec<String>,
+}
+
 /// `cevm restore`: verifies and loads a checkpoint and serves the guest.
-fn restore(
-    dir: &Path,
-    overlay: Option<&Path>,
-    api_sock: Option<&Path>,
-    vcpu_cpus: Option<&vmm::placement::CpuList>,
-    periodic: PeriodicArgs,
-) -> i32 {
+fn restore(dir: &Path, how: Restore<'_>, periodic: PeriodicArgs) -> i32 {
+    let Restore { overlay, api_sock, vcpu_cpus, taps } = how;
     // Before the restore creates the guest's disk: a refusal leaves nothing.
     let api = match start_api(api_sock) {
         Ok(a) => a,
@@ -604,7 +642,8 @@ fn restore(
     }
     let (tx, rx) = mpsc::channel();
     let bar = progress::Bytes::new("restoring");
-    let restored = checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx, &mut |d, t| bar.update(d, t));
+    let restored =
+        checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx, &taps, &mut |d, t| bar.update(d, t));
     drop(bar);
     match restored {
         Ok((inst, disk)) => {
@@ -666,11 +705,7 @@ fn bench(args: &[std::ffi::OsString]) -> i32 {
 }
 
 /// `cevm run --incoming`: waits for one migration, then runs the guest that came.
-fn run_incoming(
-    endpoint: &migrate::Endpoint,
-    api: Option<&Server>,
-    vcpu_cpus: Option<&vmm::placement::CpuList>,
-) -> i32 {
+fn run_incoming(endpoint: &migrate::Endpoint, api: Option<&Server>, host: &migrate::HostBinding) -> i32 {
     let listener = match endpoint.listen() {
         Ok(l) => l,
         Err(e) => return fail(e),
@@ -682,10 +717,9 @@ fn run_incoming(
     };
     drop(listener);
     let (tx, rx) = mpsc::channel();
-    let cpus = vcpu_cpus.map(|c| c.0.clone()).unwrap_or_default();
     // A CEVM checkpoint's guest: its disk comes over in the background (the
     // disk hand-over) while the source writes the checkpoint.
-    match migrate::accept_guest(t, Box::new(std::io::stdout()), tx, &cpus) {
+    match migrate::accept_guest(t, Box::new(std::io::stdout()), tx, host) {
         Ok(arrived) => {
             tracing::info!("guest arrived from {} ({}), running", arrived.peer, arrived.hello.config.boot);
             if let Some(e) = &arrived.disk_link_error {

@@ -237,6 +237,7 @@ fn fake_source(name: &str, after_hello: Vec<u8>, hello_version: Option<u32>) -> 
         vcpus: 1,
         memory_backend: vmm::MemoryBackend::Shared,
         disk: None,
+        nics: vec![],
     };
     let hello = serde_json::to_vec(&Hello { cevm_version: "test".into(), config, cevm: false }).unwrap();
     let mut hello = frame(FrameKind::Hello, &hello);

@@ -52,6 +52,9 @@ pub enum Error {
     /// The strategy cannot checkpoint this guest.
     #[error("{0}")]
     Unsupported(String),
+    /// A NIC of the checkpoint cannot be bound to a tap here.
+    #[error("{0}")]
+    Network(String),
 }
 
 /// Result of this crate.
@@ -388,9 +391,23 @@ pub fn restore(
     disk_to: Option<&Path>,
     console: Box<dyn Write + Send>,
     events: Sender<VmEvent>,
+    taps: &[String],
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(Instance, Option<PathBuf>)> {
     let OpenCheckpoint { checkpoint, mut config, state, disk_file } = open(dir)?;
+    // The taps, before anything is read or made: NIC i binds `taps[i]`, or the
+    // tap it had when the checkpoint was taken.
+    let host = migrate::HostBinding { vcpu_cpus: Vec::new(), taps: taps.to_vec() };
+    host.apply(&mut config).map_err(Error::Network)?;
+    for (i, nic) in config.nics.iter().enumerate() {
+        if let Err(e) = devices::virtio::net::Tap::open(&nic.tap) {
+            let given = if i < taps.len() { "given for it" } else { "it was bound to when the checkpoint was taken" };
+            return Err(Error::Network(format!(
+                "NIC {i} ({}): the tap {given} cannot be used here: {e}; bind it to another with --net tap=NAME (one --net per NIC, in order)",
+                nic.mac
+            )));
+        }
+    }
     let disk = match &disk_file {
         Some(name) => {
             let src = checkpoint.open_file(name)?;

@@ -56,6 +56,7 @@ pub fn migration_stream() -> Vec<u8> {
             vcpus: 1,
             memory_backend: Default::default(),
             disk: None,
+            nics: vec![],
         },
         cevm: false,
     };

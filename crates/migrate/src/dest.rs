@@ -31,6 +31,32 @@ pub struct Arrived {
     pub disk_link_error: Option<Error>,
 }
 
+/// What this host gives an arriving guest: the CPUs its vCPU threads run on
+/// (empty: anywhere), and the taps its NICs bind: NIC i binds `taps[i]`, a NIC
+/// beyond the list the tap the source named (the same name on this host).
+#[derive(Clone, Debug, Default)]
+pub struct HostBinding {
+    pub vcpu_cpus: Vec<usize>,
+    pub taps: Vec<String>,
+}
+
+impl HostBinding {
+    /// The arriving guest's configuration with this host's taps.
+    pub fn apply(&self, config: &mut vmm::InstanceConfig) -> std::result::Result<(), String> {
+        if self.taps.len() > config.nics.len() {
+            return Err(format!(
+                "{} taps were given for a guest with {} NICs",
+                self.taps.len(),
+                config.nics.len()
+            ));
+        }
+        for (nic, tap) in config.nics.iter_mut().zip(&self.taps) {
+            nic.tap = tap.clone();
+        }
+        Ok(())
+    }
+}
+
 /// The new side's one entry point: receives a migration on `t` ([`migrate_in`])
 /// and, for a CEVM checkpoint, serves the new instance's side of the disk
 /// hand-over over the same connection ([`crate::disk_link::serve_new_side`]).
@@ -38,9 +64,9 @@ pub fn accept_guest(
     mut t: Box<dyn Transport>,
     console: Box<dyn Write + Send>,
     events: Sender<VmEvent>,
-    vcpu_cpus: &[usize],
+    host: &HostBinding,
 ) -> Result<Arrived> {
-    let (instance, hello) = migrate_in(t.as_mut(), console, events, vcpu_cpus)?;
+    let (instance, hello) = migrate_in(t.as_mut(), console, events, host)?;
     let peer = t.peer();
     // The guest runs in `instance` from here on, whatever the hand-over does.
     let disk_link_error = if hello.cevm { crate::disk_link::serve_new_side(t, &instance).err() } else { None };
@@ -55,15 +81,15 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 /// whole state arrived: a connection lost, a damaged frame or an `Error` from the
 /// source ends here with an error, and the partial state is dropped.
 ///
-/// `vcpu_cpus` places the new vCPU threads (see `Instance::place_vcpus`; empty:
-/// anywhere).
+/// `host` places the new vCPU threads (see `Instance::place_vcpus`) and names
+/// the taps the guest's NICs bind here.
 pub fn migrate_in(
     t: &mut dyn Transport,
     console: Box<dyn Write + Send>,
     events: Sender<VmEvent>,
-    vcpu_cpus: &[usize],
+    host: &HostBinding,
 ) -> Result<(Instance, Hello)> {
-    let r = receive(t, console, events, vcpu_cpus);
+    let r = receive(t, console, events, host);
     if let Err(e) = &r {
         // Tell the source why, if it still listens (it then keeps the guest).
         if !matches!(e, Error::Peer { .. } | Error::Closed { .. }) {
@@ -77,7 +103,7 @@ fn receive(
     t: &mut dyn Transport,
     console: Box<dyn Write + Send>,
     events: Sender<VmEvent>,
-    vcpu_cpus: &[usize],
+    host: &HostBinding,
 ) -> Result<(Instance, Hello)> {
     let f = t.recv(None)?;
     let hello: Hello = match f.kind {
@@ -89,7 +115,8 @@ fn receive(
         FrameKind::Error => return Err(Error::from_error_frame(t.peer(), &f.payload)),
         got => return Err(Error::Unexpected { peer: t.peer(), got, expected: "Hello" }),
     };
-    let config = hello.config.clone();
+    let mut config = hello.config.clone();
+    host.apply(&mut config).map_err(Error::Binding)?;
     // The KVM VM, its memory and vCPUs are made now, while the source still runs
     // the guest, so that the switch only loads the state into them.
     let mut shell = Shell::new(&config, None)?;
@@ -130,7 +157,7 @@ fn receive(
                 let state = state.ok_or_else(|| Error::DoneBeforeState { peer: t.peer() })?;
                 let mut inst = Instance::restore_into(shell, config, &state, console, events)?;
                 inst.start()?;
-                inst.place_vcpus(vcpu_cpus)?;
+                inst.place_vcpus(&host.vcpu_cpus)?;
                 let started_at_us = monotonic_us();
                 if !done.running {
                     inst.pause()?;

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use dest::{accept_guest, migrate_in, Arrived};
+pub use dest::{accept_guest, migrate_in, Arrived, HostBinding};
 pub use destination::{migrate_to, Destination, Moved, NewInstance};
 pub use local::{migrate_local, Local};
 pub use source::migrate_out;
@@ -100,6 +100,9 @@ pub enum Error {
     /// The destination cannot prepare the guest's disk.
     #[error(transparent)]
     Disk(#[from] disk::Error),
+    /// The destination cannot take the guest as this host was told to bind it.
+    #[error("{0}")]
+    Binding(String),
 }
 
 /// How far a migration had come when it failed.

@@ -44,11 +44,12 @@ pub fn migrate_local(
     dest_cpus: &[usize],
 ) -> std::result::Result<Local, Failure> {
     let (mut src, dst) = channel_pair(CHANNEL_DEPTH);
-    let dest_cpus = dest_cpus.to_vec();
+    // The same host: the guest's NICs bind the taps the source lets go of.
+    let host = crate::HostBinding { vcpu_cpus: dest_cpus.to_vec(), taps: Vec::new() };
     let dest = std::thread::Builder::new()
         .name("migrate-dest".into())
         .spawn(move || {
-            let arrived = crate::accept_guest(Box::new(dst), console, events, &dest_cpus)?;
+            let arrived = crate::accept_guest(Box::new(dst), console, events, &host)?;
             Ok::<_, Error>((arrived.instance, arrived.disk_link_error))
         })
         .map_err(|source| Failure {

@@ -488,6 +488,10 @@ fn send_last_pages_and_state(
     // destination opens it.
     inst.flush_disk()?;
     let state = inst.save_state()?;
+    // The guest's NICs are the destination's from here: it may bind the same
+    // taps (a tap takes one reader). If the switch fails here, the resume binds
+    // them again.
+    inst.release_network()?;
     let state = encode_state(&state)?;
     s.t.send(FrameKind::State, &[&state])?;
     parts.state_ms = ms(t.elapsed());

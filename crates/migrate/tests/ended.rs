@@ -17,6 +17,7 @@ fn a_guest_that_exited_is_not_migrated() {
         vcpus: 1,
         memory_backend: MemoryBackend::Shared,
         disk: None,
+        nics: vec![],
     };
     let (tx, events) = mpsc::channel();
     let image = guests::find("hello").unwrap();

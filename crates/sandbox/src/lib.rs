@@ -6,7 +6,8 @@
 //! every thread created afterwards inherits. The threads most exposed to the
 //! outside then narrow it further with [`confine`]: each vCPU thread (the guest
 //! drives it) to [`Kind::Vcpu`], each API thread (clients drive it) to
-//! [`Kind::Api`]. Filters stack in the kernel: a thread can only ever lose
+//! [`Kind::Api`], each NIC's I/O thread (the guest and the network drive it)
+//! to [`Kind::Net`]. Filters stack in the kernel: a thread can only ever lose
 //! system calls.
 //!
 //! A call outside a thread's list raises `SIGSYS`; the handler installed by
@@ -52,6 +53,9 @@ pub enum Kind {
     Vcpu,
     /// An API thread: accepted connections only.
     Api,
+    /// A NIC's I/O thread: waits on its tap and eventfds, reads and writes
+    /// frames on the tap it was given.
+    Net,
 }
 
 /// Errors installing a filter.
@@ -218,6 +222,14 @@ const API: &[Sysno] = &[
 
 /// The VMM's: files and directories (checkpoints, disks, sockets), sockets
 /// (migration, API), KVM, event file descriptors, CPU placement.
+const NET: &[Sysno] = &[
+    Sysno::read,
+    Sysno::readv,
+    Sysno::epoll_ctl,
+    Sysno::epoll_wait,
+    Sysno::epoll_pwait,
+];
+
 const VMM: &[Sysno] = &[
     // Files.
     Sysno::read,
@@ -326,6 +338,7 @@ fn allowlist(kind: Kind) -> BTreeMap<i64, Vec<SeccompRule>> {
         Kind::Vmm => VMM,
         Kind::Vcpu => VCPU,
         Kind::Api => API,
+        Kind::Net => NET,
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         COMMON.iter().chain(own).map(|s| (i64::from(s.id()), vec![])).collect();
@@ -341,10 +354,19 @@ fn allowlist(kind: Kind) -> BTreeMap<i64, Vec<SeccompRule>> {
         Kind::Vmm => {
             rules.insert(i64::from(Sysno::kill.id()), vec![rule(1, SeccompCmpOp::Eq, 0)]);
         }
-        // The guest drives this thread: KVM's ioctls on its vCPU and VM, nothing else.
+        // The guest drives this thread: KVM's ioctls on its vCPU and VM, and the
+        // one a NIC makes when the guest's driver starts it (the tap offloads the
+        // driver accepted), nothing else.
         Kind::Vcpu => {
-            rules.insert(i64::from(Sysno::ioctl.id()), vec![rule(1, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)]);
+            rules.insert(
+                i64::from(Sysno::ioctl.id()),
+                vec![
+                    rule(1, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8),
+                    rule(1, SeccompCmpOp::Eq, libc::TUNSETOFFLOAD),
+                ],
+            );
         }
+        Kind::Net => {}
         // Rust's std sets a socket's blocking mode with FIONBIO.
         Kind::Api => {
             rules.insert(
@@ -448,7 +470,7 @@ mod tests {
 
     #[test]
     fn every_kind_compiles_to_bpf() {
-        for kind in [Kind::Vmm, Kind::Vcpu, Kind::Api] {
+        for kind in [Kind::Vmm, Kind::Vcpu, Kind::Api, Kind::Net] {
             let p = programs(kind).unwrap();
             assert!(p.len() >= 2, "{kind:?}");
             assert!(p.iter().all(|p| !p.is_empty()));

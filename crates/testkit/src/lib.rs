@@ -129,3 +129,4 @@ impl Drop for SmallFs {
 }
 
 pub mod linux;
+pub mod net;

@@ -43,6 +43,16 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// A NIC: a virtio-net device on a host tap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicConfig {
+    /// The host tap interface it is bound to. A host resource: a restore or a
+    /// migration's destination may bind the NIC to another.
+    pub tap: String,
+    /// Its MAC address (part of the guest: the same wherever it runs).
+    pub mac: devices::virtio::net::MacAddr,
+}
+
 /// What an instance runs: the guest configuration, recorded in every checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceConfig {
@@ -57,4 +67,7 @@ pub struct InstanceConfig {
     /// The virtio-blk disk, if any.
     #[serde(default)]
     pub disk: Option<DiskConfig>,
+    /// The NICs, in the order the guest finds them (at most [`crate::layout::MAX_NICS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicConfig>,
 }

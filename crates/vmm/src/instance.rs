@@ -25,6 +25,7 @@ use crate::layout::{
     VirtioMmioSlot, ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, VIRTIO_BLK_SLOT,
 };
 use crate::memory::GuestMemory;
+use crate::nics::{NicStatus, Nics};
 use crate::persist::{device_ids, DeviceSet, KvmVm};
 use crate::state::{DeviceStates, InstanceState, VcpuState};
 use crate::vcpu::{self, kick_signal, Buses, FreshVcpu, RunControl, Vcpu, VcpuCommand};
@@ -177,6 +178,7 @@ pub struct Instance {
     devices: DeviceSet,
     buses: Arc<Buses>,
     block: Option<Arc<Mutex<MmioTransport<Block>>>>,
+    nics: Nics,
     ctl: Arc<RunControl>,
     idle_vcpus: Vec<Vcpu>,
     /// Threads waiting to run `idle_vcpus`, one each (see [`ParkedThread`]).
@@ -298,6 +300,8 @@ impl Instance {
         // delivered asynchronously), and loading it overwrote what the UART raised
         // while it was being restored.
         inst.devices.reassert_pending_interrupts()?;
+        // The guest may be on another host or tap now: its NICs announce it.
+        inst.nics.announce();
         Ok(inst)
     }
 
@@ -337,6 +341,11 @@ impl Instance {
             }
             None => None,
         };
+        let mut nics = Nics::default();
+        for (i, nic) in config.nics.iter().enumerate() {
+            let mut virtio = VirtioBuilder { set: &mut set, buses: &mut buses, vm: &vm, memory: &memory, devices };
+            nics.add(&vm, nic, |net, slot| virtio.add(device_ids::VIRTIO_NET[i], net, slot))?;
+        }
         if let Some(saved) = devices {
             set.check_all_restored(saved)?;
         }
@@ -348,6 +357,7 @@ impl Instance {
             devices: set,
             buses: Arc::new(buses),
             block,
+            nics,
             ctl: Arc::new(RunControl::default()),
             idle_vcpus,
             parked,
@@ -361,7 +371,23 @@ impl Instance {
 
     /// The virtio-mmio devices, for the firmware tables.
     pub fn virtio_slots(&self) -> Vec<VirtioMmioSlot> {
-        self.block.iter().map(|_| VIRTIO_BLK_SLOT).collect()
+        self.block.iter().map(|_| VIRTIO_BLK_SLOT).chain(self.nics.slots()).collect()
+    }
+
+    /// The NICs: the tap each is bound to, and what it moved.
+    pub fn nics(&self) -> Vec<NicStatus> {
+        self.nics.status()
+    }
+
+    /// Lets go of the NICs' taps: the paused guest goes on elsewhere (a
+    /// migration's switch), where its NICs may bind the same taps. A resume
+    /// binds them again.
+    pub fn release_network(&mut self) -> Result<()> {
+        if self.state == RunState::Running {
+            return Err(Error::RunState("the instance must be paused to release its network"));
+        }
+        self.nics.release();
+        Ok(())
     }
 
     /// Makes every write the guest's disk completed durable (flushes the image).
@@ -417,6 +443,9 @@ impl Instance {
         if self.state != RunState::Created {
             return Err(Error::RunState("the instance was already started"));
         }
+        // The taps first: a NIC that cannot have its tap stops the start before
+        // any guest instruction runs.
+        self.nics.start()?;
         for (vcpu, parked) in self.idle_vcpus.drain(..).zip(self.parked.drain(..)) {
             let (tx, commands) = mpsc::channel();
             let (ctl, buses, events) = (self.ctl.clone(), self.buses.clone(), self.events.clone());
@@ -455,6 +484,9 @@ impl Instance {
                 return Err(Error::RunState("vCPUs did not pause within 5 s"));
             }
         }
+        // With the vCPUs stopped, the NICs' threads stop: a paused instance
+        // changes no guest memory.
+        self.nics.pause();
         self.state = RunState::Paused;
         Ok(())
     }
@@ -466,6 +498,7 @@ impl Instance {
             RunState::Created => return Err(Error::RunState("the instance has not started")),
             RunState::Paused => {}
         }
+        self.nics.resume();
         self.ctl.clear_pause();
         for t in &self.threads {
             let _ = t.commands.send(VcpuCommand::Resume);
@@ -559,6 +592,7 @@ impl Instance {
         for p in self.parked.drain(..) {
             p.dismiss();
         }
+        self.nics.shutdown();
         // A guest that ended during a CEVM disk hand-over: its last writes are in
         // the new overlay, which takes the disk's name only when the hand-over
         // ends; wait for that, so the disk left behind is the guest's.
@@ -578,7 +612,7 @@ impl Drop for Instance {
 
 /// What adding a virtio device needs: the device set, the buses, the VM (for
 /// the interrupt's irqfd), guest memory (for the queues) and the saved states.
-struct VirtioBuilder<'a> {
+pub(crate) struct VirtioBuilder<'a> {
     set: &'a mut DeviceSet,
     buses: &'a mut Buses,
     vm: &'a VmFd,

@@ -12,7 +12,8 @@
 //! 0x0010_0000  guest image (flat binary, at most 1 MiB), or the Linux kernel
 //! 0x0020_0000  vCPU stacks, STACK_SIZE each, vCPU i's top at STACKS_ADDR + (i+1)*STACK_SIZE
 //! 0x0040_0000  free RAM for the guest's own use, up to min(mem, LOW_RAM_END)
-//! 0xc000_0000  32-bit hole (later: MMIO devices), RAM above it continues at 4 GiB
+//! 0xc000_0000  32-bit hole, RAM above it continues at 4 GiB
+//! 0xd000_0000  virtio-mmio register blocks: the disk, then NIC 0..7, 4 KiB each
 //! ```
 
 /// Size of a guest page.
@@ -100,6 +101,22 @@ pub struct VirtioMmioSlot {
 pub const VIRTIO_BLK_SLOT: VirtioMmioSlot =
     VirtioMmioSlot { base: VIRTIO_MMIO_BASE, size: VIRTIO_MMIO_SIZE, gsi: VIRTIO_BLK_GSI };
 
+/// Most NICs an instance may have.
+pub const MAX_NICS: usize = 8;
+/// Interrupt of NIC 0; NIC i has VIRTIO_NET_GSI + i (IOAPIC pins 16-23, clear
+/// of the ISA interrupts).
+pub const VIRTIO_NET_GSI: u32 = 16;
+
+/// The slot of NIC `i`: right after the block device's (which stays reserved
+/// when there is no disk, so a NIC's address never depends on the disk).
+pub const fn virtio_net_slot(i: usize) -> VirtioMmioSlot {
+    VirtioMmioSlot {
+        base: VIRTIO_MMIO_BASE + (1 + i as u64) * VIRTIO_MMIO_SIZE,
+        size: VIRTIO_MMIO_SIZE,
+        gsi: VIRTIO_NET_GSI + i as u32,
+    }
+}
+
 /// ACPI sleep control register (hardware-reduced ACPI): a write with SLP_EN powers off.
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
 /// ACPI sleep status register.
@@ -118,3 +135,4 @@ pub const EXIT_PORT: u16 = 0xf4;
 
 const _: () = assert!(STACKS_ADDR + MAX_VCPUS as u64 * STACK_SIZE <= FREE_START);
 const _: () = assert!(GUEST_IMAGE_ADDR + GUEST_IMAGE_MAX <= STACKS_ADDR);
+const _: () = assert!(VIRTIO_NET_GSI + MAX_NICS as u32 <= 24); // the IOAPIC's pins

@@ -12,7 +12,8 @@
 //!
 //! ```text
 //! instance                          the instance: everything below, assembled
-//! persist, vcpu, linux              saving and restoring; one vCPU; Linux boot
+//! persist, vcpu, linux, nics        saving and restoring; one vCPU; Linux boot;
+//!                                   the NICs and their I/O threads
 //! acpi, boot, config                firmware tables; long mode and built-in guest
 //!                                   loading; what to run
 //! memory, state, bus, placement     guest RAM; saved-state structs; I/O and MMIO
@@ -31,12 +32,13 @@ pub mod instance;
 pub mod layout;
 pub mod linux;
 pub mod memory;
+pub mod nics;
 pub mod persist;
 pub mod placement;
 pub mod state;
 pub mod vcpu;
 
-pub use config::{Boot, DiskConfig, InstanceConfig};
+pub use config::{Boot, DiskConfig, InstanceConfig, NicConfig};
 pub use error::{Error, Result};
 pub use event::VmEvent;
 pub use instance::{Instance, Shell};

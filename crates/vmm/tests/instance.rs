@@ -31,6 +31,7 @@ fn config(guest: &str, args: &str, vcpus: u32, backend: MemoryBackend) -> Instan
         vcpus,
         memory_backend: backend,
         disk: None,
+        nics: vec![],
     }
 }
 

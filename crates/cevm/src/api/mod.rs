@@ -149,4 +149,34 @@ pub struct Status {
     /// `GET /v1/checkpoint`) or `migration` (`GET /v1/migration`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<String>,
+    /// Each NIC: the tap it is bound to now, and what it moved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicStatusView>,
+}
+
+/// What `status` shows of a NIC (see `vmm::nics::NicStatus`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NicStatusView {
+    pub tap: Option<String>,
+    pub mac: String,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub dropped: u64,
+}
+
+impl From<vmm::nics::NicStatus> for NicStatusView {
+    fn from(n: vmm::nics::NicStatus) -> Self {
+        let c = n.counters;
+        NicStatusView {
+            tap: n.tap,
+            mac: n.mac.to_string(),
+            rx_frames: c.rx_frames,
+            rx_bytes: c.rx_bytes,
+            tx_frames: c.tx_frames,
+            tx_bytes: c.tx_bytes,
+            dropped: c.dropped,
+        }
+    }
 }

@@ -127,6 +127,25 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
+    /// The device behind the transport, to change.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// Whether the driver has set the device up (DRIVER_OK) and not reset it.
+    pub fn driver_ok(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0
+    }
+
+    /// Tells the driver that the configuration space changed (virtio 1.2
+    /// §4.2.2.1: the generation moves on, the interrupt status says why).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+        // As for a used buffer: a lost write is the irqfd's failure.
+        let _ = self.irq.write(1);
+    }
+
     fn features(&self) -> u64 {
         self.device.device_features() | (1 << VIRTIO_F_VERSION_1)
     }
@@ -143,9 +162,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.status = 0;
         self.interrupt_status = 0;
         self.queue_sel = 0;
+        self.device.reset();
     }
 
-    fn notify(&mut self, index: usize) {
+    /// Serves queue `index` as a notification from the driver asks: on the
+    /// vCPU that wrote QueueNotify, or on a device's I/O thread woken by the
+    /// same write through an ioeventfd, or by its backend (a frame arrived).
+    pub fn serve_queue(&mut self, index: usize) {
         if self.status & STATUS_DRIVER_OK == 0 {
             return;
         }
@@ -213,6 +236,9 @@ impl<D: VirtioDevice> Persist for MmioTransport<D> {
         t.status = s.status;
         t.interrupt_status = s.interrupt_status;
         t.config_generation = s.config_generation;
+        if t.driver_ok() {
+            t.device.activate(t.driver_features);
+        }
         Ok(t)
     }
 }
@@ -275,7 +301,7 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> IoAction {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
-            return IoAction::None; // block config space is read-only
+            return IoAction::None; // the devices' configuration spaces are read-only
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else { return IoAction::None };
         let v = u32::from_le_bytes(bytes);
@@ -317,13 +343,17 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
                     q.set_used_ring_address((!high).then_some(v), high.then_some(v));
                 }
             }
-            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(v as usize),
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.serve_queue(v as usize),
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
             VIRTIO_MMIO_STATUS => {
                 if v == 0 {
                     self.reset();
                 } else {
+                    let activates = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
                     self.status = v;
+                    if activates {
+                        self.device.activate(self.driver_features);
+                    }
                 }
             }
             _ => {}

@@ -5,7 +5,6 @@
 //!
 //! [`Instance::restore_into`]: crate::Instance::restore_into
 
-use devices::virtio::block::QUEUE_MAX_SIZES;
 use devices::virtio::mmio::MmioState;
 use devices::{Persist, Serial, SerialResources, SerialState};
 use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES};
@@ -14,18 +13,26 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::device_ids;
 use crate::config::InstanceConfig;
 use crate::error::{Error, Result};
-use crate::layout::MAX_VCPUS;
+use crate::layout::{MAX_NICS, MAX_VCPUS};
 use crate::state::{DeviceStates, InstanceState, VcpuState};
 
 /// The most MSRs a vCPU's state holds: it saves those of KVM's MSR index list,
 /// which kvm-ioctls reads into a list of at most this many.
 pub const MAX_SAVED_MSRS: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
 
-/// Checks what a configuration asks for: 1 to [`MAX_VCPUS`] vCPUs, and a memory
-/// size a guest can have.
+/// Checks what a configuration asks for: 1 to [`MAX_VCPUS`] vCPUs, a memory
+/// size a guest can have, at most [`MAX_NICS`] NICs, each MAC used once.
 pub fn check_config(config: &InstanceConfig) -> Result<()> {
     if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
         return Err(Error::Config(format!("{} vCPUs: between 1 and {MAX_VCPUS} are supported", config.vcpus)));
+    }
+    if config.nics.len() > MAX_NICS {
+        return Err(Error::Config(format!("{} NICs: at most {MAX_NICS} are supported", config.nics.len())));
+    }
+    for (i, n) in config.nics.iter().enumerate() {
+        if let Some(j) = config.nics[..i].iter().position(|m| m.mac == n.mac) {
+            return Err(Error::Config(format!("NICs {j} and {i} have the same MAC address {}", n.mac)));
+        }
     }
     crate::memory::check_size(config.mem_size)
 }
@@ -36,6 +43,7 @@ pub fn device_ids_of(config: &InstanceConfig) -> Vec<&'static str> {
     if config.disk.is_some() {
         ids.push(device_ids::VIRTIO_BLK);
     }
+    ids.extend(device_ids::VIRTIO_NET.iter().take(config.nics.len()));
     ids
 }
 
@@ -101,8 +109,12 @@ fn check_devices(config: &InstanceConfig, saved: &DeviceStates) -> Result<()> {
                     .map_err(|e| Error::device_state(id, e))?;
             }
             _ => {
+                let queues = match id {
+                    device_ids::VIRTIO_BLK => devices::virtio::block::QUEUE_MAX_SIZES.len(),
+                    _ => devices::virtio::net::QUEUE_MAX_SIZES.len(),
+                };
                 let state: MmioState = saved.get(id).ok_or_else(missing)??;
-                state.queues(QUEUE_MAX_SIZES.len()).map_err(|e| Error::device_state(id, e))?;
+                state.queues(queues).map_err(|e| Error::device_state(id, e))?;
             }
         }
     }
@@ -126,6 +138,7 @@ mod tests {
             vcpus: 1,
             memory_backend: crate::MemoryBackend::Shared,
             disk: None,
+            nics: vec![],
         }
     }
 

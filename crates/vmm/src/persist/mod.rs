@@ -27,6 +27,17 @@ pub mod device_ids {
     pub const SERIAL: &str = "serial";
     /// The virtio-blk disk, behind its virtio-mmio transport.
     pub const VIRTIO_BLK: &str = "virtio-blk";
+    /// NIC i, behind its virtio-mmio transport: `VIRTIO_NET[i]`.
+    pub const VIRTIO_NET: [&str; crate::layout::MAX_NICS] = [
+        "virtio-net0",
+        "virtio-net1",
+        "virtio-net2",
+        "virtio-net3",
+        "virtio-net4",
+        "virtio-net5",
+        "virtio-net6",
+        "virtio-net7",
+    ];
 }
 
 /// The VM-wide KVM state of an instance (kvmclock, the in-kernel interrupt

@@ -1,0 +1,211 @@
+//! Guests on a network: two built-in `netring` guests, each in its own cevm
+//! process with a NIC on a tap of one host bridge, pass a hash chain back and
+//! forth in Ethernet frames under their own reliable protocol. Any frame lost
+//! for good, delivered twice or taken from the wrong side of a switch changes
+//! the digest both print at the end; it must be the one computed here.
+//! Whatever is done to either VM mid-exchange (live migration, checkpoints,
+//! SIGKILL and restore onto other taps) must leave that digest exact.
+
+use std::path::Path;
+
+use cevm::child::CevmChild;
+use cevm_testkit::net::Bridge;
+use cevm_testkit::{bin, checkpoint, workdir, T};
+use serde_json::{json, Value};
+
+const HOPS: u64 = 60;
+const MIB: u64 = 1;
+const WORK: u64 = 200;
+
+fn mac(id: usize) -> String {
+    format!("52:54:00:ce:00:{id:02x}")
+}
+
+fn guest_args(id: usize) -> String {
+    format!("id={id} count=2 hops={HOPS} mib={MIB} work={WORK}")
+}
+
+/// The digest every guest must print.
+fn want() -> String {
+    format!("{:016x}", guests::netring::netring_digest(2, HOPS, MIB, WORK))
+}
+
+/// `cevm run` of netring guest `id` on `tap`, with an API socket.
+fn start(id: usize, tap: &str, sock: &Path) -> CevmChild {
+    let args = guest_args(id);
+    let net = format!("tap={tap},mac={}", mac(id));
+    let a = ["run", "--guest", "netring", "--guest-args", &args, "--mem", "32M", "--net", &net, "--api-sock"];
+    let mut a: Vec<&str> = a.to_vec();
+    a.push(sock.to_str().unwrap());
+    CevmChild::spawn(bin(), &a, Some(&format!("vm{id}: "))).unwrap()
+}
+
+/// Reads a guest's console to its digest line, then its exit (status 0).
+fn digest(vm: &mut CevmChild) -> String {
+    let line = vm
+        .wait_line(T, |l| l.starts_with("netring: digest="))
+        .unwrap_or_else(|| panic!("no digest; console: {:?}", vm.seen));
+    let st = vm.finish(T).expect("cevm did not exit");
+    assert!(st.success(), "{st}: {:?}", vm.seen);
+    line.trim_start_matches("netring: digest=").trim().to_string()
+}
+
+fn wait_hop(vm: &mut CevmChild, hop: u64) {
+    let at = format!("netring: hop {hop}/");
+    vm.wait_line(T, |l| l.starts_with(&at)).unwrap_or_else(|| panic!("never reached hop {hop}: {:?}", vm.seen));
+}
+
+fn migrate(sock: &Path, to: &str) -> Value {
+    cevm::api::client::call(sock, "PUT", "/v1/migrate", Some(&json!({ "to": to })), T).unwrap()
+}
+
+fn status(sock: &Path) -> Value {
+    cevm::api::client::call(sock, "GET", "/v1/status", None, T).unwrap()
+}
+
+#[test]
+fn two_guests_on_a_bridge_finish_with_the_exact_digest_and_their_nics_show_in_the_status() {
+    let dir = workdir("net-plain");
+    let mut br = Bridge::new();
+    let (t0, t1) = (br.tap(0), br.tap(1));
+    let (s0, s1) = (dir.join("0.sock"), dir.join("1.sock"));
+    let mut vm0 = start(0, &t0, &s0);
+    let mut vm1 = start(1, &t1, &s1);
+    wait_hop(&mut vm0, 10);
+    let st = status(&s0);
+    let nics = st["nics"].as_array().unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(nics.len(), 1, "{st}");
+    assert_eq!(nics[0]["tap"], t0.as_str(), "{st}");
+    assert_eq!(nics[0]["mac"], mac(0).as_str(), "{st}");
+    assert!(nics[0]["rx_frames"].as_u64().unwrap() > 0 && nics[0]["tx_frames"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(st["guest"]["nics"][0]["tap"], t0.as_str(), "{st}");
+    // A tap takes one VMM: a second is refused before its guest boots.
+    let o = cevm_testkit::cevm(&["run", "--guest", "hello", "--mem", "32M", "--net", &format!("tap={t0}")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("tap `{t0}` is in use by another process")), "{err}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("hello"), "{o:?}");
+    assert_eq!(digest(&mut vm0), want());
+    assert_eq!(digest(&mut vm1), want());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn either_side_migrated_thread_based_then_process_based_onto_another_tap_keeps_the_digest() {
+    let dir = workdir("net-migrate");
+    let mut br = Bridge::new();
+    let (t0, t1, t2) = (br.tap(0), br.tap(1), br.tap(2));
+    let (s0, s1) = (dir.join("0.sock"), dir.join("1.sock"));
+    let mut vm0 = start(0, &t0, &s0);
+    let mut vm1 = start(1, &t1, &s1);
+    wait_hop(&mut vm0, 10);
+    // Side 0: thread-based, in its own VMM, on the same tap.
+    let r = migrate(&s0, "local");
+    assert!(r["pages_sent"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(status(&s0)["nics"][0]["tap"], t0.as_str());
+    wait_hop(&mut vm1, 30);
+    // Side 1: to another VMM process, whose NIC binds another tap of the bridge.
+    let to = format!("unix:{}", dir.join("in.sock").display());
+    let s2 = dir.join("2.sock");
+    let net = format!("tap={t2}");
+    let mut vm2 = CevmChild::spawn(
+        bin(),
+        &["run", "--incoming", &to, "--net", &net, "--api-sock", s2.to_str().unwrap()],
+        Some("vm1': "),
+    )
+    .unwrap();
+    cevm_testkit::wait_for_file(&dir.join("in.sock"));
+    migrate(&s1, &to);
+    assert!(vm1.finish(T).expect("the source VMM did not end").success());
+    assert_eq!(status(&s2)["nics"][0]["tap"], t2.as_str());
+    assert_eq!(digest(&mut vm0), want());
+    assert_eq!(digest(&mut vm2), want());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn either_side_checkpointed_mid_exchange_stop_and_save_and_cevm_disturbs_nothing() {
+    let dir = workdir("net-ckpt");
+    let mut br = Bridge::new();
+    let (t0, t1) = (br.tap(0), br.tap(1));
+    let (s0, s1) = (dir.join("0.sock"), dir.join("1.sock"));
+    let mut vm0 = start(0, &t0, &s0);
+    let mut vm1 = start(1, &t1, &s1);
+    wait_hop(&mut vm0, 10);
+    let sas = dir.join("sas");
+    let body = json!({ "out": sas.to_str().unwrap(), "strategy": "stop-and-save" });
+    cevm::api::client::call(&s0, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
+    wait_hop(&mut vm1, 30);
+    let cevm_ckpt = dir.join("cevm");
+    let body = json!({ "out": cevm_ckpt.to_str().unwrap(), "strategy": "cevm" });
+    cevm::api::client::call(&s1, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
+    assert_eq!(status(&s1)["nics"][0]["tap"], t1.as_str());
+    assert_eq!(digest(&mut vm0), want());
+    assert_eq!(digest(&mut vm1), want());
+    for c in [&sas, &cevm_ckpt] {
+        cevm_testkit::verify_ok(c);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn both_paused_checkpointed_killed_and_restored_onto_other_taps_finish_with_the_exact_digest() {
+    let dir = workdir("net-restore");
+    let mut br = Bridge::new();
+    let (t0, t1, t2, t3) = (br.tap(0), br.tap(1), br.tap(2), br.tap(3));
+    let (s0, s1) = (dir.join("0.sock"), dir.join("1.sock"));
+    let mut vm0 = start(0, &t0, &s0);
+    let mut vm1 = start(1, &t1, &s1);
+    wait_hop(&mut vm1, 21);
+    let (c0, c1) = (dir.join("c0"), dir.join("c1"));
+    for s in [&s0, &s1] {
+        cevm::api::client::call(s, "PUT", "/v1/pause", None, T).unwrap();
+    }
+    for (s, c) in [(&s0, &c0), (&s1, &c1)] {
+        let body = json!({ "out": c.to_str().unwrap(), "strategy": "stop-and-save" });
+        cevm::api::client::call(s, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
+    }
+    vm0.kill();
+    vm1.kill();
+    let restored = |c: &Path, tap: &str, id: usize| {
+        let net = format!("tap={tap}");
+        CevmChild::spawn(bin(), &["restore", c.to_str().unwrap(), "--net", &net], Some(&format!("vm{id}'': "))).unwrap()
+    };
+    let mut r0 = restored(&c0, &t2, 0);
+    let mut r1 = restored(&c1, &t3, 1);
+    assert_eq!(digest(&mut r0), want());
+    assert_eq!(digest(&mut r1), want());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_restore_whose_tap_is_missing_is_refused_naming_it_and_the_override() {
+    let dir = workdir("net-missing");
+    let tap;
+    let c = dir.join("c");
+    {
+        let mut br = Bridge::new();
+        tap = br.tap(0);
+        let s = dir.join("0.sock");
+        let mut vm = start(0, &tap, &s);
+        vm.wait_line(T, |l| l.starts_with("netring: id=0")).expect("the guest did not start");
+        checkpoint(&s, &c, true).unwrap();
+        assert!(vm.finish(T).expect("cevm did not end").success());
+    } // the bridge and its tap are removed here
+    let o = cevm_testkit::cevm(&["restore", c.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains(&format!("tap `{tap}` does not exist")), "{err}");
+    assert!(err.contains("--net tap=NAME"), "{err}");
+    // Nothing was made beside the checkpoint.
+    let beside: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(beside.len(), 1, "{beside:?}");
+    // Bad --net lines are refused before anything runs.
+    for bad in ["tap=", "tap=a/b", "mac=52:54:00:00:00:01", "tap=x,mac=zz", "tap=x,speed=10"] {
+        let o = cevm_testkit::cevm(&["run", "--guest", "hello", "--mem", "32M", "--net", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {o:?}");
+    }
+    let o = cevm_testkit::cevm(&["restore", c.to_str().unwrap(), "--net", "tap=x,mac=52:54:00:00:00:01"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

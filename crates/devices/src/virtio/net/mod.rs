@@ -1,0 +1,398 @@
+//! virtio-net (virtio 1.2 §5.1) over a host tap: a receive queue, a transmit
+//! queue and a control queue, the MAC address and link status in the
+//! configuration space, checksum and TCP segmentation offloads passed through
+//! to the tap (its virtio-net header is the guest's), and the guest's
+//! self-announcement after a move (`VIRTIO_NET_F_GUEST_ANNOUNCE`).
+//!
+//! The device holds no state of its own beyond what the transport saves (the
+//! negotiated features, the queues): the MAC is configuration, the tap a host
+//! resource that a restore or a migration's destination binds anew. Frames are
+//! moved by the NIC's I/O thread ([`worker`]), which waits on the tap and on
+//! the queues' notifications; the vCPUs only serve the control queue.
+
+pub mod tap;
+pub mod worker;
+
+use std::fmt;
+use std::io;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::Bytes;
+
+use crate::GuestMemoryMmap;
+
+use super::VirtioDevice;
+pub use tap::{Tap, TapError, VNET_HDR_LEN};
+
+/// The receive queue.
+pub const RX_QUEUE: usize = 0;
+/// The transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// The control queue.
+pub const CTRL_QUEUE: usize = 2;
+/// The maximum size of each queue.
+pub const QUEUE_MAX_SIZES: &[u16] = &[256, 256, 64];
+/// Largest frame with its header: a TSO segment of 64 KiB plus its Ethernet,
+/// IP and TCP headers, and the virtio-net header in front.
+const MAX_FRAME: usize = VNET_HDR_LEN + 65_536 + 256;
+/// Frames moved in one turn before the queue lock is let go (a busy link does
+/// not keep a vCPU that reads a register waiting long).
+const BATCH: usize = 64;
+
+/// Features offered. Each offload comes with the one the spec says it needs
+/// (§5.1.3.1): TSO with checksum offload, the announcement with the control queue.
+const FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_TSO4
+    | 1 << VIRTIO_NET_F_GUEST_TSO6
+    | 1 << VIRTIO_NET_F_HOST_TSO4
+    | 1 << VIRTIO_NET_F_HOST_TSO6
+    | 1 << VIRTIO_NET_F_MAC
+    | 1 << VIRTIO_NET_F_STATUS
+    | 1 << VIRTIO_NET_F_CTRL_VQ
+    | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE;
+
+/// An Ethernet MAC address, written `52:54:00:12:34:56`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A locally administered unicast address from `seed` (for a NIC given no
+    /// MAC): 52:54:00 (the prefix QEMU and libvirt use) and three bytes of it.
+    pub fn local(seed: u32) -> MacAddr {
+        let b = seed.to_be_bytes();
+        MacAddr([0x52, 0x54, 0x00, b[1], b[2], b[3]])
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a MAC address (six hex bytes separated by ':', e.g. 52:54:00:12:34:56)");
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut b = [0u8; 6];
+        for (x, p) in b.iter_mut().zip(&parts) {
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *x = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if b[0] & 1 != 0 {
+            return Err(format!("`{s}` is a multicast address; a NIC needs a unicast one (first byte even)"));
+        }
+        if b == [0; 6] {
+            return Err(format!("`{s}` is the null address"));
+        }
+        Ok(MacAddr(b))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Frames and bytes a NIC moved, and frames it dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetCounters {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Frames lost: larger than the guest's buffer, or the tap refused them.
+    pub dropped: u64,
+}
+
+/// A virtio-net device.
+pub struct Net {
+    mac: MacAddr,
+    tap: Option<Tap>,
+    /// Counts tap changes, so that the I/O thread sees one even when a new tap
+    /// got the old one's file descriptor number.
+    tap_epoch: u64,
+    features: u64,
+    status: u16,
+    /// The receive queue had no buffer for the last frame waiting on the tap:
+    /// the I/O thread stops watching the tap until the guest adds buffers.
+    rx_starved: bool,
+    frame: Vec<u8>,
+    counters: NetCounters,
+}
+
+impl Net {
+    /// A NIC with address `mac` on `tap` (`None`: bound later, see [`Net::set_tap`]).
+    pub fn new(mac: MacAddr, tap: Option<Tap>) -> Self {
+        Net {
+            mac,
+            tap,
+            tap_epoch: 0,
+            features: 0,
+            status: VIRTIO_NET_S_LINK_UP as u16,
+            rx_starved: false,
+            frame: vec![0; MAX_FRAME],
+            counters: NetCounters::default(),
+        }
+    }
+
+    /// The MAC address.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// The tap, if one is bound.
+    pub fn tap(&self) -> Option<&Tap> {
+        self.tap.as_ref()
+    }
+
+    /// Binds the NIC to `tap` (with the offloads the guest accepted) or
+    /// releases its tap (`None`: frames to and from the guest are dropped
+    /// until another is bound). Returns the tap it held.
+    pub fn set_tap(&mut self, tap: Option<Tap>) -> Result<Option<Tap>, TapError> {
+        if let Some(t) = &tap {
+            t.set_offload(tap_offloads(self.features))?;
+        }
+        self.tap_epoch += 1;
+        Ok(std::mem::replace(&mut self.tap, tap))
+    }
+
+    /// Which tap this is: changes with every [`Net::set_tap`].
+    pub fn tap_epoch(&self) -> u64 {
+        self.tap_epoch
+    }
+
+    /// What it moved so far.
+    pub fn counters(&self) -> NetCounters {
+        self.counters
+    }
+
+    /// Whether the last receive found no buffer (see the I/O thread).
+    pub fn rx_starved(&self) -> bool {
+        self.rx_starved
+    }
+
+    /// Asks the guest to announce itself (gratuitous ARP, IPv6 neighbour
+    /// advertisements) if its driver can: after a migration or a restore, so
+    /// that bridges and peers learn its new place at once. Returns whether the
+    /// configuration changed (the transport then raises a configuration interrupt).
+    pub fn request_announce(&mut self) -> bool {
+        if self.features & (1 << VIRTIO_NET_F_GUEST_ANNOUNCE) == 0 {
+            return false;
+        }
+        self.status |= VIRTIO_NET_S_ANNOUNCE as u16;
+        true
+    }
+
+    /// Frames from the tap into the guest's receive buffers.
+    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let Some(tap) = &self.tap else { return false };
+        let mut used = false;
+        for _ in 0..BATCH {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                self.rx_starved = true;
+                break;
+            };
+            self.rx_starved = false;
+            let n = match tap.read(&mut self.frame) {
+                Ok(n) => n,
+                Err(e) => {
+                    // Nothing waiting (or the tap went away): the buffer goes back.
+                    queue.go_to_previous_position();
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        tracing::warn!("tap {}: read: {e}", tap.name());
+                    }
+                    break;
+                }
+            };
+            // One buffer per frame: without VIRTIO_NET_F_MRG_RXBUF the header's
+            // num_buffers is 1 (§5.1.6.4).
+            if n >= VNET_HDR_LEN {
+                self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            }
+            let head = chain.head_index();
+            let mut written = 0usize;
+            for d in chain {
+                if written == n || !d.is_write_only() {
+                    break;
+                }
+                let take = (d.len() as usize).min(n - written);
+                if mem.write_slice(&self.frame[written..written + take], d.addr()).is_err() {
+                    break;
+                }
+                written += take;
+            }
+            // A frame that does not fit the buffer is dropped: the guest gets the
+            // buffer back empty (its driver counts a length error).
+            let len = if written == n {
+                self.counters.rx_frames += 1;
+                self.counters.rx_bytes += (n - VNET_HDR_LEN.min(n)) as u64;
+                n as u32
+            } else {
+                self.counters.dropped += 1;
+                0
+            };
+            used |= queue.add_used(mem, head, len).is_ok();
+        }
+        used
+    }
+
+    /// Frames the guest queued, out to the tap (dropped without one).
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        for _ in 0..BATCH {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let head = chain.head_index();
+            let mut len = 0usize;
+            let mut fits = true;
+            for d in chain {
+                if d.is_write_only() {
+                    break;
+                }
+                let dl = d.len() as usize;
+                if len + dl > self.frame.len() || mem.read_slice(&mut self.frame[len..len + dl], d.addr()).is_err() {
+                    fits = false;
+                    break;
+                }
+                len += dl;
+            }
+            let sent = match (&self.tap, fits && len > VNET_HDR_LEN) {
+                (Some(tap), true) => match tap.write(&self.frame[..len]) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::debug!("tap {}: a frame of {len} bytes was refused: {e}", tap.name());
+                        false
+                    }
+                },
+                _ => false,
+            };
+            if sent {
+                self.counters.tx_frames += 1;
+                self.counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
+            } else {
+                self.counters.dropped += 1;
+            }
+            used |= queue.add_used(mem, head, 0).is_ok();
+        }
+        used
+    }
+
+    /// Control commands (§5.1.6.5): the announcement's acknowledgement; any
+    /// other command is answered VIRTIO_NET_ERR.
+    fn control(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.collect();
+            let command: Option<[u8; 2]> = descs.first().filter(|d| !d.is_write_only()).and_then(|d| mem.read_obj(d.addr()).ok());
+            let ack = match command {
+                Some([class, cmd])
+                    if u32::from(class) == VIRTIO_NET_CTRL_ANNOUNCE && u32::from(cmd) == VIRTIO_NET_CTRL_ANNOUNCE_ACK =>
+                {
+                    self.status &= !(VIRTIO_NET_S_ANNOUNCE as u16);
+                    VIRTIO_NET_OK as u8
+                }
+                _ => VIRTIO_NET_ERR as u8,
+            };
+            let len = match descs.last().filter(|d| d.is_write_only()) {
+                Some(d) if mem.write_obj(ack, d.addr()).is_ok() => 1,
+                _ => 0,
+            };
+            used |= queue.add_used(mem, head, len).is_ok();
+        }
+        used
+    }
+}
+
+/// The tap offloads (`TUN_F_*`) that match the guest's receive features: the
+/// host may hand it frames with partial checksums or larger than the MTU only
+/// if its driver said it takes them.
+fn tap_offloads(features: u64) -> u32 {
+    let has = |f: u32| features & (1 << f) != 0;
+    let mut flags = 0;
+    if has(VIRTIO_NET_F_GUEST_CSUM) {
+        flags |= libc::TUN_F_CSUM;
+        if has(VIRTIO_NET_F_GUEST_TSO4) {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if has(VIRTIO_NET_F_GUEST_TSO6) {
+            flags |= libc::TUN_F_TSO6;
+        }
+    }
+    flags
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_MAX_SIZES
+    }
+
+    fn device_features(&self) -> u64 {
+        FEATURES
+    }
+
+    /// `struct virtio_net_config`: the MAC, then the status.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac.0);
+        config[6..8].copy_from_slice(&self.status.to_le_bytes());
+        data.fill(0);
+        let off = offset as usize;
+        if off < config.len() {
+            let n = data.len().min(config.len() - off);
+            data[..n].copy_from_slice(&config[off..off + n]);
+        }
+    }
+
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        match index {
+            RX_QUEUE => self.receive(queue, mem),
+            TX_QUEUE => self.transmit(queue, mem),
+            CTRL_QUEUE => self.control(queue, mem),
+            _ => false,
+        }
+    }
+
+    fn activate(&mut self, features: u64) {
+        self.features = features;
+        if let Some(t) = &self.tap {
+            if let Err(e) = t.set_offload(tap_offloads(features)) {
+                tracing::warn!("{e}; the guest gets no offloaded frames");
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.features = 0;
+        self.status = VIRTIO_NET_S_LINK_UP as u16;
+        self.rx_starved = false;
+    }
+}
+
+#[cfg(test)]
+mod tests;
