@@ -98,6 +98,18 @@ pub const GUESTS: &[GuestSpec] = &[
         args: &[arg("code", 0, 0, "the exit status"), arg("crash", 0, 0, "1: triple-fault instead of exiting")],
         memory_args: &[],
     },
+    GuestSpec {
+        name: "netring",
+        about: "one of `count` guests passing a token around a ring over virtio-net; prints the digest",
+        args: &[
+            arg("id", 0, 0, "this guest's place in the ring, below count (its MAC: 52:54:00:ce:00:0<id>)"),
+            arg("count", 2, 2, "guests in the ring, 2 to 8"),
+            arg("hops", 100, 1, "hops of the token around the ring in all"),
+            arg("mib", 1, 1, "MiB of memory each guest's hops read and rewrite"),
+            arg("work", 256, 0, "mixing rounds a hop"),
+        ],
+        memory_args: &["mib"],
+    },
 ];
 
 /// The description of the built-in guest `name`.
@@ -184,7 +196,7 @@ mod tests {
 
     #[test]
     fn every_guest_is_built_and_starts_with_a_call() {
-        for name in ["digest", "dirtier", "hello"] {
+        for name in ["digest", "dirtier", "hello", "netring"] {
             let img = image(name).unwrap_or_else(|| panic!("{name} missing"));
             // start.S begins with `call guest_main` (opcode e8).
             assert_eq!(img[0], 0xe8, "{name} does not start at _start");
@@ -197,7 +209,7 @@ mod tests {
     fn an_unknown_guest_is_refused_with_the_names_of_the_built_in_ones() {
         assert_eq!(find("hello"), Ok(image("hello").unwrap()));
         let e = find("nope").unwrap_err();
-        assert_eq!(e.to_string(), "unknown guest `nope` (built-in guests: digest, dirtier, hello)");
+        assert_eq!(e.to_string(), "unknown guest `nope` (built-in guests: digest, dirtier, hello, netring)");
     }
 
     #[test]
