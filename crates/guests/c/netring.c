@@ -6,7 +6,7 @@
  * for hop j computes h' = step(h, j) over its own memory area (mib MiB at free_start,
  * of which the hop rewrites a 2 KiB chunk chosen by j, then `work` mixing rounds) and
  * sends the token for hop j + 1 on. The guest that computes hop `hops` has the digest
- * and sends a DONE message once around the ring.
+ * and sends a DONE message once around the ring. src/netring.rs computes the digest.
  *
  * Frames: raw Ethernet, ethertype 0x88b5, from 52:54:00:ce:00:<id> to the
  * neighbour's MAC, payload `struct frame`. Every DATA and DONE has a sequence number

@@ -7,6 +7,9 @@
 
 include!(concat!(env!("OUT_DIR"), "/images.rs"));
 
+mod netring;
+pub use netring::netring_digest;
+
 /// Guest-physical address every built-in guest is linked for (`c/guest.ld`).
 pub const LOAD_ADDR: u64 = 0x10_0000;
 
