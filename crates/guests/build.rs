@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The guests, each one C file linked with `start.S` and `common.c`.
-const GUESTS: &[&str] = &["digest", "dirtier", "hello"];
+const GUESTS: &[&str] = &["digest", "dirtier", "hello", "netring"];
 
 /// Flags that keep the guests simple enough for KVM's instruction emulator:
 /// no SSE/AVX (`-mgeneral-regs-only`), no red zone (no interrupt may clobber it),

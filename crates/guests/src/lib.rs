@@ -7,6 +7,9 @@
 
 include!(concat!(env!("OUT_DIR"), "/images.rs"));
 
+mod netring;
+pub use netring::netring_digest;
+
 /// Guest-physical address every built-in guest is linked for (`c/guest.ld`).
 pub const LOAD_ADDR: u64 = 0x10_0000;
 
@@ -44,6 +47,8 @@ pub struct ArgSpec {
     pub default: u64,
     /// The smallest value the guest accepts (below it, it exits 1 at once).
     pub min: u64,
+    /// The largest value the guest accepts (above it, it exits 1 at once).
+    pub max: u64,
     /// What it sets.
     pub help: &'static str,
 }
@@ -60,10 +65,20 @@ pub struct GuestSpec {
     /// The arguments that are MiB of memory the guest fills from the first free
     /// byte on: its working set is the largest of them.
     pub memory_args: &'static [&'static str],
+    /// Pairs of arguments `(a, b)` where the guest accepts a value of `a` below
+    /// that of `b` only.
+    pub below: &'static [(&'static str, &'static str)],
 }
 
 const fn arg(key: &'static str, default: u64, min: u64, help: &'static str) -> ArgSpec {
-    ArgSpec { key, default, min, help }
+    ArgSpec { key, default, min, max: u64::MAX, help }
+}
+
+impl ArgSpec {
+    /// The same argument, with `max` the largest value the guest accepts.
+    const fn at_most(self, max: u64) -> ArgSpec {
+        ArgSpec { max, ..self }
+    }
 }
 
 /// Every built-in guest: what each does and the arguments it takes (the header
@@ -77,6 +92,7 @@ pub const GUESTS: &[GuestSpec] = &[
             arg("rounds", 8, 0, "rounds over the whole area"),
         ],
         memory_args: &["mib"],
+        below: &[],
     },
     GuestSpec {
         name: "dirtier",
@@ -91,12 +107,27 @@ pub const GUESTS: &[GuestSpec] = &[
             arg("work", 0, 0, "pages to write, then exit 0 (a job of fixed size)"),
         ],
         memory_args: &["mib", "data"],
+        below: &[],
     },
     GuestSpec {
         name: "hello",
         about: "every vCPU checks in; prints its arguments and exits with `code`",
         args: &[arg("code", 0, 0, "the exit status"), arg("crash", 0, 0, "1: triple-fault instead of exiting")],
         memory_args: &[],
+        below: &[],
+    },
+    GuestSpec {
+        name: "netring",
+        about: "one of `count` guests passing a token around a ring over virtio-net; prints the digest",
+        args: &[
+            arg("id", 0, 0, "this guest's place in the ring, below count (its MAC: 52:54:00:ce:00:0<id>)").at_most(7),
+            arg("count", 2, 2, "guests in the ring, 2 to 8").at_most(8),
+            arg("hops", 100, 1, "hops of the token around the ring in all"),
+            arg("mib", 1, 1, "MiB of memory each guest's hops read and rewrite"),
+            arg("work", 256, 0, "mixing rounds a hop"),
+        ],
+        memory_args: &["mib"],
+        below: &[("id", "count")],
     },
 ];
 
@@ -126,6 +157,12 @@ pub enum ArgsError {
     /// A value below what the guest accepts.
     #[error("`{word}`: {key} must be at least {min}")]
     TooSmall { word: String, key: &'static str, min: u64 },
+    /// A value above what the guest accepts.
+    #[error("`{word}`: {key} must be at most {max}")]
+    TooLarge { word: String, key: &'static str, max: u64 },
+    /// A value not below that of another argument, as the guest requires.
+    #[error("{key}={value} must be less than {than}={limit}")]
+    NotBelow { key: &'static str, value: u64, than: &'static str, limit: u64 },
 }
 
 /// Arguments of a built-in guest, checked: each key one the guest reads, once,
@@ -155,12 +192,22 @@ impl GuestArgs {
             if v < a.min {
                 return Err(ArgsError::TooSmall { word: word.into(), key: a.key, min: a.min });
             }
+            if v > a.max {
+                return Err(ArgsError::TooLarge { word: word.into(), key: a.key, max: a.max });
+            }
             if given.iter().any(|(k, _)| *k == a.key) {
                 return Err(ArgsError::Twice { key: key.into() });
             }
             given.push((a.key, v));
         }
-        Ok(GuestArgs { guest, given })
+        let parsed = GuestArgs { guest, given };
+        for &(key, than) in guest.below {
+            let (value, limit) = (parsed.get(key).unwrap_or(0), parsed.get(than).unwrap_or(0));
+            if value >= limit {
+                return Err(ArgsError::NotBelow { key, value, than, limit });
+            }
+        }
+        Ok(parsed)
     }
 
     /// The value of `key`: given, or the guest's default.
@@ -184,7 +231,7 @@ mod tests {
 
     #[test]
     fn every_guest_is_built_and_starts_with_a_call() {
-        for name in ["digest", "dirtier", "hello"] {
+        for name in ["digest", "dirtier", "hello", "netring"] {
             let img = image(name).unwrap_or_else(|| panic!("{name} missing"));
             // start.S begins with `call guest_main` (opcode e8).
             assert_eq!(img[0], 0xe8, "{name} does not start at _start");
@@ -197,7 +244,7 @@ mod tests {
     fn an_unknown_guest_is_refused_with_the_names_of_the_built_in_ones() {
         assert_eq!(find("hello"), Ok(image("hello").unwrap()));
         let e = find("nope").unwrap_err();
-        assert_eq!(e.to_string(), "unknown guest `nope` (built-in guests: digest, dirtier, hello)");
+        assert_eq!(e.to_string(), "unknown guest `nope` (built-in guests: digest, dirtier, hello, netring)");
     }
 
     #[test]
@@ -215,8 +262,8 @@ mod tests {
             let mut table: Vec<&str> = g.args.iter().map(|a| a.key).collect();
             table.sort_unstable();
             assert_eq!(read, table, "{path} reads other keys than GUESTS lists");
-            for m in g.memory_args {
-                assert!(table.contains(m), "{}: memory argument {m} is not an argument", g.name);
+            for m in g.memory_args.iter().chain(g.below.iter().flat_map(|(a, b)| [a, b])) {
+                assert!(table.contains(m), "{}: {m} is not an argument", g.name);
             }
         }
     }
@@ -241,5 +288,20 @@ mod tests {
         assert_eq!(err("digest", "mib=0"), "`mib=0`: mib must be at least 1");
         assert_eq!(err("digest", "rounds=1 rounds=2"), "`rounds` is given twice");
         assert!(err("nope", "").contains("unknown guest `nope`"));
+    }
+
+    #[test]
+    fn netring_arguments_are_checked_against_each_other() {
+        let a = GuestArgs::parse("netring", "id=7 count=8 hops=1").unwrap();
+        assert_eq!((a.get("id"), a.get("count"), a.get("mib"), a.get("work")), (Some(7), Some(8), Some(1), Some(256)));
+        assert_eq!(a.working_set_mib(), Some((1, "mib=1".into())));
+        assert!(GuestArgs::parse("netring", "").is_ok(), "the defaults make a ring of two");
+        let err = |s: &str| GuestArgs::parse("netring", s).unwrap_err().to_string();
+        assert_eq!(err("id=2 count=2"), "id=2 must be less than count=2");
+        assert_eq!(err("id=2"), "id=2 must be less than count=2");
+        assert_eq!(err("count=9"), "`count=9`: count must be at most 8");
+        assert_eq!(err("id=8 count=8"), "`id=8`: id must be at most 7");
+        assert_eq!(err("count=1"), "`count=1`: count must be at least 2");
+        assert_eq!(err("hops=0"), "`hops=0`: hops must be at least 1");
     }
 }
