@@ -185,7 +185,6 @@ pub fn tap_overrides(nets: &[NetArg]) -> Result<Vec<String>, String> {
         .collect()
 }
 
-
 /// `p` as an absolute path, its directory canonical (symlinks and `..`
 /// resolved, when it exists) and its last component kept as given: what a
 /// process in another directory (a migration's destination, a restore) can

@@ -383,7 +383,12 @@ fn run(cmd: Cmd) -> i32 {
                 (Ok(d), Ok(o)) => (d, o),
                 (Err(e), _) | (_, Err(e)) => return fail(e),
             };
-            let how = Restore { overlay: overlay.as_deref(), api_sock: api_sock.as_deref(), vcpu_cpus: vcpu_cpus.as_ref(), taps };
+            let how = Restore {
+                overlay: overlay.as_deref(),
+                api_sock: api_sock.as_deref(),
+                vcpu_cpus: vcpu_cpus.as_ref(),
+                taps,
+            };
             sandboxed(|| restore(&dir, how, periodic))
         }
         Cmd::Checkpoint(a) => checkpoint_vm(a),

@@ -53,6 +53,10 @@ pub struct Periodic {
     pub method: Method,
 }
 
+/// How often the status is published again without an action: what moves on
+/// by itself (the NICs' counters) is at most this old in `GET /v1/status`.
+const REFRESH: Duration = Duration::from_secs(1);
+
 /// Starts `instance` (whose vCPU events arrive on `vm_events`) and serves it until
 /// it ends. With `api`, the control API (already listening) serves it; with
 /// `vcpu_cpus`, the vCPU threads are placed on those CPUs (see
@@ -76,25 +80,31 @@ pub fn run(
     }
     vmm.start(vcpu_cpus)?;
     let mut due = periodic.as_ref().map(|p| Instant::now() + p.every);
+    let mut refresh = Instant::now() + REFRESH;
     loop {
-        let msg = match due {
-            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(m) => m,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
+        let wake = due.map_or(refresh, |at| at.min(refresh));
+        let msg = match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+            Ok(m) => m,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                if now >= refresh {
+                    // What changes without an action (the NICs' counters).
+                    vmm.publish();
+                    refresh = now + REFRESH;
+                }
+                if let Some(at) = due.filter(|&at| now >= at) {
                     let p = periodic.as_mut().expect("due only with a policy");
                     // The next one a whole period on; after a late one (a slow
                     // checkpoint held this loop), a period from now, not at once.
-                    let now = Instant::now();
                     due = Some(if at + p.every > now { at + p.every } else { now + p.every });
                     match vmm.busy() {
                         Some(why) => tracing::warn!("periodic checkpoint skipped: {why}"),
                         None => periodic_checkpoint(p, &tx),
                     }
-                    continue;
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(RunError::Closed),
-            },
-            None => rx.recv().map_err(|_| RunError::Closed)?,
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(RunError::Closed),
         };
         let flow = handle(&mut vmm, msg, periodic.as_ref());
         vmm.publish();

@@ -44,11 +44,7 @@ impl HostBinding {
     /// The arriving guest's configuration with this host's taps.
     pub fn apply(&self, config: &mut vmm::InstanceConfig) -> std::result::Result<(), String> {
         if self.taps.len() > config.nics.len() {
-            return Err(format!(
-                "{} taps were given for a guest with {} NICs",
-                self.taps.len(),
-                config.nics.len()
-            ));
+            return Err(format!("{} taps were given for a guest with {} NICs", self.taps.len(), config.nics.len()));
         }
         for (nic, tap) in config.nics.iter_mut().zip(&self.taps) {
             nic.tap = tap.clone();

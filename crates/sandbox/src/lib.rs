@@ -222,13 +222,7 @@ const API: &[Sysno] = &[
 
 /// The VMM's: files and directories (checkpoints, disks, sockets), sockets
 /// (migration, API), KVM, event file descriptors, CPU placement.
-const NET: &[Sysno] = &[
-    Sysno::read,
-    Sysno::readv,
-    Sysno::epoll_ctl,
-    Sysno::epoll_wait,
-    Sysno::epoll_pwait,
-];
+const NET: &[Sysno] = &[Sysno::read, Sysno::readv, Sysno::epoll_ctl, Sysno::epoll_wait, Sysno::epoll_pwait];
 
 const VMM: &[Sysno] = &[
     // Files.

@@ -63,7 +63,8 @@ impl Nics {
         let transport = add(Net::new(config.mac, None), slot)?;
         let notify = IoEventAddress::Mmio(slot.base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
         let kick = |queue: usize| -> Result<EventFd> {
-            let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("NIC {index}: eventfd: {e}")))?;
+            let e =
+                EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("NIC {index}: eventfd: {e}")))?;
             vm.register_ioevent(&e, &notify, queue as u32).map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
             Ok(e)
         };

@@ -305,10 +305,12 @@ impl Net {
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs: Vec<_> = chain.collect();
-            let command: Option<[u8; 2]> = descs.first().filter(|d| !d.is_write_only()).and_then(|d| mem.read_obj(d.addr()).ok());
+            let command: Option<[u8; 2]> =
+                descs.first().filter(|d| !d.is_write_only()).and_then(|d| mem.read_obj(d.addr()).ok());
             let ack = match command {
                 Some([class, cmd])
-                    if u32::from(class) == VIRTIO_NET_CTRL_ANNOUNCE && u32::from(cmd) == VIRTIO_NET_CTRL_ANNOUNCE_ACK =>
+                    if u32::from(class) == VIRTIO_NET_CTRL_ANNOUNCE
+                        && u32::from(cmd) == VIRTIO_NET_CTRL_ANNOUNCE_ACK =>
                 {
                     self.status &= !(VIRTIO_NET_S_ANNOUNCE as u16);
                     VIRTIO_NET_OK as u8

@@ -7,7 +7,9 @@ fn mac_addresses_parse_print_and_refuse_what_a_nic_cannot_use() {
     assert_eq!(m.to_string(), "52:54:00:ce:00:0a");
     assert_eq!(serde_json::to_string(&m).unwrap(), "\"52:54:00:ce:00:0a\"");
     assert_eq!(serde_json::from_str::<MacAddr>("\"52:54:00:ce:00:0a\"").unwrap(), m);
-    for bad in ["", "52:54:00:ce:00", "52:54:00:ce:00:0a:01", "52-54-00-ce-00-0a", "52:54:00:ce:00:0g", "5:54:00:ce:00:0a"] {
+    for bad in
+        ["", "52:54:00:ce:00", "52:54:00:ce:00:0a:01", "52-54-00-ce-00-0a", "52:54:00:ce:00:0g", "5:54:00:ce:00:0a"]
+    {
         let e = bad.parse::<MacAddr>().unwrap_err();
         assert!(e.contains("is not a MAC address"), "{bad}: {e}");
     }

@@ -78,7 +78,8 @@ impl NetWorker {
         shared.lock().paused = paused;
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
-        for (fd, token) in [(wake.as_raw_fd(), WAKE), (kicks.rx.as_raw_fd(), RX_KICK), (kicks.tx.as_raw_fd(), TX_KICK)] {
+        for (fd, token) in [(wake.as_raw_fd(), WAKE), (kicks.rx.as_raw_fd(), RX_KICK), (kicks.tx.as_raw_fd(), TX_KICK)]
+        {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))?;
         }
         let (s, w) = (shared.clone(), wake.try_clone()?);
