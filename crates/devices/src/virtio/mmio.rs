@@ -137,6 +137,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.status & STATUS_DRIVER_OK != 0
     }
 
+    /// Whether queue `index` is served: the driver set the device up and the
+    /// queue ready.
+    pub fn queue_live(&self, index: usize) -> bool {
+        self.driver_ok() && self.queues.get(index).is_some_and(|q| q.ready())
+    }
+
     /// Tells the driver that the configuration space changed (virtio 1.2
     /// §4.2.2.1: the generation moves on, the interrupt status says why).
     pub fn config_changed(&mut self) {

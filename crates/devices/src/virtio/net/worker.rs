@@ -104,7 +104,12 @@ impl NetWorker {
     fn wait_parked(&self) {
         let mut c = self.shared.lock();
         while !c.parked && !c.stop && self.handle.as_ref().is_some_and(|h| !h.is_finished()) {
-            c = self.shared.changed.wait_timeout(c, std::time::Duration::from_millis(50)).unwrap().0;
+            c = self
+                .shared
+                .changed
+                .wait_timeout(c, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -199,12 +204,15 @@ impl Loop {
     }
 
     /// Serves queue `index`; afterwards watches the tap only while the guest
-    /// has receive buffers (a frame without one waits in the tap).
+    /// has receive buffers (a frame without one waits in the tap): before its
+    /// driver has set the receive queue up, or once it is full, a frame
+    /// waiting on the tap would wake this thread again and again. The driver's
+    /// next notification of the receive queue (it adds buffers) watches it again.
     fn serve(&mut self, index: usize) {
         let starved = {
             let mut t = self.net.lock().unwrap_or_else(|p| p.into_inner());
             t.serve_queue(index);
-            t.device().rx_starved()
+            !t.queue_live(RX_QUEUE) || t.device().rx_starved()
         };
         self.watch(!starved);
     }
