@@ -59,7 +59,16 @@ fn the_schemas_refuse_what_the_server_must_not_send() {
     bad_state["state"] = json!("dancing");
     let mut bad_boot = ok.clone();
     bad_boot["guest"]["boot"]["kind"] = json!("floppy");
-    for bad in [missing, extra, bad_state, bad_boot] {
+    let nic = json!({ "tap": "tap0", "mac": "52:54:00:12:34:56", "rx_frames": 1, "rx_bytes": 60, "tx_frames": 0, "tx_bytes": 0, "dropped": 0 });
+    let mut with_nic = ok.clone();
+    with_nic["nics"] = json!([nic]);
+    with_nic["guest"]["nics"] = json!([{ "tap": "tap0", "mac": "52:54:00:12:34:56" }]);
+    assert_eq!(schema_errors(&spec, "Status", &with_nic), Vec::<String>::new());
+    let mut bad_mac = with_nic.clone();
+    bad_mac["nics"][0]["mac"] = json!("52-54-00-12-34-56");
+    let mut no_counters = with_nic.clone();
+    no_counters["nics"][0].as_object_mut().unwrap().remove("dropped");
+    for bad in [missing, extra, bad_state, bad_boot, bad_mac, no_counters] {
         assert!(!schema_errors(&spec, "Status", &bad).is_empty(), "{bad} must not validate");
     }
     assert!(!schema_errors(&spec, "Error", &json!({ "message": "x" })).is_empty());
@@ -110,7 +119,14 @@ fn every_route_answers_as_the_description_says() {
     let dir = workdir("openapi");
     let sock = dir.join("api.sock");
     let mut c = Checker { spec: spec(), exercised: HashSet::new() };
-    let mut vm = run_guest("dirtier", "mib=4 fill=1 idle=1", "32M", 1, Some(&sock));
+    // With a NIC, so that the status and the configuration show one.
+    let mut br = cevm_testkit::net::Bridge::new();
+    let tap = br.tap(0);
+    let net = format!("tap={tap}");
+    let args = ["run", "--guest", "dirtier", "--guest-args", "mib=4 fill=1 idle=1", "--mem", "32M", "--net", &net];
+    let mut vm =
+        cevm::child::CevmChild::spawn(bin(), &[&args[..], &["--api-sock", sock.to_str().unwrap()]].concat(), None)
+            .unwrap();
     vm.wait_line(T, |l| l.starts_with("dirtier: filled")).expect("the guest never filled its memory");
     assert_eq!(c.call(&sock, "GET", "/v1/migration", None).0, 404);
     assert_eq!(c.call(&sock, "GET", "/v1/checkpoint", None).0, 404);
@@ -131,6 +147,8 @@ fn every_route_answers_as_the_description_says() {
     assert_eq!(c.call(&sock, "GET", "/v1/migration", None).1["phase"], "done");
     let status = c.call(&sock, "GET", "/v1/status", None).1;
     assert_eq!(status["checkpoints"], 2, "{status}");
+    assert_eq!(status["nics"][0]["tap"], tap.as_str(), "{status}");
+    assert_eq!(status["guest"]["nics"][0]["tap"], tap.as_str(), "{status}");
     // Outside the routes: 404 and 405, with the error body of every refusal.
     for (method, path, code) in [("GET", "/v2/status", 404), ("DELETE", "/v1/status", 405), ("GET", "/v1/quit", 405)] {
         let mut s = UnixStream::connect(&sock).unwrap();
