@@ -19,6 +19,7 @@ pub mod virtio;
 pub const TARGETS: &[(&str, Target)] = &[
     ("migration_stream", migration::stream),
     ("virtio_block", virtio::block),
+    ("virtio_net", virtio::net),
     ("api_request", api::request),
     ("checkpoint_dir", checkpoint_dir::verify),
 ];

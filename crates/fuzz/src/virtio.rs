@@ -1,13 +1,18 @@
-//! A virtio-blk device behind its MMIO transport, driven by a hostile guest:
-//! the guest's memory (descriptor tables, rings, request headers) and its
-//! register accesses come from the fuzzer, as does, in the second mode, a
-//! saved transport state read back from a forged checkpoint.
+//! The virtio devices behind their MMIO transport, driven by a hostile guest:
+//! the guest's memory (descriptor tables, rings, request headers, frames) and
+//! its register accesses come from the fuzzer, as does, in the second mode, a
+//! saved transport state read back from a forged checkpoint. virtio-blk works
+//! on a raw image; virtio-net has no tap (its transmit queue is walked and its
+//! frames dropped, its control queue answered), as between a migration's
+//! switch and the destination's start.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioResources, MmioState, MmioTransport};
+use devices::virtio::net::{MacAddr, Net};
+use devices::virtio::VirtioDevice;
 use devices::{Device, GuestMemoryMmap, MmioDevice, Persist};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -31,9 +36,12 @@ fn disk_path() -> &'static PathBuf {
     })
 }
 
-fn transport(state: Option<&MmioState>, mem: GuestMemoryMmap) -> Option<MmioTransport<Block>> {
+fn block_device() -> Block {
     let image = disk::Disk::open(disk_path(), true).expect("open the fuzz disk");
-    let device = Block::new(Arc::new(disk::GuestDisk::plain(image)), "fuzz");
+    Block::new(Arc::new(disk::GuestDisk::plain(image)), "fuzz")
+}
+
+fn transport<D: VirtioDevice>(device: D, state: Option<&MmioState>, mem: GuestMemoryMmap) -> Option<MmioTransport<D>> {
     let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
     let resources = MmioResources { device, mem, irq };
     match state {
@@ -53,6 +61,20 @@ pub fn block(data: &[u8]) {
 
 /// [`block`], giving back the guest's memory afterwards.
 pub fn run(data: &[u8]) -> Option<GuestMemoryMmap> {
+    drive(data, block_device)
+}
+
+/// As [`block`], of a virtio-net device without a tap.
+pub fn net(data: &[u8]) {
+    drop(run_net(data));
+}
+
+/// [`net`], giving back the guest's memory afterwards.
+pub fn run_net(data: &[u8]) -> Option<GuestMemoryMmap> {
+    drive(data, || Net::new(MacAddr([0x52, 0x54, 0, 0xce, 0, 1]), None))
+}
+
+fn drive<D: VirtioDevice>(data: &[u8], device: impl Fn() -> D) -> Option<GuestMemoryMmap> {
     let (&mode, rest) = data.split_first()?;
     let (len, rest) = rest.split_first_chunk::<2>()?;
     let n = (u16::from_le_bytes(*len) as usize).min(rest.len()).min(MEM_SIZE);
@@ -60,11 +82,11 @@ pub fn run(data: &[u8]) -> Option<GuestMemoryMmap> {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
     mem.write_slice(image, GuestAddress(0)).expect("within guest memory");
     let (t, ops) = match mode {
-        0 => (transport(None, mem.clone()), ops.to_vec()),
+        0 => (transport(device(), None, mem.clone()), ops.to_vec()),
         1 => {
             let state = serde_json::from_slice::<MmioState>(ops).ok()?;
             // The queues of the restored device are notified as a guest would.
-            (transport(Some(&state), mem.clone()), notify_all(state.queues.len()))
+            (transport(device(), Some(&state), mem.clone()), notify_all(state.queues.len()))
         }
         _ => return None,
     };

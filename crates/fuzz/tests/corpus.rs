@@ -39,6 +39,7 @@ fn the_seeds_reach_the_deep_paths() {
         target(&seed);
     }
     assert!(cevm_fuzz::seeds::virtio_read_is_served());
+    assert!(cevm_fuzz::seeds::virtio_net_seed_is_served());
     assert!(cevm_fuzz::seeds::migration_stream_decodes() >= 3);
     assert!(cevm_fuzz::checkpoint_dir::verified(&cevm_fuzz::seeds::checkpoint_dir(true)));
     assert!(!cevm_fuzz::checkpoint_dir::verified(&cevm_fuzz::seeds::checkpoint_dir(false)));
