@@ -74,10 +74,16 @@ fn status(sock: &Path) -> Value {
 fn two_guests_on_a_bridge_finish_with_the_exact_digest_and_their_nics_show_in_the_status() {
     let dir = workdir("net-plain");
     let mut br = Bridge::new();
-    let (t0, t1) = (br.tap(0), br.tap(1));
+    let (t0, t1, t2) = (br.tap(0), br.tap(1), br.tap(2));
     let (s0, s1) = (dir.join("0.sock"), dir.join("1.sock"));
     let mut vm0 = start(0, &t0, &s0);
-    let mut vm1 = start(1, &t1, &s1);
+    // Guest 1 has a second NIC (its MAC made from its tap's name); the guest
+    // uses the first, which its MAC check proves is NIC 0.
+    let args = guest_args(1);
+    let (n0, n1) = (format!("tap={t1},mac={}", mac(1)), format!("tap={t2}"));
+    let a = ["run", "--guest", "netring", "--guest-args", &args, "--mem", "32M", "--net", &n0, "--net", &n1];
+    let mut vm1 =
+        CevmChild::spawn(bin(), &[&a[..], &["--api-sock", s1.to_str().unwrap()]].concat(), Some("vm1: ")).unwrap();
     wait_hop(&mut vm0, 10);
     // The counters are published once a second.
     std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -88,6 +94,12 @@ fn two_guests_on_a_bridge_finish_with_the_exact_digest_and_their_nics_show_in_th
     assert_eq!(nics[0]["mac"], mac(0).as_str(), "{st}");
     assert!(nics[0]["rx_frames"].as_u64().unwrap() > 0 && nics[0]["tx_frames"].as_u64().unwrap() > 0, "{st}");
     assert_eq!(st["guest"]["nics"][0]["tap"], t0.as_str(), "{st}");
+    let st1 = status(&s1);
+    let nics1 = st1["nics"].as_array().unwrap_or_else(|| panic!("{st1}"));
+    assert_eq!(nics1.len(), 2, "{st1}");
+    assert_eq!((nics1[0]["tap"].as_str(), nics1[1]["tap"].as_str()), (Some(t1.as_str()), Some(t2.as_str())), "{st1}");
+    let mac2 = nics1[1]["mac"].as_str().unwrap();
+    assert!(mac2.starts_with("52:54:00:") && mac2 != mac(1), "{st1}");
     // A tap takes one VMM: a second is refused before its guest boots.
     let o = cevm_testkit::cevm(&["run", "--guest", "hello", "--mem", "32M", "--net", &format!("tap={t0}")]);
     let err = String::from_utf8_lossy(&o.stderr);
