@@ -6,7 +6,8 @@
 #                             cpio (guest initramfs), qemu-system-x86 (the nested harness
 #                             on machines whose /dev/kvm cannot run Linux), qemu-utils
 #                             (qemu-img checks the images cevm writes), strace (a test
-#                             slows a VMM's renames and fsyncs to kill it between them), and the pinned
+#                             slows a VMM's renames and fsyncs to kill it between them), iproute2
+#                             (the network tests make a bridge and taps with `ip`), and the pinned
 #                             Debian guest kernel (scripts/guest-kernel.sh)
 #   scripts/setup.sh --bench  what --tests installs, and a font for the benchmark's
 #                             plots (fonts-dejavu-core)
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 pkgs=(gcc binutils libc6-dev)
 if [ "${1:-}" = "--tests" ] || [ "${1:-}" = "--bench" ]; then
-    pkgs+=(busybox-static cpio qemu-system-x86 qemu-utils strace)
+    pkgs+=(busybox-static cpio qemu-system-x86 qemu-utils strace iproute2)
 fi
 if [ "${1:-}" = "--bench" ]; then
     pkgs+=(fonts-dejavu-core)
