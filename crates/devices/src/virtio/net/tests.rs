@@ -58,3 +58,170 @@ fn the_tap_offloads_follow_what_the_driver_takes() {
     assert!(has(VIRTIO_NET_F_CSUM) || !has(VIRTIO_NET_F_HOST_TSO4));
     assert!(has(VIRTIO_NET_F_CTRL_VQ) || !has(VIRTIO_NET_F_GUEST_ANNOUNCE));
 }
+
+/// The device on a real tap, the host's side of which a packet socket sends
+/// into and reads from (the tests run as root, as CI does).
+mod on_a_tap {
+    use super::*;
+    use crate::virtio::mmio::{MmioResources, MmioTransport};
+    use crate::{Device, MmioDevice};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use virtio_bindings::virtio_mmio::*;
+    use vm_memory::{Address, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    struct HostTap(String);
+
+    impl HostTap {
+        fn new() -> HostTap {
+            let name = format!("cvd{}", std::process::id() % 1_000_000);
+            let ip = |a: &[&str]| {
+                let o = std::process::Command::new("ip").args(a).output().expect("ip (package iproute2)");
+                assert!(o.status.success(), "ip {a:?}: {}", String::from_utf8_lossy(&o.stderr));
+            };
+            ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+            ip(&["link", "set", &name, "up"]);
+            HostTap(name)
+        }
+
+        /// A packet socket bound to the interface: what it sends, the tap's
+        /// reader (the device) receives; what the device writes, it reads.
+        fn socket(&self) -> OwnedFd {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2); the fd is owned from here on.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+            assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+            // SAFETY: fd was just opened and is ours.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let name = std::ffi::CString::new(self.0.clone()).unwrap();
+            // SAFETY: a NUL-terminated name.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            // SAFETY: an all-zero sockaddr_ll is valid; the fields set are its own.
+            let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_protocol = proto;
+            sa.sll_ifindex = index as i32;
+            let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: sa is a sockaddr_ll of the length given.
+            let r = unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) };
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            fd
+        }
+    }
+
+    impl Drop for HostTap {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+
+    fn send(fd: &OwnedFd, frame: &[u8]) {
+        // SAFETY: frame is a readable buffer of its length.
+        let n = unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(n, frame.len() as isize, "send: {}", std::io::Error::last_os_error());
+    }
+
+    fn frame(dst: [u8; 6], len: usize, fill: u8) -> Vec<u8> {
+        let mut f = vec![fill; len];
+        f[..6].copy_from_slice(&dst);
+        f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0xee, 0, 9]);
+        f[12..14].copy_from_slice(&[0x88, 0xb5]);
+        f
+    }
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const BUFS: u64 = 0x4000;
+
+    fn write(t: &mut MmioTransport<Net>, reg: u32, v: u32) {
+        t.write(u64::from(reg), &v.to_le_bytes());
+    }
+
+    /// Sets queue `q` up with one single-descriptor buffer per `(len, device_writes)`.
+    fn queue(t: &mut MmioTransport<Net>, mem: &GuestMemoryMmap, q: u32, bufs: &[(u32, bool)]) {
+        let base = u64::from(q) * 0x400;
+        for (i, &(len, writes)) in bufs.iter().enumerate() {
+            let at = GuestAddress(DESC + base + 16 * i as u64);
+            mem.write_obj(BUFS + (base + i as u64 * 0x100) * 0x10, at).unwrap();
+            mem.write_obj(len, at.unchecked_add(8)).unwrap();
+            mem.write_obj(if writes { 2u16 } else { 0 }, at.unchecked_add(12)).unwrap();
+            mem.write_obj(i as u16, GuestAddress(AVAIL + base + 4 + 2 * i as u64)).unwrap();
+        }
+        mem.write_obj(bufs.len() as u16, GuestAddress(AVAIL + base + 2)).unwrap();
+        write(t, VIRTIO_MMIO_QUEUE_SEL, q);
+        write(t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        write(t, VIRTIO_MMIO_QUEUE_DESC_LOW, (DESC + base) as u32);
+        write(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (AVAIL + base) as u32);
+        write(t, VIRTIO_MMIO_QUEUE_USED_LOW, (USED + base) as u32);
+        write(t, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    fn buf(q: u64, i: u64) -> GuestAddress {
+        GuestAddress(BUFS + (q * 0x400 + i * 0x100) * 0x10)
+    }
+
+    /// Used ring entry `i` of queue `q`: (descriptor, length).
+    fn used(mem: &GuestMemoryMmap, q: u64, i: u64) -> (u32, u32) {
+        let at = GuestAddress(USED + q * 0x400 + 4 + 8 * i);
+        (mem.read_obj(at).unwrap(), mem.read_obj(at.unchecked_add(4)).unwrap())
+    }
+
+    #[test]
+    fn frames_go_between_the_tap_and_the_guests_buffers_and_one_too_large_is_dropped() {
+        let host = HostTap::new();
+        let sock = host.socket();
+        let mac: MacAddr = "52:54:00:ce:00:07".parse().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let net = Net::new(mac, Some(Tap::open(&host.0).unwrap()));
+        let mut t = MmioTransport::create(MmioResources { device: net, mem: mem.clone(), irq });
+        write(&mut t, VIRTIO_MMIO_STATUS, 1 | 2);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1 << VIRTIO_NET_F_MAC);
+        write(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8);
+        // Receive: a buffer too small for the first frame, then one that fits the second.
+        queue(&mut t, &mem, 0, &[(64, true), (1526, true)]);
+        // Transmit: one frame of 12 + 90 bytes.
+        queue(&mut t, &mem, 1, &[(12 + 90, false)]);
+        let out = frame([0xff; 6], 90, 0x5a);
+        mem.write_slice(&[0u8; 12], buf(1, 0)).unwrap();
+        mem.write_slice(&out, buf(1, 0).unchecked_add(12)).unwrap();
+        write(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+
+        let (big, small) = (frame(mac.0, 300, 0x11), frame(mac.0, 100, 0x22));
+        send(&sock, &big);
+        send(&sock, &small);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        t.serve_queue(RX_QUEUE);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 2, "both buffers used");
+        assert_eq!(used(&mem, 0, 0), (0, 0), "the frame that does not fit comes back empty");
+        assert_eq!(used(&mem, 0, 1), (1, 12 + 100));
+        let mut got = vec![0u8; 112];
+        mem.read_slice(&mut got, buf(0, 1)).unwrap();
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+        assert_eq!(&got[12..], &small[..]);
+        assert_eq!(t.device().counters().dropped, 1);
+        assert_eq!(t.device().counters().rx_frames, 1);
+        assert!(t.device().rx_starved() || t.device().counters().rx_frames == 1);
+
+        t.serve_queue(TX_QUEUE);
+        assert_eq!(used(&mem, 1, 0), (0, 0));
+        assert_eq!(t.device().counters().tx_frames, 1);
+        // The frame the device wrote to the tap arrives on the host side.
+        let mut seen = vec![0u8; 2048];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            // SAFETY: seen is a writable buffer of its length.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), seen.as_mut_ptr().cast(), seen.len(), libc::MSG_DONTWAIT) };
+            if n == out.len() as isize && seen[..out.len()] == out[..] {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the transmitted frame never reached the host");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
