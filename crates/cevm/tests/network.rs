@@ -139,8 +139,20 @@ fn either_side_migrated_thread_based_then_process_based_onto_another_tap_keeps_t
     migrate(&s1, &to);
     assert!(vm1.finish(T).expect("the source VMM did not end").success());
     assert_eq!(status(&s2)["nics"][0]["tap"], t2.as_str());
+    // And on to a third VMM on this host without --net: it binds the same tap,
+    // which its source lets go of at the switch.
+    wait_hop(&mut vm2, 160);
+    let to = format!("unix:{}", dir.join("in3.sock").display());
+    let s3 = dir.join("3.sock");
+    let mut vm3 =
+        CevmChild::spawn(bin(), &["run", "--incoming", &to, "--api-sock", s3.to_str().unwrap()], Some("vm1'': "))
+            .unwrap();
+    cevm_testkit::wait_for_file(&dir.join("in3.sock"));
+    migrate(&s2, &to);
+    assert!(vm2.finish(T).expect("the second VMM did not end").success());
+    assert_eq!(status(&s3)["nics"][0]["tap"], t2.as_str());
     assert_eq!(digest(&mut vm0), want());
-    assert_eq!(digest(&mut vm2), want());
+    assert_eq!(digest(&mut vm3), want());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -148,7 +160,7 @@ fn either_side_migrated_thread_based_then_process_based_onto_another_tap_keeps_t
 fn either_side_checkpointed_mid_exchange_stop_and_save_and_cevm_disturbs_nothing() {
     let dir = workdir("net-ckpt");
     let mut br = Bridge::new();
-    let (t0, t1) = (br.tap(0), br.tap(1));
+    let (t0, t1, t2) = (br.tap(0), br.tap(1), br.tap(2));
     let (s0, s1) = (dir.join("0.sock"), dir.join("1.sock"));
     let mut vm0 = start(0, &t0, &s0);
     let mut vm1 = start(1, &t1, &s1);
@@ -161,9 +173,20 @@ fn either_side_checkpointed_mid_exchange_stop_and_save_and_cevm_disturbs_nothing
     let body = json!({ "out": cevm_ckpt.to_str().unwrap(), "strategy": "cevm" });
     cevm::api::client::call(&s1, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
     assert_eq!(status(&s1)["nics"][0]["tap"], t1.as_str());
-    assert_eq!(digest(&mut vm0), want());
+    // Side 0 again, CEVM process-based: the guest goes on in another VMM on
+    // another tap while this one writes the checkpoint and ends.
+    wait_hop(&mut vm0, 160);
+    let to = format!("unix:{}", dir.join("in.sock").display());
+    let net = format!("tap={t2}");
+    let mut vm2 = CevmChild::spawn(bin(), &["run", "--incoming", &to, "--net", &net], Some("vm0': ")).unwrap();
+    cevm_testkit::wait_for_file(&dir.join("in.sock"));
+    let away = dir.join("cevm-away");
+    let body = json!({ "out": away.to_str().unwrap(), "strategy": "cevm", "to": to });
+    cevm::api::client::call(&s0, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
+    assert!(vm0.finish(T).expect("the old VMM did not end").success());
+    assert_eq!(digest(&mut vm2), want());
     assert_eq!(digest(&mut vm1), want());
-    for c in [&sas, &cevm_ckpt] {
+    for c in [&sas, &cevm_ckpt, &away] {
         cevm_testkit::verify_ok(c);
     }
     let _ = std::fs::remove_dir_all(&dir);
