@@ -20,6 +20,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 
@@ -54,7 +55,9 @@ const FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
     | 1 << VIRTIO_NET_F_MAC
     | 1 << VIRTIO_NET_F_STATUS
     | 1 << VIRTIO_NET_F_CTRL_VQ
-    | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE;
+    | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE
+    | 1 << VIRTIO_NET_F_MRG_RXBUF
+    | 1 << VIRTIO_RING_F_INDIRECT_DESC;
 
 /// An Ethernet MAC address, written `52:54:00:12:34:56`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -138,6 +141,9 @@ pub struct Net {
     /// The receive queue had no buffer for the last frame waiting on the tap:
     /// the I/O thread stops watching the tap until the guest adds buffers.
     rx_starved: bool,
+    /// A frame read from the tap that the guest's buffers could not hold yet
+    /// (with mergeable buffers, it waits for more): its length in `frame`.
+    pending: Option<usize>,
     frame: Vec<u8>,
     counters: NetCounters,
 }
@@ -152,6 +158,7 @@ impl Net {
             features: 0,
             status: VIRTIO_NET_S_LINK_UP as u16,
             rx_starved: false,
+            pending: None,
             frame: vec![0; MAX_FRAME],
             counters: NetCounters::default(),
         }
@@ -205,55 +212,82 @@ impl Net {
         true
     }
 
-    /// Frames from the tap into the guest's receive buffers.
+    /// Frames from the tap into the guest's receive buffers: each into one
+    /// buffer, or, with VIRTIO_NET_F_MRG_RXBUF, into as many as it needs
+    /// (§5.1.6.4), the first buffer's header saying how many.
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let Some(tap) = &self.tap else { return false };
+        let mergeable = self.features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         let mut used = false;
         for _ in 0..BATCH {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let available = queue
+                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .map(|i| (i - std::num::Wrapping(queue.next_avail())).0)
+                .unwrap_or(0);
+            if available == 0 {
                 self.rx_starved = true;
                 break;
-            };
+            }
             self.rx_starved = false;
-            let n = match tap.read(&mut self.frame) {
-                Ok(n) => n,
-                Err(e) => {
-                    // Nothing waiting (or the tap went away): the buffer goes back.
-                    queue.go_to_previous_position();
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        tracing::warn!("tap {}: read: {e}", tap.name());
+            let n = match self.pending.take() {
+                Some(n) => n,
+                None => match tap.read(&mut self.frame) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            tracing::warn!("tap {}: read: {e}", tap.name());
+                        }
+                        break;
                     }
-                    break;
-                }
+                },
             };
-            // One buffer per frame: without VIRTIO_NET_F_MRG_RXBUF the header's
-            // num_buffers is 1 (§5.1.6.4).
-            if n >= VNET_HDR_LEN {
-                self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            // The buffers the frame goes into, each a chain of writable areas.
+            let mut buffers: Vec<(u16, Vec<(vm_memory::GuestAddress, usize)>)> = Vec::new();
+            let mut room = 0usize;
+            while room < n && (buffers.is_empty() || mergeable) {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+                let head = chain.head_index();
+                let areas: Vec<_> =
+                    chain.take_while(|d| d.is_write_only()).map(|d| (d.addr(), d.len() as usize)).collect();
+                room += areas.iter().map(|a| a.1).sum::<usize>();
+                buffers.push((head, areas));
             }
-            let head = chain.head_index();
-            let mut written = 0usize;
-            for d in chain {
-                if written == n || !d.is_write_only() {
-                    break;
+            if room < n && mergeable {
+                // Not enough buffers yet: they go back, the frame waits for more.
+                for _ in 0..buffers.len() {
+                    queue.go_to_previous_position();
                 }
-                let take = (d.len() as usize).min(n - written);
-                if mem.write_slice(&self.frame[written..written + take], d.addr()).is_err() {
-                    break;
-                }
-                written += take;
+                self.pending = Some(n);
+                self.rx_starved = true;
+                break;
             }
-            // A frame that does not fit the buffer is dropped: the guest gets the
-            // buffer back empty (its driver counts a length error).
-            let len = if written == n {
-                self.counters.rx_frames += 1;
-                self.counters.rx_bytes += (n - VNET_HDR_LEN.min(n)) as u64;
-                n as u32
-            } else {
+            if room < n {
+                // Without mergeable buffers, a frame that does not fit its buffer
+                // is dropped: the buffer goes back empty (the driver counts a
+                // length error).
                 self.counters.dropped += 1;
-                0
-            };
-            used |= queue.add_used(mem, head, len).is_ok();
+                used |= queue.add_used(mem, buffers[0].0, 0).is_ok();
+                continue;
+            }
+            // num_buffers (§5.1.6.4): how many buffers the frame took.
+            if n >= VNET_HDR_LEN {
+                self.frame[10..12].copy_from_slice(&(buffers.len() as u16).to_le_bytes());
+            }
+            let mut written = 0usize;
+            for (head, areas) in buffers {
+                let mut len = 0usize;
+                for (addr, size) in areas {
+                    let take = size.min(n - written);
+                    if take == 0 || mem.write_slice(&self.frame[written..written + take], addr).is_err() {
+                        break;
+                    }
+                    written += take;
+                    len += take;
+                }
+                used |= queue.add_used(mem, head, len as u32).is_ok();
+            }
+            self.counters.rx_frames += 1;
+            self.counters.rx_bytes += (n - VNET_HDR_LEN.min(n)) as u64;
         }
         used
     }
@@ -393,6 +427,7 @@ impl VirtioDevice for Net {
         self.features = 0;
         self.status = VIRTIO_NET_S_LINK_UP as u16;
         self.rx_starved = false;
+        self.pending = None;
     }
 }
 

@@ -74,14 +74,17 @@ mod on_a_tap {
 
     impl HostTap {
         fn new() -> HostTap {
-            let name = format!("cvd{}", std::process::id() % 1_000_000);
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let name = format!("cvd{}x{n}", std::process::id() % 1_000_000);
             let ip = |a: &[&str]| {
                 let o = std::process::Command::new("ip").args(a).output().expect("ip (package iproute2)");
                 assert!(o.status.success(), "ip {a:?}: {}", String::from_utf8_lossy(&o.stderr));
             };
             ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-            ip(&["link", "set", &name, "up"]);
+            // Jumbo frames, so that one frame needs several guest buffers.
+            ip(&["link", "set", &name, "mtu", "9000", "up"]);
             HostTap(name)
         }
 
@@ -168,11 +171,9 @@ mod on_a_tap {
         (mem.read_obj(at).unwrap(), mem.read_obj(at.unchecked_add(4)).unwrap())
     }
 
-    #[test]
-    fn frames_go_between_the_tap_and_the_guests_buffers_and_one_too_large_is_dropped() {
-        let host = HostTap::new();
-        let sock = host.socket();
-        let mac: MacAddr = "52:54:00:ce:00:07".parse().unwrap();
+    /// A NIC on `host`'s tap whose driver accepted `features` (and VERSION_1),
+    /// queues not yet set up.
+    fn device(host: &HostTap, mac: MacAddr, features: u32) -> (MmioTransport<Net>, GuestMemoryMmap) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let net = Net::new(mac, Some(Tap::open(&host.0).unwrap()));
@@ -181,8 +182,17 @@ mod on_a_tap {
         write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
         write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1 << VIRTIO_NET_F_MAC);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, features);
         write(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8);
+        (t, mem)
+    }
+
+    #[test]
+    fn frames_go_between_the_tap_and_the_guests_buffers_and_one_too_large_is_dropped() {
+        let host = HostTap::new();
+        let sock = host.socket();
+        let mac: MacAddr = "52:54:00:ce:00:07".parse().unwrap();
+        let (mut t, mem) = device(&host, mac, 1 << VIRTIO_NET_F_MAC);
         // Receive: a buffer too small for the first frame, then one that fits the second.
         queue(&mut t, &mem, 0, &[(64, true), (1526, true)]);
         // Transmit: one frame of 12 + 90 bytes.
@@ -223,5 +233,53 @@ mod on_a_tap {
             assert!(std::time::Instant::now() < deadline, "the transmitted frame never reached the host");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn with_mergeable_buffers_a_large_frame_spans_several_and_waits_for_enough() {
+        let host = HostTap::new();
+        let sock = host.socket();
+        let mac: MacAddr = "52:54:00:ce:00:08".parse().unwrap();
+        let (mut t, mem) = device(&host, mac, 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_MRG_RXBUF);
+        // Four buffers of 1024 bytes.
+        queue(&mut t, &mem, 0, &[(1024, true); 4]);
+        write(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+        let (big, small, bigger) = (frame(mac.0, 2500, 0x33), frame(mac.0, 100, 0x44), frame(mac.0, 3000, 0x55));
+        for f in [&big, &small, &bigger] {
+            send(&sock, f);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        t.serve_queue(RX_QUEUE);
+        // The 12 + 2500 bytes in buffers 0-2, the small frame in buffer 3.
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 4);
+        assert_eq!([used(&mem, 0, 0), used(&mem, 0, 1), used(&mem, 0, 2)], [(0, 1024), (1, 1024), (2, 464)]);
+        assert_eq!(used(&mem, 0, 3), (3, 112));
+        let mut got = vec![0u8; 3 * 1024];
+        for i in 0..3 {
+            mem.read_slice(&mut got[i * 1024..(i + 1) * 1024], buf(0, i as u64)).unwrap();
+        }
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+        assert_eq!(&got[12..12 + 2500], &big[..]);
+        // The 3000-byte frame waits: no buffer left.
+        assert!(t.device().rx_starved());
+        assert_eq!(t.device().counters().rx_frames, 2);
+        // The driver adds three more buffers (descriptors 4-6): it arrives whole.
+        for i in 4..7u64 {
+            let at = GuestAddress(DESC + 16 * i);
+            mem.write_obj(buf(0, i).0, at).unwrap();
+            mem.write_obj(1024u32, at.unchecked_add(8)).unwrap();
+            mem.write_obj(2u16, at.unchecked_add(12)).unwrap();
+            mem.write_obj(i as u16, GuestAddress(AVAIL + 4 + 2 * i)).unwrap();
+        }
+        mem.write_obj(7u16, GuestAddress(AVAIL + 2)).unwrap();
+        t.serve_queue(RX_QUEUE);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 7);
+        assert_eq!([used(&mem, 0, 4), used(&mem, 0, 5), used(&mem, 0, 6)], [(4, 1024), (5, 1024), (6, 964)]);
+        for i in 4..7 {
+            mem.read_slice(&mut got[(i - 4) * 1024..(i - 3) * 1024], buf(0, i as u64)).unwrap();
+        }
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3);
+        assert_eq!(&got[12..12 + 3000], &bigger[..]);
+        assert_eq!(t.device().counters().dropped, 0);
     }
 }
