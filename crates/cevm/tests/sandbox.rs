@@ -1,5 +1,5 @@
 //! Every thread of a running VMM is confined by seccomp, and the threads the
-//! guest and the clients drive (vCPUs, API) by a narrower filter than the VMM's own; a VMM
+//! guest and the clients drive (vCPUs, API, NICs) by a narrower filter than the VMM's own; a VMM
 //! confined so still boots, checkpoints and restores its guest right.
 
 use std::path::Path;
@@ -51,4 +51,19 @@ fn every_thread_of_a_running_vmm_is_confined_and_the_vcpus_most() {
     assert!(threads(restored.id()).iter().all(|t| t.2 > 0));
     assert_eq!(digest_to_end(&mut restored), digest_to_end(&mut reference));
     let _ = std::fs::remove_dir_all(Path::new(&dir));
+}
+
+#[test]
+fn a_nics_io_thread_is_confined_more_narrowly_than_the_vmm() {
+    let mut br = cevm_testkit::net::Bridge::new();
+    let tap = br.tap(0);
+    let net = format!("tap={tap}");
+    let args = ["run", "--guest", "digest", "--guest-args", "mib=1 rounds=4", "--mem", "32M", "--net", &net];
+    let mut vm = cevm::child::CevmChild::spawn(bin(), &args, None).unwrap();
+    vm.wait_line(T, |l| l == "round 1/4").expect("the confined guest did not run");
+    let seen = threads(vm.id());
+    let main = seen.iter().find(|(tid, ..)| *tid == vm.id()).expect("the main thread").2;
+    let nic: Vec<u32> = seen.iter().filter(|(_, n, _)| n == "net0").map(|t| t.2).collect();
+    assert!(nic.len() == 1 && nic[0] > main, "the NIC's thread adds its own filter: {seen:?}");
+    assert!(vm.finish(T).expect("cevm did not end").success(), "{:?}", vm.seen);
 }
