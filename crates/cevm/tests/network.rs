@@ -40,6 +40,23 @@ fn start(id: usize, tap: &str, sock: &Path) -> CevmChild {
     CevmChild::spawn(bin(), &a, Some(&format!("vm{id}: "))).unwrap()
 }
 
+/// A `cevm run --incoming` at `DIR/NAME.in` (its endpoint is returned), with
+/// an API socket `DIR/NAME.sock` and its NIC bound to `tap` if given (else to
+/// the tap the guest arrives with).
+fn incoming(dir: &Path, name: &str, tap: Option<&str>) -> (CevmChild, String) {
+    let to = format!("unix:{}", dir.join(format!("{name}.in")).display());
+    let sock = dir.join(format!("{name}.sock"));
+    let mut a = vec!["run".to_string(), "--incoming".into(), to.clone(), "--api-sock".into()];
+    a.push(sock.to_str().unwrap().into());
+    if let Some(t) = tap {
+        a.extend(["--net".into(), format!("tap={t}")]);
+    }
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let vm = CevmChild::spawn(bin(), &a, Some(&format!("{name}: "))).unwrap();
+    cevm_testkit::wait_for_file(&dir.join(format!("{name}.in")));
+    (vm, to)
+}
+
 /// Reads a guest's console to its digest line, then its exit (status 0).
 fn digest(vm: &mut CevmChild) -> String {
     let line = vm
@@ -126,31 +143,17 @@ fn either_side_migrated_thread_based_then_process_based_onto_another_tap_keeps_t
     assert_eq!(status(&s0)["nics"][0]["tap"], t0.as_str());
     wait_hop(&mut vm1, 100);
     // Side 1: to another VMM process, whose NIC binds another tap of the bridge.
-    let to = format!("unix:{}", dir.join("in.sock").display());
-    let s2 = dir.join("2.sock");
-    let net = format!("tap={t2}");
-    let mut vm2 = CevmChild::spawn(
-        bin(),
-        &["run", "--incoming", &to, "--net", &net, "--api-sock", s2.to_str().unwrap()],
-        Some("vm1': "),
-    )
-    .unwrap();
-    cevm_testkit::wait_for_file(&dir.join("in.sock"));
+    let (mut vm2, to) = incoming(&dir, "vm2", Some(&t2));
     migrate(&s1, &to);
     assert!(vm1.finish(T).expect("the source VMM did not end").success());
-    assert_eq!(status(&s2)["nics"][0]["tap"], t2.as_str());
+    assert_eq!(status(&dir.join("vm2.sock"))["nics"][0]["tap"], t2.as_str());
     // And on to a third VMM on this host without --net: it binds the same tap,
     // which its source lets go of at the switch.
     wait_hop(&mut vm2, 160);
-    let to = format!("unix:{}", dir.join("in3.sock").display());
-    let s3 = dir.join("3.sock");
-    let mut vm3 =
-        CevmChild::spawn(bin(), &["run", "--incoming", &to, "--api-sock", s3.to_str().unwrap()], Some("vm1'': "))
-            .unwrap();
-    cevm_testkit::wait_for_file(&dir.join("in3.sock"));
-    migrate(&s2, &to);
+    let (mut vm3, to) = incoming(&dir, "vm3", None);
+    migrate(&dir.join("vm2.sock"), &to);
     assert!(vm2.finish(T).expect("the second VMM did not end").success());
-    assert_eq!(status(&s3)["nics"][0]["tap"], t2.as_str());
+    assert_eq!(status(&dir.join("vm3.sock"))["nics"][0]["tap"], t2.as_str());
     assert_eq!(digest(&mut vm0), want());
     assert_eq!(digest(&mut vm3), want());
     let _ = std::fs::remove_dir_all(&dir);
@@ -176,10 +179,7 @@ fn either_side_checkpointed_mid_exchange_stop_and_save_and_cevm_disturbs_nothing
     // Side 0 again, CEVM process-based: the guest goes on in another VMM on
     // another tap while this one writes the checkpoint and ends.
     wait_hop(&mut vm0, 160);
-    let to = format!("unix:{}", dir.join("in.sock").display());
-    let net = format!("tap={t2}");
-    let mut vm2 = CevmChild::spawn(bin(), &["run", "--incoming", &to, "--net", &net], Some("vm0': ")).unwrap();
-    cevm_testkit::wait_for_file(&dir.join("in.sock"));
+    let (mut vm2, to) = incoming(&dir, "vm2", Some(&t2));
     let away = dir.join("cevm-away");
     let body = json!({ "out": away.to_str().unwrap(), "strategy": "cevm", "to": to });
     cevm::api::client::call(&s0, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
