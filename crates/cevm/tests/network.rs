@@ -87,6 +87,29 @@ fn status(sock: &Path) -> Value {
     cevm::api::client::call(sock, "GET", "/v1/status", None, T).unwrap()
 }
 
+/// Two netring guests on a new bridge with `taps` taps (guest i on tap i),
+/// in work directory `name`, each VMM with its API socket `DIR/i.sock`;
+/// returns once guest 0 has sent hop 10.
+struct Ring {
+    dir: std::path::PathBuf,
+    taps: Vec<String>,
+    socks: [std::path::PathBuf; 2],
+    vm0: CevmChild,
+    vm1: CevmChild,
+    _bridge: Bridge,
+}
+
+fn ring(name: &str, taps: usize) -> Ring {
+    let dir = workdir(name);
+    let mut bridge = Bridge::new();
+    let taps: Vec<String> = (0..taps).map(|i| bridge.tap(i)).collect();
+    let socks = [dir.join("0.sock"), dir.join("1.sock")];
+    let mut vm0 = start(0, &taps[0], &socks[0]);
+    let vm1 = start(1, &taps[1], &socks[1]);
+    wait_hop(&mut vm0, 10);
+    Ring { dir, taps, socks, vm0, vm1, _bridge: bridge }
+}
+
 #[test]
 fn two_guests_on_a_bridge_finish_with_the_exact_digest_and_their_nics_show_in_the_status() {
     let dir = workdir("net-plain");
@@ -130,20 +153,15 @@ fn two_guests_on_a_bridge_finish_with_the_exact_digest_and_their_nics_show_in_th
 
 #[test]
 fn either_side_migrated_thread_based_then_process_based_onto_another_tap_keeps_the_digest() {
-    let dir = workdir("net-migrate");
-    let mut br = Bridge::new();
-    let (t0, t1, t2) = (br.tap(0), br.tap(1), br.tap(2));
-    let (s0, s1) = (dir.join("0.sock"), dir.join("1.sock"));
-    let mut vm0 = start(0, &t0, &s0);
-    let mut vm1 = start(1, &t1, &s1);
-    wait_hop(&mut vm0, 10);
+    let Ring { dir, taps, socks: [s0, s1], mut vm0, mut vm1, _bridge } = ring("net-migrate", 3);
+    let (t0, t2) = (&taps[0], &taps[2]);
     // Side 0: thread-based, in its own VMM, on the same tap.
     let r = migrate(&s0, "local");
     assert!(r["pages_sent"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(status(&s0)["nics"][0]["tap"], t0.as_str());
     wait_hop(&mut vm1, 100);
     // Side 1: to another VMM process, whose NIC binds another tap of the bridge.
-    let (mut vm2, to) = incoming(&dir, "vm2", Some(&t2));
+    let (mut vm2, to) = incoming(&dir, "vm2", Some(t2));
     migrate(&s1, &to);
     assert!(vm1.finish(T).expect("the source VMM did not end").success());
     assert_eq!(status(&dir.join("vm2.sock"))["nics"][0]["tap"], t2.as_str());
@@ -161,13 +179,8 @@ fn either_side_migrated_thread_based_then_process_based_onto_another_tap_keeps_t
 
 #[test]
 fn either_side_checkpointed_mid_exchange_stop_and_save_and_cevm_disturbs_nothing() {
-    let dir = workdir("net-ckpt");
-    let mut br = Bridge::new();
-    let (t0, t1, t2) = (br.tap(0), br.tap(1), br.tap(2));
-    let (s0, s1) = (dir.join("0.sock"), dir.join("1.sock"));
-    let mut vm0 = start(0, &t0, &s0);
-    let mut vm1 = start(1, &t1, &s1);
-    wait_hop(&mut vm0, 10);
+    let Ring { dir, taps, socks: [s0, s1], mut vm0, mut vm1, _bridge } = ring("net-ckpt", 3);
+    let (t1, t2) = (&taps[1], &taps[2]);
     let sas = dir.join("sas");
     let body = json!({ "out": sas.to_str().unwrap(), "strategy": "stop-and-save" });
     cevm::api::client::call(&s0, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
@@ -179,7 +192,7 @@ fn either_side_checkpointed_mid_exchange_stop_and_save_and_cevm_disturbs_nothing
     // Side 0 again, CEVM process-based: the guest goes on in another VMM on
     // another tap while this one writes the checkpoint and ends.
     wait_hop(&mut vm0, 160);
-    let (mut vm2, to) = incoming(&dir, "vm2", Some(&t2));
+    let (mut vm2, to) = incoming(&dir, "vm2", Some(t2));
     let away = dir.join("cevm-away");
     let body = json!({ "out": away.to_str().unwrap(), "strategy": "cevm", "to": to });
     cevm::api::client::call(&s0, "PUT", "/v1/checkpoint", Some(&body), T).unwrap();
@@ -194,12 +207,8 @@ fn either_side_checkpointed_mid_exchange_stop_and_save_and_cevm_disturbs_nothing
 
 #[test]
 fn both_paused_checkpointed_killed_and_restored_onto_other_taps_finish_with_the_exact_digest() {
-    let dir = workdir("net-restore");
-    let mut br = Bridge::new();
-    let (t0, t1, t2, t3) = (br.tap(0), br.tap(1), br.tap(2), br.tap(3));
-    let (s0, s1) = (dir.join("0.sock"), dir.join("1.sock"));
-    let mut vm0 = start(0, &t0, &s0);
-    let mut vm1 = start(1, &t1, &s1);
+    let Ring { dir, taps, socks: [s0, s1], mut vm0, mut vm1, _bridge } = ring("net-restore", 4);
+    let (t2, t3) = (&taps[2], &taps[3]);
     wait_hop(&mut vm1, 21);
     let (c0, c1) = (dir.join("c0"), dir.join("c1"));
     for s in [&s0, &s1] {
@@ -215,8 +224,8 @@ fn both_paused_checkpointed_killed_and_restored_onto_other_taps_finish_with_the_
         let net = format!("tap={tap}");
         CevmChild::spawn(bin(), &["restore", c.to_str().unwrap(), "--net", &net], Some(&format!("vm{id}'': "))).unwrap()
     };
-    let mut r0 = restored(&c0, &t2, 0);
-    let mut r1 = restored(&c1, &t3, 1);
+    let mut r0 = restored(&c0, t2, 0);
+    let mut r1 = restored(&c1, t3, 1);
     assert_eq!(digest(&mut r0), want());
     assert_eq!(digest(&mut r1), want());
     let _ = std::fs::remove_dir_all(&dir);
