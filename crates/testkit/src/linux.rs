@@ -118,22 +118,14 @@ pub fn sh(cmd: &str, dir: &Path) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// The start of a scenario that gets base.qcow2 as its input: defines
-/// `wait_for TEXT FILE` (up to 300 s) and `wait_vm PID NAME` (waits up to 300 s
-/// for a VMM whose console is /tmp/NAME.txt and returns its status; one still
-/// running then has its console and messages printed and is killed, status 124,
-/// so that a hung guest shows where it stopped instead of running into the
-/// harness's timeout), and starts a Linux guest (2 vCPUs,
-/// 256 MiB, API at /tmp/api.sock) on an overlay /tmp/run.qcow2 over the base,
-/// its command line ending in `guest_args`, in the background: console in
-/// /tmp/NAME.txt, cevm's own messages in /tmp/NAME.err (apart, so that neither
-/// cuts into the other's lines), its pid in `$NAME`.
-pub fn start_linux_vm(name: &str, guest_args: &str) -> String {
-    format!(
-        r#"cd /tmp
-cp "$DATA/base.qcow2" /tmp/base.qcow2
-wait_for() {{ n=0; while ! grep -q "$1" "$2"; do sleep 0.1; n=$((n+1)); [ $n -gt 3000 ] && return 1; done; }}
-wait_vm() {{
+/// Shell functions for scenarios: `wait_for TEXT FILE` (up to 300 s; status 0
+/// once TEXT is in FILE, 1 if it never came) and `wait_vm PID NAME` (waits up
+/// to 300 s for a VMM whose console is /tmp/NAME.txt and returns its status;
+/// one still running then has its console and messages printed and is killed,
+/// status 124, so that a hung guest shows where it stopped instead of running
+/// into the harness's timeout).
+pub const SCENARIO_FUNCTIONS: &str = r#"wait_for() { n=0; while ! grep -q "$1" "$2"; do sleep 0.1; n=$((n+1)); [ $n -gt 3000 ] && return 1; done; return 0; }
+wait_vm() {
     n=0
     while kill -0 "$1" 2>/dev/null; do
         sleep 0.1; n=$((n+1))
@@ -144,10 +136,72 @@ wait_vm() {{
         fi
     done
     wait "$1"
-}}
-$CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
+}
+"#;
+
+/// The start of a scenario that gets base.qcow2 as its input: defines the
+/// [`SCENARIO_FUNCTIONS`], and starts a Linux guest (2 vCPUs,
+/// 256 MiB, API at /tmp/api.sock) on an overlay /tmp/run.qcow2 over the base,
+/// its command line ending in `guest_args`, in the background: console in
+/// /tmp/NAME.txt, cevm's own messages in /tmp/NAME.err (apart, so that neither
+/// cuts into the other's lines), its pid in `$NAME`.
+pub fn start_linux_vm(name: &str, guest_args: &str) -> String {
+    format!(
+        r#"cd /tmp
+cp "$DATA/base.qcow2" /tmp/base.qcow2
+{SCENARIO_FUNCTIONS}$CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
     --disk /tmp/base.qcow2 --overlay /tmp/run.qcow2 \
     --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet {guest_args}" \
+    > /tmp/{name}.txt 2> /tmp/{name}.err &
+{name}=$!
+"#
+    )
+}
+
+/// The start of a network scenario: [`SCENARIO_FUNCTIONS`], then a bridge
+/// `bridge` with the taps `taps` on it, all up and IPv6 off (a quiet network:
+/// only what the guests send), removed when the scenario ends. With busybox's
+/// `tunctl` and `brctl` (in the nested harness's L1), else iproute2's `ip
+/// tuntap` and `ip link set master` (a hardware KVM host). A tap nobody has
+/// open has no carrier; the one a VMM opens is forwarded to at once (the bridge
+/// runs no STP, so there is no learning delay). Defines `fdb`, which prints
+/// the tap the bridge forwards each MAC it learned to, a line each:
+/// "cevm-scenario: BRIDGE forwards MAC to TAP" (read from sysfs: busybox's
+/// brctl has no showmacs).
+pub fn network(bridge: &str, taps: &[&str]) -> String {
+    let taps = taps.join(" ");
+    format!(
+        r#"cd /tmp
+{SCENARIO_FUNCTIONS}quiet() {{ {{ echo 1 > /proc/sys/net/ipv6/conf/$1/disable_ipv6; }} 2> /dev/null; true; }}
+ip link add {bridge} type bridge && quiet {bridge} && ip link set {bridge} up || {{ echo "cevm-scenario: cannot make bridge {bridge}"; exit 1; }}
+for t in {taps}; do
+    if command -v tunctl > /dev/null; then tunctl -t $t > /dev/null; else ip tuntap add dev $t mode tap; fi &&
+        quiet $t &&
+        if command -v brctl > /dev/null; then brctl addif {bridge} $t; else ip link set $t master {bridge}; fi &&
+        ip link set $t up || {{ echo "cevm-scenario: cannot make tap $t on {bridge}"; exit 1; }}
+done
+trap 'for t in {taps}; do ip link del $t; done; ip link del {bridge}' EXIT
+fdb() {{
+    for p in /sys/class/net/{bridge}/brif/*; do echo "$(($(cat $p/port_no))) ${{p##*/}}"; done > /tmp/{bridge}.ports
+    # struct __fdb_entry: the MAC, the port number, whether the MAC is the bridge's own, ...
+    od -An -tx1 -v -w16 /sys/class/net/{bridge}/brforward | while read a b c d e f port local rest; do
+        [ "$local" = 00 ] && echo "cevm-scenario: {bridge} forwards $a:$b:$c:$d:$e:$f to $(awk -v n=$((0x$port)) '$1 == n {{print $2}}' /tmp/{bridge}.ports)"
+    done
+    true
+}}
+echo "cevm-scenario: bridge {bridge} with taps {taps}"
+"#
+    )
+}
+
+/// Starts a Linux guest without a disk on `tap` with address `mac`, in the
+/// background (1 vCPU, `mem` of memory): API at /tmp/NAME.sock, console in
+/// /tmp/NAME.txt, cevm's own messages in /tmp/NAME.err, its pid in `$NAME`;
+/// its command line ends in `guest_args`.
+pub fn start_net_vm(name: &str, tap: &str, mac: &str, mem: &str, guest_args: &str) -> String {
+    format!(
+        r#"$CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem {mem} --vcpus 1 --api-sock /tmp/{name}.sock \
+    --net tap={tap},mac={mac} --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet {guest_args}" \
     > /tmp/{name}.txt 2> /tmp/{name}.err &
 {name}=$!
 "#
