@@ -1,13 +1,14 @@
 //! An instance's NICs: virtio-net devices on host taps, each with its I/O
 //! thread, kept in step with the instance's run state.
 //!
-//! The tap is a host resource, not part of the guest: a NIC is created without
-//! one and binds the tap its configuration names when the instance starts or
-//! resumes. A migration's source releases its taps at the switch (the guest
-//! runs elsewhere from then on, and the destination, in this process or
-//! another on this host, may bind the same tap: a tap takes one reader at a
-//! time), and binds them again if the migration fails and the guest goes on
-//! here.
+//! The tap is a host resource, not part of the guest. A NIC binds the tap its
+//! configuration names as soon as it is made, if it can; a tap still held by
+//! another instance (a migration's source on this host: a tap takes one reader
+//! at a time) is bound when the instance starts or resumes. A migration's
+//! source releases its taps at the switch, and binds them again if the
+//! migration fails and the guest goes on here. The I/O thread is made with the
+//! NIC, parked: like the vCPU threads, neither its creation nor, for another
+//! tap, the tap's opening falls into a migration's switch.
 
 use std::sync::{Arc, Mutex};
 
@@ -37,8 +38,6 @@ pub struct NicStatus {
 struct Nic {
     config: NicConfig,
     transport: SharedNet,
-    /// The queue notifications' eventfds, until the I/O thread takes them.
-    kicks: Option<Kicks>,
     worker: Option<NetWorker>,
 }
 
@@ -69,7 +68,25 @@ impl Nics {
             Ok(e)
         };
         let kicks = Kicks { rx: kick(RX_QUEUE)?, tx: kick(TX_QUEUE)? };
-        self.nics.push(Nic { config: config.clone(), transport, kicks: Some(kicks), worker: None });
+        match Tap::open(&config.tap) {
+            Ok(tap) => {
+                lock(&transport)
+                    .device_mut()
+                    .set_tap(Some(tap))
+                    .map_err(|e| Error::Device(format!("NIC {index}: {e}")))?;
+            }
+            // Held by another instance (bound at start), or missing: the start says so.
+            Err(e) => tracing::debug!("NIC {index}: tap not bound yet: {e}"),
+        }
+        let on_start = Box::new(move || {
+            if let Err(e) = sandbox::confine(sandbox::Kind::Net) {
+                // The thread runs on under the VMM's wider filter.
+                tracing::error!("net{index}: {e}");
+            }
+        });
+        let worker = NetWorker::spawn(format!("net{index}"), transport.clone(), kicks, true, on_start)
+            .map_err(|e| Error::Device(format!("NIC {index}: its I/O thread: {e}")))?;
+        self.nics.push(Nic { config: config.clone(), transport, worker: Some(worker) });
         Ok(())
     }
 
@@ -105,17 +122,10 @@ impl Nics {
     /// The instance starts: taps bound, I/O threads running.
     pub(crate) fn start(&mut self) -> Result<()> {
         self.bind()?;
-        for (i, n) in self.nics.iter_mut().enumerate() {
-            let Some(kicks) = n.kicks.take() else { continue };
-            let on_start = Box::new(move || {
-                if let Err(e) = sandbox::confine(sandbox::Kind::Net) {
-                    // The thread runs on under the VMM's wider filter.
-                    tracing::error!("net{i}: {e}");
-                }
-            });
-            let worker = NetWorker::spawn(format!("net{i}"), n.transport.clone(), kicks, false, on_start)
-                .map_err(|e| Error::Device(format!("NIC {i}: its I/O thread: {e}")))?;
-            n.worker = Some(worker);
+        for n in &self.nics {
+            if let Some(w) = &n.worker {
+                w.resume();
+            }
         }
         Ok(())
     }
