@@ -152,6 +152,7 @@ fn receive(
                 })?;
                 let state = state.ok_or_else(|| Error::DoneBeforeState { peer: t.peer() })?;
                 let mut inst = Instance::restore_into(shell, config, &state, console, events)?;
+                inst.bind_busy_taps_when_free();
                 inst.start()?;
                 inst.place_vcpus(&host.vcpu_cpus)?;
                 let started_at_us = monotonic_us();

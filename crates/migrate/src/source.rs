@@ -307,6 +307,9 @@ fn precopy_and_switch(
     phase.set(Phase::Resume);
     let resumed = wait_resumed(inst, s.t, params, was_running)?;
     let round_trip = ms(t_switch.elapsed());
+    // Closing a tap waits for the kernel to detach it (an RCU grace period):
+    // done now that the guest runs, out of its downtime.
+    inst.close_released_network();
     let resumed: Resumed = serde_json::from_slice(&resumed).map_err(|source| Error::BadMessage {
         peer: s.t.peer(),
         what: "Resumed",
@@ -489,8 +492,10 @@ fn send_last_pages_and_state(
     inst.flush_disk()?;
     let state = inst.save_state()?;
     // The guest's NICs are the destination's from here: it may bind the same
-    // taps (a tap takes one reader). If the switch fails here, the resume binds
-    // them again.
+    // taps (a tap takes one reader). They stay open until the guest runs there
+    // (a destination in this process takes them over; one elsewhere on this
+    // host binds the same tap once it is closed, below); if the switch fails,
+    // the resume binds them again.
     inst.release_network()?;
     let state = encode_state(&state)?;
     s.t.send(FrameKind::State, &[&state])?;

@@ -25,7 +25,7 @@ use crate::layout::{
     VirtioMmioSlot, ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, VIRTIO_BLK_SLOT,
 };
 use crate::memory::GuestMemory;
-use crate::nics::{NicStatus, Nics};
+use crate::nics::{self, NicStatus, Nics};
 use crate::persist::{device_ids, DeviceSet, KvmVm};
 use crate::state::{DeviceStates, InstanceState, VcpuState};
 use crate::vcpu::{self, kick_signal, Buses, FreshVcpu, RunControl, Vcpu, VcpuCommand};
@@ -119,6 +119,8 @@ pub struct Shell {
     /// The guest's disk, when prepared ahead (a CEVM switch's overlay U); else
     /// the instance opens the configuration's disk.
     disk: Option<Arc<disk::GuestDisk>>,
+    /// What each NIC needs from the host, made with the VM.
+    nics: Vec<nics::Prepared>,
     // Declared last: the KVM system fd outlives the VM's.
     kvm: Kvm,
 }
@@ -155,7 +157,9 @@ impl Shell {
             vcpus.push(Vcpu::new(id, fd, msr_indices.clone()));
         }
         let threads = (0..config.vcpus).map(ParkedThread::new).collect::<Result<Vec<_>>>()?;
-        Ok(Shell { vm, memory, vcpus, threads, disk: None, kvm })
+        let nics =
+            config.nics.iter().enumerate().map(|(i, n)| nics::Prepared::new(&vm, i, n)).collect::<Result<_>>()?;
+        Ok(Shell { vm, memory, vcpus, threads, disk: None, nics, kvm })
     }
 
     /// The guest memory, to fill before the state is loaded.
@@ -314,10 +318,11 @@ impl Instance {
         shell: Option<Shell>,
         events: Sender<VmEvent>,
     ) -> Result<Self> {
-        let Shell { kvm, vm, memory, vcpus: idle_vcpus, threads: parked, disk: prepared } = match shell {
-            Some(s) => s,
-            None => Shell::new(&config, None)?,
-        };
+        let Shell { kvm, vm, memory, vcpus: idle_vcpus, threads: parked, disk: prepared, nics: prepared_nics } =
+            match shell {
+                Some(s) => s,
+                None => Shell::new(&config, None)?,
+            };
         let mut set = DeviceSet::default();
         let mut buses = Buses::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
@@ -342,9 +347,9 @@ impl Instance {
             None => None,
         };
         let mut nics = Nics::default();
-        for (i, nic) in config.nics.iter().enumerate() {
+        for (i, (nic, prepared)) in config.nics.iter().zip(prepared_nics).enumerate() {
             let mut virtio = VirtioBuilder { set: &mut set, buses: &mut buses, vm: &vm, memory: &memory, devices };
-            nics.add(&vm, nic, |net, slot| virtio.add(device_ids::VIRTIO_NET[i], net, slot))?;
+            nics.add(nic, prepared, |net, slot, irq| virtio.add_on(device_ids::VIRTIO_NET[i], net, slot, irq))?;
         }
         if let Some(saved) = devices {
             set.check_all_restored(saved)?;
@@ -380,7 +385,9 @@ impl Instance {
     }
 
     /// Lets go of the NICs' taps: the paused guest goes on elsewhere (a
-    /// migration's switch), where its NICs may bind the same taps. A resume
+    /// migration's switch), where its NICs may bind the same taps. They stay
+    /// open (a new instance of this process takes them over) until
+    /// [`Instance::close_released_network`] or the instance's end. A resume
     /// binds them again.
     pub fn release_network(&mut self) -> Result<()> {
         if self.state == RunState::Running {
@@ -388,6 +395,20 @@ impl Instance {
         }
         self.nics.release();
         Ok(())
+    }
+
+    /// Closes the taps [`Instance::release_network`] let go of that no new
+    /// instance of this process took (the guest runs elsewhere now).
+    pub fn close_released_network(&mut self) {
+        self.nics.close_released();
+    }
+
+    /// A migration's destination: a NIC whose tap another process still holds
+    /// (the source on this host, until the guest runs here) is bound as soon
+    /// as that process lets go of it, the guest running meanwhile, instead of
+    /// failing the start.
+    pub fn bind_busy_taps_when_free(&mut self) {
+        self.nics.wait_for_busy_taps();
     }
 
     /// Makes every write the guest's disk completed durable (flushes the image).
@@ -632,6 +653,18 @@ impl VirtioBuilder<'_> {
     ) -> Result<Arc<Mutex<MmioTransport<D>>>> {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("{id} eventfd: {e}")))?;
         self.vm.register_irqfd(&irq, slot.gsi).map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        self.add_on(id, device, slot, irq)
+    }
+
+    /// As [`VirtioBuilder::add`], its interrupt on `irq`, already registered
+    /// as an irqfd of the slot's GSI.
+    fn add_on<D: VirtioDevice + Send + 'static>(
+        &mut self,
+        id: &'static str,
+        device: D,
+        slot: VirtioMmioSlot,
+        irq: EventFd,
+    ) -> Result<Arc<Mutex<MmioTransport<D>>>> {
         let resources = MmioResources { device, mem: self.memory.mmap().clone(), irq };
         let transport = self.set.add::<MmioTransport<D>>(id, resources, self.devices)?;
         self.buses.mmio.insert(slot.base, slot.size, transport.clone());

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
@@ -182,7 +183,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if !queue.ready() {
             return;
         }
-        if self.device.process_queue(index, queue, &self.mem) {
+        // The interrupt only if the driver wants one now (§2.7.7, §2.7.10: its
+        // used_event with VIRTIO_RING_F_EVENT_IDX, else the avail ring's
+        // NO_INTERRUPT flag, which a driver polling the ring sets); a ring
+        // that cannot be read gets one, so that the driver looks.
+        if self.device.process_queue(index, queue, &self.mem) && queue.needs_notification(&self.mem).unwrap_or(true) {
             self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
             // A lost interrupt is the irqfd's failure, not the guest's: it sees the used
             // ring the next time it looks.
@@ -358,6 +363,10 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
                     let activates = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
                     self.status = v;
                     if activates {
+                        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+                        for q in &mut self.queues {
+                            q.set_event_idx(event_idx);
+                        }
                         self.device.activate(self.driver_features);
                     }
                 }

@@ -20,7 +20,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 
@@ -57,7 +57,8 @@ const FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
     | 1 << VIRTIO_NET_F_CTRL_VQ
     | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE
     | 1 << VIRTIO_NET_F_MRG_RXBUF
-    | 1 << VIRTIO_RING_F_INDIRECT_DESC;
+    | 1 << VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << VIRTIO_RING_F_EVENT_IDX;
 
 /// An Ethernet MAC address, written `52:54:00:12:34:56`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -144,6 +145,10 @@ pub struct Net {
     /// A frame read from the tap that the guest's buffers could not hold yet
     /// (with mergeable buffers, it waits for more): its length in `frame`.
     pending: Option<usize>,
+    /// The last transmit turn ended with frames still queued (see [`Net::transmit`]).
+    tx_pending: bool,
+    /// Reading the tap failed (said once per tap).
+    tap_failed: bool,
     frame: Vec<u8>,
     counters: NetCounters,
 }
@@ -159,6 +164,8 @@ impl Net {
             status: VIRTIO_NET_S_LINK_UP as u16,
             rx_starved: false,
             pending: None,
+            tx_pending: false,
+            tap_failed: false,
             frame: vec![0; MAX_FRAME],
             counters: NetCounters::default(),
         }
@@ -182,6 +189,7 @@ impl Net {
             t.set_offload(tap_offloads(self.features))?;
         }
         self.tap_epoch += 1;
+        self.tap_failed = false;
         Ok(std::mem::replace(&mut self.tap, tap))
     }
 
@@ -193,6 +201,12 @@ impl Net {
     /// What it moved so far.
     pub fn counters(&self) -> NetCounters {
         self.counters
+    }
+
+    /// Whether the last transmit turn left frames in the ring (the I/O thread
+    /// serves the queue again without waiting for a notification).
+    pub fn tx_pending(&self) -> bool {
+        self.tx_pending
     }
 
     /// Whether the last receive found no buffer (see the I/O thread).
@@ -219,12 +233,17 @@ impl Net {
         let Some(tap) = &self.tap else { return false };
         let mergeable = self.features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         let mut used = false;
+        // The driver's notifications of new buffers matter only once they run
+        // out: off while there are some, on again (and the ring looked at once
+        // more, for buffers added meanwhile) when there are none.
+        let _ = queue.disable_notification(mem);
         for _ in 0..BATCH {
-            let available = queue
-                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-                .map(|i| (i - std::num::Wrapping(queue.next_avail())).0)
-                .unwrap_or(0);
-            if available == 0 {
+            let available = |q: &Queue| {
+                q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                    .map(|i| (i - std::num::Wrapping(q.next_avail())).0)
+                    .unwrap_or(0)
+            };
+            if available(queue) == 0 && !(queue.enable_notification(mem).unwrap_or(false) && available(queue) > 0) {
                 self.rx_starved = true;
                 break;
             }
@@ -233,10 +252,17 @@ impl Net {
                 Some(n) => n,
                 None => match tap.read(&mut self.frame) {
                     Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        if e.kind() != io::ErrorKind::WouldBlock {
-                            tracing::warn!("tap {}: read: {e}", tap.name());
+                        // A tap that fails (deleted under the VM: EBADFD) stays
+                        // readable: it is said once, and not watched again until
+                        // the driver's next notification of the queue.
+                        if !self.tap_failed {
+                            tracing::warn!("tap {}: read: {e}; frames from it are not received", tap.name());
+                            self.tap_failed = true;
                         }
+                        let _ = queue.enable_notification(mem);
+                        self.rx_starved = true;
                         break;
                     }
                 },
@@ -254,10 +280,18 @@ impl Net {
             }
             if room < n && mergeable {
                 // Not enough buffers yet: they go back, the frame waits for more.
+                // Notifications on first, while every buffer the driver has
+                // made available is taken, so that its next one is notified
+                // (with EVENT_IDX, avail_event is where the ring is taken up
+                // to); if it added one meanwhile, try again at once.
+                let more = queue.enable_notification(mem).unwrap_or(false);
                 for _ in 0..buffers.len() {
                     queue.go_to_previous_position();
                 }
                 self.pending = Some(n);
+                if more {
+                    continue;
+                }
                 self.rx_starved = true;
                 break;
             }
@@ -292,44 +326,66 @@ impl Net {
         used
     }
 
-    /// Frames the guest queued, out to the tap (dropped without one).
+    /// Frames the guest queued, out to the tap (dropped without one). The
+    /// driver's notifications are off while the ring is drained and on again
+    /// once it is empty, when the ring is looked at once more (a frame queued
+    /// meanwhile came with no notification). After [`BATCH`] frames the turn
+    /// ends with them off and [`Net::tx_pending`] set: the I/O thread comes
+    /// back for the rest.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
-        for _ in 0..BATCH {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
-            let head = chain.head_index();
-            let mut len = 0usize;
-            let mut fits = true;
-            for d in chain {
-                if d.is_write_only() {
-                    break;
+        let mut budget = BATCH;
+        loop {
+            let _ = queue.disable_notification(mem);
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                self.send_frame(chain, mem);
+                used |= queue.add_used(mem, head, 0).is_ok();
+                budget -= 1;
+                if budget == 0 {
+                    self.tx_pending = true;
+                    return used;
                 }
-                let dl = d.len() as usize;
-                if len + dl > self.frame.len() || mem.read_slice(&mut self.frame[len..len + dl], d.addr()).is_err() {
-                    fits = false;
-                    break;
-                }
-                len += dl;
             }
-            let sent = match (&self.tap, fits && len > VNET_HDR_LEN) {
-                (Some(tap), true) => match tap.write(&self.frame[..len]) {
-                    Ok(_) => true,
-                    Err(e) => {
-                        tracing::debug!("tap {}: a frame of {len} bytes was refused: {e}", tap.name());
-                        false
-                    }
-                },
-                _ => false,
-            };
-            if sent {
-                self.counters.tx_frames += 1;
-                self.counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
-            } else {
-                self.counters.dropped += 1;
+            if !queue.enable_notification(mem).unwrap_or(false) {
+                self.tx_pending = false;
+                return used;
             }
-            used |= queue.add_used(mem, head, 0).is_ok();
         }
-        used
+    }
+
+    /// One frame the guest queued, out to the tap; counted as dropped if it
+    /// cannot be read, is too large, or the tap refuses it.
+    fn send_frame(&mut self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) {
+        let mut len = 0usize;
+        let mut fits = true;
+        for d in chain {
+            if d.is_write_only() {
+                break;
+            }
+            let dl = d.len() as usize;
+            if len + dl > self.frame.len() || mem.read_slice(&mut self.frame[len..len + dl], d.addr()).is_err() {
+                fits = false;
+                break;
+            }
+            len += dl;
+        }
+        let sent = match (&self.tap, fits && len > VNET_HDR_LEN) {
+            (Some(tap), true) => match tap.write(&self.frame[..len]) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::debug!("tap {}: a frame of {len} bytes was refused: {e}", tap.name());
+                    false
+                }
+            },
+            _ => false,
+        };
+        if sent {
+            self.counters.tx_frames += 1;
+            self.counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
+        } else {
+            self.counters.dropped += 1;
+        }
     }
 
     /// Control commands (§5.1.6.5): the announcement's acknowledgement; any
@@ -428,6 +484,7 @@ impl VirtioDevice for Net {
         self.status = VIRTIO_NET_S_LINK_UP as u16;
         self.rx_starved = false;
         self.pending = None;
+        self.tx_pending = false;
     }
 }
 

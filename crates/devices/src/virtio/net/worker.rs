@@ -35,6 +35,8 @@ struct Control {
     paused: bool,
     parked: bool,
     stop: bool,
+    /// The NIC the thread serves, given before its first resume.
+    net: Option<SharedNet>,
 }
 
 #[derive(Default)]
@@ -65,17 +67,14 @@ pub struct Kicks {
 }
 
 impl NetWorker {
-    /// Starts the thread `name` for the NIC behind `net`, parked if `paused`.
-    /// `on_start` runs first on the new thread (the VMM confines it there).
-    pub fn spawn(
-        name: String,
-        net: SharedNet,
-        kicks: Kicks,
-        paused: bool,
-        on_start: Box<dyn FnOnce() + Send>,
-    ) -> io::Result<NetWorker> {
+    /// Starts the thread `name`, parked: it serves nothing until
+    /// [`NetWorker::attach`] gave it its NIC and [`NetWorker::resume`] let it
+    /// run. Made before the NIC's transport, so that neither the thread's
+    /// creation nor `on_start` (the VMM confines the thread there) falls into
+    /// a migration's switch, where the transport is made from the saved state.
+    pub fn spawn(name: String, kicks: Kicks, on_start: Box<dyn FnOnce() + Send>) -> io::Result<NetWorker> {
         let shared = Arc::new(Shared::default());
-        shared.lock().paused = paused;
+        shared.lock().paused = true;
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         for (fd, token) in [(wake.as_raw_fd(), WAKE), (kicks.rx.as_raw_fd(), RX_KICK), (kicks.tx.as_raw_fd(), TX_KICK)]
@@ -85,13 +84,29 @@ impl NetWorker {
         let (s, w) = (shared.clone(), wake.try_clone()?);
         let handle = std::thread::Builder::new().name(name).spawn(move || {
             on_start();
+            if !park_while_paused(&s) {
+                return;
+            }
+            let Some(net) = s.lock().net.clone() else {
+                tracing::error!("NIC I/O thread resumed without a NIC; it ends");
+                return;
+            };
             Loop { net, kicks, epoll, wake: w, shared: s, tap: None, epoch: None, watching: false }.run();
         })?;
         let worker = NetWorker { shared, wake, handle: Some(handle) };
-        if paused {
-            worker.wait_parked();
-        }
+        worker.wait_parked();
         Ok(worker)
+    }
+
+    /// An eventfd that, written, makes the thread look at the NIC's tap again
+    /// (one bound while it runs).
+    pub fn waker(&self) -> io::Result<EventFd> {
+        self.wake.try_clone()
+    }
+
+    /// Gives the thread the NIC it serves (before its first resume).
+    pub fn attach(&self, net: SharedNet) {
+        self.shared.lock().net = Some(net);
     }
 
     /// Stops the thread moving frames; returns once it has stopped.
@@ -131,6 +146,20 @@ impl Drop for NetWorker {
     }
 }
 
+/// Parks while the instance is paused. Returns false when the thread must end.
+fn park_while_paused(shared: &Shared) -> bool {
+    let mut c = shared.lock();
+    while c.paused && !c.stop {
+        if !c.parked {
+            c.parked = true;
+            shared.changed.notify_all();
+        }
+        c = shared.changed.wait(c).unwrap_or_else(|p| p.into_inner());
+    }
+    c.parked = false;
+    !c.stop
+}
+
 struct Loop {
     net: SharedNet,
     kicks: Kicks,
@@ -146,10 +175,12 @@ struct Loop {
 
 impl Loop {
     fn run(mut self) {
-        if !self.park_while_paused() {
-            return;
-        }
         self.follow_tap();
+        // A NIC restored or migrated in may have frames queued whose
+        // notification went to the old instance, or none to come (the driver's
+        // notifications were off mid-turn there): the queues are looked at once.
+        self.serve(RX_QUEUE);
+        self.serve(TX_QUEUE);
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -163,7 +194,7 @@ impl Loop {
             // The control word first: a pause must stop everything else.
             if events[..n].iter().any(|e| e.data() == WAKE) {
                 let _ = self.wake.read();
-                if !self.park_while_paused() {
+                if !park_while_paused(&self.shared) {
                     return;
                 }
                 self.follow_tap();
@@ -189,32 +220,25 @@ impl Loop {
         }
     }
 
-    /// Parks while the instance is paused. Returns false when the thread must end.
-    fn park_while_paused(&self) -> bool {
-        let mut c = self.shared.lock();
-        while c.paused && !c.stop {
-            if !c.parked {
-                c.parked = true;
-                self.shared.changed.notify_all();
-            }
-            c = self.shared.changed.wait(c).unwrap_or_else(|p| p.into_inner());
-        }
-        c.parked = false;
-        !c.stop
-    }
-
     /// Serves queue `index`; afterwards watches the tap only while the guest
     /// has receive buffers (a frame without one waits in the tap): before its
     /// driver has set the receive queue up, or once it is full, a frame
     /// waiting on the tap would wake this thread again and again. The driver's
     /// next notification of the receive queue (it adds buffers) watches it again.
+    ///
+    /// A transmit turn that left frames in the ring (its batch ran out while
+    /// the driver's notifications were off) is taken up again at once through
+    /// the queue's own eventfd, after whatever else epoll has to say.
     fn serve(&mut self, index: usize) {
-        let starved = {
+        let (starved, tx_pending) = {
             let mut t = self.net.lock().unwrap_or_else(|p| p.into_inner());
             t.serve_queue(index);
-            !t.queue_live(RX_QUEUE) || t.device().rx_starved()
+            (!t.queue_live(RX_QUEUE) || t.device().rx_starved(), t.queue_live(TX_QUEUE) && t.device().tx_pending())
         };
         self.watch(!starved);
+        if tx_pending {
+            let _ = self.kicks.tx.write(1);
+        }
     }
 
     /// Registers the tap the NIC holds now (it changes only while paused: a
