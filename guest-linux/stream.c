@@ -5,6 +5,8 @@
  *   cevm-stream send HOST PORT BYTES [KIB_PER_S]
  *   cevm-stream recv PORT BYTES
  *   cevm-stream arpwatch IFACE
+ *   cevm-stream blast HOST PORT BYTES
+ *   cevm-stream sink PORT
  *
  * The sequence is a hash chain: 8-byte blocks, each the mix of the one before
  * (splitmix64's step), from a fixed seed, written little-endian. Any byte lost,
@@ -25,6 +27,14 @@
  * breaks or ends early; "cevm-guest: stream mismatch at offset N ..." and exit 1
  * for a wrong byte. arpwatch prints one line per ARP frame until killed:
  * "cevm-guest: arp out request 10.0.0.2 52:54:00:... -> 10.0.0.2 gratuitous".
+ *
+ * blast and sink are the network benchmark's load (`cevm bench net-linux`), an
+ * iperf of our own: blast sends BYTES (0: until killed) of a constant buffer as
+ * fast as TCP goes, nothing computed per byte; sink accepts one connection and
+ * reads until the sender's end, printing "cevm-guest: stall MS ms at N MiB" for
+ * every wait of over 20 ms between two reads (on its own clock: the gaps a
+ * migration or a checkpoint of the sender leaves in the stream) and at the end
+ * "cevm-guest: sink BYTES bytes in MS ms, X MiB/s, longest stall MS ms".
  *
  * Written in C (static, libc only): busybox nc cannot check a stream or say
  * where it broke. */
@@ -131,12 +141,14 @@ static const char *why(int e)
     return e == EAGAIN ? "no progress for 120 s" : strerror(e);
 }
 
-static int do_send(const char *host, int port, uint64_t bytes, uint64_t kib_s)
+/* A TCP connection to HOST:PORT, retrying while the peer is not up yet (up to
+ * 120 s); -2 for a malformed address, -1 when it cannot connect. */
+static int connect_to(const char *host, int port)
 {
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     if (inet_pton(AF_INET, host, &to.sin_addr) != 1) {
         say("cevm-guest: %s is not an IPv4 address", host);
-        return 2;
+        return -2;
     }
     int fd = -1, attempts = 0, last = 0;
     uint64_t t0 = now_ns();
@@ -144,7 +156,7 @@ static int do_send(const char *host, int port, uint64_t bytes, uint64_t kib_s)
         fd = socket(AF_INET, SOCK_STREAM, 0);
         if (fd < 0) {
             say("cevm-guest: socket: %s", strerror(errno));
-            return 1;
+            return -1;
         }
         attempts++;
         if (connect(fd, (struct sockaddr *)&to, sizeof to) == 0)
@@ -157,13 +169,21 @@ static int do_send(const char *host, int port, uint64_t bytes, uint64_t kib_s)
         if (now_ns() - t0 > 120 * 1000000000ull || !(e == ECONNREFUSED || e == EHOSTUNREACH || e == ENETUNREACH ||
                                                      e == ETIMEDOUT || e == EINTR)) {
             say("cevm-guest: cannot connect to %s:%d after %d attempts: %s", host, port, attempts, strerror(e));
-            return 1;
+            return -1;
         }
         sleep_ns(500000000ull);
     }
     set_timeouts(fd);
-    say("cevm-guest: connected to %s:%d after %d attempts; sending %llu bytes at %llu KiB/s", host, port, attempts,
-        (unsigned long long)bytes, (unsigned long long)kib_s);
+    say("cevm-guest: connected to %s:%d after %d attempts", host, port, attempts);
+    return fd;
+}
+
+static int do_send(const char *host, int port, uint64_t bytes, uint64_t kib_s)
+{
+    int fd = connect_to(host, port);
+    if (fd < 0)
+        return fd == -2 ? 2 : 1;
+    say("cevm-guest: sending %llu bytes at %llu KiB/s", (unsigned long long)bytes, (unsigned long long)kib_s);
 
     static uint8_t buf[CHUNK];
     struct chain c;
@@ -218,13 +238,15 @@ static int do_send(const char *host, int port, uint64_t bytes, uint64_t kib_s)
     return 0;
 }
 
-static int do_recv(int port, uint64_t bytes)
+/* The one connection a receiver takes on PORT (waiting up to 300 s for it),
+ * with the stall timeouts set; -1 if none came. */
+static int accept_one(int port, uint64_t bytes)
 {
     int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     struct sockaddr_in at = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port), .sin_addr.s_addr = INADDR_ANY};
     if (ls < 0 || setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 || bind(ls, (struct sockaddr *)&at, sizeof at) != 0 || listen(ls, 1) != 0) {
         say("cevm-guest: cannot listen on port %d: %s", port, strerror(errno));
-        return 1;
+        return -1;
     }
     say("cevm-guest: listening on port %d for %llu bytes", port, (unsigned long long)bytes);
     struct pollfd p = {.fd = ls, .events = POLLIN};
@@ -233,20 +255,28 @@ static int do_recv(int port, uint64_t bytes)
         ;
     if (pr <= 0) {
         say("cevm-guest: nobody connected within 300 s");
-        return 1;
+        return -1;
     }
     struct sockaddr_in from;
     socklen_t fl = sizeof from;
     int fd = accept(ls, (struct sockaddr *)&from, &fl);
     if (fd < 0) {
         say("cevm-guest: accept: %s", strerror(errno));
-        return 1;
+        return -1;
     }
     close(ls);
     set_timeouts(fd);
     char peer[INET_ADDRSTRLEN] = "?";
     inet_ntop(AF_INET, &from.sin_addr, peer, sizeof peer);
     say("cevm-guest: connection from %s", peer);
+    return fd;
+}
+
+static int do_recv(int port, uint64_t bytes)
+{
+    int fd = accept_one(port, bytes);
+    if (fd < 0)
+        return 1;
 
     static uint8_t buf[65536];
     struct chain c;
@@ -284,6 +314,75 @@ static int do_recv(int port, uint64_t bytes)
     }
     close(fd);
     say("cevm-guest: stream ok %llu", (unsigned long long)got);
+    return 0;
+}
+
+/* The benchmark's load: BYTES (0: without end) of a constant buffer. */
+static int do_blast(const char *host, int port, uint64_t bytes)
+{
+    int fd = connect_to(host, port);
+    if (fd < 0)
+        return fd == -2 ? 2 : 1;
+    static uint8_t buf[65536];
+    memset(buf, 0x5a, sizeof buf);
+    uint64_t sent = 0;
+    while (bytes == 0 || sent < bytes) {
+        size_t n = bytes == 0 || bytes - sent > sizeof buf ? sizeof buf : (size_t)(bytes - sent);
+        ssize_t w = send(fd, buf, n, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            say("cevm-guest: blast reset after %llu bytes (send: %s)", (unsigned long long)sent,
+                w < 0 ? why(errno) : "nothing sent");
+            return 1;
+        }
+        sent += (uint64_t)w;
+    }
+    shutdown(fd, SHUT_WR);
+    char b;
+    while (read(fd, &b, 1) < 0 && errno == EINTR)
+        ;
+    close(fd);
+    say("cevm-guest: blast sent %llu", (unsigned long long)sent);
+    return 0;
+}
+
+/* Gaps between reads longer than this are reported as stalls. */
+#define STALL_REPORT_NS 20000000ull
+
+static int do_sink(int port)
+{
+    int fd = accept_one(port, 0);
+    if (fd < 0)
+        return 1;
+    static uint8_t buf[65536];
+    uint64_t got = 0, first = 0, last = 0, longest = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            say("cevm-guest: sink reset after %llu bytes (%s)", (unsigned long long)got, why(errno));
+            return 1;
+        }
+        if (n == 0)
+            break;
+        uint64_t t = now_ns();
+        if (got == 0)
+            first = t;
+        else if (t - last > STALL_REPORT_NS)
+            say("cevm-guest: stall %llu ms at %llu MiB", (unsigned long long)((t - last) / 1000000ull),
+                (unsigned long long)(got / MIB));
+        if (got > 0 && t - last > longest)
+            longest = t - last;
+        last = t;
+        got += (uint64_t)n;
+    }
+    close(fd);
+    uint64_t ms = (last - first) / 1000000ull;
+    say("cevm-guest: sink %llu bytes in %llu ms, %.2f MiB/s, longest stall %llu ms", (unsigned long long)got,
+        (unsigned long long)ms, ms ? (double)got / MIB * 1000.0 / (double)ms : 0.0,
+        (unsigned long long)(longest / 1000000ull));
     return 0;
 }
 
@@ -345,6 +444,10 @@ int main(int argc, char **argv)
         return do_recv(atoi(argv[2]), strtoull(argv[3], NULL, 10));
     if (argc == 3 && strcmp(argv[1], "arpwatch") == 0)
         return do_arpwatch(argv[2]);
-    say("usage: cevm-stream send HOST PORT BYTES [KIB_PER_S] | recv PORT BYTES | arpwatch IFACE");
+    if (argc == 5 && strcmp(argv[1], "blast") == 0)
+        return do_blast(argv[2], atoi(argv[3]), strtoull(argv[4], NULL, 10));
+    if (argc == 3 && strcmp(argv[1], "sink") == 0)
+        return do_sink(atoi(argv[2]));
+    say("usage: cevm-stream send HOST PORT BYTES [KIB_PER_S] | recv PORT BYTES | arpwatch IFACE | blast HOST PORT BYTES | sink PORT");
     return 2;
 }

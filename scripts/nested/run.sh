@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The nested test harness. This machine's /dev/kvm (PVM) cannot run a Linux
 # guest, so: QEMU with TCG and -cpu max (which emulates AMD SVM) boots the Debian
-# kernel as L1; L1 loads kvm_amd (and tun and bridge, for scenarios that put
+# kernel as L1; L1 loads kvm_amd (and tun, bridge and vhost_net, for scenarios that put
 # guests on a network) and runs SCENARIO (a shell script) with $CEVM,
 # $GUEST_KERNEL and $GUEST_INITRD; cevm boots the Linux guest inside L1.
 # Everything L1 prints (cevm's stderr and the guest's console included) goes to
@@ -72,6 +72,9 @@ cp "$v/virtio.ko" "$v/virtio_ring.ko" "$v/virtio_pci_modern_dev.ko" "$v/virtio_p
     "$mods/drivers/block/virtio_blk.ko" "$root/lib/modules/"
 # For network scenarios: taps (tunctl) on a bridge (brctl, ip link ... type bridge).
 cp "$mods/drivers/net/tun.ko" "$mods/net/llc/llc.ko" "$mods/net/802/stp.ko" "$mods/net/bridge/bridge.ko" "$root/lib/modules/"
+# vhost-net, for the network benchmark's QEMU with vhost=on.
+cp "$mods/drivers/vhost/vhost_iotlb.ko" "$mods/drivers/vhost/vhost.ko" "$mods/drivers/net/tap.ko" \
+    "$mods/drivers/vhost/vhost_net.ko" "$root/lib/modules/"
 cp "$kdir/vmlinuz" "$root/guest/vmlinuz"
 cp "$initrd" "$root/guest/initrd.gz"
 chmod +x "$root/init"

@@ -497,7 +497,7 @@ fn cevm_restore(o: &Options, ckpt: &Path, log: &Path) -> Result<f64, String> {
 }
 
 fn qemu_guest<'a>(o: &'a Options, cmdline: &'a str, mem: u64) -> qemu::Guest<'a> {
-    qemu::Guest { kernel: &o.kernel, initrd: &o.initrd, cmdline, mem_mib: mem >> 20, vcpus: 1 }
+    qemu::Guest { kernel: &o.kernel, initrd: &o.initrd, cmdline, mem_mib: mem >> 20, vcpus: 1, extra: &[] }
 }
 
 /// What every QEMU of one guest is started with.

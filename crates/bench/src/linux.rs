@@ -130,7 +130,14 @@ fn cevm_rows(w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<(), String
 
 fn qemu_row(bin: &str, w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<(), String> {
     let cmdline = cmdline(w, o);
-    let guest = qemu::Guest { kernel: &o.kernel, initrd: &o.initrd, cmdline: &cmdline, mem_mib: o.mem >> 20, vcpus: 1 };
+    let guest = qemu::Guest {
+        kernel: &o.kernel,
+        initrd: &o.initrd,
+        cmdline: &cmdline,
+        mem_mib: o.mem >> 20,
+        vcpus: 1,
+        extra: &[],
+    };
     let console = o.dir.join("qemu-src.txt");
     let _ = std::fs::remove_file(&console);
     let log = o.dir.join("qemu.log");

@@ -5,7 +5,7 @@
 //! beside the `cevm` binary.
 //!
 //! Modules: the benchmarks themselves (`stop_and_save`, `pause_vs_ram`, `migrate`, `linux`,
-//! `compare`, `turnaround`), the whole run (`all`: orchestration) with its
+//! `compare`, `turnaround`, `net`), the whole run (`all`: orchestration) with its
 //! results data (`results`) and their rendering (`report`: markdown and plots),
 //! and what they share (`guest`: in-process guests, `host`: this machine's
 //! limits, `stats`, `qemu`).
@@ -24,6 +24,7 @@ mod guest;
 mod host;
 mod linux;
 mod migrate;
+mod net;
 mod pause_vs_ram;
 mod qemu;
 mod report;
@@ -159,6 +160,12 @@ enum BenchCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Two Linux guests on a bridge of taps (made here: run as root): TCP
+    /// throughput and ping round trip over cevm's virtio-net and, with --qemu,
+    /// over QEMU's (userspace, and vhost-net when /dev/vhost-net exists) in the
+    /// same run; and the downtime of migrations and CEVM checkpoints of a guest
+    /// streaming TCP against one without a NIC.
+    NetLinux(net::Options),
     /// Live migration of a Linux guest, idle or dirtying, by cevm (thread- and
     /// process-based) and, with --qemu, by QEMU over QMP in the same run.
     MigrateLinux {
@@ -355,6 +362,7 @@ fn run(cmd: BenchCmd) -> Result<(), String> {
                 report_from,
             })
         }
+        BenchCmd::NetLinux(o) => net::run(&o),
         BenchCmd::MigrateLinux {
             kernel,
             initrd,

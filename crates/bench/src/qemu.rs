@@ -29,6 +29,8 @@ pub struct Guest<'a> {
     pub cmdline: &'a str,
     pub mem_mib: u64,
     pub vcpus: u32,
+    /// More arguments (e.g. a machine type and devices), after the rest.
+    pub extra: &'a [String],
 }
 
 /// Where the guest's console (COM1) goes.
@@ -62,7 +64,8 @@ impl Qemu {
             .arg("-initrd")
             .arg(guest.initrd)
             .args(["-append", guest.cmdline])
-            .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())]);
+            .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())])
+            .args(guest.extra);
         match &console {
             Console::File(p) => cmd.args(["-serial", &format!("file:{}", p.display())]).stdout(Stdio::null()),
             Console::Lines(_) => cmd.args(["-serial", "stdio"]).stdout(Stdio::piped()),
