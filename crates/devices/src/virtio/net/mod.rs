@@ -20,7 +20,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 
@@ -57,8 +57,7 @@ const FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
     | 1 << VIRTIO_NET_F_CTRL_VQ
     | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE
     | 1 << VIRTIO_NET_F_MRG_RXBUF
-    | 1 << VIRTIO_RING_F_INDIRECT_DESC
-    | 1 << VIRTIO_RING_F_EVENT_IDX;
+    | 1 << VIRTIO_RING_F_INDIRECT_DESC;
 
 /// An Ethernet MAC address, written `52:54:00:12:34:56`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
