@@ -46,10 +46,13 @@ mkdir -p "$root"/{bin,proc,sys,dev,tmp,guest,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
 cp "$here/l1-init" "$root/init"
 cp "$scenario" "$root/scenario.sh"
-cp "$cevm" "$root/bin/cevm"
+# Without their debug info (symbols stay, for backtraces): a release build's is
+# five times the code, and L1 unpacks its initramfs under TCG.
+put_bin() { if command -v strip >/dev/null; then strip --strip-debug -o "$2" "$1"; else cp "$1" "$2"; fi; }
+put_bin "$cevm" "$root/bin/cevm"
 bins=("$cevm")
 for b in ${extra_bins[@]+"${extra_bins[@]}"}; do
-    cp "$b" "$root/bin/$(basename "$b")"
+    put_bin "$b" "$root/bin/$(basename "$b")"
     bins+=("$b")
 done
 if [ "$with_qemu" = 1 ]; then
@@ -87,6 +90,9 @@ staging="$root.in"
 mkdir -p "$staging"
 for f in "${inputs[@]}"; do cp --sparse=always "$f" "$staging/"; done
 tar cf "$xfer" -C "$staging" .
+# L1 reads only the archive (in 64 KiB blocks), not the whole disk: busybox tar
+# reads its input to the end, and 1 GiB through TCG's virtio-blk took a minute.
+xfer_blocks=$(( ($(stat -c %s "$xfer") + 65535) / 65536 ))
 truncate -s 1G "$xfer"
 trap 'rm -rf "$root" "$root.l1.gz" "$xfer" "$staging"' EXIT
 
@@ -96,7 +102,7 @@ timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m
     -nodefaults -no-user-config -nographic -serial stdio -no-reboot \
     -drive "file=$xfer,format=raw,if=virtio" \
     -kernel "$kdir/vmlinuz" -initrd "$root.l1.gz" \
-    -append "console=ttyS0 $l1_quiet panic=-1 cevm.npt=$npt $l1_append" | tee "$log"
+    -append "console=ttyS0 $l1_quiet panic=-1 cevm.npt=$npt cevm.xfer=$xfer_blocks $l1_append" | tee "$log"
 qrc=${PIPESTATUS[0]}
 set -e
 rc=$(sed -n 's/.*cevm-nested: end rc=\([0-9]*\).*/\1/p' "$log" | tail -1)
