@@ -19,6 +19,7 @@ cp guest-linux/init "$root/init"
 gcc -static -O2 -Wall -Werror -o "$root/bin/cevm-work" guest-linux/work.c
 gcc -static -O2 -Wall -Werror -o "$root/bin/cevm-stream" guest-linux/stream.c
 chmod +x "$root/init"
-(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out.part"
-mv "$out.part" "$out"
+# Renamed into place: two harness runs at once each build their own.
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out.part.$$"
+mv "$out.part.$$" "$out"
 echo "$out"

@@ -82,8 +82,50 @@ fn play_the_case_named_in_the_environment() {
             unsafe { libc::kill(parent, libc::SIGCONT) };
             panic!("a signal to another process was not stopped");
         }
+        // A NIC's thread may set a tap's offloads (here on a file that is
+        // no tap: the call is let through and fails)...
+        "net-offload" => {
+            let e = net_thread(libc::TUNSETOFFLOAD);
+            std::process::exit(if e == libc::ENOTTY || e == libc::EINVAL || e == libc::EBADFD { 0 } else { e });
+        }
+        // ...and make no other ioctl.
+        "net-other-ioctl" => {
+            net_thread(libc::FIONBIO);
+            panic!("FIONBIO on a NIC's thread was not stopped");
+        }
         other => panic!("unknown case {other}"),
     }
+}
+
+/// Makes ioctl `request` (argument 0) on /dev/null from a thread named `net0`
+/// confined as a NIC's I/O thread; returns its errno.
+fn net_thread(request: libc::c_ulong) -> i32 {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open("/dev/null").unwrap();
+    std::thread::Builder::new()
+        .name("net0".into())
+        .spawn(move || {
+            sandbox::confine(sandbox::Kind::Net).unwrap();
+            // SAFETY: both requests take their argument by value (0 here), on a file we own.
+            let r = unsafe { libc::ioctl(f.as_raw_fd(), request, 0 as libc::c_ulong) };
+            if r < 0 {
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+            } else {
+                0
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+#[test]
+fn a_nic_thread_sets_tap_offloads_and_makes_no_other_ioctl() {
+    let (code, err) = child("net-offload");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = child("net-other-ioctl");
+    assert_eq!(code, Some(sandbox::EXIT_FORBIDDEN), "{err}");
+    assert!(err.contains("thread `net0` made the forbidden system call `ioctl` (16)"), "{err}");
 }
 
 #[test]

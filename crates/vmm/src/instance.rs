@@ -461,12 +461,27 @@ impl Instance {
 
     /// Starts one thread per vCPU.
     pub fn start(&mut self) -> Result<()> {
+        self.start_as(false)
+    }
+
+    /// Starts the vCPU threads paused: not one guest instruction runs, and
+    /// the NICs move no frame, until [`Instance::resume`] (a group's members
+    /// are restored so, then let run together).
+    pub fn start_paused(&mut self) -> Result<()> {
+        self.start_as(true)
+    }
+
+    fn start_as(&mut self, paused: bool) -> Result<()> {
         if self.state != RunState::Created {
             return Err(Error::RunState("the instance was already started"));
         }
         // The taps first: a NIC that cannot have its tap stops the start before
         // any guest instruction runs.
-        self.nics.start()?;
+        self.nics.start(!paused)?;
+        if paused {
+            // Seen by each vCPU thread before its first KVM_RUN: it parks.
+            self.ctl.request_pause();
+        }
         for (vcpu, parked) in self.idle_vcpus.drain(..).zip(self.parked.drain(..)) {
             let (tx, commands) = mpsc::channel();
             let (ctl, buses, events) = (self.ctl.clone(), self.buses.clone(), self.events.clone());
@@ -476,6 +491,14 @@ impl Instance {
                 .send(VcpuStart { vcpu, ctl, buses, commands, events })
                 .map_err(|_| Error::Vcpu { id, msg: "its thread ended before it started".into() })?;
             self.threads.push(VcpuThread { handle: parked.handle, commands: tx });
+        }
+        if paused {
+            if !self.ctl.wait_paused(self.threads.len() as u32, PAUSE_TIMEOUT) {
+                return Err(Error::RunState("vCPUs did not park within 5 s"));
+            }
+            self.state = RunState::Paused;
+            tracing::debug!("instance started paused: {} vCPU threads parked", self.threads.len());
+            return Ok(());
         }
         self.state = RunState::Running;
         tracing::debug!("instance started: {} vCPU threads running", self.threads.len());
@@ -489,6 +512,10 @@ impl Instance {
             RunState::Created => return Err(Error::RunState("the instance has not started")),
             RunState::Running => {}
         }
+        // The NICs' threads stop while the vCPUs do (each handshake waits for
+        // a thread to be scheduled: milliseconds on a busy host, not to be
+        // spent one after the other).
+        self.nics.request_pause();
         self.ctl.request_pause();
         let n = self.threads.len() as u32;
         let deadline = Instant::now() + PAUSE_TIMEOUT;
@@ -502,12 +529,13 @@ impl Instance {
             }
             if Instant::now() > deadline {
                 self.ctl.clear_pause();
+                self.nics.resume();
                 return Err(Error::RunState("vCPUs did not pause within 5 s"));
             }
         }
-        // With the vCPUs stopped, the NICs' threads stop: a paused instance
-        // changes no guest memory.
-        self.nics.pause();
+        // A paused instance changes no guest memory: the NICs' threads have
+        // stopped too.
+        self.nics.wait_paused();
         self.state = RunState::Paused;
         Ok(())
     }

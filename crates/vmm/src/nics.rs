@@ -162,7 +162,7 @@ impl Nics {
         let Prepared { irq, tap, worker } = prepared;
         let transport = add(Net::new(config.mac, None), virtio_net_slot(index), irq)?;
         if let Some(tap) = tap {
-            lock(&transport).device_mut().set_tap(Some(tap)).map_err(|e| Error::Device(format!("NIC {index}: {e}")))?;
+            lock(&transport).device_mut().set_tap(Some(tap));
         }
         worker.attach(transport.clone());
         self.nics.push(Nic { config: config.clone(), transport, worker: Some(worker) });
@@ -201,7 +201,7 @@ impl Nics {
                 }
                 Err(e) => return Err(Error::Device(format!("NIC {i}: {e}"))),
             };
-            t.device_mut().set_tap(Some(tap)).map_err(|e| Error::Device(format!("NIC {i}: {e}")))?;
+            t.device_mut().set_tap(Some(tap));
             tracing::debug!("NIC {i} ({}) bound to tap {}", n.config.mac, n.config.tap);
         }
         Ok(())
@@ -231,10 +231,7 @@ impl Nics {
                         if generation.load(Ordering::SeqCst) != since || t.device().tap().is_some() {
                             return;
                         }
-                        if let Err(e) = t.device_mut().set_tap(Some(tap)) {
-                            tracing::error!("NIC {i}: {e}; the guest runs on without that network");
-                            return;
-                        }
+                        t.device_mut().set_tap(Some(tap));
                         drop(t);
                         if let Some(w) = &waker {
                             let _ = w.write(1);
@@ -262,23 +259,28 @@ impl Nics {
             .map_err(|e| Error::Device(format!("NIC {i}: a thread to bind tap {}: {e}", n.config.tap)))
     }
 
-    /// The instance starts: taps bound, I/O threads running.
-    pub(crate) fn start(&mut self) -> Result<()> {
+    /// The instance starts: taps bound, I/O threads running if `run` (else
+    /// they stay parked until [`Nics::resume`]).
+    pub(crate) fn start(&mut self, run: bool) -> Result<()> {
         self.bind()?;
-        for n in &self.nics {
-            if let Some(w) = &n.worker {
-                w.resume();
-            }
+        for w in self.nics.iter().filter_map(|n| n.worker.as_ref()).filter(|_| run) {
+            w.resume();
         }
         Ok(())
     }
 
-    /// The vCPUs have paused: the I/O threads stop too.
-    pub(crate) fn pause(&self) {
-        for n in &self.nics {
-            if let Some(w) = &n.worker {
-                w.pause();
-            }
+    /// The instance pauses: the I/O threads are told to stop (they stop
+    /// while the vCPUs do; [`Nics::wait_paused`] waits for them).
+    pub(crate) fn request_pause(&self) {
+        for w in self.nics.iter().filter_map(|n| n.worker.as_ref()) {
+            w.request_pause();
+        }
+    }
+
+    /// Returns once every I/O thread has stopped.
+    pub(crate) fn wait_paused(&self) {
+        for w in self.nics.iter().filter_map(|n| n.worker.as_ref()) {
+            w.wait_parked();
         }
     }
 
@@ -301,7 +303,7 @@ impl Nics {
     pub(crate) fn release(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         for n in &self.nics {
-            if let Some(tap) = lock(&n.transport).device_mut().set_tap(None).ok().flatten() {
+            if let Some(tap) = lock(&n.transport).device_mut().set_tap(None) {
                 handed_over().push((self.id, tap));
             }
         }

@@ -148,6 +148,8 @@ pub struct Net {
     tx_pending: bool,
     /// Reading the tap failed (said once per tap).
     tap_failed: bool,
+    /// The tap has the offloads of the features negotiated (see [`Net::set_tap`]).
+    offloads_applied: bool,
     frame: Vec<u8>,
     counters: NetCounters,
 }
@@ -165,6 +167,7 @@ impl Net {
             pending: None,
             tx_pending: false,
             tap_failed: false,
+            offloads_applied: false,
             frame: vec![0; MAX_FRAME],
             counters: NetCounters::default(),
         }
@@ -180,16 +183,32 @@ impl Net {
         self.tap.as_ref()
     }
 
-    /// Binds the NIC to `tap` (with the offloads the guest accepted) or
-    /// releases its tap (`None`: frames to and from the guest are dropped
-    /// until another is bound). Returns the tap it held.
-    pub fn set_tap(&mut self, tap: Option<Tap>) -> Result<Option<Tap>, TapError> {
-        if let Some(t) = &tap {
-            t.set_offload(tap_offloads(self.features))?;
-        }
+    /// Binds the NIC to `tap` or releases its tap (`None`: frames to and from
+    /// the guest are dropped until another is bound). Returns the tap it held.
+    ///
+    /// The offloads the guest accepted are set on the tap by the first
+    /// receive turn, on the I/O thread, before it reads a frame: a binding
+    /// falls into a migration's switch, and setting them costs milliseconds
+    /// there (see [`Tap::set_offload`]). Frames the tap queued before carry no
+    /// offload, which every guest takes.
+    pub fn set_tap(&mut self, tap: Option<Tap>) -> Option<Tap> {
         self.tap_epoch += 1;
         self.tap_failed = false;
-        Ok(std::mem::replace(&mut self.tap, tap))
+        self.offloads_applied = false;
+        std::mem::replace(&mut self.tap, tap)
+    }
+
+    /// Sets the offloads the guest accepted on the tap, once per tap and
+    /// feature set (a failure is said, and the guest gets plain frames).
+    fn apply_offloads(&mut self) {
+        if self.offloads_applied {
+            return;
+        }
+        let Some(tap) = &self.tap else { return };
+        self.offloads_applied = true;
+        if let Err(e) = tap.set_offload(tap_offloads(self.features)) {
+            tracing::warn!("{e}; the guest gets no offloaded frames");
+        }
     }
 
     /// Which tap this is: changes with every [`Net::set_tap`].
@@ -229,6 +248,7 @@ impl Net {
     /// buffer, or, with VIRTIO_NET_F_MRG_RXBUF, into as many as it needs
     /// (§5.1.6.4), the first buffer's header saying how many.
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        self.apply_offloads();
         let Some(tap) = &self.tap else { return false };
         let mergeable = self.features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         let mut used = false;
@@ -471,15 +491,13 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, features: u64) {
         self.features = features;
-        if let Some(t) = &self.tap {
-            if let Err(e) = t.set_offload(tap_offloads(features)) {
-                tracing::warn!("{e}; the guest gets no offloaded frames");
-            }
-        }
+        self.offloads_applied = false;
+        self.apply_offloads();
     }
 
     fn reset(&mut self) {
         self.features = 0;
+        self.offloads_applied = false;
         self.status = VIRTIO_NET_S_LINK_UP as u16;
         self.rx_starved = false;
         self.pending = None;

@@ -42,6 +42,8 @@ pub enum TapError {
 pub struct Tap {
     file: File,
     name: String,
+    /// The offloads set last (see [`Tap::set_offload`]).
+    offload: std::cell::Cell<Option<u32>>,
 }
 
 /// `struct ifreq` as `TUNSETIFF` reads it: the name and the flags (the rest of
@@ -121,7 +123,7 @@ impl Tap {
         if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr) } < 0 {
             return Err(io("TUNSETVNETHDRSZ")(io::Error::last_os_error()));
         }
-        let tap = Tap { file, name: name.into() };
+        let tap = Tap { file, name: name.into(), offload: std::cell::Cell::new(None) };
         tap.set_offload(0)?;
         Ok(tap)
     }
@@ -134,7 +136,13 @@ impl Tap {
     /// Enables the offloads `flags` (`TUN_F_*`) for frames the host sends the
     /// guest: what the guest's driver accepted (checksums left to it, TCP
     /// segments larger than the MTU).
+    /// Flags already set are not set again: the ioctl takes the RTNL lock and
+    /// recomputes the interface's features (and a bridge's), milliseconds
+    /// nested.
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
+        if self.offload.get() == Some(flags) {
+            return Ok(());
+        }
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
         if unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
             return Err(TapError::Io {
@@ -143,6 +151,7 @@ impl Tap {
                 source: io::Error::last_os_error(),
             });
         }
+        self.offload.set(Some(flags));
         Ok(())
     }
 

@@ -111,12 +111,20 @@ impl NetWorker {
 
     /// Stops the thread moving frames; returns once it has stopped.
     pub fn pause(&self) {
-        self.shared.lock().paused = true;
-        let _ = self.wake.write(1);
+        self.request_pause();
         self.wait_parked();
     }
 
-    fn wait_parked(&self) {
+    /// Tells the thread to stop moving frames, without waiting for it (see
+    /// [`NetWorker::wait_parked`]): an instance pauses its NICs' threads and
+    /// its vCPUs at the same time.
+    pub fn request_pause(&self) {
+        self.shared.lock().paused = true;
+        let _ = self.wake.write(1);
+    }
+
+    /// Returns once the thread has stopped after a pause request.
+    pub fn wait_parked(&self) {
         let mut c = self.shared.lock();
         while !c.parked && !c.stop && self.handle.as_ref().is_some_and(|h| !h.is_finished()) {
             c = self
