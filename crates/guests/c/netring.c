@@ -19,6 +19,15 @@
  * deterministic, so a message computed again after a restore is the same one, and
  * the digest does not depend on losses, duplicates, delays or restores.
  *
+ * With strict=1 a guest does not heal what only an inconsistent restore of the
+ * ring causes (a group checkpoint must be a consistent cut, see cevm's `group`),
+ * it fails, saying so: a successor's ACK asking again for a message it had
+ * acknowledged (it lost a message its predecessor's checkpoint holds as
+ * delivered), or a message received twice with different stamps (an orphan:
+ * its receiver's checkpoint holds it as received, its sender's does not hold it
+ * as sent, and the sender made it anew). A stamp is the sender's clock when it
+ * first made the message, kept with it for every resend; it is in no digest.
+ *
  * A guest exits once it has the digest, has received DONE from its predecessor, all
  * it sent is acknowledged and both neighbours have been quiet for QUIET_MS (so that
  * it acks a DONE resent because its ACK was lost); it stops resending an
@@ -26,9 +35,11 @@
  *
  * args: id=<0..count-1, default 0> count=<guests, 2..8, default 2> hops=<default 100>
  *       mib=<MiB of the area, default 1> work=<mixing rounds a hop, default 256>
+ *       strict=<1: fail on an inconsistent restore, default 0>
  * prints: "netring: id=K count=N hops=H", "netring: hop J/H" each time it sends the
  *         token for hop J (not when resending it), "netring: digest=<16 hex digits>";
- *         exits 0 (1 on bad arguments, no usable virtio-net device, a wrong MAC). */
+ *         exits 0 (1 on bad arguments, no usable virtio-net device, a wrong MAC;
+ *         with strict=1, "netring: inconsistent cut: ..." and 1). */
 #include "cevm_guest.h"
 
 /* ---- virtio-mmio, version 2 (virtio 1.2 §4.2) ---- */
@@ -238,8 +249,9 @@ struct frame {
     u64 seq;   /* DATA, DONE: number on the link, from 1; ACK: the next one expected */
     u64 hop;   /* DATA: the hop the receiver computes; DONE: hops; ACK: 0 */
     u64 value; /* DATA: h to step; DONE: the digest; ACK: 0 */
+    u64 stamp; /* DATA, DONE: the sender's clock when it made the message; ACK: 0 */
 } __attribute__((packed));
-#define FRAME_LEN 60 /* sizeof(struct frame) is 46: padded to Ethernet's minimum */
+#define FRAME_LEN 60 /* sizeof(struct frame) is 54: padded to Ethernet's minimum */
 
 #define H0 0xcbf29ce484222325UL
 #define CHUNK_WORDS 256 /* 2 KiB */
@@ -252,7 +264,9 @@ struct frame {
 #define POLLS_A_MS 20    /* the clock without a TSC frequency: polls */
 
 static u64 id, count, hops, work, chunks, *area;
-static struct { u64 type, hop, value; } sent[HIST];
+static struct { u64 type, hop, value, stamp; } sent[HIST];
+static u64 got_stamp[HIST]; /* the stamp of each message received, by sequence number */
+static int strict;
 static u64 next_send, acked, expected; /* link to the successor; from the predecessor */
 static u64 ms, polls, prev_t, last_tx, last_ack, last_heard, done_since, resent;
 static int have_digest, got_done, use_tsc;
@@ -267,7 +281,7 @@ static void mac_of(u64 k, u8 *m)
     m[5] = (u8)k;
 }
 
-static void send_frame(u64 to, u64 type, u64 seq, u64 hop, u64 value)
+static void send_frame(u64 to, u64 type, u64 seq, u64 hop, u64 value, u64 stamp)
 {
     u8 buf[FRAME_LEN];
     struct frame *f = (struct frame *)buf;
@@ -283,12 +297,13 @@ static void send_frame(u64 to, u64 type, u64 seq, u64 hop, u64 value)
     f->seq = seq;
     f->hop = hop;
     f->value = value;
+    f->stamp = stamp;
     tx(buf, sizeof buf);
 }
 
 static void send_ack(void)
 {
-    send_frame((id + count - 1) % count, ACK, expected, 0, 0);
+    send_frame((id + count - 1) % count, ACK, expected, 0, 0, 0);
     last_ack = now();
 }
 
@@ -302,7 +317,7 @@ static void transmit(u64 seq)
         return;
     }
     send_frame((id + 1) % count, sent[seq % HIST].type, seq, sent[seq % HIST].hop,
-               sent[seq % HIST].value);
+               sent[seq % HIST].value, sent[seq % HIST].stamp);
     last_tx = now();
 }
 
@@ -312,6 +327,7 @@ static void send_new(u64 type, u64 hop, u64 value)
     sent[seq % HIST].type = type;
     sent[seq % HIST].hop = hop;
     sent[seq % HIST].value = value;
+    sent[seq % HIST].stamp = rdtsc() ^ polls;
     if (type == DATA) {
         puts("netring: hop ");
         put_dec(hop);
@@ -386,6 +402,8 @@ static void take(const struct frame *f)
 /* An ACK from the successor: it has everything before `next`. */
 static void on_ack(u64 next)
 {
+    if (strict && next < acked)
+        fail("inconsistent cut: the successor lost a message it had acknowledged");
     u64 before = acked;
     acked = next < next_send ? next : next_send; /* the latest report wins */
     if (acked < next_send && (acked != before || now() - last_tx >= RTO_MS / 4 * ms))
@@ -414,9 +432,13 @@ static void receive(const u8 *b, u32 len)
         last_heard = now();
         if (f->seq == expected) {
             expected++;
+            got_stamp[f->seq % HIST] = f->stamp;
             send_ack(); /* before the work, so the predecessor does not resend meanwhile */
             take(f);
         } else {
+            if (strict && f->seq < expected && expected - f->seq <= HIST &&
+                got_stamp[f->seq % HIST] != f->stamp)
+                fail("inconsistent cut: a message came again, made anew (an orphan)");
             send_ack(); /* a duplicate, or one after a gap: say what we expect */
         }
     }
@@ -431,6 +453,7 @@ void guest_main(struct boot_info *bi, u64 cpu)
     hops = arg_u64(bi, "hops", 100);
     u64 mib = arg_u64(bi, "mib", 1);
     work = arg_u64(bi, "work", 256);
+    strict = arg_u64(bi, "strict", 0) != 0;
     puts("netring: id=");
     put_dec(id);
     puts(" count=");

@@ -125,6 +125,13 @@ pub const GUESTS: &[GuestSpec] = &[
             arg("hops", 100, 1, "hops of the token around the ring in all"),
             arg("mib", 1, 1, "MiB of memory each guest's hops read and rewrite"),
             arg("work", 256, 0, "mixing rounds a hop"),
+            arg(
+                "strict",
+                0,
+                0,
+                "1: fail on an inconsistent restore (an orphan or a lost message) instead of healing it",
+            )
+            .at_most(1),
         ],
         memory_args: &["mib"],
         below: &[("id", "count")],
