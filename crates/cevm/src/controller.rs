@@ -201,10 +201,15 @@ impl Controller {
     }
 
     /// Starts the instance if it has not run yet (a restored or booted guest;
-    /// an arrived migration's already runs) and places its vCPU threads.
-    pub fn start(&mut self, vcpu_cpus: Option<&vmm::placement::CpuList>) -> Result<(), vmm::Error> {
+    /// an arrived migration's already runs), paused if `paused`, and places
+    /// its vCPU threads.
+    pub fn start(&mut self, vcpu_cpus: Option<&vmm::placement::CpuList>, paused: bool) -> Result<(), vmm::Error> {
         if self.instance.run_state() == RunState::Created {
-            self.instance.start()?;
+            if paused {
+                self.instance.start_paused()?;
+            } else {
+                self.instance.start()?;
+            }
         }
         if let Some(c) = vcpu_cpus {
             self.instance.place_vcpus(&c.0)?;

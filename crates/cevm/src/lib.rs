@@ -7,6 +7,7 @@ pub mod args;
 pub mod child;
 pub mod controller;
 pub mod demo;
+pub mod group;
 pub mod host;
 pub mod inspect;
 pub mod logging;

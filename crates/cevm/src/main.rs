@@ -57,11 +57,18 @@ enum Cmd {
         /// one it had (its MAC stays). Repeatable.
         #[arg(long, value_name = "tap=NAME", value_parser = args::parse_net)]
         net: Vec<args::NetArg>,
+        /// Restore and verify, then wait paused: the guest runs from the first
+        /// `cevm resume` on (as QEMU's -S). Needs --api-sock.
+        #[arg(long, requires = "api_sock")]
+        paused: bool,
         #[command(flatten)]
         periodic: PeriodicArgs,
     },
     /// Checkpoint a running VM.
     Checkpoint(CheckpointArgs),
+    /// Jobs of several VMs: checkpoints of a whole group at one consistent cut, and their restore.
+    #[command(subcommand)]
+    Group(cevm::group::GroupCmd),
     /// Pause a running VM.
     Pause {
         /// The VM's API socket (`cevm run --api-sock`).
@@ -373,7 +380,7 @@ fn sandboxed(vmm: impl FnOnce() -> i32) -> i32 {
 fn run(cmd: Cmd) -> i32 {
     match cmd {
         Cmd::Run(a) => sandboxed(|| run_vm(a)),
-        Cmd::Restore { dir, overlay, api_sock, vcpu_cpus, net, periodic } => {
+        Cmd::Restore { dir, overlay, api_sock, vcpu_cpus, net, paused, periodic } => {
             let taps = match args::tap_overrides(&net) {
                 Ok(t) => t,
                 Err(e) => return usage(e),
@@ -388,10 +395,12 @@ fn run(cmd: Cmd) -> i32 {
                 api_sock: api_sock.as_deref(),
                 vcpu_cpus: vcpu_cpus.as_ref(),
                 taps,
+                paused,
             };
             sandboxed(|| restore(&dir, how, periodic))
         }
         Cmd::Checkpoint(a) => checkpoint_vm(a),
+        Cmd::Group(g) => cevm::group::run(g),
         Cmd::Migrate(a) => migrate_vm(a),
         Cmd::Pause { api_sock } => client(&api_sock, Client::pause),
         Cmd::Resume { api_sock } => client(&api_sock, Client::resume),
@@ -615,7 +624,10 @@ fn run_vm(a: RunArgs) -> i32 {
     };
     let (tx, rx) = mpsc::channel();
     match new_instance(config, tx) {
-        Ok(inst) => finish(runner::run(inst, rx, api.as_ref(), vcpu_cpus.as_ref(), periodic)),
+        Ok(inst) => {
+            let start = runner::Start { vcpu_cpus: vcpu_cpus.as_ref(), paused: false };
+            finish(runner::run(inst, rx, api.as_ref(), start, periodic))
+        }
         Err(e) => fail(e),
     }
 }
@@ -627,11 +639,13 @@ struct Restore<'a> {
     vcpu_cpus: Option<&'a vmm::placement::CpuList>,
     /// NIC i binds `taps[i]` instead of the tap it had.
     taps: Vec<String>,
+    /// Restored, verified and ready, the guest waits for `resume`.
+    paused: bool,
 }
 
 /// `cevm restore`: verifies and loads a checkpoint and serves the guest.
 fn restore(dir: &Path, how: Restore<'_>, periodic: PeriodicArgs) -> i32 {
-    let Restore { overlay, api_sock, vcpu_cpus, taps } = how;
+    let Restore { overlay, api_sock, vcpu_cpus, taps, paused } = how;
     // Before the restore creates the guest's disk: a refusal leaves nothing.
     let api = match start_api(api_sock) {
         Ok(a) => a,
@@ -660,7 +674,10 @@ fn restore(dir: &Path, how: Restore<'_>, periodic: PeriodicArgs) -> i32 {
                 Ok(p) => p,
                 Err(e) => return fail(e),
             };
-            finish(runner::run(inst, rx, api.as_ref(), vcpu_cpus, periodic))
+            if paused {
+                tracing::info!("the guest waits paused: it runs from the first `resume` on");
+            }
+            finish(runner::run(inst, rx, api.as_ref(), runner::Start { vcpu_cpus, paused }, periodic))
         }
         Err(e) => fail(format!("cannot restore: {e}")),
     }
@@ -730,7 +747,7 @@ fn run_incoming(endpoint: &migrate::Endpoint, api: Option<&Server>, host: &migra
             if let Some(e) = &arrived.disk_link_error {
                 tracing::warn!("disk hand-over: {e}");
             }
-            finish(runner::run(arrived.instance, rx, api, None, None))
+            finish(runner::run(arrived.instance, rx, api, runner::Start::default(), None))
         }
         Err(e) => fail(format!("incoming migration failed, nothing runs: {e}")),
     }

@@ -57,15 +57,23 @@ pub struct Periodic {
 /// by itself (the NICs' counters) is at most this old in `GET /v1/status`.
 const REFRESH: Duration = Duration::from_secs(1);
 
-/// Starts `instance` (whose vCPU events arrive on `vm_events`) and serves it until
-/// it ends. With `api`, the control API (already listening) serves it; with
-/// `vcpu_cpus`, the vCPU threads are placed on those CPUs (see
-/// `Instance::place_vcpus`).
+/// How the control loop starts its instance.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Start<'a> {
+    /// The vCPU threads placed on these CPUs (see `Instance::place_vcpus`).
+    pub vcpu_cpus: Option<&'a vmm::placement::CpuList>,
+    /// Paused: the guest runs from the first `resume` on (`cevm restore --paused`).
+    pub paused: bool,
+}
+
+/// Starts `instance` (whose vCPU events arrive on `vm_events`) as `start`
+/// says and serves it until it ends. With `api`, the control API (already
+/// listening) serves it.
 pub fn run(
     instance: Instance,
     vm_events: Receiver<VmEvent>,
     api: Option<&api::server::Server>,
-    vcpu_cpus: Option<&vmm::placement::CpuList>,
+    start: Start<'_>,
     mut periodic: Option<Periodic>,
 ) -> Result<Outcome, RunError> {
     let (tx, rx) = mpsc::channel::<Control>();
@@ -78,7 +86,7 @@ pub fn run(
     if let Some(s) = api {
         s.attach(tx.clone());
     }
-    vmm.start(vcpu_cpus)?;
+    vmm.start(start.vcpu_cpus, start.paused)?;
     let mut due = periodic.as_ref().map(|p| Instant::now() + p.every);
     let mut refresh = Instant::now() + REFRESH;
     loop {

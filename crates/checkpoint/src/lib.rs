@@ -7,6 +7,7 @@
 //! of taking a checkpoint is a [`Method`].
 
 pub mod cevm;
+pub mod group;
 mod method;
 mod progress;
 pub mod series;

@@ -172,12 +172,17 @@ fn dead(pid: i32) -> bool {
         && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
-/// Why the checkpoint at `dir` is not complete, if it is not: its manifest must
+/// Why the checkpoint at `dir` is not complete, if it is not (a group
+/// checkpoint: see [`crate::group::open`]): its manifest must
 /// be a regular file whose own checksum holds, and every file it lists a
 /// regular file of the listed size. Cheap, and enough to tell a committed
 /// checkpoint from one half removed: no content but the manifest's is read
 /// (`cevm verify` and restore check every checksum).
 pub fn incomplete(dir: &Path) -> Option<String> {
+    // A group checkpoint: complete with its group manifest over complete members.
+    if crate::group::is_group(dir) {
+        return crate::group::open(dir).err().map(|e| e.to_string());
+    }
     let regular = |name: &str| -> std::result::Result<u64, String> {
         let meta = std::fs::symlink_metadata(dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
         if meta.is_file() {

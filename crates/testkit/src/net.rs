@@ -63,3 +63,36 @@ impl Drop for Bridge {
         let _ = Command::new("ip").args(["link", "del", &self.name]).output();
     }
 }
+
+/// The process that serves the unix socket `sock` (its listener's creator, by
+/// `SO_PEERCRED`): how a test finds a VMM it did not start itself (one a
+/// `cevm group restore` started) to SIGKILL it.
+pub fn server_pid(sock: &std::path::Path) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes one `ucred` into `cred`, whose size `len` gives.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid)
+}
+
+/// The hop `netring: hop J/H` of a console line names (behind any prefix,
+/// such as a group restore's `NAME: `).
+pub fn netring_hop(line: &str) -> Option<u64> {
+    let rest = &line[line.find("netring: hop ")? + "netring: hop ".len()..];
+    rest.split('/').next()?.parse().ok()
+}
+
+/// The digest `netring: digest=D` of a console line names (behind any prefix).
+pub fn netring_digest(line: &str) -> Option<&str> {
+    Some(line[line.find("netring: digest=")? + "netring: digest=".len()..].trim())
+}

@@ -1,0 +1,254 @@
+//! Jobs of several VMs: `cevm group checkpoint` takes a checkpoint of every
+//! member VMM of a group at one consistent cut and commits it as one group
+//! checkpoint ([`take`]; the format is `checkpoint::group`), once or
+//! periodically with retention; `cevm group restore` restores a whole group
+//! and lets all of its guests run at once ([`restore`]). Both are plain
+//! commands over the members' API sockets, usable from a batch script.
+
+pub mod restore;
+pub mod take;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand, ValueHint};
+
+use crate::exit_code::{ERROR, OK, USAGE};
+
+/// A member of a group: its name (its directory in a group checkpoint) and
+/// its VMM's API socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberSpec {
+    pub name: String,
+    pub sock: PathBuf,
+}
+
+/// Parses `NAME=SOCKET` (or `SOCKET` alone: named by [`name_members`]).
+pub fn parse_member(s: &str) -> Result<MemberSpec, String> {
+    let (name, sock) = match s.split_once('=') {
+        Some((n, p)) => (n.to_string(), p),
+        None => (String::new(), s),
+    };
+    if sock.is_empty() {
+        return Err("give the member's API socket (NAME=SOCKET or SOCKET)".into());
+    }
+    if !name.is_empty() {
+        checkpoint::group::check_member_name(&name).map_err(|e| e.to_string())?;
+    }
+    Ok(MemberSpec { name, sock: PathBuf::from(sock) })
+}
+
+/// Names the unnamed members `m0`, `m1`, ... by their place; refuses a name
+/// given twice.
+pub fn name_members(mut members: Vec<MemberSpec>) -> Result<Vec<MemberSpec>, String> {
+    for (i, m) in members.iter_mut().enumerate() {
+        if m.name.is_empty() {
+            m.name = format!("m{i}");
+        }
+    }
+    for (i, m) in members.iter().enumerate() {
+        if members[..i].iter().any(|o| o.name == m.name) {
+            return Err(format!("member {} is given twice", m.name));
+        }
+    }
+    if members.is_empty() {
+        return Err("give the group's members (--member NAME=SOCKET, once per member)".into());
+    }
+    Ok(members)
+}
+
+/// Parses `NAME:tap=TAP[,tap=TAP...]` (member NAME's NICs onto these taps).
+pub fn parse_member_net(s: &str) -> Result<(String, Vec<String>), String> {
+    let (name, rest) = s.split_once(':').ok_or("give MEMBER:tap=NAME (e.g. m1:tap=tap7)")?;
+    checkpoint::group::check_member_name(name).map_err(|e| e.to_string())?;
+    let taps = rest
+        .split(',')
+        .map(|p| match p.strip_prefix("tap=") {
+            Some(t) => devices::virtio::net::tap::check_name(t).map(|_| t.to_string()).map_err(|e| e.to_string()),
+            None => Err(format!("`{p}`: give tap=NAME")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((name.to_string(), taps))
+}
+
+/// `cevm group ...`.
+#[derive(Subcommand)]
+pub enum GroupCmd {
+    /// Checkpoint every member of a group at one consistent cut, into the next
+    /// group checkpoint of a series (DIR/ckpt-N, DIR/latest), once or every
+    /// --every.
+    Checkpoint(CheckpointArgs),
+    /// Restore every member of a group checkpoint (DIR, or a series' newest),
+    /// each in a VMM of its own; all are verified before any guest runs, then
+    /// all run at once. Ends when every member has ended.
+    Restore(RestoreArgs),
+    /// Check a group checkpoint completely: its manifest and every member's
+    /// checkpoint, every checksum.
+    Verify {
+        /// A group checkpoint, or a series of them (its newest is checked).
+        #[arg(value_hint = ValueHint::DirPath)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct CheckpointArgs {
+    /// A member: NAME=SOCKET (its VMM's API socket), or SOCKET (named m0, m1,
+    /// ... by its place). Once per member.
+    #[arg(long = "member", value_name = "NAME=SOCKET", required = true, value_parser = parse_member)]
+    members: Vec<MemberSpec>,
+    /// The series of group checkpoints (made if missing).
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath, value_parser = crate::args::parse_checkpoint_dir)]
+    dir: PathBuf,
+    /// How many group checkpoints to keep (at least 1); older ones are removed
+    /// once a newer one is committed.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = crate::args::parse_keep)]
+    keep: usize,
+    /// Take one every DURATION (e.g. 90s, 10m) until the members have ended,
+    /// instead of one.
+    #[arg(long, value_name = "DURATION", value_parser = crate::args::parse_period)]
+    every: Option<Duration>,
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// A group checkpoint, or a series of them (its `latest` is restored).
+    #[arg(value_hint = ValueHint::DirPath)]
+    dir: PathBuf,
+    /// Bind member NAME's NICs to these taps instead of the ones they had
+    /// (MEMBER:tap=NAME[,tap=NAME...]). Repeatable.
+    #[arg(long = "net", value_name = "MEMBER:tap=NAME", value_parser = parse_member_net)]
+    nets: Vec<(String, Vec<String>)>,
+    /// Serve each member's API at DIR/MEMBER.sock instead of where it was.
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    api_sock_dir: Option<PathBuf>,
+    /// Where members with a disk get their restored disks
+    /// (CKPT.MEMBER.disk.qcow2; default beside the group checkpoint).
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    disk_dir: Option<PathBuf>,
+}
+
+/// Runs a `cevm group` command; returns the exit code.
+pub fn run(cmd: GroupCmd) -> i32 {
+    match cmd {
+        GroupCmd::Checkpoint(a) => checkpoint(a),
+        GroupCmd::Restore(a) => {
+            let cevm = match std::env::current_exe() {
+                Ok(p) => p,
+                Err(e) => return failed(format!("cannot find this cevm binary: {e}")),
+            };
+            let o = restore::Options {
+                dir: &a.dir,
+                taps: &a.nets,
+                sock_dir: a.api_sock_dir.as_deref(),
+                disk_dir: a.disk_dir.as_deref(),
+            };
+            restore::run(&cevm, &o).unwrap_or_else(failed)
+        }
+        GroupCmd::Verify { dir } => verify(&dir),
+    }
+}
+
+fn failed(msg: String) -> i32 {
+    tracing::error!("{msg}");
+    ERROR
+}
+
+fn checkpoint(a: CheckpointArgs) -> i32 {
+    let members = match name_members(a.members) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("{e}");
+            return USAGE;
+        }
+    };
+    let mut series = match checkpoint::series::Series::open(&a.dir, a.keep) {
+        Ok(s) => s,
+        Err(e) => return failed(e.to_string()),
+    };
+    for r in series.repairs() {
+        tracing::warn!("group checkpoint series {}: {r}", a.dir.display());
+    }
+    let Some(every) = a.every else {
+        return match take::stop_and_save(&members, &mut series) {
+            Ok(r) => {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                report(&r);
+                OK
+            }
+            Err(e) => failed(format!("group checkpoint aborted (the previous one stays the newest): {e}")),
+        };
+    };
+    // Periodic: on until no member is left; a failed one is said, the next comes.
+    let mut next = Instant::now() + every;
+    loop {
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        next += every;
+        match take::stop_and_save(&members, &mut series) {
+            Ok(r) => report(&r),
+            Err(e) => {
+                let gone = |m: &MemberSpec| {
+                    matches!(
+                        crate::api::Client::new(&m.sock, Duration::from_secs(5)).status(),
+                        Err(crate::api::ClientError::Connect { .. })
+                    )
+                };
+                if members.iter().all(gone) {
+                    tracing::info!("no member of the group is left; periodic group checkpoints end");
+                    return OK;
+                }
+                tracing::error!("group checkpoint aborted (the previous one stays the newest): {e}");
+            }
+        }
+    }
+}
+
+fn report(r: &take::GroupReport) {
+    tracing::info!("group checkpoint committed to {} (group paused {:.1} ms)", r.dir.display(), r.group_pause_ms);
+    for old in &r.removed {
+        tracing::info!("removed the older group checkpoint {}", old.display());
+    }
+}
+
+fn verify(dir: &Path) -> i32 {
+    let dir = match restore::resolve(dir) {
+        Ok(d) => d,
+        Err(e) => return failed(e),
+    };
+    match checkpoint::group::verify(&dir) {
+        Ok((m, reports)) => {
+            println!("{}: a complete group checkpoint of {} members ({})", dir.display(), m.members.len(), m.method);
+            for (member, r) in m.members.iter().zip(reports) {
+                println!("  {}: {} files, every checksum verified", member.name, r.files.len());
+            }
+            OK
+        }
+        Err(e) => failed(format!("{}: {e}", dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_are_named_by_place_unless_named_and_never_twice() {
+        let m = |s: &str| parse_member(s).unwrap();
+        let named = name_members(vec![m("/a.sock"), m("web=/b.sock"), m("/c.sock")]).unwrap();
+        let names: Vec<&str> = named.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["m0", "web", "m2"]);
+        assert!(name_members(vec![m("x=/a"), m("x=/b")]).unwrap_err().contains("x is given twice"));
+        assert!(name_members(vec![m("/a"), m("m0=/b")]).is_err());
+        assert!(name_members(vec![]).is_err());
+        assert!(parse_member("a/b=/s").is_err());
+        assert!(parse_member("m0=").is_err());
+    }
+
+    #[test]
+    fn member_nets_name_a_member_and_taps() {
+        assert_eq!(parse_member_net("m1:tap=t7,tap=t8").unwrap(), ("m1".into(), vec!["t7".into(), "t8".into()]));
+        assert!(parse_member_net("tap=t7").is_err());
+        assert!(parse_member_net("m1:t7").is_err());
+        assert!(parse_member_net("m1:tap=a/b").is_err());
+    }
+}

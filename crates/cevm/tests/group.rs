@@ -1,0 +1,303 @@
+//! Jobs of several VMs: built-in `netring` guests in a ring (each in its own
+//! cevm process, with a NIC on a tap of one host bridge) pass a token whose
+//! value is a hash chain, under their own reliable protocol. A group
+//! checkpoint must be a consistent cut: restored, the ring goes on and every
+//! guest prints the digest of an undisturbed run. An inconsistent cut shows:
+//! a token acknowledged in its sender's checkpoint but missing from its
+//! receiver's is lost for good (the ring stops), and one received in the
+//! receiver's checkpoint but unsent in its sender's changes the chain.
+//!
+//! The chain test takes group checkpoints at random moments of the exchange
+//! (a seeded random number of hops after the last restore); each is followed
+//! by SIGKILL of every member VMM and a `cevm group restore` of that
+//! checkpoint, which must run on to the next one (every restore is seen to
+//! make progress), and the last one to the end with the exact digest.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use cevm::child::CevmChild;
+use cevm_testkit::net::{netring_digest, netring_hop, server_pid, Bridge};
+use cevm_testkit::{bin, cevm, workdir, T};
+
+const MIB: u64 = 1;
+const WORK: u64 = 100;
+
+/// A ring of `count` netring guests on one bridge, members m0, m1, ... with
+/// their API sockets in `dir`, and the series of group checkpoints `dir/series`.
+struct Ring {
+    dir: PathBuf,
+    count: usize,
+    hops: u64,
+    socks: Vec<PathBuf>,
+    _bridge: Bridge,
+}
+
+impl Ring {
+    fn new(name: &str, count: usize, hops: u64) -> (Ring, Vec<CevmChild>) {
+        let dir = workdir(name);
+        let mut bridge = Bridge::new();
+        let socks: Vec<PathBuf> = (0..count).map(|i| dir.join(format!("m{i}.sock"))).collect();
+        let vms = (0..count)
+            .map(|i| {
+                let tap = bridge.tap(i);
+                let args = format!("id={i} count={count} hops={hops} mib={MIB} work={WORK} strict=1");
+                let net = format!("tap={tap},mac=52:54:00:ce:00:{i:02x}");
+                let a = ["run", "--guest", "netring", "--guest-args", &args, "--mem", "32M", "--net", &net];
+                let a = [&a[..], &["--api-sock", socks[i].to_str().unwrap()]].concat();
+                CevmChild::spawn(bin(), &a, Some(&format!("m{i}: "))).unwrap()
+            })
+            .collect();
+        (Ring { dir, count, hops, socks, _bridge: bridge }, vms)
+    }
+
+    fn series(&self) -> PathBuf {
+        self.dir.join("series")
+    }
+
+    fn want(&self) -> String {
+        format!("{:016x}", guests::netring_digest(self.count as u32, self.hops, MIB, WORK))
+    }
+
+    /// `cevm group checkpoint` of every member into the series.
+    fn group_checkpoint(&self) -> Output {
+        let series = self.series();
+        let mut a = vec!["group".to_string(), "checkpoint".into(), "--dir".into(), series.display().to_string()];
+        for (i, s) in self.socks.iter().enumerate() {
+            a.extend(["--member".into(), format!("m{i}={}", s.display())]);
+        }
+        cevm(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// SIGKILL of every member VMM, found by its API socket.
+    fn kill_all(&self) {
+        for s in &self.socks {
+            let pid = server_pid(s).unwrap_or_else(|| panic!("no VMM serves {}", s.display()));
+            // SAFETY: SIGKILL to a VMM this test started (or its group restore did).
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        }
+    }
+
+    /// `cevm group restore` of the series' newest group checkpoint.
+    fn group_restore(&self) -> CevmChild {
+        let series = self.series();
+        CevmChild::spawn(bin(), &["group", "restore", series.to_str().unwrap()], Some("group: ")).unwrap()
+    }
+}
+
+/// A small seeded generator (the seed is printed, so that a failure can be replayed).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Waits until a console of `vms` shows hop `hop` or a later one; returns the hop seen.
+fn wait_hop(vms: &mut [CevmChild], hop: u64) -> u64 {
+    let t0 = std::time::Instant::now();
+    loop {
+        for vm in vms.iter_mut() {
+            let (mut seen, asked) = (None, std::time::Instant::now());
+            vm.wait_line(std::time::Duration::from_millis(20), |l| {
+                seen = netring_hop(l).filter(|j| *j >= hop);
+                seen.is_some()
+            });
+            if let Some(j) = seen {
+                return j;
+            }
+            // A console that closed answers at once: no spinning on it.
+            std::thread::sleep(std::time::Duration::from_millis(20).saturating_sub(asked.elapsed()));
+        }
+        assert!(t0.elapsed() < T, "hop {hop} never came: {:?}", vms.iter().map(|v| &v.seen).collect::<Vec<_>>());
+    }
+}
+
+/// Every member's digest, as the group restore's console shows them, then its exit.
+fn digests(group: &mut CevmChild, count: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let line = group
+            .wait_line(T, |l| netring_digest(l).is_some())
+            .unwrap_or_else(|| panic!("{} of {count} digests; console: {:?}", got.len(), group.seen));
+        got.push(netring_digest(&line).unwrap().to_string());
+    }
+    let st = group.finish(T).expect("the group restore did not end");
+    assert!(st.success(), "{st}");
+    got
+}
+
+/// `rounds` group checkpoints of a ring of `count`, each at a random moment,
+/// each followed by SIGKILL of every member and a group restore.
+fn chain(name: &str, count: usize, rounds: u64) {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("{name}: seed {seed}");
+    let mut rng = Lcg(seed);
+    let hops = rounds * 12 + 100;
+    let (ring, mut vms) = Ring::new(name, count, hops);
+    let mut at = wait_hop(&mut vms, 3);
+    let mut group: Option<CevmChild> = None;
+    for k in 0..rounds {
+        let c = ring.group_checkpoint();
+        let err = String::from_utf8_lossy(&c.stderr);
+        assert!(c.status.success(), "group checkpoint {k}: {err}");
+        assert!(ring.series().join("latest/group.json").exists(), "{err}");
+        ring.kill_all();
+        for mut vm in vms.drain(..).chain(group.take()) {
+            vm.finish(T);
+        }
+        let mut g = ring.group_restore();
+        // This restore runs on: a random number of hops (1 to 4) before the next cut.
+        let next = at + 1 + rng.below(4);
+        at = wait_hop(std::slice::from_mut(&mut g), next);
+        group = Some(g);
+    }
+    // What was restored last checks whole, every checksum.
+    let v = cevm(&["group", "verify", ring.series().to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&v.stdout);
+    assert!(v.status.success() && said.contains(&format!("a complete group checkpoint of {count} members")), "{said}");
+    let mut g = group.expect("at least one round");
+    let want = ring.want();
+    assert_eq!(digests(&mut g, count), vec![want; count], "after {rounds} group checkpoints and restores");
+    let _ = std::fs::remove_dir_all(&ring.dir);
+}
+
+#[test]
+fn two_guests_survive_group_checkpoints_each_followed_by_sigkill_and_group_restore() {
+    chain("group-chain2", 2, 100);
+}
+
+#[test]
+fn four_guests_in_a_ring_survive_group_checkpoints_each_followed_by_sigkill_and_group_restore() {
+    chain("group-chain4", 4, 100);
+}
+
+/// The group checkpoint series of `ring` holds exactly `n` complete checkpoints.
+fn committed(series: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(series)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("ckpt-"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_member_killed_during_a_group_checkpoint_aborts_it_the_others_run_on_and_the_previous_one_restores() {
+    let (ring, mut vms) = Ring::new("group-abort", 2, 60);
+    wait_hop(&mut vms, 3);
+    let c = ring.group_checkpoint();
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    let first = committed(&ring.series());
+    assert_eq!(first, ["ckpt-000001"]);
+    // Member m1 stops answering (SIGSTOP), the group checkpoint begins (m0
+    // pauses and saves, m1's pause waits), then m1 is SIGKILLed.
+    let m1 = server_pid(&ring.socks[1]).unwrap();
+    // SAFETY: signals to the VMM this test started.
+    unsafe { libc::kill(m1, libc::SIGSTOP) };
+    let series = ring.series();
+    let socks = ring.socks.clone();
+    let coordinator = std::thread::spawn(move || {
+        let mut a = vec!["group".to_string(), "checkpoint".into(), "--dir".into(), series.display().to_string()];
+        for (i, s) in socks.iter().enumerate() {
+            a.extend(["--member".into(), format!("m{i}={}", s.display())]);
+        }
+        cevm(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: as above.
+    unsafe { libc::kill(m1, libc::SIGKILL) };
+    let out = coordinator.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("group checkpoint aborted") && err.contains("member m1"), "{err}");
+    // Nothing of the aborted one is left; `latest` still names the first.
+    assert_eq!(committed(&ring.series()), first, "{err}");
+    assert_eq!(std::fs::read_link(ring.series().join("latest")).unwrap(), Path::new("ckpt-000001"));
+    // m0 was resumed: its VMM still answers, running (its peer is gone, so
+    // its guest resends into the void).
+    let st = cevm_testkit::api(&ring.socks[0]).status().unwrap();
+    assert_eq!(st.state, "running");
+    ring.kill_all_but(1);
+    for mut vm in vms {
+        vm.finish(T);
+    }
+    // The first group checkpoint restores to the exact digest.
+    let mut g = ring.group_restore();
+    assert_eq!(digests(&mut g, 2), vec![ring.want(); 2]);
+    let _ = std::fs::remove_dir_all(&ring.dir);
+}
+
+impl Ring {
+    /// SIGKILL of every member VMM but member `skip` (already gone).
+    fn kill_all_but(&self, skip: usize) {
+        for (i, s) in self.socks.iter().enumerate().filter(|(i, _)| *i != skip) {
+            let pid = server_pid(s).unwrap_or_else(|| panic!("no VMM serves m{i}"));
+            // SAFETY: SIGKILL to a VMM this test started.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        }
+    }
+}
+
+#[test]
+fn a_paused_restore_needs_an_api_socket_to_be_resumed_through() {
+    let o = cevm(&["restore", "/nonexistent-checkpoint", "--paused"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--api-sock"), "{err}");
+}
+
+#[test]
+fn periodic_group_checkpoints_keep_the_newest_and_end_with_the_group() {
+    let (ring, mut vms) = Ring::new("group-periodic", 2, 400);
+    wait_hop(&mut vms, 3);
+    let series = ring.series();
+    let mut a = vec!["group", "checkpoint", "--every", "300ms", "--keep", "2", "--dir", series.to_str().unwrap()];
+    let members: Vec<String> = ring.socks.iter().enumerate().map(|(i, s)| format!("m{i}={}", s.display())).collect();
+    for m in &members {
+        a.extend(["--member", m]);
+    }
+    let coordinator = std::process::Command::new(bin()).args(&a).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Until at least four group checkpoints have been committed.
+    let t0 = std::time::Instant::now();
+    while !series.join("ckpt-000004/group.json").exists() {
+        assert!(t0.elapsed() < T, "no fourth group checkpoint in {series:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The group ends (every member SIGKILLed): so do the periodic checkpoints.
+    ring.kill_all();
+    for mut vm in vms {
+        vm.finish(T);
+    }
+    let out = coordinator.wait_with_output_timeout();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("no member of the group is left"), "{err}");
+    // Only the newest two are kept, and `latest` is the newest.
+    let kept = committed(&series);
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    let latest = std::fs::read_link(series.join("latest")).unwrap();
+    assert_eq!(latest.to_str(), kept.last().map(String::as_str));
+    let mut g = ring.group_restore();
+    assert_eq!(digests(&mut g, 2), vec![ring.want(); 2]);
+    let _ = std::fs::remove_dir_all(&ring.dir);
+}
+
+/// Waiting for a child's end, with its output, within [`T`].
+trait WaitTimeout {
+    fn wait_with_output_timeout(self) -> std::process::Output;
+}
+
+impl WaitTimeout for std::process::Child {
+    fn wait_with_output_timeout(mut self) -> std::process::Output {
+        let t0 = std::time::Instant::now();
+        while self.try_wait().unwrap().is_none() {
+            assert!(t0.elapsed() < T, "the periodic group checkpoints did not end");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.wait_with_output().unwrap()
+    }
+}
