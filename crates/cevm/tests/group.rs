@@ -71,11 +71,7 @@ impl Ring {
 
     /// SIGKILL of every member VMM, found by its API socket.
     fn kill_all(&self) {
-        for s in &self.socks {
-            let pid = server_pid(s).unwrap_or_else(|| panic!("no VMM serves {}", s.display()));
-            // SAFETY: SIGKILL to a VMM this test started (or its group restore did).
-            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-        }
+        self.kill_all_but(usize::MAX);
     }
 
     /// `cevm group restore` of the series' newest group checkpoint.
@@ -236,7 +232,7 @@ impl Ring {
     fn kill_all_but(&self, skip: usize) {
         for (i, s) in self.socks.iter().enumerate().filter(|(i, _)| *i != skip) {
             let pid = server_pid(s).unwrap_or_else(|| panic!("no VMM serves m{i}"));
-            // SAFETY: SIGKILL to a VMM this test started.
+            // SAFETY: SIGKILL to a VMM this test started (or its group restore did).
             assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
         }
     }
@@ -300,4 +296,30 @@ impl WaitTimeout for std::process::Child {
         }
         self.wait_with_output().unwrap()
     }
+}
+
+#[test]
+fn a_damaged_member_stops_the_group_restore_before_any_guest_runs() {
+    let (ring, mut vms) = Ring::new("group-damaged", 2, 400);
+    wait_hop(&mut vms, 3);
+    let c = ring.group_checkpoint();
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    ring.kill_all();
+    for mut vm in vms {
+        vm.finish(T);
+    }
+    // One flipped bit in member m1's memory image.
+    let img = ring.series().join("latest/m1/memory.img");
+    let mut bytes = std::fs::read(&img).unwrap();
+    let at = bytes.iter().position(|b| *b != 0).expect("a memory image with data");
+    bytes[at] ^= 0x10;
+    std::fs::write(&img, bytes).unwrap();
+    let out = cevm(&["group", "restore", ring.series().to_str().unwrap()]);
+    let (said, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("member m1 could not be restored") && err.contains("no member of the group runs"), "{err}");
+    assert!(err.contains("m1: ") && err.contains("memory.img"), "{err}");
+    // Member m0 was restored and waited: not one line from its guest.
+    assert!(!said.contains("netring"), "{said}");
+    let _ = std::fs::remove_dir_all(&ring.dir);
 }

@@ -63,7 +63,8 @@ pub struct Member {
     /// The checksum of its checkpoint's manifest (8 hex digits): the member
     /// checkpoint this group checkpoint was committed with, and no other.
     pub manifest_crc32: String,
-    /// How long this member's guest was paused, as its VMM reported it.
+    /// How long this member's own checkpoint took, as its VMM reported it
+    /// (its guest was paused from before it until the group resumed).
     pub pause_ms: f64,
 }
 

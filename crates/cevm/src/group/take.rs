@@ -59,8 +59,8 @@ pub struct GroupReport {
     pub dir: PathBuf,
     /// From the first pause request to the last member running again.
     pub group_pause_ms: f64,
-    /// Each member's own pause, as its VMM reported it.
-    pub member_pause_ms: Vec<(String, f64)>,
+    /// How long each member's own checkpoint took, as its VMM reported it.
+    pub member_save_ms: Vec<(String, f64)>,
     /// Older group checkpoints removed by the retention.
     pub removed: Vec<PathBuf>,
 }
@@ -160,7 +160,7 @@ pub fn stop_and_save(members: &[MemberSpec], series: &mut Series) -> Result<Grou
     Ok(GroupReport {
         dir,
         group_pause_ms,
-        member_pause_ms: members.iter().zip(&reports).map(|(m, r)| (m.name.clone(), r.pause_ms)).collect(),
+        member_save_ms: members.iter().zip(&reports).map(|(m, r)| (m.name.clone(), r.pause_ms)).collect(),
         removed,
     })
 }
