@@ -113,6 +113,21 @@ mod on_a_tap {
         }
     }
 
+    impl HostTap {
+        /// Waits until the kernel runs the tap (its operstate "up"): it gets its
+        /// carrier when the device attaches, but its queue discipline is
+        /// activated later, asynchronously (linkwatch), and until then frames
+        /// sent into it are dropped. The tests failed now and then without it.
+        fn wait_running(&self) {
+            let path = format!("/sys/class/net/{}/operstate", self.0);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::fs::read_to_string(&path).map(|s| s.trim() != "up").unwrap_or(true) {
+                assert!(std::time::Instant::now() < deadline, "tap {} never came up", self.0);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
+
     impl Drop for HostTap {
         fn drop(&mut self) {
             let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
@@ -173,10 +188,25 @@ mod on_a_tap {
 
     /// A NIC on `host`'s tap whose driver accepted `features` (and VERSION_1),
     /// queues not yet set up.
+    /// Serves the receive queue until the device has used `n` buffers in
+    /// all (frames sent into the tap arrive in their own time: a fixed wait
+    /// was too short once on a loaded CI machine), or 5 s have passed.
+    fn serve_until_used(t: &mut MmioTransport<Net>, mem: &GuestMemoryMmap, n: u16) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            t.serve_queue(RX_QUEUE);
+            if mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() >= n || std::time::Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     fn device(host: &HostTap, mac: MacAddr, features: u32) -> (MmioTransport<Net>, GuestMemoryMmap) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let net = Net::new(mac, Some(Tap::open(&host.0).unwrap()));
+        host.wait_running();
         let mut t = MmioTransport::create(MmioResources { device: net, mem: mem.clone(), irq });
         write(&mut t, VIRTIO_MMIO_STATUS, 1 | 2);
         write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
@@ -205,8 +235,7 @@ mod on_a_tap {
         let (big, small) = (frame(mac.0, 300, 0x11), frame(mac.0, 100, 0x22));
         send(&sock, &big);
         send(&sock, &small);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        t.serve_queue(RX_QUEUE);
+        serve_until_used(&mut t, &mem, 2);
         assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 2, "both buffers used");
         assert_eq!(used(&mem, 0, 0), (0, 0), "the frame that does not fit comes back empty");
         assert_eq!(used(&mem, 0, 1), (1, 12 + 100));
@@ -248,8 +277,7 @@ mod on_a_tap {
         for f in [&big, &small, &bigger] {
             send(&sock, f);
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        t.serve_queue(RX_QUEUE);
+        serve_until_used(&mut t, &mem, 4);
         // The 12 + 2500 bytes in buffers 0-2, the small frame in buffer 3.
         assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 4);
         assert_eq!([used(&mem, 0, 0), used(&mem, 0, 1), used(&mem, 0, 2)], [(0, 1024), (1, 1024), (2, 464)]);
