@@ -154,12 +154,9 @@ pub fn run(cevm: &Path, o: &Options<'_>) -> Result<i32, String> {
         Err(format!("{e}; no member of the group runs"))
     };
     for (name, sock, taps) in &plan {
-        let has_disk = checkpoint::open(&dir.join(name)).map_err(|e| format!("member {name}: {e}"));
-        let has_disk = match has_disk {
-            Ok(c) => c.disk_file.is_some(),
-            Err(e) => return fail(&mut started, e),
-        };
-        let disk = disk_dir.as_ref().filter(|_| has_disk).map(|d| d.join(format!("{ckpt}.{name}.disk.qcow2")));
+        // Where its disk goes if it has one (a restore without a disk has no
+        // use for the path): the member's own restore opens its checkpoint.
+        let disk = disk_dir.as_ref().map(|d| d.join(format!("{ckpt}.{name}.disk.qcow2")));
         match spawn(cevm, &dir, name, sock, taps, disk) {
             Ok(s) => started.push(s),
             Err(e) => return fail(&mut started, e),

@@ -69,14 +69,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Runs `f` for every member at once (one thread each); the results in member order.
-fn each<T: Send>(members: &[MemberSpec], f: impl Fn(&MemberSpec, &Client) -> T + Sync) -> Vec<T> {
+/// Runs `f` for every member at once (one thread each), with its place in
+/// `members`; the results in member order.
+fn each<T: Send>(members: &[MemberSpec], f: impl Fn(usize, &MemberSpec, &Client) -> T + Sync) -> Vec<T> {
     std::thread::scope(|s| {
         let handles: Vec<_> = members
             .iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(i, m)| {
                 let f = &f;
-                s.spawn(move || f(m, &Client::new(&m.sock, MEMBER_TIMEOUT)))
+                s.spawn(move || f(i, m, &Client::new(&m.sock, MEMBER_TIMEOUT)))
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("a member's thread panicked")).collect()
@@ -97,28 +99,21 @@ fn first_error<T>(members: &[MemberSpec], results: Vec<Result<T, ClientError>>) 
 pub fn stop_and_save(members: &[MemberSpec], series: &mut Series) -> Result<GroupReport, GroupError> {
     // Who they are and where they run, asked before anything stops: a member
     // that is not there aborts the group checkpoint before it begins.
-    let statuses: Vec<Status> = first_error(members, each(members, |_, c| c.status()))?;
+    let statuses: Vec<Status> = first_error(members, each(members, |_, _, c| c.status()))?;
     let dir = series.next_path();
     std::fs::create_dir(&dir).map_err(|e| {
         GroupError::Commit(checkpoint::Error::Decode { path: dir.clone(), reason: format!("cannot make it: {e}") })
     })?;
     let t0 = Instant::now();
     // Each member stops, then saves into the group's directory; none resumes yet.
-    let saved = each(members, |m, c| {
+    let saved = each(members, |_, m, c| {
         c.pause()?;
         c.checkpoint(&CheckpointRequest::new(dir.join(&m.name), checkpoint::Method::StopAndSave.strategy()))
     });
     // The barrier: every member has stopped (and saved, or failed). Every one
     // that ran before runs again, whatever the outcome (one its user had
     // paused stays paused).
-    let resumed = each(members, |m, c| {
-        let was_running = members.iter().zip(&statuses).any(|(n, s)| n.name == m.name && s.state == "running");
-        if was_running {
-            c.resume().map(drop)
-        } else {
-            Ok(())
-        }
-    });
+    let resumed = each(members, |i, _, c| if statuses[i].state == "running" { c.resume().map(drop) } else { Ok(()) });
     let group_pause_ms = ms(t0.elapsed());
     let reports = match first_error(members, saved) {
         Ok(r) => r,

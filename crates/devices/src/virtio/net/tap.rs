@@ -136,6 +136,7 @@ impl Tap {
     /// Enables the offloads `flags` (`TUN_F_*`) for frames the host sends the
     /// guest: what the guest's driver accepted (checksums left to it, TCP
     /// segments larger than the MTU).
+    ///
     /// Flags already set are not set again: the ioctl takes the RTNL lock and
     /// recomputes the interface's features (and a bridge's), milliseconds
     /// nested.

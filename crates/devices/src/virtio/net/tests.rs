@@ -186,8 +186,6 @@ mod on_a_tap {
         (mem.read_obj(at).unwrap(), mem.read_obj(at.unchecked_add(4)).unwrap())
     }
 
-    /// A NIC on `host`'s tap whose driver accepted `features` (and VERSION_1),
-    /// queues not yet set up.
     /// Serves the receive queue until the device has used `n` buffers in
     /// all (frames sent into the tap arrive in their own time: a fixed wait
     /// was too short once on a loaded CI machine), or 5 s have passed.
@@ -202,6 +200,8 @@ mod on_a_tap {
         }
     }
 
+    /// A NIC on `host`'s tap whose driver accepted `features` (and VERSION_1),
+    /// queues not yet set up.
     fn device(host: &HostTap, mac: MacAddr, features: u32) -> (MmioTransport<Net>, GuestMemoryMmap) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();

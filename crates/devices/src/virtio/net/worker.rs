@@ -109,12 +109,6 @@ impl NetWorker {
         self.shared.lock().net = Some(net);
     }
 
-    /// Stops the thread moving frames; returns once it has stopped.
-    pub fn pause(&self) {
-        self.request_pause();
-        self.wait_parked();
-    }
-
     /// Tells the thread to stop moving frames, without waiting for it (see
     /// [`NetWorker::wait_parked`]): an instance pauses its NICs' threads and
     /// its vCPUs at the same time.
