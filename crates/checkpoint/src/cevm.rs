@@ -175,6 +175,14 @@ pub fn take(
         req.progress.end(Some(f.to_string()));
         f
     };
+    // The previous CEVM checkpoint's disk hand-over may still be ending here
+    // (its old side answers when it sent its last message, before this side
+    // gives U the disk's name): a second hand-over starts after it, never
+    // beside it. (Waiting takes the integration's lock, which its end holds
+    // until the rename is done.)
+    if let Some(d) = instance.disk() {
+        d.wait_integrated();
+    }
     supports(instance.config()).map_err(|e| ended(Failure::new(GuestRuns::Here, e)))?;
     let params = migrate::Params { cevm: true, ..Default::default() };
     let moved = migrate::migrate_to(instance, req.to, &params, progress, req.migration_cpus, new)
