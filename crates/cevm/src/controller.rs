@@ -111,12 +111,20 @@ pub struct Published {
     status: Mutex<Option<Status>>,
     pub migration: SharedProgress,
     pub checkpoint: Arc<checkpoint::Progress>,
+    /// The group cut of the running (or last) checkpoint that had one, and
+    /// that checkpoint's directory.
+    barrier: Mutex<Option<(PathBuf, Arc<migrate::barrier::Barrier>)>>,
 }
 
 impl Published {
     /// The last published status.
     pub fn status(&self) -> Option<Status> {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The group cut of the running (or last) checkpoint that had one.
+    pub fn barrier(&self) -> Option<(PathBuf, Arc<migrate::barrier::Barrier>)> {
+        self.barrier.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn set_status(&self, s: Status) {
@@ -417,12 +425,17 @@ impl Controller {
         self.reset_progress();
         // Until the writer has written (thread-based), or this VMM ends.
         self.operation(Some("checkpoint"));
+        let barrier = plan.group_cut.then(|| Arc::new(migrate::barrier::Barrier::new(Default::default())));
+        if let Some(b) = &barrier {
+            *self.published.barrier.lock().unwrap_or_else(|p| p.into_inner()) = Some((plan.out.clone(), b.clone()));
+        }
         let req = checkpoint::cevm::Request {
             out: &plan.out,
             to: &plan.to,
             migration_cpus: plan.migration_cpus.as_ref(),
             writer_cpus: plan.writer_cpus.as_ref(),
             progress: &self.published.checkpoint,
+            barrier,
         };
         let (events, new_events) = mpsc::channel();
         let to_new = migrate::NewInstance { console: Box::new(std::io::stdout()), events };

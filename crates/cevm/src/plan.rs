@@ -46,6 +46,9 @@ pub struct CevmPlan {
     /// CPUs for the thread that writes the checkpoint from the old instance
     /// (and the disk hand-over it starts).
     pub writer_cpus: Option<CpuList>,
+    /// A group checkpoint's member: the switch waits for the group's cut
+    /// (`PUT /v1/checkpoint/cut`, then `/go`).
+    pub group_cut: bool,
 }
 
 impl CheckpointPlan {
@@ -65,6 +68,7 @@ impl CheckpointPlan {
                 to: Destination::Local { vcpu_cpus: None },
                 migration_cpus: None,
                 writer_cpus: None,
+                group_cut: false,
             }),
             _ => CheckpointPlan::StopAndSave { out, stop: false },
         }
@@ -91,7 +95,7 @@ pub enum PlanError {
     Target(String),
     #[error("dest_vcpu_cpus is for a new instance in this VMM; a process-based one places its own vCPUs (cevm run --incoming --vcpu-cpus)")]
     RemoteVcpuCpus,
-    #[error("to, migration_cpus, dest_vcpu_cpus and writer_cpus are for the cevm strategy")]
+    #[error("to, migration_cpus, dest_vcpu_cpus, writer_cpus and group_cut are for the cevm strategy")]
     CevmOnly,
     #[error("--stop ends the VM: use the stop-and-save strategy for that")]
     CevmStop,
@@ -108,7 +112,8 @@ impl TryFrom<CheckpointRequest> for CheckpointPlan {
                 let cevm_only = r.to.is_some()
                     || r.migration_cpus.is_some()
                     || r.dest_vcpu_cpus.is_some()
-                    || r.writer_cpus.is_some();
+                    || r.writer_cpus.is_some()
+                    || r.group_cut;
                 if cevm_only {
                     return Err(PlanError::CevmOnly);
                 }
@@ -124,6 +129,7 @@ impl TryFrom<CheckpointRequest> for CheckpointPlan {
                     to,
                     migration_cpus: r.migration_cpus,
                     writer_cpus: r.writer_cpus,
+                    group_cut: r.group_cut,
                 }))
             }
         }

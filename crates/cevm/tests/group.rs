@@ -61,8 +61,14 @@ impl Ring {
 
     /// `cevm group checkpoint` of every member into the series.
     fn group_checkpoint(&self) -> Output {
+        self.group_checkpoint_by("stop-and-save")
+    }
+
+    /// `cevm group checkpoint --strategy STRATEGY` of every member into the series.
+    fn group_checkpoint_by(&self, strategy: &str) -> Output {
         let series = self.series();
         let mut a = vec!["group".to_string(), "checkpoint".into(), "--dir".into(), series.display().to_string()];
+        a.extend(["--strategy".into(), strategy.into()]);
         for (i, s) in self.socks.iter().enumerate() {
             a.extend(["--member".into(), format!("m{i}={}", s.display())]);
         }
@@ -125,9 +131,9 @@ fn digests(group: &mut CevmChild, count: usize) -> Vec<String> {
     got
 }
 
-/// `rounds` group checkpoints of a ring of `count`, each at a random moment,
-/// each followed by SIGKILL of every member and a group restore.
-fn chain(name: &str, count: usize, rounds: u64) {
+/// `rounds` group checkpoints by `strategy` of a ring of `count`, each at a
+/// random moment, each followed by SIGKILL of every member and a group restore.
+fn chain(name: &str, count: usize, rounds: u64, strategy: &str) {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("{name}: seed {seed}");
     let mut rng = Lcg(seed);
@@ -136,7 +142,7 @@ fn chain(name: &str, count: usize, rounds: u64) {
     let mut at = wait_hop(&mut vms, 3);
     let mut group: Option<CevmChild> = None;
     for k in 0..rounds {
-        let c = ring.group_checkpoint();
+        let c = ring.group_checkpoint_by(strategy);
         let err = String::from_utf8_lossy(&c.stderr);
         assert!(c.status.success(), "group checkpoint {k}: {err}");
         assert!(ring.series().join("latest/group.json").exists(), "{err}");
@@ -153,7 +159,9 @@ fn chain(name: &str, count: usize, rounds: u64) {
     // What was restored last checks whole, every checksum.
     let v = cevm(&["group", "verify", ring.series().to_str().unwrap()]);
     let said = String::from_utf8_lossy(&v.stdout);
-    assert!(v.status.success() && said.contains(&format!("a complete group checkpoint of {count} members")), "{said}");
+    let method = if strategy == "cevm" { "cevm-thread" } else { strategy };
+    let whole = format!("a complete group checkpoint of {count} members ({method})");
+    assert!(v.status.success() && said.contains(&whole), "{said}");
     let mut g = group.expect("at least one round");
     let want = ring.want();
     assert_eq!(digests(&mut g, count), vec![want; count], "after {rounds} group checkpoints and restores");
@@ -162,12 +170,22 @@ fn chain(name: &str, count: usize, rounds: u64) {
 
 #[test]
 fn two_guests_survive_group_checkpoints_each_followed_by_sigkill_and_group_restore() {
-    chain("group-chain2", 2, 100);
+    chain("group-chain2", 2, 100, "stop-and-save");
 }
 
 #[test]
 fn four_guests_in_a_ring_survive_group_checkpoints_each_followed_by_sigkill_and_group_restore() {
-    chain("group-chain4", 4, 100);
+    chain("group-chain4", 4, 100, "stop-and-save");
+}
+
+#[test]
+fn two_guests_survive_group_cevm_checkpoints_each_followed_by_sigkill_and_group_restore() {
+    chain("group-cevm-chain2", 2, 100, "cevm");
+}
+
+#[test]
+fn four_guests_in_a_ring_survive_group_cevm_checkpoints_each_followed_by_sigkill_and_group_restore() {
+    chain("group-cevm-chain4", 4, 100, "cevm");
 }
 
 /// The group checkpoint series of `ring` holds exactly `n` complete checkpoints.
@@ -183,27 +201,49 @@ fn committed(series: &Path) -> Vec<String> {
 
 #[test]
 fn a_member_killed_during_a_group_checkpoint_aborts_it_the_others_run_on_and_the_previous_one_restores() {
-    let (ring, mut vms) = Ring::new("group-abort", 2, 60);
+    killed_during_a_group_checkpoint("group-abort", "stop-and-save");
+}
+
+#[test]
+fn a_member_killed_during_a_group_cevm_checkpoint_aborts_it_the_others_run_on_and_the_previous_one_restores() {
+    killed_during_a_group_checkpoint("group-cevm-abort", "cevm");
+}
+
+/// A group checkpoint by `strategy` during which member m1 is SIGKILLed:
+/// stop-and-save, while m0 has paused and saved and m1's pause waits (m1 is
+/// SIGSTOPped first); cevm, once m1's pre-copy is ready for the cut.
+fn killed_during_a_group_checkpoint(name: &str, strategy: &'static str) {
+    let (ring, mut vms) = Ring::new(name, 2, 60);
     wait_hop(&mut vms, 3);
-    let c = ring.group_checkpoint();
+    let c = ring.group_checkpoint_by(strategy);
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     let first = committed(&ring.series());
     assert_eq!(first, ["ckpt-000001"]);
-    // Member m1 stops answering (SIGSTOP), the group checkpoint begins (m0
-    // pauses and saves, m1's pause waits), then m1 is SIGKILLed.
     let m1 = server_pid(&ring.socks[1]).unwrap();
-    // SAFETY: signals to the VMM this test started.
-    unsafe { libc::kill(m1, libc::SIGSTOP) };
+    if strategy == "stop-and-save" {
+        // SAFETY: signals to the VMM this test started.
+        unsafe { libc::kill(m1, libc::SIGSTOP) };
+    }
     let series = ring.series();
     let socks = ring.socks.clone();
     let coordinator = std::thread::spawn(move || {
         let mut a = vec!["group".to_string(), "checkpoint".into(), "--dir".into(), series.display().to_string()];
+        a.extend(["--strategy".into(), strategy.into()]);
         for (i, s) in socks.iter().enumerate() {
             a.extend(["--member".into(), format!("m{i}={}", s.display())]);
         }
         cevm(&a.iter().map(String::as_str).collect::<Vec<_>>())
     });
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    if strategy == "stop-and-save" {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    } else {
+        let api = cevm_testkit::api(&ring.socks[1]);
+        let t0 = std::time::Instant::now();
+        while !api.barrier().is_ok_and(|b| b.state.name() == "ready" && b.out.starts_with(ring.series())) {
+            assert!(t0.elapsed() < T, "m1 was never ready for the cut");
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
     // SAFETY: as above.
     unsafe { libc::kill(m1, libc::SIGKILL) };
     let out = coordinator.join().unwrap();

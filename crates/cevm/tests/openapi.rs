@@ -98,20 +98,45 @@ impl Checker {
 
     /// Sends a request, checks the answer, returns it.
     fn call(&mut self, sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut s = UnixStream::connect(sock).unwrap();
-        s.set_read_timeout(Some(T)).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-            .unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        let (head, text) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{answer:?}"));
-        assert!(head.contains("\r\nContent-Type: application/json\r\n"), "{head}");
-        let code: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-        let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text:?}"));
+        let (code, value) = send(sock, method, path, body);
         self.check(method, path, code, &value);
         (code, value)
     }
+
+    /// Asks `GET /v1/checkpoint/barrier` until the state is `want`.
+    fn wait_barrier(&mut self, sock: &Path, want: &str) -> Value {
+        let t0 = std::time::Instant::now();
+        loop {
+            let (code, v) = self.call(sock, "GET", "/v1/checkpoint/barrier", None);
+            if code == 200 && v["state"] == want {
+                return v;
+            }
+            assert!(t0.elapsed() < T, "never {want}: {v}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+/// Sends a request; its status code and JSON body.
+fn send(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, text) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{answer:?}"));
+    assert!(head.contains("\r\nContent-Type: application/json\r\n"), "{head}");
+    let code: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text:?}"));
+    (code, value)
+}
+
+/// A checkpoint held for a group cut (`out` in `dir`), asked on a thread of
+/// its own: it is answered only once the cut is over.
+fn held_checkpoint(sock: &Path, out: &Path) -> std::thread::JoinHandle<(u16, Value)> {
+    let (sock, req) = (sock.to_path_buf(), json!({ "out": out, "strategy": "cevm", "group_cut": true }));
+    std::thread::spawn(move || send(&sock, "PUT", "/v1/checkpoint", Some(req)))
 }
 
 #[test]
@@ -138,6 +163,25 @@ fn every_route_answers_as_the_description_says() {
     let cevm = json!({ "out": dir.join("ck2"), "strategy": "cevm", "writer_cpus": [0] });
     assert_eq!(c.call(&sock, "PUT", "/v1/checkpoint", Some(cevm)).0, 200);
     assert_eq!(c.call(&sock, "GET", "/v1/checkpoint", None).1["phase"], "done");
+    // A checkpoint held for a group cut, driven as a group's coordinator
+    // drives it: ready, cut, switched, go; then one aborted while ready.
+    assert_eq!(c.call(&sock, "GET", "/v1/checkpoint/barrier", None).0, 404);
+    let held = held_checkpoint(&sock, &dir.join("ck3"));
+    assert_eq!(c.wait_barrier(&sock, "ready")["out"], json!(dir.join("ck3")));
+    assert_eq!(c.call(&sock, "PUT", "/v1/checkpoint/go", None).0, 409, "no go before the switch");
+    assert_eq!(c.call(&sock, "PUT", "/v1/checkpoint/cut", None).0, 200);
+    c.wait_barrier(&sock, "switched");
+    assert_eq!(c.call(&sock, "PUT", "/v1/checkpoint/go", None).1["state"], "released");
+    let (code, body) = held.join().unwrap();
+    c.check("PUT", "/v1/checkpoint", code, &body);
+    assert_eq!(code, 200, "{body}");
+    let held = held_checkpoint(&sock, &dir.join("ck4"));
+    c.wait_barrier(&sock, "ready");
+    assert_eq!(c.call(&sock, "PUT", "/v1/checkpoint/abort", None).1["state"], "aborted");
+    let (code, body) = held.join().unwrap();
+    c.check("PUT", "/v1/checkpoint", code, &body);
+    assert_eq!((code, &body["guest"]), (500, &json!("here")), "an aborted cut leaves the guest where it was: {body}");
+    assert!(!dir.join("ck4").exists());
     for bad in [json!({ "out": "relative" }), json!({ "out": dir.join("no/ck") }), json!({ "oops": 1 })] {
         assert_eq!(c.call(&sock, "PUT", "/v1/checkpoint", Some(bad)).0, 400);
     }
@@ -146,7 +190,7 @@ fn every_route_answers_as_the_description_says() {
     assert_eq!(c.call(&sock, "PUT", "/v1/migrate", Some(local)).0, 200);
     assert_eq!(c.call(&sock, "GET", "/v1/migration", None).1["phase"], "done");
     let status = c.call(&sock, "GET", "/v1/status", None).1;
-    assert_eq!(status["checkpoints"], 2, "{status}");
+    assert_eq!(status["checkpoints"], 3, "{status}");
     assert_eq!(status["nics"][0]["tap"], tap.as_str(), "{status}");
     assert_eq!(status["guest"]["nics"][0]["tap"], tap.as_str(), "{status}");
     // Outside the routes: 404 and 405, with the error body of every refusal.

@@ -136,6 +136,9 @@ pub struct Request<'a> {
     pub writer_cpus: Option<&'a CpuList>,
     /// Follows the checkpoint, from its migration to its commit.
     pub progress: &'a Arc<Progress>,
+    /// A group checkpoint's member: the switch waits for the group's cut
+    /// ([`migrate::barrier`]).
+    pub barrier: Option<Arc<migrate::barrier::Barrier>>,
 }
 
 /// Answers a thread-based CEVM checkpoint once its writer has written.
@@ -184,7 +187,7 @@ pub fn take(
         d.wait_integrated();
     }
     supports(instance.config()).map_err(|e| ended(Failure::new(GuestRuns::Here, e)))?;
-    let params = migrate::Params { cevm: true, ..Default::default() };
+    let params = migrate::Params { cevm: true, barrier: req.barrier.clone(), ..Default::default() };
     let moved = migrate::migrate_to(instance, req.to, &params, progress, req.migration_cpus, new)
         .map_err(|f| ended(Failure::new(f.guest.into(), FailureKind::Migration(f))))?;
     let migrate::Moved { report: migration, new, disk_link } = moved;

@@ -35,7 +35,7 @@ pub fn decoded(data: &[u8]) -> usize {
                 postcard::from_bytes::<disk::integration::FromOld>(&f.payload).is_ok()
                     | postcard::from_bytes::<integrate::ToOld>(&f.payload).is_ok()
             }
-            FrameKind::Ready | FrameKind::Done | FrameKind::Sync | FrameKind::Synced => true,
+            FrameKind::Ready | FrameKind::Done | FrameKind::Sync | FrameKind::Synced | FrameKind::Release => true,
         };
         n += usize::from(ok);
     }

@@ -153,12 +153,15 @@ fn receive(
                 let state = state.ok_or_else(|| Error::DoneBeforeState { peer: t.peer() })?;
                 let mut inst = Instance::restore_into(shell, config, &state, console, events)?;
                 inst.bind_busy_taps_when_free();
-                inst.start()?;
+                // A guest paused at the source, or held for a group's cut,
+                // runs not one instruction here yet.
+                if done.running && !done.hold {
+                    inst.start()?;
+                } else {
+                    inst.start_paused()?;
+                }
                 inst.place_vcpus(&host.vcpu_cpus)?;
                 let started_at_us = monotonic_us();
-                if !done.running {
-                    inst.pause()?;
-                }
                 let r = Resumed {
                     restore_ms: t_done.elapsed().as_secs_f64() * 1e3,
                     state_decode_ms,
@@ -171,10 +174,29 @@ fn receive(
                     // copy paused. Running on is the only way not to lose the guest.
                     tracing::warn!("the guest runs here, but the source could not be told: {e}");
                 }
+                if done.hold {
+                    wait_release(t);
+                    if done.running {
+                        inst.resume()?;
+                    }
+                }
                 return Ok((inst, hello));
             }
             FrameKind::Error => return Err(Error::from_error_frame(t.peer(), &f.payload)),
             got => return Err(Error::Unexpected { peer: t.peer(), got, expected: "Pages, Sync, State or Done" }),
         }
+    }
+}
+
+/// A switch held for a group's cut: the guest is here, whole and paused,
+/// until the source's `Release`. Should it never come (the source died, or
+/// the connection broke), the guest runs on all the same: this is its only
+/// copy that may run, and the group checkpoint is aborted anyway without the
+/// source's answer.
+fn wait_release(t: &mut dyn Transport) {
+    match t.recv(Some(FRAME_TIMEOUT)) {
+        Ok(f) if f.kind == FrameKind::Release => {}
+        Ok(f) => tracing::warn!("the source sent {:?} instead of Release after a held switch; the guest runs", f.kind),
+        Err(e) => tracing::warn!("no Release from the source after a held switch ({e}); the guest runs"),
     }
 }

@@ -9,6 +9,7 @@
 //! stream (process-based: a unix socket or TCP). The source instance stays frozen
 //! and intact after the switch (the CEVM strategy writes its checkpoint from it).
 
+pub mod barrier;
 pub mod dest;
 mod destination;
 pub mod disk_link;
@@ -17,6 +18,7 @@ pub mod protocol;
 pub mod source;
 pub mod transport;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -103,6 +105,10 @@ pub enum Error {
     /// The destination cannot take the guest as this host was told to bind it.
     #[error("{0}")]
     Binding(String),
+    /// A migration held for a group's cut was not cut (see [`barrier`]); the
+    /// guest runs on in the source instance.
+    #[error("no group cut: {0}")]
+    NotCut(String),
 }
 
 /// How far a migration had come when it failed.
@@ -205,6 +211,10 @@ pub struct Params {
     /// disk hand-over runs over this connection ([`disk_link`]).
     #[serde(skip)]
     pub cevm: bool,
+    /// Set by a group checkpoint, never by users: the migration is held at
+    /// its switch for the group's coordinator ([`barrier`]).
+    #[serde(skip)]
+    pub barrier: Option<Arc<barrier::Barrier>>,
 }
 
 impl Default for Params {
@@ -216,6 +226,7 @@ impl Default for Params {
             peer_timeout_s: 60.0,
             max_bandwidth_mib_s: 0.0,
             cevm: false,
+            barrier: None,
         }
     }
 }
@@ -284,6 +295,10 @@ pub struct Report {
     pub max_throttle_pct: u32,
     /// Bytes of the vCPU, VM and device state.
     pub state_bytes: u64,
+    /// A migration held for a group's cut: of the downtime, the wait for the
+    /// coordinator's go after the switch (the other members' switches).
+    #[serde(default)]
+    pub held_ms: f64,
     /// Where the threads ran.
     pub placement: Placement,
 }

@@ -19,13 +19,15 @@
 //! switch: last `Pages`, `State`, `Done` → destination `Resumed` once its vCPUs run. Either side may send `Error`
 //! instead and end the session. After the switch of a CEVM checkpoint of a guest
 //! with a disk (`Hello::cevm`), the disk hand-over's messages follow as `Disk`
-//! frames both ways until it ends.
+//! frames both ways until it ends. A switch held for a group's cut
+//! (`Done`'s `hold`) leaves the new instance paused after `Resumed` until the
+//! source's `Release` (before any `Disk` frame).
 
 use serde::{Deserialize, Serialize};
 use vmm::persist::codec::{self, CodecError, Encoding};
 
 /// Version of the migration stream. A peer speaking another version is refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"CVMG";
 /// Bytes of a frame header.
@@ -64,6 +66,9 @@ pub enum FrameKind {
     /// Either way, after the switch of a CEVM checkpoint: a message of the disk
     /// hand-over (`disk::integration::FromOld` or `integrate::ToOld`, postcard).
     Disk = 10,
+    /// Source → destination, after a switch held for a group's cut (`Done`'s
+    /// `hold`): the group's members have all switched; run the guest.
+    Release = 11,
 }
 
 impl FrameKind {
@@ -79,6 +84,7 @@ impl FrameKind {
             8 => FrameKind::Sync,
             9 => FrameKind::Synced,
             10 => FrameKind::Disk,
+            11 => FrameKind::Release,
             _ => return None,
         })
     }

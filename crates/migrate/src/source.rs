@@ -8,6 +8,7 @@ use vmm::instance::RunState;
 use vmm::vm_memory::{Bytes, GuestAddress};
 use vmm::Instance;
 
+use crate::barrier::{Barrier, Heard};
 use crate::protocol::{encode_page_table, encode_state, monotonic_us, FrameKind, Hello, PageEntry, Resumed, PAGE_SIZE};
 use crate::transport::{send_error, Transport};
 use crate::{Error, Failure, GuestAt, Params, Phase, Placement, Progress, Report, Result, SwitchParts};
@@ -26,6 +27,11 @@ const THROTTLE_MAX: u32 = 99;
 pub(crate) struct DoneMsg {
     /// Whether the guest was running at the source (a paused guest stays paused).
     pub running: bool,
+    /// A migration held for a group's cut: the destination makes the new
+    /// instance paused, answers `Resumed`, and runs the guest (if it ran) only
+    /// at the source's `Release`.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 /// A RAM range of the guest: where it starts, how long it is.
@@ -208,6 +214,9 @@ pub fn migrate_out(
 ) -> std::result::Result<Report, Failure> {
     let phase = Cell::new(Phase::Connect);
     migrate_out_in_phases(inst, t, params, progress, &phase).map_err(|error| {
+        if let Some(b) = &params.barrier {
+            b.failed(format!("the migration failed: {error}"));
+        }
         let guest = match (&error, phase.get()) {
             (Error::GuestEnded, _) => GuestAt::Ended,
             // A destination that refused the state does not run the guest; any
@@ -299,13 +308,18 @@ fn precopy_and_switch(
     let mut parts = SwitchParts::default();
     let sent = send_last_pages_and_state(inst, &mut s, &memory.ram, precopied.pending, &mut parts);
     let state_bytes = resume_here_on_error(inst, was_running, sent)?;
-    let done = serde_json::to_vec(&DoneMsg { running: was_running })
+    let hold = params.barrier.is_some();
+    let done = serde_json::to_vec(&DoneMsg { running: was_running, hold })
         .map_err(|source| Error::Encode { what: "Done", source })?;
     let sent = s.t.send(FrameKind::Done, &[&done]);
     resume_here_on_error(inst, was_running, sent)?;
     let done_sent = t_switch.elapsed();
     phase.set(Phase::Resume);
     let resumed = wait_resumed(inst, s.t, params, was_running)?;
+    let held_ms = match &params.barrier {
+        Some(b) => release(b, s.t)?,
+        None => 0.0,
+    };
     let round_trip = ms(t_switch.elapsed());
     // Closing a tap waits for the kernel to detach it (an RCU grace period):
     // done now that the guest runs, out of its downtime.
@@ -319,8 +333,11 @@ fn precopy_and_switch(
     // common clock when the destination is on this host, else estimated as the
     // source's part, the one-way latency of `Done` (half a round trip) and the
     // destination's restore. Either way no more than the round trip.
-    let exact = s.t.shares_clock() && resumed.started_at_us >= t_switch_us;
-    let downtime_ms = if exact {
+    // A held guest ran only at the `Release`, sent a moment ago.
+    let exact = hold || (s.t.shares_clock() && resumed.started_at_us >= t_switch_us);
+    let downtime_ms = if hold {
+        round_trip
+    } else if exact {
         (resumed.started_at_us - t_switch_us) as f64 / 1e3
     } else {
         ms(done_sent) + ms(s.sync_rtt) / 2.0 + resumed.restore_ms
@@ -341,6 +358,7 @@ fn precopy_and_switch(
         switch_pages: s.pages_sent - before_switch,
         max_throttle_pct: precopied.max_throttle_pct,
         state_bytes,
+        held_ms,
         placement: Placement { destination_vcpus: resumed.vcpu_cpus, ..Default::default() },
     })
 }
@@ -408,7 +426,11 @@ fn precopy(
             p.throttle_pct = th;
         });
         if expected_ms <= params.max_downtime_ms {
-            return Ok(Precopied { pending: dirty, rounds, max_throttle_pct: throttle });
+            let pending = match &params.barrier {
+                Some(b) => hold_for_cut(inst, s, &memory.ram, params, update, b, dirty)?,
+                None => dirty,
+            };
+            return Ok(Precopied { pending, rounds, max_throttle_pct: throttle });
         }
         if rounds >= params.max_rounds {
             return Err(Error::NoConvergence {
@@ -436,6 +458,56 @@ fn precopy(
         round_time = start.elapsed();
         rounds += 1;
     }
+}
+
+/// How often a migration held for a group's cut copies what its guest
+/// dirtied meanwhile (at most; a cut is heard at once).
+const HOLD_ROUND: Duration = Duration::from_millis(2);
+
+/// The pre-copy could switch now, but waits for the group's cut (guest
+/// running): tells the coordinator it is ready and keeps sending what the
+/// guest dirties, so that the switch stays as short, until the cut (then
+/// returns the pages still to send) or a no ([`Error::NotCut`]).
+fn hold_for_cut(
+    inst: &mut Instance,
+    s: &mut PageSender<'_>,
+    ram: &[Ram],
+    params: &Params,
+    update: &Publish<'_>,
+    b: &Barrier,
+    mut pending: Vec<Vec<u64>>,
+) -> Result<Vec<Vec<u64>>> {
+    update(&|p| p.phase = "ready".into());
+    b.ready();
+    loop {
+        match b.wait_cut(HOLD_ROUND) {
+            Heard::Yes => return Ok(pending),
+            Heard::No(why) => return Err(Error::NotCut(why)),
+            Heard::NotYet => {}
+        }
+        if inst.guest_ended() {
+            return Err(Error::GuestEnded);
+        }
+        vmm::memory::union_dirty(&mut pending, inst.harvest_dirty_pages()?);
+        if count(&pending) > 0 {
+            push_dirty(s, ram, &pending)?;
+            s.sync(params)?;
+            pending.iter_mut().for_each(|b| b.fill(0));
+        }
+    }
+}
+
+/// The switch of a held migration is done (the destination holds the guest,
+/// paused): waits for the coordinator's go (or its abort, or the lease's
+/// end), then lets the destination run the guest. Returns how long it waited.
+fn release(b: &Barrier, t: &mut dyn Transport) -> Result<f64> {
+    let waited = Instant::now();
+    if let Heard::No(why) = b.switched_wait_go() {
+        tracing::warn!("{why}; this checkpoint belongs to no group checkpoint");
+    }
+    let held_ms = ms(waited.elapsed());
+    t.send(FrameKind::Release, &[])?;
+    Ok(held_ms)
 }
 
 /// Sends every page that may hold data (the memory's data extents). The

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{CheckpointRequest, MigrateRequest, Status};
+use super::{BarrierView, CheckpointRequest, MigrateRequest, Status};
 
 /// Errors of the API client.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +83,16 @@ impl Client {
     /// `GET /v1/checkpoint`: the running (or last) checkpoint's progress.
     pub fn checkpoint_progress(&self) -> Result<checkpoint::ProgressView, ClientError> {
         self.typed("GET", "/v1/checkpoint", None::<&()>)
+    }
+
+    /// `GET /v1/checkpoint/barrier`: where a group-cut checkpoint is.
+    pub fn barrier(&self) -> Result<BarrierView, ClientError> {
+        self.typed("GET", "/v1/checkpoint/barrier", None::<&()>)
+    }
+
+    /// `PUT /v1/checkpoint/cut`, `/go` or `/abort` (`command`).
+    pub fn barrier_command(&self, command: &str) -> Result<BarrierView, ClientError> {
+        self.typed("PUT", &format!("/v1/checkpoint/{command}"), None::<&()>)
     }
 
     fn typed<B: Serialize, T: DeserializeOwned>(

@@ -12,6 +12,8 @@
 //! | GET    | /v1/checkpoint  |                       | `checkpoint::ProgressView` of the running (or last) checkpoint |
 //! | PUT    | /v1/migrate     | [`MigrateRequest`]    | `migrate::Report` once the guest runs at the destination     |
 //! | GET    | /v1/migration   |                       | `migrate::Progress` of the running (or last) migration       |
+//! | GET    | /v1/checkpoint/barrier |                | [`BarrierView`] of the running (or last) group-cut checkpoint |
+//! | PUT    | /v1/checkpoint/cut, /go, /abort |       | [`BarrierView`]; 409 if it is not where the command fits     |
 //! | PUT    | /v1/quit        |                       | [`Status`], then the VMM exits                               |
 //!
 //! Errors answer 4xx/5xx with `{"error": "..."}` (and, where a migration or a
@@ -42,6 +44,19 @@ pub use client::{Client, ClientError};
 /// Version of the API, the `v1` of every path.
 pub const API_VERSION: u32 = 1;
 
+/// A group cut's checkpoint, as `GET /v1/checkpoint/barrier` and the
+/// coordinator's commands (`PUT /v1/checkpoint/cut`, `/go`, `/abort`) answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BarrierView {
+    /// The checkpoint's directory, as `PUT /v1/checkpoint` named it: which
+    /// checkpoint this is.
+    pub out: PathBuf,
+    /// `preparing`, `ready`, `cut`, `switched`, `released` or `aborted` (then
+    /// with `reason`).
+    #[serde(flatten)]
+    pub state: migrate::barrier::State,
+}
+
 /// Body of `PUT /v1/checkpoint`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +86,13 @@ pub struct CheckpointRequest {
     /// old instance (and the disk hand-over it starts).
     #[serde(default)]
     pub writer_cpus: Option<vmm::placement::CpuList>,
+    /// cevm strategy, for a group's coordinator: the switch waits for the
+    /// group's cut. The checkpoint reports `ready` (`GET
+    /// /v1/checkpoint/barrier`) once it could switch, switches at `PUT
+    /// /v1/checkpoint/cut` into a paused new instance, and lets the guest run
+    /// at `PUT /v1/checkpoint/go` (or `/abort`).
+    #[serde(default)]
+    pub group_cut: bool,
 }
 
 impl CheckpointRequest {
@@ -84,6 +106,7 @@ impl CheckpointRequest {
             migration_cpus: None,
             dest_vcpu_cpus: None,
             writer_cpus: None,
+            group_cut: false,
         }
     }
 

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use super::http::{self, Parsed};
 use super::socket::{self, ApiSocket, SocketError};
-use super::{CheckpointRequest, MigrateRequest, API_VERSION};
+use super::{BarrierView, CheckpointRequest, MigrateRequest, API_VERSION};
 use crate::controller::{Action, ActionError, Control, Published, Reply, Respond};
 use crate::plan::{CheckpointPlan, MigrationPlan, PlanError};
 
@@ -65,6 +65,11 @@ enum Endpoint {
     CheckpointProgress,
     Migrate,
     MigrationProgress,
+    /// A group cut's state, and the coordinator's three commands.
+    Barrier,
+    Cut,
+    Go,
+    Abort,
 }
 
 /// A route: a method on a path.
@@ -82,12 +87,16 @@ const fn route(method: &'static str, path: &'static str, endpoint: Endpoint) -> 
 /// Every route the API serves, and the only table requests are routed by: the
 /// OpenAPI description (docs/api/openapi.json) lists exactly these (a test
 /// compares them).
-pub const ROUTES: [Route; 8] = [
+pub const ROUTES: [Route; 12] = [
     route("GET", "/v1/status", Endpoint::Status),
     route("PUT", "/v1/pause", Endpoint::Pause),
     route("PUT", "/v1/resume", Endpoint::Resume),
     route("PUT", "/v1/checkpoint", Endpoint::Checkpoint),
     route("GET", "/v1/checkpoint", Endpoint::CheckpointProgress),
+    route("GET", "/v1/checkpoint/barrier", Endpoint::Barrier),
+    route("PUT", "/v1/checkpoint/cut", Endpoint::Cut),
+    route("PUT", "/v1/checkpoint/go", Endpoint::Go),
+    route("PUT", "/v1/checkpoint/abort", Endpoint::Abort),
     route("PUT", "/v1/migrate", Endpoint::Migrate),
     route("GET", "/v1/migration", Endpoint::MigrationProgress),
     route("PUT", "/v1/quit", Endpoint::Quit),
@@ -501,6 +510,24 @@ enum Routed {
     Act(Action),
 }
 
+/// A group cut's endpoints, answered by this thread: the control loop is
+/// inside the checkpoint's migration, which waits for these very commands.
+fn barrier(endpoint: Endpoint, published: &Published) -> Http {
+    let Some((out, b)) = published.barrier() else {
+        return error(404, "no checkpoint of this VMM waits for a group cut (PUT /v1/checkpoint with group_cut)");
+    };
+    let done = match endpoint {
+        Endpoint::Cut => b.cut(),
+        Endpoint::Go => b.go(),
+        Endpoint::Abort => b.abort("PUT /v1/checkpoint/abort"),
+        _ => Ok(()),
+    };
+    match done {
+        Ok(()) => (200, serde_json::to_value(BarrierView { out, state: b.state() }).unwrap_or_default()),
+        Err(refused) => error(409, refused),
+    }
+}
+
 /// Routes a whole request by [`ROUTES`].
 fn route_request(req: &http::Request, hub: &Hub) -> Routed {
     let path = req.path.as_str();
@@ -535,6 +562,9 @@ fn route_request(req: &http::Request, hub: &Hub) -> Routed {
             } else {
                 (200, serde_json::to_value(p).unwrap_or_default())
             });
+        }
+        Endpoint::Barrier | Endpoint::Cut | Endpoint::Go | Endpoint::Abort => {
+            return Routed::Now(barrier(r.endpoint, published))
         }
         Endpoint::Pause => Action::Pause,
         Endpoint::Resume => Action::Resume,

@@ -5,13 +5,14 @@
 //! and lets all of its guests run at once ([`restore`]). Both are plain
 //! commands over the members' API sockets, usable from a batch script.
 
+pub mod cut;
 pub mod restore;
 pub mod take;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clap::{Args, Subcommand, ValueHint};
+use clap::{Args, Subcommand, ValueEnum, ValueHint};
 
 use crate::exit_code::{ERROR, OK, USAGE};
 
@@ -108,6 +109,33 @@ pub struct CheckpointArgs {
     /// instead of one.
     #[arg(long, value_name = "DURATION", value_parser = crate::args::parse_period)]
     every: Option<Duration>,
+    /// How each member checkpoints: stop-and-save (each guest stopped while
+    /// all members write) or cevm (each guest stopped only for its switch;
+    /// the members' pre-copies run first, all at once).
+    #[arg(long, value_enum, default_value_t = Strategy::StopAndSave)]
+    strategy: Strategy,
+}
+
+/// A group checkpoint's strategy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Strategy {
+    StopAndSave,
+    Cevm,
+}
+
+impl Strategy {
+    /// Takes one group checkpoint of `members` by this strategy into the next
+    /// of `series`.
+    pub fn take(
+        self,
+        members: &[MemberSpec],
+        series: &mut checkpoint::series::Series,
+    ) -> Result<take::GroupReport, take::GroupError> {
+        match self {
+            Strategy::StopAndSave => take::stop_and_save(members, series),
+            Strategy::Cevm => cut::cevm(members, series),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -170,7 +198,7 @@ fn checkpoint(a: CheckpointArgs) -> i32 {
         tracing::warn!("group checkpoint series {}: {r}", a.dir.display());
     }
     let Some(every) = a.every else {
-        return match take::stop_and_save(&members, &mut series) {
+        return match a.strategy.take(&members, &mut series) {
             Ok(r) => {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
                 report(&r);
@@ -184,7 +212,7 @@ fn checkpoint(a: CheckpointArgs) -> i32 {
     loop {
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         next += every;
-        match take::stop_and_save(&members, &mut series) {
+        match a.strategy.take(&members, &mut series) {
             Ok(r) => report(&r),
             Err(e) => {
                 let gone = |m: &MemberSpec| {

@@ -39,7 +39,7 @@ use super::MemberSpec;
 use crate::api::{CheckpointRequest, Client, ClientError, Status};
 
 /// How long the coordinator waits for one member's answer.
-const MEMBER_TIMEOUT: Duration = Duration::from_secs(600);
+pub(super) const MEMBER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Why a group checkpoint was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,10 @@ pub enum GroupError {
     /// The group's directory could not be made, or the group not committed.
     #[error("{0}")]
     Commit(checkpoint::Error),
+    /// A member's checkpoint did not reach the group's cut (the group
+    /// checkpoint was aborted).
+    #[error("member {member}: {why}")]
+    Cut { member: String, why: String },
 }
 
 /// What a group checkpoint did.
@@ -65,13 +69,13 @@ pub struct GroupReport {
     pub removed: Vec<PathBuf>,
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// Runs `f` for every member at once (one thread each), with its place in
 /// `members`; the results in member order.
-fn each<T: Send>(members: &[MemberSpec], f: impl Fn(usize, &MemberSpec, &Client) -> T + Sync) -> Vec<T> {
+pub(super) fn each<T: Send>(members: &[MemberSpec], f: impl Fn(usize, &MemberSpec, &Client) -> T + Sync) -> Vec<T> {
     std::thread::scope(|s| {
         let handles: Vec<_> = members
             .iter()
@@ -86,7 +90,10 @@ fn each<T: Send>(members: &[MemberSpec], f: impl Fn(usize, &MemberSpec, &Client)
 }
 
 /// The first failure of `results`, named by its member.
-fn first_error<T>(members: &[MemberSpec], results: Vec<Result<T, ClientError>>) -> Result<Vec<T>, GroupError> {
+pub(super) fn first_error<T>(
+    members: &[MemberSpec],
+    results: Vec<Result<T, ClientError>>,
+) -> Result<Vec<T>, GroupError> {
     let mut out = Vec::with_capacity(results.len());
     for (m, r) in members.iter().zip(results) {
         out.push(r.map_err(|error| GroupError::Member { member: m.name.clone(), error })?);
@@ -97,13 +104,7 @@ fn first_error<T>(members: &[MemberSpec], results: Vec<Result<T, ClientError>>) 
 /// Takes one group checkpoint of `members` by stop-and-save into the next
 /// checkpoint of `series`, and commits it there.
 pub fn stop_and_save(members: &[MemberSpec], series: &mut Series) -> Result<GroupReport, GroupError> {
-    // Who they are and where they run, asked before anything stops: a member
-    // that is not there aborts the group checkpoint before it begins.
-    let statuses: Vec<Status> = first_error(members, each(members, |_, _, c| c.status()))?;
-    let dir = series.next_path();
-    std::fs::create_dir(&dir).map_err(|e| {
-        GroupError::Commit(checkpoint::Error::Decode { path: dir.clone(), reason: format!("cannot make it: {e}") })
-    })?;
+    let (statuses, dir) = begin(members, series)?;
     let t0 = Instant::now();
     // Each member stops, then saves into the group's directory; none resumes yet.
     let saved = each(members, |_, m, c| {
@@ -122,16 +123,55 @@ pub fn stop_and_save(members: &[MemberSpec], series: &mut Series) -> Result<Grou
             return Err(e);
         }
     };
+    // The checkpoint holds; a member that could not be resumed is said.
+    for (m, r) in members.iter().zip(resumed) {
+        if let Err(e) = r {
+            tracing::error!("member {}: could not be resumed after the group checkpoint: {e}", m.name);
+        }
+    }
+    let taken = Taken { members, statuses: &statuses, reports: &reports, group_pause_ms };
+    commit(taken, checkpoint::Method::StopAndSave, dir, series)
+}
+
+/// Asks every member who it is and where it runs, before anything stops (a
+/// member that is not there aborts the group checkpoint before it begins),
+/// and makes the group checkpoint's directory, the next of `series`.
+pub(super) fn begin(members: &[MemberSpec], series: &mut Series) -> Result<(Vec<Status>, PathBuf), GroupError> {
+    let statuses: Vec<Status> = first_error(members, each(members, |_, _, c| c.status()))?;
+    let dir = series.next_path();
+    std::fs::create_dir(&dir).map_err(|e| {
+        GroupError::Commit(checkpoint::Error::Decode { path: dir.clone(), reason: format!("cannot make it: {e}") })
+    })?;
+    Ok((statuses, dir))
+}
+
+/// Every member's checkpoint of one group checkpoint, taken.
+pub(super) struct Taken<'a> {
+    pub members: &'a [MemberSpec],
+    pub statuses: &'a [Status],
+    pub reports: &'a [checkpoint::CheckpointReport],
+    pub group_pause_ms: f64,
+}
+
+/// Commits the group checkpoint `dir` of `taken` by `method` (its manifest
+/// written last) and moves `latest` to it; aborted if that fails.
+pub(super) fn commit(
+    taken: Taken<'_>,
+    method: checkpoint::Method,
+    dir: PathBuf,
+    series: &mut Series,
+) -> Result<GroupReport, GroupError> {
+    let Taken { members, statuses, reports, group_pause_ms } = taken;
     let manifest = GroupManifest {
         format_version: group::GROUP_FORMAT_VERSION,
         cevm_version: env!("CARGO_PKG_VERSION").into(),
         created_unix_ms: now_ms(),
-        method: checkpoint::Method::StopAndSave.name().into(),
+        method: method.name().into(),
         group_pause_ms,
         members: members
             .iter()
-            .zip(&statuses)
-            .zip(&reports)
+            .zip(statuses)
+            .zip(reports)
             .map(|((m, s), r)| group::Member {
                 name: m.name.clone(),
                 api_sock: Some(m.sock.clone()),
@@ -146,23 +186,17 @@ pub fn stop_and_save(members: &[MemberSpec], series: &mut Series) -> Result<Grou
         return Err(GroupError::Commit(e));
     }
     let removed = series.committed(&dir).map_err(GroupError::Commit)?;
-    // The checkpoint holds; a member that could not be resumed is said.
-    for (m, r) in members.iter().zip(resumed) {
-        if let Err(e) = r {
-            tracing::error!("member {}: could not be resumed after the group checkpoint: {e}", m.name);
-        }
-    }
     Ok(GroupReport {
         dir,
         group_pause_ms,
-        member_save_ms: members.iter().zip(&reports).map(|(m, r)| (m.name.clone(), r.pause_ms)).collect(),
+        member_save_ms: members.iter().zip(reports).map(|(m, r)| (m.name.clone(), r.pause_ms)).collect(),
         removed,
     })
 }
 
 /// Removes an aborted group checkpoint's directory (what members committed
 /// into it included); one the series would sweep anyway, said if it cannot.
-fn abort(dir: &Path) {
+pub(super) fn abort(dir: &Path) {
     if let Err(e) = std::fs::remove_dir_all(dir) {
         tracing::warn!("cannot remove the aborted group checkpoint {}: {e}", dir.display());
     }

@@ -1,0 +1,164 @@
+//! A group checkpoint by CEVM: the coordinator's side of a group cut whose
+//! members stop only for their switches (`migrate::barrier` is the members'
+//! side).
+//!
+//! 1. Every member starts a CEVM checkpoint held for the cut (`PUT
+//!    /v1/checkpoint` with `group_cut`): its pre-copy runs, all members' at
+//!    once, guests running, until each could switch (`ready`); a ready member
+//!    goes on copying what its guest dirties.
+//! 2. Once all are ready, the coordinator tells each to cut (`PUT
+//!    /v1/checkpoint/cut`): each stops its vCPUs and its NICs and switches to
+//!    a new instance made **paused** (`switched`).
+//! 3. Once all have switched, the coordinator tells each to go: each new
+//!    instance runs its guest; each old one writes its member's checkpoint
+//!    (its answer to step 1 comes when written).
+//! 4. The group checkpoint is committed once every member's is.
+//!
+//! # Why the cut is consistent
+//!
+//! It is stop-and-save's argument (`take`), with a member's stop being its
+//! switch: a member's checkpoint is its old instance at the switch, which
+//! moved no frame after its vCPUs and NIC threads stopped; the guest goes on
+//! only in the new instance, whose vCPUs and NIC threads start parked and run
+//! only at go, which comes after every member has switched. So no member's
+//! guest sends anything after its cut before every member has cut: no frame
+//! is in a receiver's checkpoint as received unless it is in its sender's as
+//! sent. A frame that reaches a switched member's tap before go waits in the
+//! tap's queue and is read by the new instance: after the cut, on the side
+//! of it it was sent to; in the checkpoints it is in flight (dropped at a
+//! restore, sent again by the guests' protocols).
+//!
+//! Anything short of that aborts the group checkpoint: a member not ready in
+//! time, refusing a command, or failing, makes the coordinator abort every
+//! member (before its switch its guest runs on where it was; after it, in the
+//! new instance) and remove the group's directory; the previous group
+//! checkpoint stays the newest. A coordinator that dies mid-way strands
+//! nobody: the members' leases let their guests run on, and a late command
+//! is refused.
+
+use std::path::PathBuf;
+use std::thread::ScopedJoinHandle;
+use std::time::{Duration, Instant};
+
+use checkpoint::series::Series;
+use checkpoint::CheckpointReport;
+use migrate::barrier::State;
+
+use super::take::{abort, begin, commit, each, first_error, ms, GroupError, GroupReport, Taken, MEMBER_TIMEOUT};
+use super::MemberSpec;
+use crate::api::{CheckpointRequest, Client, ClientError};
+
+/// How often the coordinator asks the members where their cut is.
+const POLL: Duration = Duration::from_micros(200);
+/// How long the members' pre-copies may take to be all ready (a member waits
+/// 120 s for the cut once it is ready).
+const READY_WITHIN: Duration = Duration::from_secs(110);
+/// How long the members' switches may take (a switched member waits 10 s for
+/// go, its guest stopped).
+const SWITCHED_WITHIN: Duration = Duration::from_secs(5);
+/// How long one question to a member may take.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Answer = Result<CheckpointReport, ClientError>;
+
+/// Takes one group checkpoint of `members` by CEVM (thread-based: each
+/// member's guest goes on in a new instance in its own VMM) into the next
+/// checkpoint of `series`, and commits it there.
+pub fn cevm(members: &[MemberSpec], series: &mut Series) -> Result<GroupReport, GroupError> {
+    let (statuses, dir) = begin(members, series)?;
+    let outs: Vec<PathBuf> = members.iter().map(|m| dir.join(&m.name)).collect();
+    let (cut, answers) = std::thread::scope(|s| {
+        let checkpoints: Vec<ScopedJoinHandle<'_, Answer>> = members
+            .iter()
+            .zip(&outs)
+            .map(|(m, out)| {
+                let req = CheckpointRequest { group_cut: true, ..CheckpointRequest::new(out.clone(), "cevm") };
+                s.spawn(move || Client::new(&m.sock, MEMBER_TIMEOUT).checkpoint(&req))
+            })
+            .collect();
+        let cut = coordinate(members, &outs, &checkpoints);
+        if let Err(e) = &cut {
+            let why = e.to_string();
+            each(members, |_, _, c| c.barrier_command("abort").map(drop));
+            tracing::warn!("group cut aborted: {why}");
+        }
+        let answers: Vec<Answer> =
+            checkpoints.into_iter().map(|h| h.join().expect("a member's thread panicked")).collect();
+        (cut, answers)
+    });
+    // A member's own answer says best why its checkpoint failed.
+    let reports = match (first_error(members, answers), cut) {
+        (Ok(reports), Ok(group_pause_ms)) => (reports, group_pause_ms),
+        (Err(e), _) | (Ok(_), Err(e)) => {
+            abort(&dir);
+            return Err(e);
+        }
+    };
+    let taken = Taken { members, statuses: &statuses, reports: &reports.0, group_pause_ms: reports.1 };
+    commit(taken, checkpoint::Method::CevmThread, dir, series)
+}
+
+/// Steps 1-3 of the module's protocol; the group pause: from the first cut
+/// asked to the last go answered.
+fn coordinate(
+    members: &[MemberSpec],
+    outs: &[PathBuf],
+    checkpoints: &[ScopedJoinHandle<'_, Answer>],
+) -> Result<f64, GroupError> {
+    wait_all(members, outs, checkpoints, "ready", READY_WITHIN)?;
+    let t0 = Instant::now();
+    command_all(members, "cut")?;
+    wait_all(members, outs, checkpoints, "switched", SWITCHED_WITHIN)?;
+    command_all(members, "go")?;
+    Ok(ms(t0.elapsed()))
+}
+
+/// Sends `command` to every member at once; the first refusal fails.
+fn command_all(members: &[MemberSpec], command: &str) -> Result<(), GroupError> {
+    first_error(members, each(members, |_, _, c| c.barrier_command(command).map(drop))).map(drop)
+}
+
+/// Waits until every member's checkpoint into its `outs` is in state `want`.
+fn wait_all(
+    members: &[MemberSpec],
+    outs: &[PathBuf],
+    checkpoints: &[ScopedJoinHandle<'_, Answer>],
+    want: &str,
+    within: Duration,
+) -> Result<(), GroupError> {
+    let deadline = Instant::now() + within;
+    let mut there = vec![false; members.len()];
+    loop {
+        for (i, m) in members.iter().enumerate() {
+            if there[i] {
+                continue;
+            }
+            let failed = |why: String| GroupError::Cut { member: m.name.clone(), why };
+            match Client::new(&m.sock, ASK_TIMEOUT).barrier() {
+                Ok(v) if v.out == outs[i] => match v.state {
+                    s if s.name() == want => there[i] = true,
+                    State::Aborted(why) => return Err(failed(why)),
+                    _ => {}
+                },
+                // This checkpoint has not begun there yet (none, or an older one, is shown).
+                Ok(_) | Err(ClientError::Api { code: 404, .. }) => {}
+                Err(error) => return Err(GroupError::Member { member: m.name.clone(), error }),
+            }
+            if !there[i] && checkpoints[i].is_finished() {
+                return Err(failed(format!("its checkpoint ended before it was {want}")));
+            }
+        }
+        if there.iter().all(|t| *t) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let late: Vec<&str> =
+                members.iter().zip(&there).filter(|(_, t)| !**t).map(|(m, _)| m.name.as_str()).collect();
+            return Err(GroupError::Cut {
+                member: late.join(", "),
+                why: format!("not {want} within {} s", within.as_secs()),
+            });
+        }
+        std::thread::sleep(POLL);
+    }
+}
