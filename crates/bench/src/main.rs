@@ -20,6 +20,7 @@ use cevm::size::parse_size;
 
 mod all;
 mod compare;
+mod group;
 mod guest;
 mod host;
 mod linux;
@@ -166,6 +167,11 @@ enum BenchCmd {
     /// same run; and the downtime of migrations and CEVM checkpoints of a guest
     /// streaming TCP against one without a NIC.
     NetLinux(net::Options),
+    /// Group checkpoints (`cevm group checkpoint`) of rings of built-in
+    /// netring guests against the number of members, by each strategy, next
+    /// to one VM's checkpoint: the group pause, the slowest member's own stop,
+    /// the coordination's own cost (run as root: the ring is on taps).
+    Group(group::Options),
     /// Live migration of a Linux guest, idle or dirtying, by cevm (thread- and
     /// process-based) and, with --qemu, by QEMU over QMP in the same run.
     MigrateLinux {
@@ -302,19 +308,9 @@ fn run(cmd: BenchCmd) -> Result<(), String> {
                 return Err("--fill-pct is 1..95 and --beat-ms more than 0".into());
             }
             let dir = std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let o = compare::Options {
-                kernel,
-                initrd,
-                qemu,
-                cases,
-                methods,
-                fill_pct,
-                ws_mib,
-                beat_ms,
-                runs: runs.max(1),
-                dir,
-                json,
-            };
+            let runs = runs.max(1);
+            let o =
+                compare::Options { kernel, initrd, qemu, cases, methods, fill_pct, ws_mib, beat_ms, runs, dir, json };
             compare::run(&o).map(drop)
         }
         BenchCmd::StopAndSave { sizes, runs, dir, json, memory_backend } => {
@@ -363,6 +359,7 @@ fn run(cmd: BenchCmd) -> Result<(), String> {
             })
         }
         BenchCmd::NetLinux(o) => net::run(&o),
+        BenchCmd::Group(o) => group::run(&cevm_bin()?, &o),
         BenchCmd::MigrateLinux {
             kernel,
             initrd,

@@ -206,6 +206,7 @@ pub fn take(
         }
     };
     let (out, downtime_ms) = (req.out.to_path_buf(), migration.downtime_ms);
+    let (held_ms, paused_at_us) = (migration.held_ms, migration.paused_at_us);
     let writer_cpus = req.writer_cpus.map(|c| c.0.clone());
     let progress = req.progress.clone();
     let write = move |old: &mut Instance| -> std::result::Result<CheckpointReport, Failure> {
@@ -215,7 +216,9 @@ pub fn take(
                 vmm::placement::set_affinity(vmm::placement::this_thread(), c)
                     .map_err(|e| Failure::new(after, FailureKind::WriterPlacement(e)))?;
             }
-            write_frozen(old, method, &out, downtime_ms, t0, link, &progress).map_err(|e| Failure::new(after, e))
+            write_frozen(old, method, &out, downtime_ms, t0, link, &progress)
+                .map(|r| CheckpointReport { held_ms, paused_at_us, ..r })
+                .map_err(|e| Failure::new(after, e))
         })();
         progress.end(r.as_ref().err().map(ToString::to_string));
         r

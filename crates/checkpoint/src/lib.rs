@@ -74,6 +74,14 @@ pub struct CheckpointReport {
     pub pause_ms: f64,
     /// From the request to the committed checkpoint.
     pub total_ms: f64,
+    /// A CEVM checkpoint held for a group's cut: of `pause_ms`, the wait for
+    /// the group's go after this member's switch (its own switch is the rest).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_ms: f64,
+    /// CEVM: when the switch began to stop the vCPUs, on the host's monotonic
+    /// clock (µs; 0: not recorded), comparable between the VMMs of one host.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub paused_at_us: u64,
     /// Bytes of memory pages written (zero pages are never written).
     pub memory: MemoryStats,
     /// Bytes of the state file.
@@ -85,6 +93,14 @@ pub struct CheckpointReport {
     /// CEVM with a disk: how the disk hand-over to the new instance went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_handover: Option<DiskHandover>,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 /// The old instance's part of a CEVM disk hand-over.
@@ -178,6 +194,8 @@ pub(crate) fn report(
         method,
         pause_ms,
         total_ms: ms(t0.elapsed()),
+        held_ms: 0.0,
+        paused_at_us: 0,
         write_mib_per_s: memory.data_bytes as f64 / (1 << 20) as f64 / write_time.as_secs_f64().max(1e-9),
         memory,
         state_bytes,

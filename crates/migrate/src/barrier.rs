@@ -156,6 +156,19 @@ impl Barrier {
         }
     }
 
+    /// Waits up to `timeout` while the switch runs (state `Cut`).
+    pub fn wait_switched(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock();
+        while g.0 == State::Cut {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            g = self.changed.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
     /// The engine: the pre-copy could switch now.
     pub(crate) fn ready(&self) {
         let mut g = self.lock();

@@ -299,6 +299,11 @@ pub struct Report {
     /// coordinator's go after the switch (the other members' switches).
     #[serde(default)]
     pub held_ms: f64,
+    /// When the switch began to stop the vCPUs, on this host's monotonic
+    /// clock (µs): with `downtime_ms`, when this guest stopped and ran again,
+    /// comparable between the VMMs of one host (a group's pause).
+    #[serde(default)]
+    pub paused_at_us: u64,
     /// Where the threads ran.
     pub placement: Placement,
 }

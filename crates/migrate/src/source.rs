@@ -359,6 +359,7 @@ fn precopy_and_switch(
         max_throttle_pct: precopied.max_throttle_pct,
         state_bytes,
         held_ms,
+        paused_at_us: t_switch_us,
         placement: Placement { destination_vcpus: resumed.vcpu_cpus, ..Default::default() },
     })
 }

@@ -290,6 +290,7 @@ impl Conn {
             Ok(Parsed::Complete(req)) => match route_request(&req, &ctx.hub) {
                 Routed::Now(answer) => self.answer(answer),
                 Routed::Act(action) => self.dispatch(action, ctx),
+                Routed::Later(work) => self.later(work, ctx),
             },
             Err(e) => self.answer(error(e.status(), e)),
             // The client went away before its request was whole.
@@ -303,6 +304,17 @@ impl Conn {
                 }
             }
             Ok(_) => {}
+        }
+    }
+
+    /// Runs `work` on a thread of its own; its answer comes back to the
+    /// reactor (a request that waits for something other than the control loop).
+    fn later(&mut self, work: Box<dyn FnOnce() -> Http + Send>, ctx: &Ctx) {
+        self.stage = Stage::Waiting;
+        let answerer = Answerer { id: self.id, tx: ctx.answers_tx.clone(), waker: ctx.waker.clone(), sent: false };
+        let spawned = std::thread::Builder::new().name("api-wait".into()).spawn(move || answerer.send(work()));
+        if let Err(e) = spawned {
+            self.answer(error(503, format!("cannot start a thread to wait: {e}")));
         }
     }
 
@@ -508,13 +520,23 @@ enum Routed {
     Now(Http),
     /// An action for the control loop.
     Act(Action),
+    /// An answer that waits for something else (a switch), on a thread.
+    Later(Box<dyn FnOnce() -> Http + Send>),
 }
 
-/// A group cut's endpoints, answered by this thread: the control loop is
-/// inside the checkpoint's migration, which waits for these very commands.
-fn barrier(endpoint: Endpoint, published: &Published) -> Http {
+/// A group cut's endpoints, served without the control loop: it is inside
+/// the checkpoint's migration, which waits for these very commands. A cut is
+/// answered once the switch is over (`switched`; or `aborted`, 409), so
+/// that the coordinator learns it without asking again and again.
+fn barrier(endpoint: Endpoint, published: &Published) -> Routed {
     let Some((out, b)) = published.barrier() else {
-        return error(404, "no checkpoint of this VMM waits for a group cut (PUT /v1/checkpoint with group_cut)");
+        return Routed::Now(error(
+            404,
+            "no checkpoint of this VMM waits for a group cut (PUT /v1/checkpoint with group_cut)",
+        ));
+    };
+    let view = move |b: &migrate::barrier::Barrier| {
+        (200, serde_json::to_value(BarrierView { out, state: b.state() }).unwrap_or_default())
     };
     let done = match endpoint {
         Endpoint::Cut => b.cut(),
@@ -522,11 +544,22 @@ fn barrier(endpoint: Endpoint, published: &Published) -> Http {
         Endpoint::Abort => b.abort("PUT /v1/checkpoint/abort"),
         _ => Ok(()),
     };
-    match done {
-        Ok(()) => (200, serde_json::to_value(BarrierView { out, state: b.state() }).unwrap_or_default()),
-        Err(refused) => error(409, refused),
+    match (done, endpoint) {
+        (Ok(()), Endpoint::Cut) => Routed::Later(Box::new(move || {
+            b.wait_switched(SWITCH_WAIT);
+            match b.state() {
+                migrate::barrier::State::Aborted(why) => error(409, format!("the switch failed here: {why}")),
+                _ => view(&b),
+            }
+        })),
+        (Ok(()), _) => Routed::Now(view(&b)),
+        (Err(refused), _) => Routed::Now(error(409, refused)),
     }
 }
+
+/// How long `PUT /v1/checkpoint/cut` waits for the switch before it answers
+/// with the state it is in.
+const SWITCH_WAIT: Duration = Duration::from_secs(30);
 
 /// Routes a whole request by [`ROUTES`].
 fn route_request(req: &http::Request, hub: &Hub) -> Routed {
@@ -563,9 +596,7 @@ fn route_request(req: &http::Request, hub: &Hub) -> Routed {
                 (200, serde_json::to_value(p).unwrap_or_default())
             });
         }
-        Endpoint::Barrier | Endpoint::Cut | Endpoint::Go | Endpoint::Abort => {
-            return Routed::Now(barrier(r.endpoint, published))
-        }
+        Endpoint::Barrier | Endpoint::Cut | Endpoint::Go | Endpoint::Abort => return barrier(r.endpoint, published),
         Endpoint::Pause => Action::Pause,
         Endpoint::Resume => Action::Resume,
         Endpoint::Quit => Action::Quit,

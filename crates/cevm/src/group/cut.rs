@@ -53,9 +53,6 @@ const POLL: Duration = Duration::from_micros(200);
 /// How long the members' pre-copies may take to be all ready (a member waits
 /// 120 s for the cut once it is ready).
 const READY_WITHIN: Duration = Duration::from_secs(110);
-/// How long the members' switches may take (a switched member waits 10 s for
-/// go, its guest stopped).
-const SWITCHED_WITHIN: Duration = Duration::from_secs(5);
 /// How long one question to a member may take.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -65,6 +62,7 @@ type Answer = Result<CheckpointReport, ClientError>;
 /// member's guest goes on in a new instance in its own VMM) into the next
 /// checkpoint of `series`, and commits it there.
 pub fn cevm(members: &[MemberSpec], series: &mut Series) -> Result<GroupReport, GroupError> {
+    let started = Instant::now();
     let (statuses, dir) = begin(members, series)?;
     let outs: Vec<PathBuf> = members.iter().map(|m| dir.join(&m.name)).collect();
     let (cut, answers) = std::thread::scope(|s| {
@@ -87,19 +85,31 @@ pub fn cevm(members: &[MemberSpec], series: &mut Series) -> Result<GroupReport, 
         (cut, answers)
     });
     // A member's own answer says best why its checkpoint failed.
-    let reports = match (first_error(members, answers), cut) {
-        (Ok(reports), Ok(group_pause_ms)) => (reports, group_pause_ms),
+    let (reports, coordinator_ms) = match (first_error(members, answers), cut) {
+        (Ok(reports), Ok(ms)) => (reports, ms),
         (Err(e), _) | (Ok(_), Err(e)) => {
             abort(&dir);
             return Err(e);
         }
     };
-    let taken = Taken { members, statuses: &statuses, reports: &reports.0, group_pause_ms: reports.1 };
+    let group_pause_ms = pause_span_ms(&reports).unwrap_or(coordinator_ms);
+    let taken = Taken { members, statuses: &statuses, reports: &reports, group_pause_ms, started };
     commit(taken, checkpoint::Method::CevmThread, dir, series)
 }
 
-/// Steps 1-3 of the module's protocol; the group pause: from the first cut
-/// asked to the last go answered.
+/// The group's pause as its guests had it: from the first member's vCPUs
+/// stopping to the last member's running again, on the members' common
+/// monotonic clock (they are all on this host); `None` if a member did not
+/// say when.
+fn pause_span_ms(reports: &[CheckpointReport]) -> Option<f64> {
+    let stopped = reports.iter().map(|r| (r.paused_at_us > 0).then_some(r.paused_at_us)).collect::<Option<Vec<_>>>()?;
+    let first = *stopped.iter().min()?;
+    let last = reports.iter().zip(&stopped).map(|(r, at)| *at as f64 + r.pause_ms * 1e3).fold(0.0, f64::max);
+    Some((last - first as f64) / 1e3)
+}
+
+/// Steps 1-3 of the module's protocol; how long the coordinator took from
+/// the first cut asked to the last go answered.
 fn coordinate(
     members: &[MemberSpec],
     outs: &[PathBuf],
@@ -107,15 +117,23 @@ fn coordinate(
 ) -> Result<f64, GroupError> {
     wait_all(members, outs, checkpoints, "ready", READY_WITHIN)?;
     let t0 = Instant::now();
-    command_all(members, "cut")?;
-    wait_all(members, outs, checkpoints, "switched", SWITCHED_WITHIN)?;
-    command_all(members, "go")?;
+    // A member answers the cut once it has switched.
+    command_all(members, "cut", "switched")?;
+    command_all(members, "go", "released")?;
     Ok(ms(t0.elapsed()))
 }
 
-/// Sends `command` to every member at once; the first refusal fails.
-fn command_all(members: &[MemberSpec], command: &str) -> Result<(), GroupError> {
-    first_error(members, each(members, |_, _, c| c.barrier_command(command).map(drop))).map(drop)
+/// Sends `command` to every member at once; each must answer that it is
+/// now `then`. The first refusal fails.
+fn command_all(members: &[MemberSpec], command: &str, then: &str) -> Result<(), GroupError> {
+    let states = first_error(members, each(members, |_, _, c| c.barrier_command(command)))?;
+    match members.iter().zip(states).find(|(_, v)| v.state.name() != then) {
+        Some((m, v)) => Err(GroupError::Cut {
+            member: m.name.clone(),
+            why: format!("it is {} after {command}, not {then}", v.state.name()),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Waits until every member's checkpoint into its `outs` is in state `want`.

@@ -232,7 +232,14 @@ fn checkpoint(a: CheckpointArgs) -> i32 {
 }
 
 fn report(r: &take::GroupReport) {
-    tracing::info!("group checkpoint committed to {} (group paused {:.1} ms)", r.dir.display(), r.group_pause_ms);
+    tracing::info!(
+        "group checkpoint committed to {} ({}: group paused {:.2} ms, of which coordination {:.2} ms; {:.0} ms in all)",
+        r.dir.display(),
+        r.method.name(),
+        r.group_pause_ms,
+        r.coordination_ms,
+        r.total_ms
+    );
     for old in &r.removed {
         tracing::info!("removed the older group checkpoint {}", old.display());
     }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use checkpoint::group::{self, GroupManifest};
 use checkpoint::series::Series;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::MemberSpec;
 use crate::api::{CheckpointRequest, Client, ClientError, Status};
@@ -57,14 +57,25 @@ pub enum GroupError {
 }
 
 /// What a group checkpoint did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupReport {
     /// The committed group checkpoint.
     pub dir: PathBuf,
-    /// From the first pause request to the last member running again.
+    /// The method of every member's checkpoint.
+    pub method: checkpoint::Method,
+    /// How long the group was stopped: by cevm, from the first member's
+    /// vCPUs stopping to the last member's running again (as the members'
+    /// VMMs timed them, on this host's monotonic clock); by stop-and-save,
+    /// from the first pause asked to the last resume answered.
     pub group_pause_ms: f64,
-    /// How long each member's own checkpoint took, as its VMM reported it.
-    pub member_save_ms: Vec<(String, f64)>,
+    /// Each member's own stop, as its VMM reported it: its save
+    /// (stop-and-save) or its switch (cevm), without its wait for the others.
+    pub member_stop_ms: Vec<(String, f64)>,
+    /// What the coordination itself cost: the group pause less the slowest
+    /// member's own stop.
+    pub coordination_ms: f64,
+    /// From the start of the group checkpoint to its commit.
+    pub total_ms: f64,
     /// Older group checkpoints removed by the retention.
     pub removed: Vec<PathBuf>,
 }
@@ -104,6 +115,7 @@ pub(super) fn first_error<T>(
 /// Takes one group checkpoint of `members` by stop-and-save into the next
 /// checkpoint of `series`, and commits it there.
 pub fn stop_and_save(members: &[MemberSpec], series: &mut Series) -> Result<GroupReport, GroupError> {
+    let started = Instant::now();
     let (statuses, dir) = begin(members, series)?;
     let t0 = Instant::now();
     // Each member stops, then saves into the group's directory; none resumes yet.
@@ -129,7 +141,7 @@ pub fn stop_and_save(members: &[MemberSpec], series: &mut Series) -> Result<Grou
             tracing::error!("member {}: could not be resumed after the group checkpoint: {e}", m.name);
         }
     }
-    let taken = Taken { members, statuses: &statuses, reports: &reports, group_pause_ms };
+    let taken = Taken { members, statuses: &statuses, reports: &reports, group_pause_ms, started };
     commit(taken, checkpoint::Method::StopAndSave, dir, series)
 }
 
@@ -151,6 +163,8 @@ pub(super) struct Taken<'a> {
     pub statuses: &'a [Status],
     pub reports: &'a [checkpoint::CheckpointReport],
     pub group_pause_ms: f64,
+    /// When the group checkpoint began.
+    pub started: Instant,
 }
 
 /// Commits the group checkpoint `dir` of `taken` by `method` (its manifest
@@ -161,7 +175,7 @@ pub(super) fn commit(
     dir: PathBuf,
     series: &mut Series,
 ) -> Result<GroupReport, GroupError> {
-    let Taken { members, statuses, reports, group_pause_ms } = taken;
+    let Taken { members, statuses, reports, group_pause_ms, started } = taken;
     let manifest = GroupManifest {
         format_version: group::GROUP_FORMAT_VERSION,
         cevm_version: env!("CARGO_PKG_VERSION").into(),
@@ -186,10 +200,14 @@ pub(super) fn commit(
         return Err(GroupError::Commit(e));
     }
     let removed = series.committed(&dir).map_err(GroupError::Commit)?;
+    let own: Vec<f64> = reports.iter().map(|r| r.pause_ms - r.held_ms).collect();
     Ok(GroupReport {
         dir,
+        method,
         group_pause_ms,
-        member_save_ms: members.iter().zip(reports).map(|(m, r)| (m.name.clone(), r.pause_ms)).collect(),
+        member_stop_ms: members.iter().zip(&own).map(|(m, ms)| (m.name.clone(), *ms)).collect(),
+        coordination_ms: group_pause_ms - own.iter().copied().fold(0.0, f64::max),
+        total_ms: ms(started.elapsed()),
         removed,
     })
 }
