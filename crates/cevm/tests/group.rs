@@ -385,3 +385,73 @@ fn a_damaged_member_stops_the_group_restore_before_any_guest_runs() {
     assert!(!said.contains("netring"), "{said}");
     let _ = std::fs::remove_dir_all(&ring.dir);
 }
+
+/// Every console line that has come by now (a short wait for stragglers).
+fn drain(vm: &mut CevmChild) {
+    vm.wait_line(std::time::Duration::from_millis(300), |_| false);
+}
+
+/// A member's CEVM checkpoint held for a group's cut stops its guest from the
+/// cut to go and no longer: its switch leaves the guest whole and paused in
+/// the new instance (thread-based: in the member's VMM; process-based: in a
+/// `cevm run --incoming`, over the migration stream's `Release`), not one
+/// line comes from it meanwhile, and after go it runs on there and the
+/// checkpoint is committed.
+#[test]
+fn a_held_switch_stops_the_guest_from_the_cut_until_go_thread_and_process_based() {
+    use cevm::api::CheckpointRequest;
+    for process_based in [false, true] {
+        let dir = workdir(if process_based { "group-held-process" } else { "group-held-thread" });
+        let (sock, dst, dst_api, out) =
+            (dir.join("api.sock"), dir.join("dst.sock"), dir.join("dst-api.sock"), dir.join("ck"));
+        let args = ["run", "--guest", "dirtier", "--guest-args", "mib=4 rate=500 seconds=0", "--mem", "32M"];
+        let mut vm =
+            CevmChild::spawn(bin(), &[&args[..], &["--api-sock", sock.to_str().unwrap()]].concat(), None).unwrap();
+        vm.wait_line(T, |l| l.starts_with("dirtier: t=1s")).expect("the guest runs");
+        let mut next = if process_based {
+            let to = format!("unix:{}", dst.display());
+            let a = ["run", "--incoming", &to, "--api-sock", dst_api.to_str().unwrap()];
+            let d = CevmChild::spawn(bin(), &a, None).unwrap();
+            cevm_testkit::wait_for_file(&dst);
+            Some(d)
+        } else {
+            None
+        };
+        let req = CheckpointRequest {
+            group_cut: true,
+            to: process_based.then(|| format!("unix:{}", dst.display())),
+            ..CheckpointRequest::new(out.clone(), "cevm")
+        };
+        let s = sock.clone();
+        let taker = std::thread::spawn(move || cevm_testkit::api(&s).checkpoint(&req));
+        let api = cevm_testkit::api(&sock);
+        let t0 = std::time::Instant::now();
+        while !api.barrier().is_ok_and(|b| b.state.name() == "ready") {
+            assert!(t0.elapsed() < T, "the checkpoint was never ready for the cut");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(api.barrier_command("cut").unwrap().state.name(), "switched", "the cut is answered once switched");
+        drain(&mut vm);
+        next.iter_mut().for_each(drain);
+        let mark = (vm.seen.len(), next.as_ref().map_or(0, |d| d.seen.len()));
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        drain(&mut vm);
+        next.iter_mut().for_each(drain);
+        let said: Vec<&String> = vm.seen[mark.0..].iter().chain(next.iter().flat_map(|d| &d.seen[mark.1..])).collect();
+        assert!(said.iter().all(|l| !l.starts_with("dirtier: t=")), "the guest ran between the cut and go: {said:?}");
+        assert_eq!(api.barrier_command("go").unwrap().state.name(), "released");
+        let report = taker.join().unwrap().expect("the held checkpoint is committed");
+        assert!(report.held_ms >= 2500.0 && report.pause_ms >= report.held_ms, "{report:?}");
+        cevm_testkit::verify_ok(&out);
+        // The guest runs on in the new instance.
+        let runs_on = next.as_mut().unwrap_or(&mut vm);
+        runs_on.wait_line(T, |l| l.starts_with("dirtier: t=")).expect("the guest runs on after go");
+        if process_based {
+            assert!(vm.finish(T).expect("the source VMM ends").success());
+            cevm_testkit::quit(&dst_api, next.as_mut().unwrap());
+        } else {
+            cevm_testkit::quit(&sock, &mut vm);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
