@@ -54,7 +54,7 @@ const POLL: Duration = Duration::from_micros(200);
 /// 120 s for the cut once it is ready).
 const READY_WITHIN: Duration = Duration::from_secs(110);
 /// How long one question to a member may take.
-const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+const ASK_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Answer = Result<CheckpointReport, ClientError>;
 
