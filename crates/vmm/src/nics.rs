@@ -303,7 +303,14 @@ impl Nics {
     pub(crate) fn release(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         for n in &self.nics {
-            if let Some(tap) = lock(&n.transport).device_mut().set_tap(None) {
+            let mut t = lock(&n.transport);
+            if let Some(len) = t.device_mut().held_frame() {
+                tracing::warn!(
+                    "NIC {}: a frame of {len} bytes read from its tap and waiting for receive buffers is lost at this switch",
+                    n.config.tap
+                );
+            }
+            if let Some(tap) = t.device_mut().set_tap(None) {
                 handed_over().push((self.id, tap));
             }
         }

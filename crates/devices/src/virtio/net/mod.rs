@@ -223,6 +223,12 @@ impl Net {
 
     /// Whether the last transmit turn left frames in the ring (the I/O thread
     /// serves the queue again without waiting for a notification).
+    /// The bytes of a frame read from the tap that waits for receive buffers
+    /// (it is in no saved state: a switch now loses it).
+    pub fn held_frame(&self) -> Option<usize> {
+        self.pending
+    }
+
     pub fn tx_pending(&self) -> bool {
         self.tx_pending
     }
