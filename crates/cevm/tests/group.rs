@@ -455,3 +455,73 @@ fn a_held_switch_stops_the_guest_from_the_cut_until_go_thread_and_process_based(
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A process-based group CEVM checkpoint: each member's guest goes on in the
+/// `cevm run --incoming` given for it (`--to NAME=ENDPOINT`) and the members'
+/// VMMs end once written; the ring runs on there to the exact digest, and
+/// the group checkpoint restores to it too.
+#[test]
+fn a_process_based_group_cevm_checkpoint_moves_the_ring_into_new_vmms_and_restores_exact() {
+    let (ring, mut vms) = Ring::new("group-cevm-process", 2, 300);
+    wait_hop(&mut vms, 5);
+    let mut dests: Vec<CevmChild> = (0..2)
+        .map(|i| {
+            let to = format!("unix:{}", ring.dir.join(format!("d{i}.sock")).display());
+            let api = ring.dir.join(format!("n{i}.sock"));
+            let d = CevmChild::spawn(
+                bin(),
+                &["run", "--incoming", &to, "--api-sock", api.to_str().unwrap()],
+                Some(&format!("d{i}: ")),
+            )
+            .unwrap();
+            cevm_testkit::wait_for_file(&ring.dir.join(format!("d{i}.sock")));
+            d
+        })
+        .collect();
+    let series = ring.series();
+    let mut a = vec!["group".to_string(), "checkpoint".into(), "--strategy".into(), "cevm".into()];
+    a.extend(["--dir".into(), series.display().to_string()]);
+    for (i, s) in ring.socks.iter().enumerate() {
+        a.extend(["--member".into(), format!("m{i}={}", s.display())]);
+        a.extend(["--to".into(), format!("m{i}=unix:{}", ring.dir.join(format!("d{i}.sock")).display())]);
+    }
+    let c = cevm(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&c.stderr);
+    assert!(c.status.success(), "{err}");
+    assert!(String::from_utf8_lossy(&c.stdout).contains("\"method\": \"cevm-process\""), "{err}");
+    // The members' VMMs wrote and ended; the ring runs on in the new ones.
+    for vm in &mut vms {
+        assert!(vm.finish(T).expect("a member's VMM did not end").success());
+    }
+    let want = ring.want();
+    for d in &mut dests {
+        let line = d.wait_line(T, |l| netring_digest(l).is_some()).unwrap_or_else(|| panic!("{:?}", d.seen));
+        assert_eq!(netring_digest(&line), Some(want.as_str()));
+        d.finish(T);
+    }
+    let v = cevm(&["group", "verify", series.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&v.stdout).contains("(cevm-process)"), "{}", String::from_utf8_lossy(&v.stderr));
+    let mut g = ring.group_restore();
+    assert_eq!(digests(&mut g, 2), vec![want; 2]);
+    let _ = std::fs::remove_dir_all(&ring.dir);
+}
+
+#[test]
+fn group_destinations_are_for_one_cevm_group_checkpoint_of_every_member() {
+    for (args, why) in [
+        (&["--member", "m0=/a", "--to", "m0=unix:/d"][..], "--strategy cevm"),
+        (&["--strategy", "cevm", "--member", "m0=/a", "--member", "m1=/b", "--to", "m0=unix:/d"][..], "every member"),
+        (&["--strategy", "cevm", "--member", "m0=/a", "--to", "m9=unix:/d"][..], "no member m9"),
+        (&["--strategy", "cevm", "--member", "m0=/a", "--to", "m0=ftp:/d"][..], "ftp:/d"),
+        (
+            &["--strategy", "cevm", "--every", "1m", "--member", "m0=/a", "--to", "m0=unix:/d"][..],
+            "one group checkpoint",
+        ),
+    ] {
+        let o = cevm(&[&["group", "checkpoint", "--dir", "/tmp/cevm-no-series"][..], args].concat());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+        assert!(!Path::new("/tmp/cevm-no-series").exists(), "a refused group checkpoint made its series");
+    }
+}

@@ -30,7 +30,8 @@ fn scenario() -> String {
     let stream = format!("cevm.port=5000 cevm.bytes={}", STREAM_MIB << 20);
     let net = cevm_testkit::linux::network("gbr", &["g0", "g1"]);
     // `network` begins with the scenario functions; the disk's base comes first.
-    let net = net.replace(SCENARIO_FUNCTIONS, &format!("cp \"$DATA/base.qcow2\" /tmp/base.qcow2\n{SCENARIO_FUNCTIONS}"));
+    let net =
+        net.replace(SCENARIO_FUNCTIONS, &format!("cp \"$DATA/base.qcow2\" /tmp/base.qcow2\n{SCENARIO_FUNCTIONS}"));
     format!(
         r#"{net}{rx}{tx}got() {{ grep -c "cevm-guest: received [0-9]* MiB" /tmp/rx.txt /tmp/g.txt 2>/dev/null | awk -F: '{{s += $2}} END {{print s}}'; }}
 fail() {{ echo "cevm-scenario: $1"; for f in tx rx g; do sed "s/^/$f: /" /tmp/$f.txt /tmp/$f.err 2>/dev/null; done; exit 1; }}

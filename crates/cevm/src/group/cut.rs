@@ -59,8 +59,10 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(30);
 type Answer = Result<CheckpointReport, ClientError>;
 
 /// Takes one group checkpoint of `members` by CEVM (thread-based: each
-/// member's guest goes on in a new instance in its own VMM) into the next
-/// checkpoint of `series`, and commits it there.
+/// member's guest goes on in a new instance in its own VMM; process-based,
+/// members with a `to`: in the `cevm run --incoming` there, and the member's
+/// VMM ends once it has written) into the next checkpoint of `series`, and
+/// commits it there.
 pub fn cevm(members: &[MemberSpec], series: &mut Series) -> Result<GroupReport, GroupError> {
     let started = Instant::now();
     let (statuses, dir) = begin(members, series)?;
@@ -70,7 +72,11 @@ pub fn cevm(members: &[MemberSpec], series: &mut Series) -> Result<GroupReport, 
             .iter()
             .zip(&outs)
             .map(|(m, out)| {
-                let req = CheckpointRequest { group_cut: true, ..CheckpointRequest::new(out.clone(), "cevm") };
+                let req = CheckpointRequest {
+                    group_cut: true,
+                    to: m.to.clone(),
+                    ..CheckpointRequest::new(out.clone(), "cevm")
+                };
                 s.spawn(move || Client::new(&m.sock, MEMBER_TIMEOUT).checkpoint(&req))
             })
             .collect();
@@ -94,7 +100,12 @@ pub fn cevm(members: &[MemberSpec], series: &mut Series) -> Result<GroupReport, 
     };
     let group_pause_ms = pause_span_ms(&reports).unwrap_or(coordinator_ms);
     let taken = Taken { members, statuses: &statuses, reports: &reports, group_pause_ms, started };
-    commit(taken, checkpoint::Method::CevmThread, dir, series)
+    let method = if members.iter().any(|m| m.to.is_some()) {
+        checkpoint::Method::CevmProcess
+    } else {
+        checkpoint::Method::CevmThread
+    };
+    commit(taken, method, dir, series)
 }
 
 /// The group's pause as its guests had it: from the first member's vCPUs

@@ -22,6 +22,9 @@ use crate::exit_code::{ERROR, OK, USAGE};
 pub struct MemberSpec {
     pub name: String,
     pub sock: PathBuf,
+    /// A CEVM group checkpoint's process-based new instance for this member:
+    /// the endpoint of a `cevm run --incoming` (none: thread-based).
+    pub to: Option<String>,
 }
 
 /// Parses `NAME=SOCKET` (or `SOCKET` alone: named by [`name_members`]).
@@ -36,7 +39,7 @@ pub fn parse_member(s: &str) -> Result<MemberSpec, String> {
     if !name.is_empty() {
         checkpoint::group::check_member_name(&name).map_err(|e| e.to_string())?;
     }
-    Ok(MemberSpec { name, sock: PathBuf::from(sock) })
+    Ok(MemberSpec { name, sock: PathBuf::from(sock), to: None })
 }
 
 /// Names the unnamed members `m0`, `m1`, ... by their place; refuses a name
@@ -114,6 +117,35 @@ pub struct CheckpointArgs {
     /// the members' pre-copies run first, all at once).
     #[arg(long, value_enum, default_value_t = Strategy::StopAndSave)]
     strategy: Strategy,
+    /// With --strategy cevm, process-based: member NAME's guest goes on in
+    /// the `cevm run --incoming` at ENDPOINT (unix:PATH or tcp:HOST:PORT),
+    /// and its VMM ends once it has written its checkpoint. Once per member
+    /// (all of them, or none); not with --every.
+    #[arg(long = "to", value_name = "NAME=ENDPOINT", value_parser = parse_member_to)]
+    to: Vec<(String, String)>,
+}
+
+/// Parses `NAME=ENDPOINT`.
+fn parse_member_to(s: &str) -> Result<(String, String), String> {
+    let (name, to) = s.split_once('=').ok_or("give NAME=ENDPOINT (e.g. m1=unix:/run/job/m1.next.sock)")?;
+    checkpoint::group::check_member_name(name).map_err(|e| e.to_string())?;
+    to.parse::<migrate::Endpoint>().map_err(|e| format!("{to}: {e}"))?;
+    Ok((name.to_string(), to.to_string()))
+}
+
+/// Gives each member its `--to`: every member one, or none.
+fn attach_destinations(members: &mut [MemberSpec], to: Vec<(String, String)>) -> Result<(), String> {
+    for (name, endpoint) in to {
+        let m = members.iter_mut().find(|m| m.name == name).ok_or(format!("--to {name}=...: no member {name}"))?;
+        if m.to.replace(endpoint).is_some() {
+            return Err(format!("--to names member {name} twice"));
+        }
+    }
+    let given = members.iter().filter(|m| m.to.is_some()).count();
+    if given != 0 && given != members.len() {
+        return Err("--to: give every member its destination, or none (thread-based)".into());
+    }
+    Ok(())
 }
 
 /// A group checkpoint's strategy.
@@ -183,13 +215,20 @@ fn failed(msg: String) -> i32 {
 }
 
 fn checkpoint(a: CheckpointArgs) -> i32 {
-    let members = match name_members(a.members) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!("{e}");
-            return USAGE;
-        }
+    let usage = |e: String| {
+        tracing::error!("{e}");
+        USAGE
     };
+    let mut members = match name_members(a.members) {
+        Ok(m) => m,
+        Err(e) => return usage(e),
+    };
+    if !a.to.is_empty() && (a.strategy != Strategy::Cevm || a.every.is_some()) {
+        return usage("--to is for one group checkpoint with --strategy cevm (a destination takes one guest)".into());
+    }
+    if let Err(e) = attach_destinations(&mut members, a.to) {
+        return usage(e);
+    }
     let mut series = match checkpoint::series::Series::open(&a.dir, a.keep) {
         Ok(s) => s,
         Err(e) => return failed(e.to_string()),
