@@ -310,10 +310,22 @@ fn a_paused_restore_needs_an_api_socket_to_be_resumed_through() {
 
 #[test]
 fn periodic_group_checkpoints_keep_the_newest_and_end_with_the_group() {
-    let (ring, mut vms) = Ring::new("group-periodic", 2, 400);
+    periodic("group-periodic", "stop-and-save");
+}
+
+#[test]
+fn periodic_group_cevm_checkpoints_keep_the_newest_and_end_with_the_group() {
+    periodic("group-cevm-periodic", "cevm");
+}
+
+/// Group checkpoints by `strategy` every 300 ms, the newest 2 kept, until the
+/// group is SIGKILLed; the newest restores to the exact digest.
+fn periodic(name: &str, strategy: &str) {
+    let (ring, mut vms) = Ring::new(name, 2, 400);
     wait_hop(&mut vms, 3);
     let series = ring.series();
     let mut a = vec!["group", "checkpoint", "--every", "300ms", "--keep", "2", "--dir", series.to_str().unwrap()];
+    a.extend(["--strategy", strategy]);
     let members: Vec<String> = ring.socks.iter().enumerate().map(|(i, s)| format!("m{i}={}", s.display())).collect();
     for m in &members {
         a.extend(["--member", m]);

@@ -90,13 +90,24 @@ pub fn cevm(members: &[MemberSpec], series: &mut Series) -> Result<GroupReport, 
             checkpoints.into_iter().map(|h| h.join().expect("a member's thread panicked")).collect();
         (cut, answers)
     });
-    // A member's own answer says best why its checkpoint failed.
-    let (reports, coordinator_ms) = match (first_error(members, answers), cut) {
-        (Ok(reports), Ok(ms)) => (reports, ms),
-        (Err(e), _) | (Ok(_), Err(e)) => {
+    let (reports, coordinator_ms) = match cut {
+        Err(e) => {
             abort(&dir);
-            return Err(e);
+            // The member the cut failed at says best why in its own answer,
+            // if it has one (the others' only say that the cut was aborted).
+            let at = e.member().and_then(|n| members.iter().position(|m| m.name == n));
+            return Err(match at.and_then(|i| answers.into_iter().nth(i)?.err().map(|error| (i, error))) {
+                Some((i, error)) => GroupError::Member { member: members[i].name.clone(), error },
+                None => e,
+            });
         }
+        Ok(ms) => match first_error(members, answers) {
+            Ok(reports) => (reports, ms),
+            Err(e) => {
+                abort(&dir);
+                return Err(e);
+            }
+        },
     };
     let group_pause_ms = pause_span_ms(&reports).unwrap_or(coordinator_ms);
     let taken = Taken { members, statuses: &statuses, reports: &reports, group_pause_ms, started };

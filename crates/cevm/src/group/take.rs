@@ -80,6 +80,16 @@ pub struct GroupReport {
     pub removed: Vec<PathBuf>,
 }
 
+impl GroupError {
+    /// The member it is about, if one.
+    pub fn member(&self) -> Option<&str> {
+        match self {
+            GroupError::Member { member, .. } | GroupError::Cut { member, .. } => Some(member),
+            GroupError::Commit(_) => None,
+        }
+    }
+}
+
 pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
