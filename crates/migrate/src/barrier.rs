@@ -119,26 +119,22 @@ impl Barrier {
 
     /// The coordinator: switch now (only once ready).
     pub fn cut(&self) -> Result<(), Refused> {
-        let mut g = self.lock();
-        match g.0 {
-            State::Ready => {
-                self.set(&mut g, State::Cut);
-                Ok(())
-            }
-            _ => Err(Refused(g.0.clone())),
-        }
+        self.advance(State::Ready, State::Cut)
     }
 
     /// The coordinator: let the guest run (only once switched).
     pub fn go(&self) -> Result<(), Refused> {
+        self.advance(State::Switched, State::Released)
+    }
+
+    /// Moves from `from` to `to`; refused in any other state.
+    fn advance(&self, from: State, to: State) -> Result<(), Refused> {
         let mut g = self.lock();
-        match g.0 {
-            State::Switched => {
-                self.set(&mut g, State::Released);
-                Ok(())
-            }
-            _ => Err(Refused(g.0.clone())),
+        if g.0 != from {
+            return Err(Refused(g.0.clone()));
         }
+        self.set(&mut g, to);
+        Ok(())
     }
 
     /// The coordinator gives the group cut up. Before the switch the migration

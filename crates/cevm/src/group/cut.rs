@@ -137,7 +137,7 @@ fn coordinate(
     outs: &[PathBuf],
     checkpoints: &[ScopedJoinHandle<'_, Answer>],
 ) -> Result<f64, GroupError> {
-    wait_all(members, outs, checkpoints, "ready", READY_WITHIN)?;
+    wait_ready(members, outs, checkpoints)?;
     let t0 = Instant::now();
     // A member answers the cut once it has switched.
     command_all(members, "cut", "switched")?;
@@ -158,15 +158,14 @@ fn command_all(members: &[MemberSpec], command: &str, then: &str) -> Result<(), 
     }
 }
 
-/// Waits until every member's checkpoint into its `outs` is in state `want`.
-fn wait_all(
+/// Waits until every member's checkpoint into its `outs` is ready for the
+/// cut (within [`READY_WITHIN`]).
+fn wait_ready(
     members: &[MemberSpec],
     outs: &[PathBuf],
     checkpoints: &[ScopedJoinHandle<'_, Answer>],
-    want: &str,
-    within: Duration,
 ) -> Result<(), GroupError> {
-    let deadline = Instant::now() + within;
+    let deadline = Instant::now() + READY_WITHIN;
     let mut there = vec![false; members.len()];
     loop {
         for (i, m) in members.iter().enumerate() {
@@ -176,7 +175,7 @@ fn wait_all(
             let failed = |why: String| GroupError::Cut { member: m.name.clone(), why };
             match Client::new(&m.sock, ASK_TIMEOUT).barrier() {
                 Ok(v) if v.out == outs[i] => match v.state {
-                    s if s.name() == want => there[i] = true,
+                    State::Ready => there[i] = true,
                     State::Aborted(why) => return Err(failed(why)),
                     _ => {}
                 },
@@ -185,7 +184,7 @@ fn wait_all(
                 Err(error) => return Err(GroupError::Member { member: m.name.clone(), error }),
             }
             if !there[i] && checkpoints[i].is_finished() {
-                return Err(failed(format!("its checkpoint ended before it was {want}")));
+                return Err(failed("its checkpoint ended before it was ready".into()));
             }
         }
         if there.iter().all(|t| *t) {
@@ -196,7 +195,7 @@ fn wait_all(
                 members.iter().zip(&there).filter(|(_, t)| !**t).map(|(m, _)| m.name.as_str()).collect();
             return Err(GroupError::Cut {
                 member: late.join(", "),
-                why: format!("not {want} within {} s", within.as_secs()),
+                why: format!("not ready within {} s", READY_WITHIN.as_secs()),
             });
         }
         std::thread::sleep(POLL);
