@@ -74,6 +74,13 @@ pub fn parse_keep(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Parses `--control tcp:HOST:PORT` into HOST:PORT.
+pub fn parse_control(s: &str) -> Result<String, String> {
+    let a = s.strip_prefix("tcp:").ok_or("give tcp:HOST:PORT (e.g. tcp:0.0.0.0:7000)")?;
+    crate::api::client::check_host_port(a)?;
+    Ok(a.to_string())
+}
+
 /// `--checkpoint-dir`: a directory, or a path where one can be made: neither it
 /// nor any directory above it may be something else (a regular file...).
 pub fn parse_checkpoint_dir(s: &str) -> Result<PathBuf, String> {

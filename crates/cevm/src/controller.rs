@@ -187,6 +187,8 @@ pub struct Controller {
     /// Whether the VMM is ending (`quit`).
     stopping: bool,
     control: Sender<Control>,
+    /// The checkpoint the guest was restored from, if it was.
+    restored_from: Option<api::RestoredFrom>,
 }
 
 impl Controller {
@@ -203,9 +205,16 @@ impl Controller {
             operation: None,
             stopping: false,
             control,
+            restored_from: None,
         };
         c.publish();
         c
+    }
+
+    /// Records (and publishes) the checkpoint the guest was restored from.
+    pub fn restored_from(&mut self, from: Option<api::RestoredFrom>) {
+        self.restored_from = from;
+        self.publish();
     }
 
     /// Starts the instance if it has not run yet (a restored or booted guest;
@@ -250,6 +259,7 @@ impl Controller {
             checkpoints: self.checkpoints,
             operation: self.operation.map(str::to_string),
             nics: self.instance.nics().into_iter().map(Into::into).collect(),
+            restored_from: self.restored_from.clone(),
         }
     }
 

@@ -50,6 +50,8 @@ enum Cmd {
         /// Serve the control API on this unix socket.
         #[arg(long, value_hint = ValueHint::FilePath)]
         api_sock: Option<PathBuf>,
+        #[command(flatten)]
+        control: ControlArgs,
         /// Place the vCPU threads: vCPU i on the i-th CPU of this list (e.g. 1,0 or 2-3).
         #[arg(long, value_name = "CPUS")]
         vcpu_cpus: Option<vmm::placement::CpuList>,
@@ -195,6 +197,8 @@ struct RunArgs {
     /// Serve the control API on this unix socket.
     #[arg(long, value_hint = ValueHint::FilePath)]
     api_sock: Option<PathBuf>,
+    #[command(flatten)]
+    control: ControlArgs,
     /// Boot nothing: wait for a live migration at unix:PATH or tcp:HOST:PORT and
     /// run the guest that arrives (its configuration comes with it).
     #[arg(long, value_name = "ENDPOINT", conflicts_with_all = ["guest", "kernel", "disk"])]
@@ -267,6 +271,20 @@ struct MigrateArgs {
     /// CPUs for the new instance's vCPU threads (with --to local), vCPU i on the i-th.
     #[arg(long, value_name = "CPUS")]
     dest_vcpu_cpus: Option<vmm::placement::CpuList>,
+}
+
+/// Remote control of `cevm run` and `cevm restore` (see `cevm::api::remote`).
+#[derive(clap::Args, Debug)]
+struct ControlArgs {
+    /// Serve the API to other hosts too, at tcp:HOST:PORT, to peers that hold
+    /// the job's secret (--control-secret): a group coordinator elsewhere.
+    /// Needs --api-sock.
+    #[arg(long, value_name = "tcp:HOST:PORT", requires_all = ["api_sock", "control_secret"], value_parser = args::parse_control)]
+    control: Option<String>,
+    /// The job's secret for --control: a file only its owner may read (mode
+    /// 0600), of at least 16 bytes (`cevm group secret FILE` makes one).
+    #[arg(long, value_name = "FILE", requires = "control", value_hint = ValueHint::FilePath)]
+    control_secret: Option<PathBuf>,
 }
 
 /// Periodic checkpoints of `cevm run` and `cevm restore`.
@@ -380,7 +398,7 @@ fn sandboxed(vmm: impl FnOnce() -> i32) -> i32 {
 fn run(cmd: Cmd) -> i32 {
     match cmd {
         Cmd::Run(a) => sandboxed(|| run_vm(a)),
-        Cmd::Restore { dir, overlay, api_sock, vcpu_cpus, net, paused, periodic } => {
+        Cmd::Restore { dir, overlay, api_sock, control, vcpu_cpus, net, paused, periodic } => {
             let taps = match args::tap_overrides(&net) {
                 Ok(t) => t,
                 Err(e) => return usage(e),
@@ -393,6 +411,7 @@ fn run(cmd: Cmd) -> i32 {
             let how = Restore {
                 overlay: overlay.as_deref(),
                 api_sock: api_sock.as_deref(),
+                control: &control,
                 vcpu_cpus: vcpu_cpus.as_ref(),
                 taps,
                 paused,
@@ -565,6 +584,7 @@ fn run_vm(a: RunArgs) -> i32 {
         net,
         memory_backend,
         api_sock,
+        control,
         incoming,
         vcpu_cpus,
         periodic,
@@ -588,7 +608,7 @@ fn run_vm(a: RunArgs) -> i32 {
         return usage(e);
     }
     // First of all: a refused socket path leaves nothing behind (no overlay).
-    let api = match start_api(api_sock.as_deref()) {
+    let api = match start_api(api_sock.as_deref(), &control) {
         Ok(a) => a,
         Err(code) => return code,
     };
@@ -625,7 +645,7 @@ fn run_vm(a: RunArgs) -> i32 {
     let (tx, rx) = mpsc::channel();
     match new_instance(config, tx) {
         Ok(inst) => {
-            let start = runner::Start { vcpu_cpus: vcpu_cpus.as_ref(), paused: false };
+            let start = runner::Start { vcpu_cpus: vcpu_cpus.as_ref(), ..Default::default() };
             finish(runner::run(inst, rx, api.as_ref(), start, periodic))
         }
         Err(e) => fail(e),
@@ -636,6 +656,7 @@ fn run_vm(a: RunArgs) -> i32 {
 struct Restore<'a> {
     overlay: Option<&'a Path>,
     api_sock: Option<&'a Path>,
+    control: &'a ControlArgs,
     vcpu_cpus: Option<&'a vmm::placement::CpuList>,
     /// NIC i binds `taps[i]` instead of the tap it had.
     taps: Vec<String>,
@@ -645,9 +666,9 @@ struct Restore<'a> {
 
 /// `cevm restore`: verifies and loads a checkpoint and serves the guest.
 fn restore(dir: &Path, how: Restore<'_>, periodic: PeriodicArgs) -> i32 {
-    let Restore { overlay, api_sock, vcpu_cpus, taps, paused } = how;
+    let Restore { overlay, api_sock, control, vcpu_cpus, taps, paused } = how;
     // Before the restore creates the guest's disk: a refusal leaves nothing.
-    let api = match start_api(api_sock) {
+    let api = match start_api(api_sock, control) {
         Ok(a) => a,
         Err(code) => return code,
     };
@@ -677,7 +698,11 @@ fn restore(dir: &Path, how: Restore<'_>, periodic: PeriodicArgs) -> i32 {
             if paused {
                 tracing::info!("the guest waits paused: it runs from the first `resume` on");
             }
-            finish(runner::run(inst, rx, api.as_ref(), runner::Start { vcpu_cpus, paused }, periodic))
+            let from = checkpoint::group::member_manifest_crc(dir)
+                .map(|manifest_crc32| cevm::api::RestoredFrom { dir: dir.to_path_buf(), manifest_crc32 })
+                .ok();
+            let start = runner::Start { vcpu_cpus, paused, restored_from: from.as_ref() };
+            finish(runner::run(inst, rx, api.as_ref(), start, periodic))
         }
         Err(e) => fail(format!("cannot restore: {e}")),
     }
@@ -753,17 +778,39 @@ fn run_incoming(endpoint: &migrate::Endpoint, api: Option<&Server>, host: &migra
     }
 }
 
-/// Serves the control API at `path`, if given; a path that cannot be used is
-/// refused (exit code 2) with nothing changed on disk.
-fn start_api(path: Option<&Path>) -> Result<Option<Server>, i32> {
-    path.map(Server::start).transpose().map_err(|e: ServeError| {
+/// Serves the control API at `path`, if given, and to other hosts as
+/// `control` says; a path, secret or address that cannot be used is refused
+/// (exit code 2) with nothing changed on disk.
+fn start_api(path: Option<&Path>, control: &ControlArgs) -> Result<Option<Server>, i32> {
+    // The secret first: a refusal leaves no socket behind.
+    let secret = match &control.control_secret {
+        Some(f) => match cevm::api::remote::Secret::load(f) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!("{e}");
+                return Err(USAGE);
+            }
+        },
+        None => None,
+    };
+    let mut server = path.map(Server::start).transpose().map_err(|e: ServeError| {
         tracing::error!("{e}");
         if e.is_usage() {
             USAGE
         } else {
             ERROR
         }
-    })
+    })?;
+    if let (Some(s), Some(listen), Some(secret)) = (server.as_mut(), &control.control, secret) {
+        match s.serve_remote(listen, secret) {
+            Ok(at) => tracing::info!("remote control at tcp:{at} (peers with the job's secret only)"),
+            Err(e) => {
+                tracing::error!("--control tcp:{listen}: cannot listen there: {e}");
+                return Err(USAGE);
+            }
+        }
+    }
+    Ok(server)
 }
 
 /// Turns the end of a VMM run into a message and an exit code.

@@ -64,6 +64,8 @@ pub struct Start<'a> {
     pub vcpu_cpus: Option<&'a vmm::placement::CpuList>,
     /// Paused: the guest runs from the first `resume` on (`cevm restore --paused`).
     pub paused: bool,
+    /// The checkpoint the instance was restored from (shown in the status).
+    pub restored_from: Option<&'a api::RestoredFrom>,
 }
 
 /// Starts `instance` (whose vCPU events arrive on `vm_events`) as `start`
@@ -80,6 +82,7 @@ pub fn run(
     forward_events(vm_events, tx.clone(), 0).map_err(|e| RunError::Thread("vm-events", e))?;
     let published = api.map_or_else(|| Arc::new(Published::default()), |s| s.published());
     let mut vmm = Controller::new(instance, tx.clone(), published);
+    vmm.restored_from(start.restored_from.cloned());
     // The API takes actions for this guest before it runs: a client that sees
     // the guest's first output and calls at once must find the VMM attached
     // (its call waits in the channel until the loop below takes it).

@@ -58,6 +58,10 @@ pub struct Member {
     /// The API socket its VMM served (a group restore serves it there again,
     /// unless told otherwise).
     pub api_sock: Option<PathBuf>,
+    /// The `--control` endpoint (HOST:PORT) its VMM on another host served,
+    /// if it was reached there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<String>,
     /// The taps of its NICs, in order.
     pub taps: Vec<String>,
     /// The checksum of its checkpoint's manifest (8 hex digits): the member

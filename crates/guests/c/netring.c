@@ -28,6 +28,12 @@
  * as sent, and the sender made it anew). A stamp is the sender's clock when it
  * first made the message, kept with it for every resend; it is in no digest.
  *
+ * A NIC that offers VIRTIO_NET_F_GUEST_ANNOUNCE may ask the guest to announce
+ * itself (cevm does after a migration or a restore): it then sends one broadcast
+ * frame from its MAC, so that the bridges between it and its neighbours learn at
+ * once where it is now (its ring frames are unicast: a bridge that still holds its
+ * old place would drop them), and acknowledges on the control queue.
+ *
  * A guest exits once it has the digest, has received DONE from its predecessor, all
  * it sent is acknowledged and both neighbours have been quiet for QUIET_MS (so that
  * it acks a DONE resent because its ACK was lost); it stops resending an
@@ -58,6 +64,13 @@ enum { /* register offsets, §4.2.2 */
 #define S_DRIVER_OK 4
 #define S_FEATURES_OK 8
 #define F_NET_MAC (1UL << 5)    /* §5.1.3: config space holds the MAC */
+#define F_NET_STATUS (1UL << 16)   /* config space holds the status */
+#define F_NET_CTRL_VQ (1UL << 17)  /* the control queue */
+#define F_NET_ANNOUNCE (1UL << 21) /* the device asks the driver to announce itself */
+#define F_ANNOUNCING (F_NET_STATUS | F_NET_CTRL_VQ | F_NET_ANNOUNCE)
+#define NET_S_ANNOUNCE 2 /* §5.1.4: status bit */
+#define CTRL_ANNOUNCE 3  /* §5.1.6.5.4: class, and its one command, ACK */
+#define CTRL_ANNOUNCE_ACK 0
 #define F_VERSION_1 (1UL << 32) /* §6: a modern device */
 
 static u64 nic;
@@ -74,9 +87,11 @@ static void wr(u32 off, u32 v)
 #define QSIZE 16
 #define RXQ 0 /* receiveq1, §5.1.2 */
 #define TXQ 1 /* transmitq1 */
+#define CTRLQ 2 /* controlq, with VIRTIO_NET_F_CTRL_VQ and one queue pair */
 #define NET_HDR_LEN 12 /* virtio_net_hdr, num_buffers included with VERSION_1 (§5.1.6) */
 #define RX_BUF_LEN (NET_HDR_LEN + 1514) /* §5.1.6.3.1: no MRG_RXBUF nor GUEST_TSO/UFO */
 #define TX_BUF_LEN 128
+#define DESC_F_NEXT 1            /* §2.7.5: the chain goes on at `next` */
 #define DESC_F_WRITE 2           /* §2.7.5: the device writes the buffer */
 #define AVAIL_F_NO_INTERRUPT 1   /* §2.7.7: we poll, the device need not interrupt */
 
@@ -88,7 +103,8 @@ struct vq {
     u16 next_avail, next_used;       /* the driver's own: avail.idx, first unseen used entry */
 } __attribute__((aligned(16)));
 
-static struct vq rxq, txq;
+static struct vq rxq, txq, ctrlq;
+static int announcing; /* the device may ask us to announce ourselves */
 static u8 rx_buf[QSIZE][RX_BUF_LEN] __attribute__((aligned(64)));
 static u8 tx_buf[QSIZE][TX_BUF_LEN] __attribute__((aligned(64)));
 static u8 tx_busy[QSIZE];
@@ -163,8 +179,13 @@ static void nic_init(const u8 *want)
     u64 offered = (u64)rd(R_DEVICE_FEATURES) << 32;
     wr(R_DEVICE_FEATURES_SEL, 0);
     offered |= rd(R_DEVICE_FEATURES);
-    u64 accepted = offered & (F_VERSION_1 | F_NET_MAC); /* no offloads, no control queue */
-    if (accepted != (F_VERSION_1 | F_NET_MAC))
+    /* No offloads. The announcement if offered: after a move to another host, one
+     * broadcast frame tells the bridges on the way where this MAC is now. */
+    u64 accepted = offered & (F_VERSION_1 | F_NET_MAC);
+    announcing = (offered & F_ANNOUNCING) == F_ANNOUNCING;
+    if (announcing)
+        accepted |= F_ANNOUNCING;
+    if ((accepted & (F_VERSION_1 | F_NET_MAC)) != (F_VERSION_1 | F_NET_MAC))
         fail("the NIC does not offer VIRTIO_F_VERSION_1 and VIRTIO_NET_F_MAC");
     wr(R_DRIVER_FEATURES_SEL, 0);
     wr(R_DRIVER_FEATURES, (u32)accepted);
@@ -173,7 +194,7 @@ static void nic_init(const u8 *want)
     wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
     if (!(rd(R_STATUS) & S_FEATURES_OK))
         fail("the NIC refused our features (FEATURES_OK did not stick)");
-    if (!queue_setup(RXQ, &rxq) || !queue_setup(TXQ, &txq))
+    if (!queue_setup(RXQ, &rxq) || !queue_setup(TXQ, &txq) || (announcing && !queue_setup(CTRLQ, &ctrlq)))
         fail("the NIC's queues cannot be set up (ready already, or QueueNumMax < 16)");
 
     u8 m[6];
@@ -236,6 +257,47 @@ static void tx(const void *frame, u32 len)
     wr(R_QUEUE_NOTIFY, TXQ);
 }
 
+/* Whether the device asks for an announcement (config status, §5.1.4). */
+static int announce_asked(void)
+{
+    u32 generation;
+    u8 lo;
+    do {
+        generation = rd(R_CONFIG_GENERATION);
+        lo = rd8(R_CONFIG + 6);
+    } while (generation != rd(R_CONFIG_GENERATION));
+    return (lo & NET_S_ANNOUNCE) != 0;
+}
+
+/* Announces this guest (a broadcast frame from its MAC, which receivers ignore: it
+ * is addressed to none of them), then tells the device it did (§5.1.6.5.4). */
+static void announce(const u8 *mac)
+{
+    static u8 cmd[2], ack;
+    u8 frame[60];
+    memset(frame, 0, sizeof frame);
+    memset(frame, 0xff, 6);
+    memcpy(frame + 6, mac, 6);
+    frame[12] = 0x88;
+    frame[13] = 0xb5;
+    tx(frame, sizeof frame);
+    cmd[0] = CTRL_ANNOUNCE;
+    cmd[1] = CTRL_ANNOUNCE_ACK;
+    ack = 0xff;
+    ctrlq.desc[0].addr = (u64)cmd;
+    ctrlq.desc[0].len = 2;
+    ctrlq.desc[0].flags = DESC_F_NEXT;
+    ctrlq.desc[0].next = 1;
+    ctrlq.desc[1].addr = (u64)&ack;
+    ctrlq.desc[1].len = 1;
+    ctrlq.desc[1].flags = DESC_F_WRITE;
+    vq_push(&ctrlq, 0);
+    wr(R_QUEUE_NOTIFY, CTRLQ);
+    u32 d, n;
+    while (!vq_pop(&ctrlq, &d, &n))
+        cpu_relax();
+}
+
 /* ---- the ring ---- */
 #define ETHERTYPE 0x88b5
 #define MSG_MAGIC 0x676e726eU /* "nrng" */
@@ -262,13 +324,14 @@ struct frame {
 #define DONE_GIVE_UP_MS 30000
 #define JUMP_MS 500      /* a longer gap between two polls: the VM was paused */
 #define POLLS_A_MS 20    /* the clock without a TSC frequency: polls */
+#define ANNOUNCE_CHECK_MS 50 /* how often the device's status is read */
 
 static u64 id, count, hops, work, chunks, *area;
 static struct { u64 type, hop, value, stamp; } sent[HIST];
 static u64 got_stamp[HIST]; /* the stamp of each message received, by sequence number */
 static int strict;
 static u64 next_send, acked, expected; /* link to the successor; from the predecessor */
-static u64 ms, polls, prev_t, last_tx, last_ack, last_heard, done_since, resent;
+static u64 ms, polls, prev_t, last_tx, last_ack, last_heard, done_since, resent, last_check;
 static int have_digest, got_done, use_tsc;
 static u64 digest;
 
@@ -476,7 +539,7 @@ void guest_main(struct boot_info *bi, u64 cpu)
         area[i] = (i ^ (id << 56)) * 0x9e3779b97f4a7c15UL;
 
     next_send = acked = expected = 1;
-    prev_t = last_tx = last_ack = last_heard = done_since = now();
+    prev_t = last_tx = last_ack = last_heard = done_since = last_check = now();
     if (id == 0)
         send_new(DATA, 1, H0);
     for (;;) {
@@ -490,7 +553,7 @@ void guest_main(struct boot_info *bi, u64 cpu)
         }
         u64 t = now();
         if (t < prev_t) /* a clock gone back: start every timer again */
-            last_tx = last_ack = last_heard = done_since = t;
+            last_tx = last_ack = last_heard = done_since = last_check = t;
         else if (t - prev_t > JUMP_MS * ms) /* paused: the neighbours may have been too */
             last_heard = done_since = t;
         prev_t = t;
@@ -500,6 +563,11 @@ void guest_main(struct boot_info *bi, u64 cpu)
         }
         if (!got_done && t - last_ack >= WANT_MS * ms)
             send_ack(); /* also asks a predecessor for what a restore made us forget */
+        if (announcing && t - last_check >= ANNOUNCE_CHECK_MS * ms) {
+            last_check = t;
+            if (announce_asked())
+                announce(m);
+        }
         if (have_digest && got_done &&
             ((acked == next_send && t - last_heard >= QUIET_MS * ms) || t - done_since >= DONE_GIVE_UP_MS * ms))
             break;

@@ -7,7 +7,8 @@
 //! outside then narrow it further with [`confine`]: each vCPU thread (the guest
 //! drives it) to [`Kind::Vcpu`], each API thread (clients drive it) to
 //! [`Kind::Api`], each NIC's I/O thread (the guest and the network drive it)
-//! to [`Kind::Net`]. Filters stack in the kernel: a thread can only ever lose
+//! to [`Kind::Net`], the remote control relay's threads (`--control`: the
+//! network drives them) to [`Kind::Control`]. Filters stack in the kernel: a thread can only ever lose
 //! system calls.
 //!
 //! A call outside a thread's list raises `SIGSYS`; the handler installed by
@@ -56,6 +57,10 @@ pub enum Kind {
     /// A NIC's I/O thread: waits on its tap and eventfds, reads and writes
     /// frames on the tap it was given.
     Net,
+    /// The remote control relay's threads (`cevm run --control`): accepted
+    /// TCP connections, and a connection to the VMM's own API socket for
+    /// each authenticated request.
+    Control,
 }
 
 /// Errors installing a filter.
@@ -220,6 +225,10 @@ const API: &[Sysno] = &[
     Sysno::epoll_pwait,
 ];
 
+/// The remote control relay's: an API thread's, and a new unix socket
+/// connected to the VMM's API for each request it forwards.
+const CONTROL: &[Sysno] = &[Sysno::socket, Sysno::connect];
+
 /// The VMM's: files and directories (checkpoints, disks, sockets), sockets
 /// (migration, API), KVM, event file descriptors, CPU placement.
 const NET: &[Sysno] = &[Sysno::read, Sysno::readv, Sysno::epoll_ctl, Sysno::epoll_wait, Sysno::epoll_pwait];
@@ -333,9 +342,12 @@ fn allowlist(kind: Kind) -> BTreeMap<i64, Vec<SeccompRule>> {
         Kind::Vcpu => VCPU,
         Kind::Api => API,
         Kind::Net => NET,
+        Kind::Control => CONTROL,
     };
+    // The relay's threads read and write connections as the API's do.
+    let api: &[Sysno] = if kind == Kind::Control { API } else { &[] };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        COMMON.iter().chain(own).map(|s| (i64::from(s.id()), vec![])).collect();
+        COMMON.iter().chain(own).chain(api).map(|s| (i64::from(s.id()), vec![])).collect();
     // Threads, never processes (a thread shares the VM: CLONE_THREAD).
     rules.insert(
         i64::from(Sysno::clone.id()),
@@ -366,7 +378,7 @@ fn allowlist(kind: Kind) -> BTreeMap<i64, Vec<SeccompRule>> {
             rules.insert(i64::from(Sysno::ioctl.id()), vec![rule(1, SeccompCmpOp::Eq, libc::TUNSETOFFLOAD)]);
         }
         // Rust's std sets a socket's blocking mode with FIONBIO.
-        Kind::Api => {
+        Kind::Api | Kind::Control => {
             rules.insert(
                 i64::from(Sysno::ioctl.id()),
                 vec![rule(1, SeccompCmpOp::Eq, libc::FIONBIO), rule(1, SeccompCmpOp::Eq, libc::FIOCLEX)],
@@ -468,7 +480,7 @@ mod tests {
 
     #[test]
     fn every_kind_compiles_to_bpf() {
-        for kind in [Kind::Vmm, Kind::Vcpu, Kind::Api, Kind::Net] {
+        for kind in [Kind::Vmm, Kind::Vcpu, Kind::Api, Kind::Net, Kind::Control] {
             let p = programs(kind).unwrap();
             assert!(p.len() >= 2, "{kind:?}");
             assert!(p.iter().all(|p| !p.is_empty()));

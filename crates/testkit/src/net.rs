@@ -64,6 +64,82 @@ impl Drop for Bridge {
     }
 }
 
+/// "Hosts" on this machine: each a network namespace of its own with a
+/// bridge holding a tap for a guest (`t0`) and one end of a veth, whose other
+/// end is on a bridge of the test's namespace. One Ethernet joins the guests
+/// of every host, as a cluster's network does; each host has an address on
+/// it (its bridge's), and the test's namespace has `.254`, from which a
+/// coordinator reaches them. Removed when dropped.
+pub struct Hosts {
+    pub hosts: Vec<Host>,
+    /// The test namespace's side: removed after the hosts.
+    _bridge: Bridge,
+}
+
+/// One of [`Hosts`].
+pub struct Host {
+    /// Its network namespace (`ip netns exec NS ...` runs a command there).
+    pub ns: String,
+    /// Its address on the hosts' network.
+    pub addr: String,
+}
+
+impl Hosts {
+    /// `count` hosts on a subnet of their own (10.X.Y.0/24, X.Y from this
+    /// process and a counter, so that tests running at once never share one).
+    pub fn new(count: usize) -> Hosts {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let bridge = Bridge::new();
+        let n = std::process::id() * 4 + N.fetch_add(1, Ordering::SeqCst) % 4;
+        let net = format!("10.{}.{}", 100 + (n >> 8) % 150, n % 256);
+        ip(&["addr", "add", &format!("{net}.254/24"), "dev", &bridge.name]);
+        let hosts = (0..count)
+            .map(|i| {
+                let ns = format!("{}h{i}", bridge.name);
+                let (outer, inner) = (format!("{ns}v"), "v0".to_string());
+                ip(&["netns", "add", &ns]);
+                ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &ns]);
+                quiet(&outer);
+                ip(&["link", "set", &outer, "master", &bridge.name, "up"]);
+                let inside = |args: &[&str]| ip(&[&["-n", ns.as_str()], args].concat());
+                inside(&["link", "set", "lo", "up"]);
+                inside(&["link", "add", "b0", "type", "bridge", "stp_state", "0", "forward_delay", "0"]);
+                inside(&["link", "set", &inner, "master", "b0", "up"]);
+                inside(&["tuntap", "add", "dev", "t0", "mode", "tap"]);
+                inside(&["link", "set", "t0", "master", "b0", "up"]);
+                let addr = format!("{net}.{}", i + 1);
+                inside(&["addr", "add", &format!("{addr}/24"), "dev", "b0"]);
+                inside(&["link", "set", "b0", "up"]);
+                for dev in ["b0", "t0", inner.as_str()] {
+                    let _ = Command::new("ip")
+                        .args(["netns", "exec", &ns, "sysctl", "-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=1")])
+                        .output();
+                }
+                Host { ns, addr }
+            })
+            .collect();
+        Hosts { hosts, _bridge: bridge }
+    }
+}
+
+impl Host {
+    /// A command that runs `program` in this host's namespace.
+    pub fn command(&self, program: &std::path::Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns]).arg(program);
+        c
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // A namespace's interfaces go with it, the veth's outer end too.
+        for h in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", &h.ns]).output();
+        }
+    }
+}
+
 /// The process that serves the unix socket `sock` (its listener's creator, by
 /// `SO_PEERCRED`): how a test finds a VMM it did not start itself (one a
 /// `cevm group restore` started) to SIGKILL it.

@@ -26,12 +26,17 @@
 //! request) and the cap of [`server::MAX_CONNECTIONS`] are [`server`]'s. How
 //! the socket file is claimed and removed is [`socket`]'s.
 //!
+//! Other hosts reach the same API only through [`remote`]: `--control
+//! tcp:HOST:PORT` with the job's secret (authenticated and integrity-checked
+//! frames carrying these very requests to the unix socket).
+//!
 //! This module holds the wire types; [`http`] parses requests (pure, no I/O),
 //! [`server`] is the HTTP edge (the only place that knows status codes),
 //! [`client`] the typed client the CLI, the benchmarks and the tests use.
 
 pub mod client;
 pub mod http;
+pub mod remote;
 pub mod server;
 pub mod socket;
 
@@ -39,7 +44,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{Client, ClientError};
+pub use client::{Addr, Client, ClientError};
 
 /// Version of the API, the `v1` of every path.
 pub const API_VERSION: u32 = 1;
@@ -175,6 +180,19 @@ pub struct Status {
     /// Each NIC: the tap it is bound to now, and what it moved.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<NicStatusView>,
+    /// The checkpoint this VMM restored its guest from (`cevm restore`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<RestoredFrom>,
+}
+
+/// The checkpoint a VMM restored its guest from: a group restore checks that
+/// a member restored on another host restored the right one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoredFrom {
+    /// Its directory, as the restoring VMM opened it.
+    pub dir: PathBuf,
+    /// The CRC32 of its manifest (8 hex digits), as a group manifest records it.
+    pub manifest_crc32: String,
 }
 
 /// What `status` shows of a NIC (see `vmm::nics::NicStatus`).

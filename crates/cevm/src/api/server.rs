@@ -156,6 +156,8 @@ pub struct Server {
     stop: Arc<AtomicBool>,
     waker: Arc<UnixStream>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The remote control endpoint, if served (`--control`).
+    relay: Option<super::remote::Relay>,
     _socket: ApiSocket,
 }
 
@@ -195,13 +197,26 @@ impl Server {
                 }
             })
             .map_err(thread_err)?;
-        Ok(Server { hub, stop, waker, thread: Some(thread), _socket: sock })
+        Ok(Server { hub, stop, waker, thread: Some(thread), relay: None, _socket: sock })
     }
 
     /// What the API answers without the control loop: the controller
     /// publishes into it.
     pub fn published(&self) -> Arc<Published> {
         self.hub.published.clone()
+    }
+
+    /// Serves this API to other hosts too, at `listen` (HOST:PORT), to peers
+    /// that hold `secret` ([`super::remote`]); returns where it listens.
+    pub fn serve_remote(
+        &mut self,
+        listen: &str,
+        secret: super::remote::Secret,
+    ) -> std::io::Result<std::net::SocketAddr> {
+        let relay = super::remote::Relay::start(listen, secret, self._socket.path().to_path_buf())?;
+        let addr = relay.addr();
+        self.relay = Some(relay);
+        Ok(addr)
     }
 
     /// From now on actions go to `control`.
@@ -212,6 +227,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.relay = None;
         *self.hub.control.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.stop.store(true, Ordering::SeqCst);
         let _ = (&*self.waker).write(&[1]);

@@ -46,7 +46,7 @@ use migrate::barrier::State;
 
 use super::take::{abort, begin, commit, each, first_error, ms, GroupError, GroupReport, Taken, MEMBER_TIMEOUT};
 use super::MemberSpec;
-use crate::api::{CheckpointRequest, Client, ClientError};
+use crate::api::{CheckpointRequest, ClientError};
 
 /// How often the coordinator asks the members where their cut is.
 const POLL: Duration = Duration::from_micros(200);
@@ -77,7 +77,7 @@ pub fn cevm(members: &[MemberSpec], series: &mut Series) -> Result<GroupReport, 
                     to: m.to.clone(),
                     ..CheckpointRequest::new(out.clone(), "cevm")
                 };
-                s.spawn(move || Client::new(&m.sock, MEMBER_TIMEOUT).checkpoint(&req))
+                s.spawn(move || m.client(MEMBER_TIMEOUT).checkpoint(&req))
             })
             .collect();
         let cut = coordinate(members, &outs, &checkpoints);
@@ -173,7 +173,7 @@ fn wait_ready(
                 continue;
             }
             let failed = |why: String| GroupError::Cut { member: m.name.clone(), why };
-            match Client::new(&m.sock, ASK_TIMEOUT).barrier() {
+            match m.client(ASK_TIMEOUT).barrier() {
                 Ok(v) if v.out == outs[i] => match v.state {
                     State::Ready => there[i] = true,
                     State::Aborted(why) => return Err(failed(why)),

@@ -3,7 +3,9 @@
 //! checkpoint ([`take`]; the format is `checkpoint::group`), once or
 //! periodically with retention; `cevm group restore` restores a whole group
 //! and lets all of its guests run at once ([`restore`]). Both are plain
-//! commands over the members' API sockets, usable from a batch script.
+//! commands over the members' API sockets, usable from a batch script; a
+//! member on another host is reached at its `--control` endpoint with the
+//! job's secret (`crate::api::remote`).
 
 pub mod cut;
 pub mod restore;
@@ -14,32 +16,67 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum, ValueHint};
 
+use crate::api::remote::Secret;
+use crate::api::{Addr, Client};
 use crate::exit_code::{ERROR, OK, USAGE};
 
 /// A member of a group: its name (its directory in a group checkpoint) and
-/// its VMM's API socket.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// where its VMM's API is.
+#[derive(Clone, Debug)]
 pub struct MemberSpec {
     pub name: String,
-    pub sock: PathBuf,
+    /// Its API socket on this host, or its `--control` endpoint elsewhere.
+    pub api: Addr,
+    /// The job's secret, for a member at a `--control` endpoint.
+    pub secret: Option<Secret>,
     /// A CEVM group checkpoint's process-based new instance for this member:
     /// the endpoint of a `cevm run --incoming` (none: thread-based).
     pub to: Option<String>,
 }
 
-/// Parses `NAME=SOCKET` (or `SOCKET` alone: named by [`name_members`]).
+impl MemberSpec {
+    /// A member at `api`, to be named by [`name_members`] if `name` is empty.
+    pub fn new(name: &str, api: Addr) -> MemberSpec {
+        MemberSpec { name: name.into(), api, secret: None, to: None }
+    }
+
+    /// Its VMM's API; each call waits up to `timeout`.
+    pub fn client(&self, timeout: Duration) -> Client {
+        Client::at(self.api.clone(), self.secret.clone(), timeout)
+    }
+}
+
+/// Parses `NAME=SOCKET`, `NAME=tcp:HOST:PORT` (a member on another host, at
+/// its `--control` endpoint), or either alone (named by [`name_members`]).
 pub fn parse_member(s: &str) -> Result<MemberSpec, String> {
-    let (name, sock) = match s.split_once('=') {
-        Some((n, p)) => (n.to_string(), p),
-        None => (String::new(), s),
+    let (name, api) = match s.split_once('=') {
+        Some((n, p)) => (n, p),
+        None => ("", s),
     };
-    if sock.is_empty() {
-        return Err("give the member's API socket (NAME=SOCKET or SOCKET)".into());
+    if api.is_empty() {
+        return Err("give the member's API socket or control endpoint (NAME=SOCKET, NAME=tcp:HOST:PORT)".into());
     }
     if !name.is_empty() {
-        checkpoint::group::check_member_name(&name).map_err(|e| e.to_string())?;
+        checkpoint::group::check_member_name(name).map_err(|e| e.to_string())?;
     }
-    Ok(MemberSpec { name, sock: PathBuf::from(sock), to: None })
+    Ok(MemberSpec::new(name, api.parse()?))
+}
+
+/// Reads the job's secret for the members at `--control` endpoints: needed
+/// if there is one, and then given to each of them.
+pub fn attach_secret(members: &mut [MemberSpec], file: Option<&Path>) -> Result<(), String> {
+    let remote = members.iter().find(|m| matches!(m.api, Addr::Tcp(_)));
+    let secret = match (remote, file) {
+        (None, _) => return Ok(()),
+        (Some(m), None) => {
+            return Err(format!("member {} is at {}: give the job's secret (--secret FILE)", m.name, m.api));
+        }
+        (Some(_), Some(f)) => Secret::load(f).map_err(|e| e.to_string())?,
+    };
+    for m in members.iter_mut().filter(|m| matches!(m.api, Addr::Tcp(_))) {
+        m.secret = Some(secret.clone());
+    }
+    Ok(())
 }
 
 /// Names the unnamed members `m0`, `m1`, ... by their place; refuses a name
@@ -93,14 +130,25 @@ pub enum GroupCmd {
         #[arg(value_hint = ValueHint::DirPath)]
         dir: PathBuf,
     },
+    /// Make a new job secret in FILE (which must not exist; mode 0600): for
+    /// the VMMs' --control-secret and the group commands' --secret.
+    Secret {
+        #[arg(value_hint = ValueHint::FilePath)]
+        file: PathBuf,
+    },
 }
 
 #[derive(Args)]
 pub struct CheckpointArgs {
-    /// A member: NAME=SOCKET (its VMM's API socket), or SOCKET (named m0, m1,
-    /// ... by its place). Once per member.
+    /// A member: NAME=SOCKET (its VMM's API socket), NAME=tcp:HOST:PORT (the
+    /// `--control` endpoint of its VMM on another host; needs --secret), or
+    /// either alone (named m0, m1, ... by its place). Once per member.
     #[arg(long = "member", value_name = "NAME=SOCKET", required = true, value_parser = parse_member)]
     members: Vec<MemberSpec>,
+    /// The job's secret (a file of mode 0600), for members at tcp: endpoints:
+    /// the one their VMMs were given with --control-secret.
+    #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+    secret: Option<PathBuf>,
     /// The series of group checkpoints (made if missing).
     #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath, value_parser = crate::args::parse_checkpoint_dir)]
     dir: PathBuf,
@@ -186,6 +234,25 @@ pub struct RestoreArgs {
     /// (CKPT.MEMBER.disk.qcow2; default beside the group checkpoint).
     #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     disk_dir: Option<PathBuf>,
+    /// Member NAME is restored on another host, by a `cevm restore
+    /// GROUP/NAME --paused --control tcp:HOST:PORT --control-secret FILE`
+    /// started there: wait for it at that endpoint and let it run with the
+    /// others. Repeatable; needs --secret.
+    #[arg(long = "at", value_name = "NAME=tcp:HOST:PORT", value_parser = parse_member_at)]
+    at: Vec<(String, String)>,
+    /// The job's secret (a file of mode 0600), for the members --at other hosts.
+    #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+    secret: Option<PathBuf>,
+}
+
+/// Parses `NAME=tcp:HOST:PORT` into the name and HOST:PORT.
+fn parse_member_at(s: &str) -> Result<(String, String), String> {
+    let (name, at) = s.split_once('=').ok_or("give NAME=tcp:HOST:PORT (e.g. m1=tcp:node2:7000)")?;
+    checkpoint::group::check_member_name(name).map_err(|e| e.to_string())?;
+    match at.parse::<Addr>()? {
+        Addr::Tcp(a) => Ok((name.to_string(), a)),
+        Addr::Unix(_) => Err(format!("{at}: give tcp:HOST:PORT, the member's --control endpoint")),
+    }
 }
 
 /// Runs a `cevm group` command; returns the exit code.
@@ -193,19 +260,36 @@ pub fn run(cmd: GroupCmd) -> i32 {
     match cmd {
         GroupCmd::Checkpoint(a) => checkpoint(a),
         GroupCmd::Restore(a) => {
+            if !a.at.is_empty() && a.secret.is_none() {
+                tracing::error!("--at: give the job's secret (--secret FILE) to reach the members on other hosts");
+                return USAGE;
+            }
             let cevm = match std::env::current_exe() {
                 Ok(p) => p,
                 Err(e) => return failed(format!("cannot find this cevm binary: {e}")),
+            };
+            let secret = match a.secret.as_deref().map(Secret::load).transpose() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return USAGE;
+                }
             };
             let o = restore::Options {
                 dir: &a.dir,
                 taps: &a.nets,
                 sock_dir: a.api_sock_dir.as_deref(),
                 disk_dir: a.disk_dir.as_deref(),
+                at: &a.at,
+                secret,
             };
             restore::run(&cevm, &o).unwrap_or_else(failed)
         }
         GroupCmd::Verify { dir } => verify(&dir),
+        GroupCmd::Secret { file } => match Secret::generate(&file) {
+            Ok(()) => OK,
+            Err(e) => failed(e.to_string()),
+        },
     }
 }
 
@@ -226,7 +310,9 @@ fn checkpoint(a: CheckpointArgs) -> i32 {
     if !a.to.is_empty() && (a.strategy != Strategy::Cevm || a.every.is_some()) {
         return usage("--to is for one group checkpoint with --strategy cevm (a destination takes one guest)".into());
     }
-    if let Err(e) = attach_destinations(&mut members, a.to) {
+    if let Err(e) =
+        attach_destinations(&mut members, a.to).and_then(|()| attach_secret(&mut members, a.secret.as_deref()))
+    {
         return usage(e);
     }
     let mut series = match checkpoint::series::Series::open(&a.dir, a.keep) {
@@ -255,10 +341,7 @@ fn checkpoint(a: CheckpointArgs) -> i32 {
             Ok(r) => report(&r),
             Err(e) => {
                 let gone = |m: &MemberSpec| {
-                    matches!(
-                        crate::api::Client::new(&m.sock, Duration::from_secs(5)).status(),
-                        Err(crate::api::ClientError::Connect { .. })
-                    )
+                    matches!(m.client(Duration::from_secs(5)).status(), Err(crate::api::ClientError::Connect { .. }))
                 };
                 if members.iter().all(gone) {
                     tracing::info!("no member of the group is left; periodic group checkpoints end");

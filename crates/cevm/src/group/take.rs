@@ -36,7 +36,7 @@ use checkpoint::series::Series;
 use serde::{Deserialize, Serialize};
 
 use super::MemberSpec;
-use crate::api::{CheckpointRequest, Client, ClientError, Status};
+use crate::api::{Addr, CheckpointRequest, Client, ClientError, Status};
 
 /// How long the coordinator waits for one member's answer.
 pub(super) const MEMBER_TIMEOUT: Duration = Duration::from_secs(600);
@@ -103,7 +103,7 @@ pub(super) fn each<T: Send>(members: &[MemberSpec], f: impl Fn(usize, &MemberSpe
             .enumerate()
             .map(|(i, m)| {
                 let f = &f;
-                s.spawn(move || f(i, m, &Client::new(&m.sock, MEMBER_TIMEOUT)))
+                s.spawn(move || f(i, m, &m.client(MEMBER_TIMEOUT)))
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("a member's thread panicked")).collect()
@@ -198,7 +198,14 @@ pub(super) fn commit(
             .zip(reports)
             .map(|((m, s), r)| group::Member {
                 name: m.name.clone(),
-                api_sock: Some(m.sock.clone()),
+                api_sock: match &m.api {
+                    Addr::Unix(p) => Some(p.clone()),
+                    Addr::Tcp(_) => None,
+                },
+                control: match &m.api {
+                    Addr::Tcp(a) => Some(a.clone()),
+                    Addr::Unix(_) => None,
+                },
                 taps: s.nics.iter().map(|n| n.tap.clone().unwrap_or_default()).collect(),
                 manifest_crc32: String::new(),
                 pause_ms: r.pause_ms,

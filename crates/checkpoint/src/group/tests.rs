@@ -31,6 +31,7 @@ fn manifest(names: &[&str]) -> GroupManifest {
             .map(|n| Member {
                 name: (*n).into(),
                 api_sock: Some(PathBuf::from(format!("/run/{n}.sock"))),
+                control: None,
                 taps: vec![format!("tap-{n}")],
                 manifest_crc32: String::new(),
                 pause_ms: 1.0,
