@@ -66,9 +66,15 @@ impl Ring {
 
     /// `cevm group checkpoint --strategy STRATEGY` of every member into the series.
     fn group_checkpoint_by(&self, strategy: &str) -> Output {
+        self.group_checkpoint_with(strategy, &[])
+    }
+
+    /// The same, with `more` arguments.
+    fn group_checkpoint_with(&self, strategy: &str, more: &[String]) -> Output {
         let series = self.series();
         let mut a = vec!["group".to_string(), "checkpoint".into(), "--dir".into(), series.display().to_string()];
         a.extend(["--strategy".into(), strategy.into()]);
+        a.extend(more.iter().cloned());
         for (i, s) in self.socks.iter().enumerate() {
             a.extend(["--member".into(), format!("m{i}={}", s.display())]);
         }
@@ -131,8 +137,27 @@ fn digests(group: &mut CevmChild, count: usize) -> Vec<String> {
     got
 }
 
+/// A `cevm run --incoming` for every member of `ring`, named by `tag`: the
+/// endpoints `--to NAME=ENDPOINT` of a process-based group checkpoint (each
+/// serving its API at `ring.dir/n{tag}-{i}.sock`).
+fn destinations(ring: &Ring, tag: &str) -> (Vec<CevmChild>, Vec<String>) {
+    (0..ring.count)
+        .map(|i| {
+            let sock = ring.dir.join(format!("d{tag}-{i}.sock"));
+            let to = format!("unix:{}", sock.display());
+            let api = ring.dir.join(format!("n{tag}-{i}.sock"));
+            let a = ["run", "--incoming", &to, "--api-sock", api.to_str().unwrap()];
+            let d = CevmChild::spawn(bin(), &a, Some(&format!("d{i}: "))).unwrap();
+            cevm_testkit::wait_for_file(&sock);
+            (d, format!("m{i}={to}"))
+        })
+        .unzip()
+}
+
 /// `rounds` group checkpoints by `strategy` of a ring of `count`, each at a
-/// random moment, each followed by SIGKILL of every member and a group restore.
+/// random moment, each followed by SIGKILL of every member and a group
+/// restore. `cevm-process`: by CEVM into new VMMs (`--to`), which are the
+/// ones killed.
 fn chain(name: &str, count: usize, rounds: u64, strategy: &str) {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("{name}: seed {seed}");
@@ -142,12 +167,28 @@ fn chain(name: &str, count: usize, rounds: u64, strategy: &str) {
     let mut at = wait_hop(&mut vms, 3);
     let mut group: Option<CevmChild> = None;
     for k in 0..rounds {
-        let c = ring.group_checkpoint_by(strategy);
+        let (c, dests) = if strategy == "cevm-process" {
+            let (dests, to) = destinations(&ring, &k.to_string());
+            let to: Vec<String> = to.iter().flat_map(|t| ["--to".to_string(), t.clone()]).collect();
+            (ring.group_checkpoint_with("cevm", &to), dests)
+        } else {
+            (ring.group_checkpoint_by(strategy), Vec::new())
+        };
         let err = String::from_utf8_lossy(&c.stderr);
         assert!(c.status.success(), "group checkpoint {k}: {err}");
         assert!(ring.series().join("latest/group.json").exists(), "{err}");
-        ring.kill_all();
-        for mut vm in vms.drain(..).chain(group.take()) {
+        if dests.is_empty() {
+            ring.kill_all();
+        } else {
+            // The members' VMMs wrote their checkpoints and ended; the
+            // ring ran on in the new ones, which die now.
+            for i in 0..count {
+                let pid = server_pid(&ring.dir.join(format!("n{k}-{i}.sock"))).expect("a new member VMM");
+                // SAFETY: kill(2) of a VMM process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for mut vm in vms.drain(..).chain(group.take()).chain(dests) {
             vm.finish(T);
         }
         let mut g = ring.group_restore();
@@ -156,6 +197,7 @@ fn chain(name: &str, count: usize, rounds: u64, strategy: &str) {
         at = wait_hop(std::slice::from_mut(&mut g), next);
         group = Some(g);
     }
+    assert!(ring.series().join(format!("ckpt-{rounds:06}/group.json")).exists(), "{rounds} group checkpoints");
     // What was restored last checks whole, every checksum.
     let v = cevm(&["group", "verify", ring.series().to_str().unwrap()]);
     let said = String::from_utf8_lossy(&v.stdout);
@@ -186,6 +228,16 @@ fn two_guests_survive_group_cevm_checkpoints_each_followed_by_sigkill_and_group_
 #[test]
 fn four_guests_in_a_ring_survive_group_cevm_checkpoints_each_followed_by_sigkill_and_group_restore() {
     chain("group-cevm-chain4", 4, 100, "cevm");
+}
+
+#[test]
+fn two_guests_survive_process_based_group_cevm_checkpoints_each_followed_by_sigkill_and_group_restore() {
+    chain("group-process-chain2", 2, 100, "cevm-process");
+}
+
+#[test]
+fn four_guests_in_a_ring_survive_process_based_group_cevm_checkpoints_each_followed_by_sigkill_and_group_restore() {
+    chain("group-process-chain4", 4, 100, "cevm-process");
 }
 
 /// The group checkpoint series of `ring` holds exactly `n` complete checkpoints.
@@ -476,28 +528,10 @@ fn a_held_switch_stops_the_guest_from_the_cut_until_go_thread_and_process_based(
 fn a_process_based_group_cevm_checkpoint_moves_the_ring_into_new_vmms_and_restores_exact() {
     let (ring, mut vms) = Ring::new("group-cevm-process", 2, 300);
     wait_hop(&mut vms, 5);
-    let mut dests: Vec<CevmChild> = (0..2)
-        .map(|i| {
-            let to = format!("unix:{}", ring.dir.join(format!("d{i}.sock")).display());
-            let api = ring.dir.join(format!("n{i}.sock"));
-            let d = CevmChild::spawn(
-                bin(),
-                &["run", "--incoming", &to, "--api-sock", api.to_str().unwrap()],
-                Some(&format!("d{i}: ")),
-            )
-            .unwrap();
-            cevm_testkit::wait_for_file(&ring.dir.join(format!("d{i}.sock")));
-            d
-        })
-        .collect();
+    let (mut dests, to) = destinations(&ring, "");
     let series = ring.series();
-    let mut a = vec!["group".to_string(), "checkpoint".into(), "--strategy".into(), "cevm".into()];
-    a.extend(["--dir".into(), series.display().to_string()]);
-    for (i, s) in ring.socks.iter().enumerate() {
-        a.extend(["--member".into(), format!("m{i}={}", s.display())]);
-        a.extend(["--to".into(), format!("m{i}=unix:{}", ring.dir.join(format!("d{i}.sock")).display())]);
-    }
-    let c = cevm(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let to: Vec<String> = to.iter().flat_map(|t| ["--to".to_string(), t.clone()]).collect();
+    let c = ring.group_checkpoint_with("cevm", &to);
     let err = String::from_utf8_lossy(&c.stderr);
     assert!(c.status.success(), "{err}");
     assert!(String::from_utf8_lossy(&c.stdout).contains("\"method\": \"cevm-process\""), "{err}");
