@@ -47,6 +47,16 @@ pub struct Options {
     /// Write every sample as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also measure the turnaround of a ring job with this many group
+    /// checkpoints spread over it, by each strategy (0: not).
+    #[arg(long, default_value_t = 0)]
+    pub turnaround: usize,
+    /// Members of the turnaround's ring (2 to 8).
+    #[arg(long, default_value_t = 2)]
+    pub turnaround_members: usize,
+    /// Runs of the turnaround's job per strategy.
+    #[arg(long, default_value_t = 3)]
+    pub turnaround_runs: usize,
 }
 
 /// One group checkpoint (or, with `members` 0, one single VM's checkpoint).
@@ -63,6 +73,34 @@ pub struct Sample {
     pub single_pause_ms: f64,
 }
 
+/// One `netring` guest of a ring.
+pub(crate) struct Guest {
+    pub id: usize,
+    pub count: usize,
+    pub hops: u64,
+    /// MiB of data it hashes its token through.
+    pub mib: u64,
+    /// Its memory (`--mem`).
+    pub mem: &'static str,
+}
+
+/// Starts `guest` in a `cevm run` of its own on `tap`, serving its API at
+/// `sock` (a stale socket there is removed first), its console discarded.
+pub(crate) fn spawn_netring(cevm: &Path, guest: Guest, tap: &str, sock: &Path) -> Result<std::process::Child, String> {
+    let Guest { id, count, hops, mib, mem } = guest;
+    let _ = std::fs::remove_file(sock);
+    Command::new(cevm)
+        .args(["run", "--guest", "netring", "--mem", mem])
+        .args(["--guest-args", &format!("id={id} count={count} hops={hops} mib={mib} work=100")])
+        .args(["--net", &format!("tap={tap},mac=52:54:00:ce:00:{id:02x}")])
+        .arg("--api-sock")
+        .arg(sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", cevm.display()))
+}
+
 /// A running ring of `netring` guests and its bridge.
 struct Ring {
     vmms: Vec<std::process::Child>,
@@ -77,18 +115,9 @@ impl Ring {
         for i in 0..count {
             let tap = ring.bridge.tap(i);
             let sock = dir.join(format!("m{i}.sock"));
-            let _ = std::fs::remove_file(&sock);
             // Hops enough for the whole measurement; it is stopped before its end.
-            let args = format!("id={i} count={count} hops=100000000 mib=1 work=100");
-            let child = Command::new(cevm)
-                .args(["run", "--guest", "netring", "--guest-args", &args, "--mem", "32M"])
-                .args(["--net", &format!("tap={tap},mac=52:54:00:ce:00:{i:02x}")])
-                .arg("--api-sock")
-                .arg(&sock)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", cevm.display()))?;
+            let child =
+                spawn_netring(cevm, Guest { id: i, count, hops: 100_000_000, mib: 1, mem: "32M" }, &tap, &sock)?;
             ring.vmms.push(child);
             ring.socks.push(sock);
         }
@@ -138,8 +167,11 @@ pub fn run(cevm: &Path, o: &Options) -> Result<(), String> {
     std::fs::create_dir_all(&o.dir).map_err(|e| format!("{}: {e}", o.dir.display()))?;
     let dir = std::path::absolute(&o.dir).map_err(|e| format!("{}: {e}", o.dir.display()))?;
     let o = &Options { dir, members: o.members.clone(), strategies: o.strategies.clone(), json: o.json.clone(), ..*o };
+    if o.turnaround > 0 && !(2..=8).contains(&o.turnaround_members) {
+        return Err("--turnaround-members: a ring has 2 to 8 members".into());
+    }
     let mut samples = Vec::new();
-    for &n in &o.members {
+    for &n in o.members.iter().filter(|_| o.runs > 0) {
         let ring = Ring::start(cevm, &o.dir, n.max(2))?;
         for run in 0..o.runs {
             for strategy in &o.strategies {
@@ -166,12 +198,19 @@ pub fn run(cevm: &Path, o: &Options) -> Result<(), String> {
         }
         drop(ring);
     }
+    if o.runs > 0 {
+        print_table(o, &samples);
+    }
+    let turnaround = match o.turnaround {
+        0 => Vec::new(),
+        k => crate::group_turnaround::run(cevm, &o.dir, o.turnaround_members, k, &o.strategies, o.turnaround_runs)?,
+    };
     let _ = std::fs::remove_dir_all(&o.dir);
     if let Some(p) = &o.json {
-        let text = serde_json::to_string_pretty(&samples).map_err(|e| e.to_string())?;
+        let all = serde_json::json!({ "checkpoints": samples, "turnaround": turnaround });
+        let text = serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?;
         std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
     }
-    print_table(o, &samples);
     Ok(())
 }
 

@@ -21,6 +21,7 @@ use cevm::size::parse_size;
 mod all;
 mod compare;
 mod group;
+mod group_turnaround;
 mod guest;
 mod host;
 mod linux;
