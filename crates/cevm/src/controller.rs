@@ -94,6 +94,8 @@ pub enum Control {
     /// A periodic checkpoint into `dir` ended, committed or not (a failure was
     /// reported where it failed).
     PeriodicDone { dir: PathBuf, committed: bool },
+    /// A signal `--on-signal` takes arrived (see [`crate::signals`]).
+    Signal(i32),
 }
 
 /// The progress of the running (or last) migration, which the engine updates and

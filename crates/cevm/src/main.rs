@@ -287,23 +287,34 @@ struct ControlArgs {
     control_secret: Option<PathBuf>,
 }
 
-/// Periodic checkpoints of `cevm run` and `cevm restore`.
+/// The checkpoint series of `cevm run` and `cevm restore`: periodic
+/// checkpoints, and what a batch system's signals do.
 #[derive(clap::Args, Debug)]
+#[command(group = clap::ArgGroup::new("series_use").args(["checkpoint_every", "on_signal"]).multiple(true))]
 struct PeriodicArgs {
     /// Take a checkpoint every DURATION (e.g. 90s, 10m, 1h) into --checkpoint-dir.
     #[arg(long, value_name = "DURATION", requires = "checkpoint_dir", value_parser = args::parse_period)]
     checkpoint_every: Option<std::time::Duration>,
     /// Where periodic checkpoints go: DIR/ckpt-000001, ... and DIR/latest, a
-    /// link to the newest committed one (`cevm restore DIR/latest`).
-    #[arg(long, value_name = "DIR", requires = "checkpoint_every", value_hint = ValueHint::DirPath, value_parser = args::parse_checkpoint_dir)]
+    /// link to the newest committed one (`cevm restore DIR/latest`). With
+    /// --on-signal, a guest that ends by itself leaves DIR/finished, and a
+    /// later `cevm run` or `cevm restore` with --on-signal and this series
+    /// runs nothing and exits with the guest's status (a requeued batch job).
+    #[arg(long, value_name = "DIR", requires = "series_use", value_hint = ValueHint::DirPath, value_parser = args::parse_checkpoint_dir)]
     checkpoint_dir: Option<PathBuf>,
     /// How many periodic checkpoints to keep (at least 1); older ones are
     /// removed only once a newer one is committed.
-    #[arg(long, value_name = "N", default_value_t = 2, requires = "checkpoint_every", value_parser = args::parse_keep)]
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "checkpoint_dir", value_parser = args::parse_keep)]
     keep: usize,
     /// Strategy of the periodic checkpoints.
     #[arg(long, value_name = "STRATEGY", default_value = "cevm", requires = "checkpoint_every", value_parser = strategies().try_map(|s| Method::of_strategy(&s, false)))]
     checkpoint_strategy: Method,
+    /// What SIGUSR1 and SIGTERM do (a batch system's warning, and its kill):
+    /// `checkpoint`: a last checkpoint into --checkpoint-dir, then exit 75
+    /// (requeue me); `quit`: stop the guest, exit 128 + the signal. Unset,
+    /// they end the process as they would any program.
+    #[arg(long, value_name = "ACTION", value_enum, requires_if("checkpoint", "checkpoint_dir"))]
+    on_signal: Option<cevm::signals::OnSignal>,
 }
 
 /// The built-in guests, each with what it does.
@@ -356,8 +367,9 @@ fn exit_status_help() -> String {
 impl PeriodicArgs {
     /// The policy for a guest of `config`, checked before anything runs.
     fn policy(self, config: &InstanceConfig) -> Result<Option<runner::Periodic>, String> {
-        let (Some(every), Some(dir)) = (self.checkpoint_every, self.checkpoint_dir) else { return Ok(None) };
-        if self.checkpoint_strategy == Method::CevmThread {
+        let Some(dir) = self.checkpoint_dir else { return Ok(None) };
+        let every = self.checkpoint_every;
+        if every.is_some() && self.checkpoint_strategy == Method::CevmThread {
             checkpoint::cevm::supports(config).map_err(|e| format!("--checkpoint-strategy cevm: {e}"))?;
         }
         let series = open_series(&absolute(&dir)?, self.keep)?;
@@ -589,6 +601,13 @@ fn run_vm(a: RunArgs) -> i32 {
         vcpu_cpus,
         periodic,
     } = a;
+    if let Some(code) = finished_series(periodic.on_signal, periodic.checkpoint_dir.as_deref()) {
+        return code;
+    }
+    if let Err(code) = block_signals(periodic.on_signal) {
+        return code;
+    }
+    let on_signal = periodic.on_signal;
     // The NICs' taps are checked before anything is made: a new guest's must
     // open; an arriving guest's must exist (its source on this host may still
     // hold it).
@@ -645,7 +664,7 @@ fn run_vm(a: RunArgs) -> i32 {
     let (tx, rx) = mpsc::channel();
     match new_instance(config, tx) {
         Ok(inst) => {
-            let start = runner::Start { vcpu_cpus: vcpu_cpus.as_ref(), ..Default::default() };
+            let start = runner::Start { vcpu_cpus: vcpu_cpus.as_ref(), on_signal, ..Default::default() };
             finish(runner::run(inst, rx, api.as_ref(), start, periodic))
         }
         Err(e) => fail(e),
@@ -667,6 +686,15 @@ struct Restore<'a> {
 /// `cevm restore`: verifies and loads a checkpoint and serves the guest.
 fn restore(dir: &Path, how: Restore<'_>, periodic: PeriodicArgs) -> i32 {
     let Restore { overlay, api_sock, control, vcpu_cpus, taps, paused } = how;
+    // A finished batch job is not run again from its series (a checkpoint of
+    // it restored alone, without the series, still is: to look at it).
+    if let Some(code) = finished_series(periodic.on_signal, periodic.checkpoint_dir.as_deref()) {
+        return code;
+    }
+    if let Err(code) = block_signals(periodic.on_signal) {
+        return code;
+    }
+    let on_signal = periodic.on_signal;
     // Before the restore creates the guest's disk: a refusal leaves nothing.
     let api = match start_api(api_sock, control) {
         Ok(a) => a,
@@ -701,7 +729,7 @@ fn restore(dir: &Path, how: Restore<'_>, periodic: PeriodicArgs) -> i32 {
             let from = checkpoint::group::member_manifest_crc(dir)
                 .map(|manifest_crc32| cevm::api::RestoredFrom { dir: dir.to_path_buf(), manifest_crc32 })
                 .ok();
-            let start = runner::Start { vcpu_cpus, paused, restored_from: from.as_ref() };
+            let start = runner::Start { vcpu_cpus, paused, restored_from: from.as_ref(), on_signal };
             finish(runner::run(inst, rx, api.as_ref(), start, periodic))
         }
         Err(e) => fail(format!("cannot restore: {e}")),
@@ -813,6 +841,29 @@ fn start_api(path: Option<&Path>, control: &ControlArgs) -> Result<Option<Server
     Ok(server)
 }
 
+/// With `--on-signal` (a batch job), the exit code of a job whose series
+/// `dir` says it finished (said in the log; nothing runs), or `None`.
+fn finished_series(on: Option<cevm::signals::OnSignal>, dir: Option<&Path>) -> Option<i32> {
+    on?;
+    match cevm::signals::finished(dir?) {
+        Ok(Some(f)) => {
+            tracing::info!("the job of {} already finished ({}); nothing runs", dir?.display(), f.how);
+            Some(f.exit_code)
+        }
+        Ok(None) => None,
+        Err(e) => Some(fail(format!("cannot tell whether the job finished: {e}"))),
+    }
+}
+
+/// With `--on-signal`, its signals are blocked in every thread from now on
+/// and taken by the control loop (see `cevm::signals`).
+fn block_signals(on: Option<cevm::signals::OnSignal>) -> Result<(), i32> {
+    match on.map(|_| cevm::signals::block()) {
+        Some(Err(e)) => Err(fail(format!("--on-signal: {e}"))),
+        _ => Ok(()),
+    }
+}
+
 /// Turns the end of a VMM run into a message and an exit code.
 fn finish(r: Result<Outcome, RunError>) -> i32 {
     match r {
@@ -839,6 +890,18 @@ fn finish(r: Result<Outcome, RunError>) -> i32 {
         }
         // The runner already said where the guest went.
         Ok(Outcome::MigratedAway(_)) => OK,
+        Ok(Outcome::Signalled { signal, checkpoint: Some(dir) }) => {
+            let name = cevm::signals::name(signal);
+            tracing::info!(
+                "{name}: the VM stopped after its last checkpoint to {}; run it again from there",
+                dir.display()
+            );
+            cevm::exit_code::REQUEUE
+        }
+        Ok(Outcome::Signalled { signal, checkpoint: None }) => {
+            tracing::info!("{}: the VM stopped", cevm::signals::name(signal));
+            128 + signal
+        }
         Ok(Outcome::Failed(msg)) => fail(msg),
         Err(e) => fail(e),
     }

@@ -14,6 +14,7 @@ use vmm::{Instance, VmEvent};
 use crate::api;
 use crate::controller::{forward_events, Action, Answer, Control, Controller, Flow, Published, Respond};
 use crate::plan::CheckpointPlan;
+use crate::signals::{self, Finished, OnSignal};
 
 /// How a VMM run ended.
 #[derive(Debug)]
@@ -32,6 +33,9 @@ pub enum Outcome {
     MigratedAway(Box<migrate::Report>),
     /// The guest crashed or a vCPU failed.
     Failed(String),
+    /// A signal `--on-signal` takes ended the VM: after a last checkpoint
+    /// committed to this directory (`checkpoint`), or at once (`quit`).
+    Signalled { signal: i32, checkpoint: Option<PathBuf> },
 }
 
 /// Errors of the control loop itself (the guest's own end is an [`Outcome`]).
@@ -45,10 +49,11 @@ pub enum RunError {
     Closed,
 }
 
-/// Periodic checkpoints (`--checkpoint-every`): taken by `method`, into a
-/// [`checkpoint::series::Series`].
+/// A VMM's series of checkpoints (`--checkpoint-dir`): periodic ones every
+/// `every` (`--checkpoint-every`) taken by `method`, and the last one a
+/// signal asks for (`--on-signal checkpoint`).
 pub struct Periodic {
-    pub every: Duration,
+    pub every: Option<Duration>,
     pub series: checkpoint::series::Series,
     pub method: Method,
 }
@@ -66,6 +71,9 @@ pub struct Start<'a> {
     pub paused: bool,
     /// The checkpoint the instance was restored from (shown in the status).
     pub restored_from: Option<&'a api::RestoredFrom>,
+    /// What `SIGUSR1` and `SIGTERM` do (blocked by the caller before it made
+    /// any thread: [`crate::signals::block`]).
+    pub on_signal: Option<OnSignal>,
 }
 
 /// Starts `instance` (whose vCPU events arrive on `vm_events`) as `start`
@@ -90,7 +98,11 @@ pub fn run(
         s.attach(tx.clone());
     }
     vmm.start(start.vcpu_cpus, start.paused)?;
-    let mut due = periodic.as_ref().map(|p| Instant::now() + p.every);
+    if start.on_signal.is_some() {
+        signals::forward(tx.clone()).map_err(|e| RunError::Thread("signals", e))?;
+    }
+    let mut signalled = None;
+    let mut due = periodic.as_ref().and_then(|p| p.every).map(|every| Instant::now() + every);
     let mut refresh = Instant::now() + REFRESH;
     loop {
         let wake = due.map_or(refresh, |at| at.min(refresh));
@@ -105,9 +117,10 @@ pub fn run(
                 }
                 if let Some(at) = due.filter(|&at| now >= at) {
                     let p = periodic.as_mut().expect("due only with a policy");
+                    let every = p.every.expect("due only with a period");
                     // The next one a whole period on; after a late one (a slow
                     // checkpoint held this loop), a period from now, not at once.
-                    due = Some(if at + p.every > now { at + p.every } else { now + p.every });
+                    due = Some(if at + every > now { at + every } else { now + every });
                     match vmm.busy() {
                         Some(why) => tracing::warn!("periodic checkpoint skipped: {why}"),
                         None => periodic_checkpoint(p, &tx),
@@ -117,11 +130,82 @@ pub fn run(
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(RunError::Closed),
         };
-        let flow = handle(&mut vmm, msg, periodic.as_ref());
+        let flow = match msg {
+            Control::Signal(sig) => {
+                signalled = signalled.or(Some(sig));
+                Flow::Continue
+            }
+            msg => handle(&mut vmm, msg, periodic.as_ref()),
+        };
         vmm.publish();
         if let Flow::End(outcome) = flow {
+            if start.on_signal.is_some() {
+                mark_finished(&outcome, periodic.as_ref());
+            }
             return Ok(outcome);
         }
+        // A signal waits for a CEVM checkpoint still being written.
+        if let (Some(sig), Some(how)) = (signalled, start.on_signal) {
+            if vmm.busy().is_none() {
+                return Ok(on_signal(&mut vmm, sig, how, periodic.as_mut()));
+            }
+        }
+    }
+}
+
+/// Ends the VM for signal `sig` as `how` says.
+fn on_signal(vmm: &mut Controller, sig: i32, how: OnSignal, periodic: Option<&mut Periodic>) -> Outcome {
+    let (OnSignal::Checkpoint, Some(p)) = (how, periodic) else {
+        vmm.quit();
+        return Outcome::Signalled { signal: sig, checkpoint: None };
+    };
+    let dir = p.series.next_path();
+    tracing::info!("{}: a last checkpoint to {}", signals::name(sig), dir.display());
+    let failed = Arc::new(std::sync::Mutex::new(None));
+    let f = failed.clone();
+    let respond: Respond = Box::new(move |r| {
+        if let Err(e) = r {
+            *f.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        }
+    });
+    match vmm.checkpoint(CheckpointPlan::StopAndSave { out: dir.clone(), stop: true }, respond) {
+        Flow::End(Outcome::StoppedAfterCheckpoint(dir)) => {
+            match p.series.committed(&dir) {
+                Ok(removed) => {
+                    removed.iter().for_each(|r| tracing::info!("removed the older checkpoint {}", r.display()))
+                }
+                Err(e) => tracing::error!("checkpoint series: {e}"),
+            }
+            Outcome::Signalled { signal: sig, checkpoint: Some(dir) }
+        }
+        Flow::End(other) => other,
+        Flow::Continue => {
+            vmm.quit();
+            let why = failed.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+            Outcome::Failed(format!(
+                "{}: the last checkpoint failed ({why}); the VM stopped, the previous checkpoint stays the newest",
+                signals::name(sig)
+            ))
+        }
+    }
+}
+
+/// A batch job's guest that ended by itself leaves its series the
+/// [`Finished`] marker.
+fn mark_finished(outcome: &Outcome, periodic: Option<&Periodic>) {
+    let (exit_code, how) = match outcome {
+        Outcome::GuestExit(0) => (crate::exit_code::OK, "the guest exited with status 0".to_string()),
+        Outcome::GuestExit(s) => (crate::exit_code::GUEST_FAILED, format!("the guest exited with status {s}")),
+        Outcome::PowerOff => (crate::exit_code::OK, "the guest powered off".to_string()),
+        _ => return,
+    };
+    let Some(p) = periodic else { return };
+    let unix_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let f = Finished { exit_code, how, unix_ms };
+    match signals::mark_finished(p.series.dir(), &f) {
+        Ok(()) => tracing::info!("the job is finished: {}", signals::marker(p.series.dir()).display()),
+        Err(e) => tracing::error!("cannot mark the checkpoint series finished: {e}"),
     }
 }
 
@@ -143,6 +227,8 @@ fn handle(vmm: &mut Controller, msg: Control, periodic: Option<&Periodic>) -> Fl
             vmm.written(result, respond);
             Flow::Continue
         }
+        // Taken by the loop itself.
+        Control::Signal(_) => Flow::Continue,
         Control::PeriodicDone { dir, committed } => {
             // A failed one was reported where it failed; the older ones stay.
             if let (true, Some(p)) = (committed, periodic) {

@@ -314,6 +314,11 @@ impl Series {
         Ok(self.checkpoints()?.into_iter().filter(|(_, p)| incomplete(p).is_none()).collect())
     }
 
+    /// The series' directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where the next checkpoint goes (each call names a new one).
     pub fn next_path(&mut self) -> PathBuf {
         let p = self.dir.join(name_of(self.next));

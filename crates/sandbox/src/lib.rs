@@ -331,6 +331,8 @@ const VMM: &[Sysno] = &[
     Sysno::getegid,
     Sysno::set_tid_address,
     Sysno::arch_prctl,
+    // The signals `--on-signal` takes, waited for by a thread of their own.
+    Sysno::rt_sigtimedwait,
 ];
 
 /// `_IOC_TYPE` of KVM's ioctls (`KVMIO`, linux/kvm.h), in bits 8-15 of the request.
