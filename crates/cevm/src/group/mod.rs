@@ -133,6 +133,7 @@ pub enum GroupCmd {
     /// Make a new job secret in FILE (which must not exist; mode 0600): for
     /// the VMMs' --control-secret and the group commands' --secret.
     Secret {
+        /// Where the secret goes (a new file; shared storage the job's hosts see).
         #[arg(value_hint = ValueHint::FilePath)]
         file: PathBuf,
     },
