@@ -7,8 +7,9 @@
 #                             on machines whose /dev/kvm cannot run Linux), qemu-utils
 #                             (qemu-img checks the images cevm writes), strace (a test
 #                             slows a VMM's renames and fsyncs to kill it between them), iproute2
-#                             (the network tests make a bridge and taps with `ip`), and the pinned
-#                             Debian guest kernel (scripts/guest-kernel.sh)
+#                             (the network tests make a bridge and taps with `ip`), slurmctld,
+#                             slurmd, slurm-client and munge (the Slurm tests start a cluster of
+#                             their own), and the pinned Debian guest kernel (scripts/guest-kernel.sh)
 #   scripts/setup.sh --bench  what --tests installs, and a font for the benchmark's
 #                             plots (fonts-dejavu-core)
 set -euo pipefail
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 pkgs=(gcc binutils libc6-dev)
 if [ "${1:-}" = "--tests" ] || [ "${1:-}" = "--bench" ]; then
-    pkgs+=(busybox-static cpio qemu-system-x86 qemu-utils strace iproute2)
+    pkgs+=(busybox-static cpio qemu-system-x86 qemu-utils strace iproute2 slurmctld slurmd slurm-client munge)
 fi
 if [ "${1:-}" = "--bench" ]; then
     pkgs+=(fonts-dejavu-core)

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod args;
+pub mod batch;
 pub mod child;
 pub mod controller;
 pub mod demo;

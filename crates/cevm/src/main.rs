@@ -71,6 +71,12 @@ enum Cmd {
     /// Jobs of several VMs: checkpoints of a whole group at one consistent cut, and their restore.
     #[command(subcommand)]
     Group(cevm::group::GroupCmd),
+    /// Run one VM as a restartable batch job (what a Slurm batch script runs).
+    ///
+    /// Restores the newest checkpoint of --dir that verifies, else boots the
+    /// guest; periodic checkpoints; SIGUSR1/SIGTERM: a last checkpoint, exit
+    /// 75 and `scontrol requeue`; ends at once if the job already finished.
+    Batch(cevm::batch::BatchArgs),
     /// Pause a running VM.
     Pause {
         /// The VM's API socket (`cevm run --api-sock`).
@@ -432,6 +438,7 @@ fn run(cmd: Cmd) -> i32 {
         }
         Cmd::Checkpoint(a) => checkpoint_vm(a),
         Cmd::Group(g) => cevm::group::run(g),
+        Cmd::Batch(a) => cevm::batch::run(a),
         Cmd::Migrate(a) => migrate_vm(a),
         Cmd::Pause { api_sock } => client(&api_sock, Client::pause),
         Cmd::Resume { api_sock } => client(&api_sock, Client::resume),

@@ -68,6 +68,15 @@ pub fn block() -> std::io::Result<()> {
 /// Starts the thread that takes [`SIGNALS`] (blocked by [`block`]) and hands
 /// each to the control loop as [`Control::Signal`].
 pub fn forward(to: Sender<Control>) -> std::io::Result<()> {
+    on_each(move |sig| {
+        tracing::info!("signal {} ({})", sig, name(sig));
+        let _ = to.send(Control::Signal(sig));
+    })
+}
+
+/// Starts a thread that takes [`SIGNALS`] (blocked by [`block`]) and calls
+/// `f` with each.
+pub fn on_each(mut f: impl FnMut(i32) + Send + 'static) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -75,12 +84,8 @@ pub fn forward(to: Sender<Control>) -> std::io::Result<()> {
             loop {
                 let mut sig = 0;
                 // SAFETY: waits for a signal of a valid set, written into `sig`.
-                if unsafe { libc::sigwait(&s, &mut sig) } != 0 {
-                    continue;
-                }
-                tracing::info!("signal {} ({})", sig, name(sig));
-                if to.send(Control::Signal(sig)).is_err() {
-                    return;
+                if unsafe { libc::sigwait(&s, &mut sig) } == 0 {
+                    f(sig);
                 }
             }
         })

@@ -130,3 +130,4 @@ impl Drop for SmallFs {
 
 pub mod linux;
 pub mod net;
+pub mod slurm;

@@ -1,0 +1,180 @@
+//! `cevm batch`: one VM as a restartable batch job, the command a Slurm batch
+//! script runs (`scripts/slurm/cevm-job.sh`).
+//!
+//! On every start of the job it picks up where the last one left off: a
+//! series marked finished ends at once with the guest's status; else the
+//! newest checkpoint of the series that verifies is restored (a damaged one
+//! is said and passed over, for the one before it); else the guest boots
+//! (`cevm run` with the arguments after `--`). The VMM runs as a child of
+//! this process with periodic checkpoints into the series and `--on-signal
+//! checkpoint`; this process, a plain program, passes it the batch system's
+//! SIGUSR1 and SIGTERM (Slurm signals the batch script's process; a shell's
+//! `trap` was seen to lose one). When the VMM exits 75 (checkpointed, run me
+//! again) inside a Slurm job, it asks Slurm to requeue the job (`scontrol
+//! requeue $SLURM_JOB_ID`), unless `--no-requeue`.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::ValueHint;
+
+use crate::exit_code::{ERROR, REQUEUE};
+use crate::signals;
+
+/// `cevm batch`.
+#[derive(clap::Args, Debug)]
+pub struct BatchArgs {
+    /// The job's checkpoint series (on storage every node of the job sees).
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath, value_parser = crate::args::parse_checkpoint_dir)]
+    dir: PathBuf,
+    /// A periodic checkpoint every DURATION (e.g. 10m): what a node failure loses at most.
+    #[arg(long, value_name = "DURATION", value_parser = crate::args::parse_period)]
+    every: Option<Duration>,
+    /// How many periodic checkpoints to keep.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = crate::args::parse_keep)]
+    keep: usize,
+    /// Strategy of the periodic checkpoints (cevm or stop-and-save).
+    #[arg(long, value_name = "STRATEGY", default_value = "cevm", requires = "every")]
+    strategy: String,
+    /// The VMM serves its API here (each start anew).
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
+    api_sock: Option<PathBuf>,
+    /// Do not ask Slurm to requeue the job when its VM was checkpointed on a signal.
+    #[arg(long)]
+    no_requeue: bool,
+    /// The guest's first start: `cevm run` arguments (e.g. -- --guest digest --mem 64M).
+    #[arg(last = true, required = true, value_name = "RUN ARGS")]
+    run: Vec<OsString>,
+}
+
+/// The newest checkpoint of `series` that is complete and verifies, newest
+/// first; a damaged one is said, and the one before it tried.
+fn newest_restorable(series: &Path) -> Option<PathBuf> {
+    let mut ckpts: Vec<PathBuf> = std::fs::read_dir(series)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("ckpt-")))
+        .map(|e| e.path())
+        .collect();
+    ckpts.sort();
+    let mut passed_over = false;
+    for ck in ckpts.into_iter().rev() {
+        if checkpoint::series::incomplete(&ck).is_some() {
+            continue;
+        }
+        match checkpoint::verify(&ck) {
+            Ok(_) if passed_over => {
+                tracing::warn!("restoring {}, the newest checkpoint that verifies", ck.display());
+                return Some(ck);
+            }
+            Ok(_) => return Some(ck),
+            Err(e) => {
+                tracing::error!("{} is damaged and is not restored: {e}", ck.display());
+                passed_over = true;
+            }
+        }
+    }
+    None
+}
+
+/// The VMM's command for this start: restore `from`, or boot.
+fn vmm_command(cevm: &Path, a: &BatchArgs, from: Option<&Path>) -> Command {
+    let mut c = Command::new(cevm);
+    match from {
+        Some(ck) => {
+            tracing::info!("restoring {}", ck.display());
+            c.arg("restore").arg(ck);
+        }
+        None => {
+            tracing::info!("no checkpoint in {}: the guest boots", a.dir.display());
+            c.arg("run").args(&a.run);
+        }
+    }
+    c.arg("--checkpoint-dir").arg(&a.dir).args(["--on-signal", "checkpoint", "--keep", &a.keep.to_string()]);
+    if let Some(every) = a.every {
+        c.args(["--checkpoint-every", &format!("{}ms", every.as_millis())]);
+        c.args(["--checkpoint-strategy", &a.strategy]);
+    }
+    if let Some(s) = &a.api_sock {
+        c.arg("--api-sock").arg(s);
+    }
+    c
+}
+
+/// Runs the job; returns its exit code (the VMM's).
+pub fn run(a: BatchArgs) -> i32 {
+    let cevm = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("cannot find this cevm binary: {e}")),
+    };
+    match signals::finished(&a.dir) {
+        Ok(Some(f)) => {
+            tracing::info!("the job of {} already finished ({}); nothing runs", a.dir.display(), f.how);
+            return f.exit_code;
+        }
+        Ok(None) => {}
+        Err(e) => return fail(format!("cannot tell whether the job finished: {e}")),
+    }
+    if let Err(e) = std::fs::create_dir_all(&a.dir) {
+        return fail(format!("{}: {e}", a.dir.display()));
+    }
+    if let Ok(n) = std::env::var("SLURM_RESTART_COUNT") {
+        tracing::info!("Slurm job {} restarted {n} times", std::env::var("SLURM_JOB_ID").unwrap_or_default());
+    }
+    let from = newest_restorable(&a.dir);
+    // Blocked before the VMM is made (it inherits the mask and takes them
+    // itself), and passed on from a thread of ours.
+    if let Err(e) = signals::block() {
+        return fail(format!("cannot block signals: {e}"));
+    }
+    let mut child = match vmm_command(&cevm, &a, from.as_deref()).spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start the VMM: {e}")),
+    };
+    let pid = Arc::new(AtomicI32::new(child.id() as i32));
+    let target = pid.clone();
+    let forwarded = signals::on_each(move |sig| {
+        let p = target.load(Ordering::SeqCst);
+        if p > 0 {
+            tracing::info!("passing {} on to the VMM", signals::name(sig));
+            // SAFETY: kill(2) of our own child, which we have not reaped yet (pid > 0).
+            unsafe { libc::kill(p, sig) };
+        }
+    });
+    if let Err(e) = forwarded {
+        tracing::error!("signals will not reach the VMM: {e}");
+    }
+    let status = child.wait();
+    pid.store(0, Ordering::SeqCst);
+    let code = match status {
+        Ok(s) => s.code().unwrap_or(ERROR),
+        Err(e) => return fail(format!("the VMM: {e}")),
+    };
+    if code == REQUEUE && !a.no_requeue {
+        requeue();
+    }
+    code
+}
+
+/// Asks Slurm to requeue this job, if it is one.
+fn requeue() {
+    let Ok(job) = std::env::var("SLURM_JOB_ID") else {
+        tracing::info!("checkpointed; not a Slurm job, so nobody to requeue it: run the same command again");
+        return;
+    };
+    match Command::new("scontrol").args(["requeue", &job]).output() {
+        Ok(o) if o.status.success() => tracing::info!("checkpointed; Slurm job {job} requeued"),
+        // Slurm's own requeue (its SIGTERM) is already under way, or the job is ending.
+        Ok(o) => tracing::info!("checkpointed; scontrol requeue {job}: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => tracing::error!("checkpointed, but scontrol cannot run: {e}; requeue job {job} by hand"),
+    }
+}
+
+fn fail(msg: String) -> i32 {
+    tracing::error!("{msg}");
+    ERROR
+}

@@ -1,0 +1,119 @@
+//! cevm jobs under a real Slurm (see `cevm_testkit::slurm`): the batch script
+//! `scripts/slurm/cevm-job.sh` runs the digest guest through `cevm batch`.
+//! Preempted twice, by `scontrol requeue` (Slurm's SIGTERM) and by `scancel
+//! --signal=USR1 --batch` (the job then requeues itself), it finishes with
+//! the exact digest of an undisturbed run, Slurm counting two restarts.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cevm_testkit::slurm::Cluster;
+use cevm_testkit::*;
+
+const ARGS: &str = "mib=1 rounds=16";
+
+/// The job's console and log so far.
+fn output(dir: &Path) -> String {
+    let out = std::fs::read_to_string(dir.join("job.out")).unwrap_or_default();
+    let err = std::fs::read_to_string(dir.join("job.err")).unwrap_or_default();
+    format!("{out}\n{err}")
+}
+
+/// Waits until the job's output holds `n` lines that `pred` accepts.
+fn wait_output(dir: &Path, n: usize, what: &str, pred: impl Fn(&str) -> bool) {
+    let t0 = Instant::now();
+    while output(dir).lines().filter(|l| pred(l)).count() < n {
+        assert!(t0.elapsed() < T, "no {n} x {what} in the job's output:\n{}", output(dir));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Submits `scripts/slurm/cevm-job.sh` for the digest guest with the series
+/// `dir/series` and `cevm batch` options `batch`; the job's console and log
+/// go to `dir/job.out` and `dir/job.err`. Returns the job's id.
+fn submit(cluster: &Cluster, dir: &Path, batch: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/slurm/cevm-job.sh");
+    let (out, err, series) = (dir.join("job.out"), dir.join("job.err"), dir.join("series"));
+    let export = format!("ALL,CEVM={}", bin().display());
+    let paths = [out.to_str().unwrap(), err.to_str().unwrap(), script.to_str().unwrap(), series.to_str().unwrap()];
+    let head = ["--export", &export, "-o", paths[0], "-e", paths[1], paths[2], paths[3]];
+    let run = ["--", "--guest", "digest", "--guest-args", ARGS, "--mem", "32M"];
+    let job = cluster.sbatch(&[&head[..], batch, &run].concat());
+    eprintln!("job {job}");
+    job
+}
+
+fn rounds(dir: &Path) -> usize {
+    output(dir).lines().filter(|l| l.starts_with("round ")).count()
+}
+
+#[test]
+fn a_job_preempted_twice_by_requeue_and_by_usr1_finishes_with_the_exact_digest() {
+    let dir = workdir("slurm-preempt");
+    let cluster = Cluster::start(2);
+    let want = digest_to_end(&mut run_guest("digest", ARGS, "32M", 1, None));
+    let series = dir.join("series");
+    let job = submit(&cluster, &dir, &[]);
+    wait_output(&dir, 2, "round", |l| l.starts_with("round "));
+
+    // Preempted by Slurm: SIGTERM, a last checkpoint, requeued, restored.
+    cluster.scontrol(&["requeue", &job]);
+    wait_output(&dir, 1, "restore", |l| l.contains("INFO cevm: restoring "));
+    let before = rounds(&dir);
+    wait_output(&dir, before + 1, "round after the restore", |l| l.starts_with("round "));
+
+    // Warned: USR1 to the batch script only; the job requeues itself.
+    let o = cluster.client("scancel").args(["--signal=USR1", "--batch", &job]).output().unwrap();
+    assert!(o.status.success(), "scancel: {}", String::from_utf8_lossy(&o.stderr));
+    wait_output(&dir, 2, "restore", |l| l.contains("INFO cevm: restoring "));
+
+    cluster.wait_state(&job, &["COMPLETED"], Duration::from_secs(240));
+    let text = output(&dir);
+    let digests: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("digest=")).collect();
+    assert_eq!(digests, [want.as_str()], "one digest, the undisturbed run's:\n{text}");
+    assert_eq!(cluster.job(&job, "Restarts"), "2", "two restarts:\n{text}");
+    for said in ["SIGTERM: a last checkpoint", "SIGUSR1: a last checkpoint", "requeued"] {
+        assert!(text.contains(said), "the job's log says {said:?}:\n{text}");
+    }
+    assert!(series.join("finished").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Flips a byte in the middle of the largest file of checkpoint `ck` (its memory).
+fn damage(ck: &Path) {
+    let (path, len) = std::fs::read_dir(ck)
+        .unwrap()
+        .flatten()
+        .map(|e| (e.path(), e.metadata().unwrap().len()))
+        .max_by_key(|(_, len)| *len)
+        .unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(len / 2) as usize] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+}
+
+#[test]
+fn a_damaged_newest_checkpoint_is_passed_over_for_the_one_before_and_said() {
+    let dir = workdir("slurm-damaged");
+    let cluster = Cluster::start(2);
+    let want = digest_to_end(&mut run_guest("digest", ARGS, "32M", 1, None));
+    let series = dir.join("series");
+    let job = submit(&cluster, &dir, &["--every", "1s", "--keep", "3"]);
+    // Two periodic checkpoints at least, then the job is preempted: its last
+    // one is the newest, and it is damaged before the job starts again.
+    wait_output(&dir, 2, "periodic checkpoint", |l| l.contains("checkpoint") && l.contains("committed to"));
+    cluster.scontrol(&["requeue", &job]);
+    cluster.wait_state(&job, &["PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"], Duration::from_secs(60));
+    let newest = std::fs::read_link(series.join("latest")).unwrap();
+    damage(&series.join(&newest));
+    cluster.wait_state(&job, &["COMPLETED"], Duration::from_secs(240));
+    let text = output(&dir);
+    assert!(
+        text.contains(&format!("{} is damaged and is not restored", series.join(&newest).display())),
+        "the damaged checkpoint is named:\n{text}"
+    );
+    assert!(text.contains("the newest checkpoint that verifies"), "{text}");
+    let digests: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("digest=")).collect();
+    assert_eq!(digests, [want.as_str()], "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

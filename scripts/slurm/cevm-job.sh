@@ -1,0 +1,23 @@
+#!/bin/bash
+# One cevm VM as a Slurm batch job that survives preemption, time limits and
+# node failures, on storage every node sees:
+#
+#   sbatch --signal=B:USR1@120 scripts/slurm/cevm-job.sh /shared/ckpt/job1 \
+#       --every 10m -- --guest digest --guest-args "rounds=100" --mem 1G
+#
+# Everything after the series directory goes to `cevm batch` (options, then
+# `--` and the guest's `cevm run` arguments for its first start). Each start
+# restores the newest checkpoint of the series that verifies (or boots the
+# guest); SIGUSR1 (the warning, --signal=B:USR1@SECONDS, or `scancel
+# --signal=USR1 --batch`) and SIGTERM (`scontrol requeue`, preemption, the
+# kill before KillWait) take a last checkpoint, and the job asks to be
+# requeued; a node failure requeues it from the newest periodic checkpoint.
+# A job that finished is not run again. $CEVM names the cevm binary
+# (default: cevm on the PATH).
+#SBATCH --requeue
+#SBATCH --open-mode=append
+set -eu
+dir=$1
+shift
+# cevm, a real program, takes Slurm's signals itself (a shell's trap can lose them).
+exec "${CEVM:-cevm}" batch --dir "$dir" "$@"
