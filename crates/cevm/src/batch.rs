@@ -111,13 +111,8 @@ pub fn run(a: BatchArgs) -> i32 {
         Ok(p) => p,
         Err(e) => return fail(format!("cannot find this cevm binary: {e}")),
     };
-    match signals::finished(&a.dir) {
-        Ok(Some(f)) => {
-            tracing::info!("the job of {} already finished ({}); nothing runs", a.dir.display(), f.how);
-            return f.exit_code;
-        }
-        Ok(None) => {}
-        Err(e) => return fail(format!("cannot tell whether the job finished: {e}")),
+    if let Some(code) = signals::finished_exit_code(&a.dir) {
+        return code;
     }
     if let Err(e) = std::fs::create_dir_all(&a.dir) {
         return fail(format!("{}: {e}", a.dir.display()));

@@ -852,14 +852,7 @@ fn start_api(path: Option<&Path>, control: &ControlArgs) -> Result<Option<Server
 /// `dir` says it finished (said in the log; nothing runs), or `None`.
 fn finished_series(on: Option<cevm::signals::OnSignal>, dir: Option<&Path>) -> Option<i32> {
     on?;
-    match cevm::signals::finished(dir?) {
-        Ok(Some(f)) => {
-            tracing::info!("the job of {} already finished ({}); nothing runs", dir?.display(), f.how);
-            Some(f.exit_code)
-        }
-        Ok(None) => None,
-        Err(e) => Some(fail(format!("cannot tell whether the job finished: {e}"))),
-    }
+    cevm::signals::finished_exit_code(dir?)
 }
 
 /// With `--on-signal`, its signals are blocked in every thread from now on

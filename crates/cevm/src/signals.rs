@@ -126,6 +126,23 @@ pub fn mark_finished(series: &Path, f: &Finished) -> std::io::Result<()> {
     std::fs::File::open(series)?.sync_all()
 }
 
+/// The exit code of a job whose `series` says its guest finished (said in
+/// the log: nothing is to run), or `None`; an unreadable marker is an error
+/// ([`crate::exit_code::ERROR`]).
+pub fn finished_exit_code(series: &Path) -> Option<i32> {
+    match finished(series) {
+        Ok(Some(f)) => {
+            tracing::info!("the job of {} already finished ({}); nothing runs", series.display(), f.how);
+            Some(f.exit_code)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::error!("cannot tell whether the job finished: {e}");
+            Some(crate::exit_code::ERROR)
+        }
+    }
+}
+
 /// The marker of `series`, if its guest finished; an unreadable one is an error.
 pub fn finished(series: &Path) -> Result<Option<Finished>, String> {
     let m = marker(series);

@@ -81,9 +81,6 @@ fn plan(m: &GroupManifest, o: &Options<'_>) -> Result<Vec<(String, Place)>, Stri
             ));
         }
     }
-    if !o.at.is_empty() && o.secret.is_none() {
-        return Err("--at: give the job's secret (--secret FILE) to reach the members on other hosts".into());
-    }
     m.members
         .iter()
         .map(|x| {
@@ -184,16 +181,16 @@ fn ready(s: &mut Started) -> Result<bool, String> {
 /// Waits until every member's VMM answers that its guest waits paused.
 fn wait_ready(started: &mut [Started]) -> Result<(), String> {
     let t0 = Instant::now();
-    let mut ready_ = vec![false; started.len()];
-    while !ready_.iter().all(|r| *r) {
-        for (s, r) in started.iter_mut().zip(&mut ready_) {
+    let mut is_ready = vec![false; started.len()];
+    while !is_ready.iter().all(|r| *r) {
+        for (s, r) in started.iter_mut().zip(&mut is_ready) {
             if !*r {
                 *r = ready(s)?;
             }
         }
         if t0.elapsed() > READY_TIMEOUT {
             let late: Vec<&str> =
-                started.iter().zip(&ready_).filter(|(_, r)| !**r).map(|(s, _)| s.name.as_str()).collect();
+                started.iter().zip(&is_ready).filter(|(_, r)| !**r).map(|(s, _)| s.name.as_str()).collect();
             return Err(format!("members {} were not ready within {} s", late.join(", "), READY_TIMEOUT.as_secs()));
         }
         std::thread::sleep(Duration::from_millis(10));
