@@ -2,7 +2,9 @@
 //! `scripts/slurm/cevm-job.sh` runs the digest guest through `cevm batch`.
 //! Preempted twice, by `scontrol requeue` (Slurm's SIGTERM) and by `scancel
 //! --signal=USR1 --batch` (the job then requeues itself), it finishes with
-//! the exact digest of an undisturbed run, Slurm counting two restarts.
+//! the exact digest of an undisturbed run, Slurm counting two restarts; so it
+//! does when it reaches its time limit (warned by `--signal=B:USR1@...`),
+//! and when its newest checkpoint is damaged on the shared storage.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,7 +12,14 @@ use std::time::{Duration, Instant};
 use cevm_testkit::slurm::Cluster;
 use cevm_testkit::*;
 
+/// The guest of the preemption tests (about 20 s here), and its digest.
 const ARGS: &str = "mib=1 rounds=16";
+const ROUNDS: u64 = 16;
+
+/// The digest an undisturbed run of the digest guest with `mib=1 rounds=R` prints.
+fn want(rounds: u64) -> String {
+    format!("{:016x}", guests::digest(1, rounds))
+}
 
 /// The job's console and log so far.
 fn output(dir: &Path) -> String {
@@ -28,17 +37,18 @@ fn wait_output(dir: &Path, n: usize, what: &str, pred: impl Fn(&str) -> bool) {
     }
 }
 
-/// Submits `scripts/slurm/cevm-job.sh` for the digest guest with the series
-/// `dir/series` and `cevm batch` options `batch`; the job's console and log
-/// go to `dir/job.out` and `dir/job.err`. Returns the job's id.
-fn submit(cluster: &Cluster, dir: &Path, batch: &[&str]) -> String {
+/// Submits `scripts/slurm/cevm-job.sh` with `sbatch` options `sbatch` for
+/// the digest guest with `args`, the series `dir/series` and `cevm batch`
+/// options `batch`; the job's console and log go to `dir/job.out` and
+/// `dir/job.err`. Returns the job's id.
+fn submit(cluster: &Cluster, dir: &Path, sbatch: &[&str], batch: &[&str], args: &str) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/slurm/cevm-job.sh");
     let (out, err, series) = (dir.join("job.out"), dir.join("job.err"), dir.join("series"));
     let export = format!("ALL,CEVM={}", bin().display());
     let paths = [out.to_str().unwrap(), err.to_str().unwrap(), script.to_str().unwrap(), series.to_str().unwrap()];
     let head = ["--export", &export, "-o", paths[0], "-e", paths[1], paths[2], paths[3]];
-    let run = ["--", "--guest", "digest", "--guest-args", ARGS, "--mem", "32M"];
-    let job = cluster.sbatch(&[&head[..], batch, &run].concat());
+    let run = ["--", "--guest", "digest", "--guest-args", args, "--mem", "32M"];
+    let job = cluster.sbatch(&[sbatch, &head[..], batch, &run].concat());
     eprintln!("job {job}");
     job
 }
@@ -51,9 +61,8 @@ fn rounds(dir: &Path) -> usize {
 fn a_job_preempted_twice_by_requeue_and_by_usr1_finishes_with_the_exact_digest() {
     let dir = workdir("slurm-preempt");
     let cluster = Cluster::start(2);
-    let want = digest_to_end(&mut run_guest("digest", ARGS, "32M", 1, None));
     let series = dir.join("series");
-    let job = submit(&cluster, &dir, &[]);
+    let job = submit(&cluster, &dir, &[], &[], ARGS);
     wait_output(&dir, 2, "round", |l| l.starts_with("round "));
 
     // Preempted by Slurm: SIGTERM, a last checkpoint, requeued, restored.
@@ -70,7 +79,7 @@ fn a_job_preempted_twice_by_requeue_and_by_usr1_finishes_with_the_exact_digest()
     cluster.wait_state(&job, &["COMPLETED"], Duration::from_secs(240));
     let text = output(&dir);
     let digests: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("digest=")).collect();
-    assert_eq!(digests, [want.as_str()], "one digest, the undisturbed run's:\n{text}");
+    assert_eq!(digests, [want(ROUNDS).as_str()], "one digest, the undisturbed run's:\n{text}");
     assert_eq!(cluster.job(&job, "Restarts"), "2", "two restarts:\n{text}");
     for said in ["SIGTERM: a last checkpoint", "SIGUSR1: a last checkpoint", "requeued"] {
         assert!(text.contains(said), "the job's log says {said:?}:\n{text}");
@@ -96,9 +105,8 @@ fn damage(ck: &Path) {
 fn a_damaged_newest_checkpoint_is_passed_over_for_the_one_before_and_said() {
     let dir = workdir("slurm-damaged");
     let cluster = Cluster::start(2);
-    let want = digest_to_end(&mut run_guest("digest", ARGS, "32M", 1, None));
     let series = dir.join("series");
-    let job = submit(&cluster, &dir, &["--every", "1s", "--keep", "3"]);
+    let job = submit(&cluster, &dir, &[], &["--every", "1s", "--keep", "3"], ARGS);
     // Two periodic checkpoints at least, then the job is preempted: its last
     // one is the newest, and it is damaged before the job starts again.
     wait_output(&dir, 2, "periodic checkpoint", |l| l.contains("checkpoint") && l.contains("committed to"));
@@ -114,6 +122,30 @@ fn a_damaged_newest_checkpoint_is_passed_over_for_the_one_before_and_said() {
     );
     assert!(text.contains("the newest checkpoint that verifies"), "{text}");
     let digests: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("digest=")).collect();
-    assert_eq!(digests, [want.as_str()], "{text}");
+    assert_eq!(digests, [want(ROUNDS).as_str()], "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_job_warned_before_its_time_limit_checkpoints_is_requeued_and_finishes_right() {
+    let dir = workdir("slurm-timelimit");
+    let cluster = Cluster::start(2);
+    // A limit of 1 min (Slurm's least) with the warning 5 s before: Slurm
+    // checks limits every 30 s and warns up to 30 s early, so between 25 and
+    // 55 s into each run. The guest needs longer than that (about 60 s
+    // here), so the first run is warned before the guest ends; each later
+    // run gets at least 25 s more, so a few runs finish it.
+    let rounds = 48;
+    let args = format!("mib=1 rounds={rounds}");
+    let job = submit(&cluster, &dir, &["--time=1", "--signal=B:USR1@5"], &[], &args);
+    cluster.wait_state(&job, &["COMPLETED"], Duration::from_secs(400));
+    let text = output(&dir);
+    let digests: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("digest=")).collect();
+    assert_eq!(digests, [want(rounds).as_str()], "one digest, the undisturbed run's:\n{text}");
+    let restarts: u32 = cluster.job(&job, "Restarts").parse().unwrap();
+    assert!(restarts >= 1, "requeued at least once:\n{text}");
+    assert!(text.contains("SIGUSR1: a last checkpoint"), "{text}");
+    assert!(!text.contains("DUE TO TIME LIMIT"), "never killed at the limit:\n{text}");
+    assert!(dir.join("series/finished").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

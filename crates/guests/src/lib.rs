@@ -7,7 +7,9 @@
 
 include!(concat!(env!("OUT_DIR"), "/images.rs"));
 
+mod digest;
 mod netring;
+pub use digest::digest;
 pub use netring::netring_digest;
 
 /// Guest-physical address every built-in guest is linked for (`c/guest.ld`).

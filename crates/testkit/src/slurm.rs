@@ -4,20 +4,29 @@
 //! generated configuration (after `../shared/SLURM.md`: a requeue waits 6 s,
 //! a node is down 3 s after it stops answering). Debian builds Slurm with
 //! multiple-slurmd support, so the nodes are slurmds on their own ports of
-//! this host. Stopped, and its jobs cancelled, when dropped.
+//! this host; each runs in a PID, mount and UTS namespace of its own (its
+//! hostname is its node name), so that [`Cluster::kill_node`] ends a node
+//! as a power cut would: slurmd, its job steps and their VMMs at once.
+//! Stopped, its jobs cancelled, when dropped; its scratch directory is
+//! removed unless the test failed.
 //!
-//! Its ports are fixed (Slurm has no "any free port"): one cluster at a time
-//! per machine, which [`Cluster::start`] enforces with a lock file.
+//! Slurm has no "any free port": a cluster takes one of a few fixed slots of
+//! ports, held by a lock file, so that the tests of one binary can each have
+//! a cluster at the same time.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
+
+/// Clusters that may run at once on this machine (port slots).
+const SLOTS: u16 = 4;
 
 /// A running cluster.
 pub struct Cluster {
     pub dir: PathBuf,
     conf: PathBuf,
-    nodes: usize,
+    /// Each node's `unshare` (its namespace's first process is slurmd); None once killed.
+    nodes: Vec<Option<Child>>,
     _lock: std::fs::File,
 }
 
@@ -25,14 +34,35 @@ fn run(c: &mut Command) -> Output {
     c.output().unwrap_or_else(|e| panic!("{c:?}: {e} (is slurm-wlm installed? scripts/setup.sh --tests)"))
 }
 
+/// Takes a free slot of ports (waiting for slot 0 if all are taken): the
+/// lock that holds it, and the slot.
+fn take_slot() -> (std::fs::File, u16) {
+    use std::os::fd::AsRawFd;
+    let lock = |k: u16| std::fs::File::create(format!("/tmp/cevm-slurm-slot{k}.lock")).unwrap();
+    for k in 0..SLOTS {
+        let f = lock(k);
+        // SAFETY: flock on a file we opened.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return (f, k);
+        }
+    }
+    let f = lock(0);
+    // SAFETY: as above; blocks until that cluster is gone.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    (f, 0)
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaps).
+fn gone(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')').is_none_or(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
 impl Cluster {
     /// Starts a cluster of `nodes` nodes (n1, n2, ...; 2 CPUs each) and waits
     /// until every node is idle.
     pub fn start(nodes: usize) -> Cluster {
-        use std::os::fd::AsRawFd;
-        let lock = std::fs::File::create("/tmp/cevm-slurm.lock").unwrap();
-        // SAFETY: flock on a file we opened; blocks until no other cluster runs.
-        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let (lock, slot) = take_slot();
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let dir = PathBuf::from(format!("/tmp/cevm-slurm-{}-{n}", std::process::id()));
@@ -41,14 +71,25 @@ impl Cluster {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         let conf = dir.join("slurm.conf");
-        std::fs::write(&conf, config(&dir, nodes)).unwrap();
-        let c = Cluster { dir, conf, nodes, _lock: lock };
+        std::fs::write(&conf, config(&dir, nodes, 16817 + 100 * slot)).unwrap();
+        let mut c = Cluster { dir, conf, nodes: Vec::new(), _lock: lock };
         c.start_munge();
         let ctl = run(Command::new("slurmctld").env("SLURM_CONF", &c.conf));
         assert!(ctl.status.success(), "slurmctld: {}", String::from_utf8_lossy(&ctl.stderr));
         for i in 1..=nodes {
-            let d = run(Command::new("slurmd").args(["-N", &format!("n{i}")]).env("SLURM_CONF", &c.conf));
-            assert!(d.status.success(), "slurmd n{i}: {}", String::from_utf8_lossy(&d.stderr));
+            // The node's namespaces die with their first process, slurmd, which
+            // dies with this unshare (--kill-child).
+            let node = Command::new("unshare")
+                .args(["--pid", "--mount-proc", "--uts", "--kill-child", "--", "sh", "-c"])
+                .arg(format!("hostname n{i} && exec slurmd -D -N n{i}"))
+                .env("SLURM_CONF", &c.conf)
+                .stdin(std::process::Stdio::null())
+                // It logs to its log file as well.
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("unshare (util-linux): {e}"));
+            c.nodes.push(Some(node));
         }
         let t0 = Instant::now();
         while c.idle_nodes() < nodes {
@@ -56,6 +97,16 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(200));
         }
         c
+    }
+
+    /// Kills node `i` (1-based) as a failure would: slurmd, the job steps on
+    /// it and their processes, all at once (SIGKILL), then tells Slurm the
+    /// node is down, as an administrator or a health check does.
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut node) = self.nodes[i - 1].take() {
+            kill_namespace(&mut node);
+        }
+        self.scontrol(&["update", &format!("nodename=n{i}"), "state=down", "reason=killed by the test"]);
     }
 
     fn start_munge(&self) {
@@ -126,20 +177,15 @@ impl Cluster {
     }
 
     /// Ends the daemon of `pid_file` (SIGTERM, then SIGKILL after 10 s) and
-    /// waits until it is gone: the next cluster takes the same ports.
+    /// waits until it is gone: the next cluster in this slot takes its ports.
     fn stop_daemon(pid_file: &Path) {
         let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
             return;
         };
-        // Gone, or a zombie nobody reaps (a daemon's parent is this host's init).
-        let alive = || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        };
         // SAFETY: kill(2) of a daemon this cluster started (its pid file).
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let t0 = Instant::now();
-        while alive() {
+        while !gone(pid as u32) {
             if t0.elapsed() > Duration::from_secs(10) {
                 // SAFETY: as above.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -149,20 +195,40 @@ impl Cluster {
     }
 }
 
+/// SIGKILLs a node's `unshare` and waits until the namespace's first process
+/// (slurmd; its death ends every process of the namespace) is gone.
+fn kill_namespace(node: &mut Child) {
+    let first = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", node.id())).unwrap_or_default();
+    let first: Option<u32> = first.split_whitespace().next().and_then(|p| p.parse().ok());
+    let _ = node.kill();
+    let _ = node.wait();
+    if let Some(pid) = first {
+        let t0 = Instant::now();
+        while !gone(pid) && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.client("scancel").args(["--full", "--user", "root"]).output();
         std::thread::sleep(Duration::from_secs(1));
-        for i in 1..=self.nodes {
-            Self::stop_daemon(&self.dir.join(format!("run/slurmd-n{i}.pid")));
+        for node in self.nodes.iter_mut().flatten() {
+            kill_namespace(node);
         }
         Self::stop_daemon(&self.dir.join("run/slurmctld.pid"));
         Self::stop_daemon(&self.dir.join("munge/munged.pid"));
+        // Kept for a look at the logs when the test failed.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
-fn config(d: &Path, nodes: usize) -> String {
+fn config(d: &Path, nodes: usize, port: u16) -> String {
     let d = d.display();
+    let (slurmd, first) = (port + 1, port + 4);
     format!(
         "ClusterName=cevmtest
 SlurmctldHost=localhost
@@ -171,8 +237,8 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={d}/munge/munge.sock,cred_expire=5
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort={port}
+SlurmdPort={slurmd}
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/run/slurmctld.pid
@@ -197,9 +263,9 @@ SlurmdTimeout=3
 MessageTimeout=5
 MinJobAge=300
 KillWait=5
-NodeName=n[1-{nodes}] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[16821-{}] CPUs=2 RealMemory=1000 State=UNKNOWN
+NodeName=n[1-{nodes}] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{first}-{}] CPUs=2 RealMemory=1000 State=UNKNOWN
 PartitionName=p Nodes=n[1-{nodes}] Default=YES MaxTime=INFINITE State=UP
 ",
-        16820 + nodes
+        first as usize + nodes - 1
     )
 }
