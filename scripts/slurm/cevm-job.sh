@@ -14,6 +14,15 @@
 # requeued; a node failure requeues it from the newest periodic checkpoint.
 # A job that finished is not run again. $CEVM names the cevm binary
 # (default: cevm on the PATH).
+#
+# A group of VMs, one per task of the job, each started on its node by srun
+# and checkpointed together at one consistent cut, is the same with --group
+# ({rank} and {size} in the guest's arguments become the member's rank and
+# the number of members):
+#
+#   sbatch -N 2 --ntasks-per-node=1 --signal=B:USR1@120 scripts/slurm/cevm-job.sh \
+#       /shared/ckpt/ring --group --every 10m -- --guest netring \
+#       --guest-args "id={rank} count={size}" --mem 1G --net "tap=cevm0,mac=52:54:00:ce:00:0{rank}"
 #SBATCH --requeue
 #SBATCH --open-mode=append
 set -eu

@@ -77,6 +77,9 @@ enum Cmd {
     /// guest; periodic checkpoints; SIGUSR1/SIGTERM: a last checkpoint, exit
     /// 75 and `scontrol requeue`; ends at once if the job already finished.
     Batch(cevm::batch::BatchArgs),
+    /// One member of a `cevm batch --group` job, as the job's srun starts it.
+    #[command(hide = true)]
+    BatchMember(cevm::batch::group::MemberArgs),
     /// Pause a running VM.
     Pause {
         /// The VM's API socket (`cevm run --api-sock`).
@@ -439,6 +442,7 @@ fn run(cmd: Cmd) -> i32 {
         Cmd::Checkpoint(a) => checkpoint_vm(a),
         Cmd::Group(g) => cevm::group::run(g),
         Cmd::Batch(a) => cevm::batch::run(a),
+        Cmd::BatchMember(a) => cevm::batch::group::member(a),
         Cmd::Migrate(a) => migrate_vm(a),
         Cmd::Pause { api_sock } => client(&api_sock, Client::pause),
         Cmd::Resume { api_sock } => client(&api_sock, Client::resume),

@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use cevm_testkit::net::{netring_digest, Bridge};
 use cevm_testkit::slurm::Cluster;
 use cevm_testkit::*;
 
@@ -147,5 +148,74 @@ fn a_job_warned_before_its_time_limit_checkpoints_is_requeued_and_finishes_right
     assert!(text.contains("SIGUSR1: a last checkpoint"), "{text}");
     assert!(!text.contains("DUE TO TIME LIMIT"), "never killed at the limit:\n{text}");
     assert!(dir.join("series/finished").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The node a member's VMM ran on at its `n`-th start (from the member's
+/// own line, `member mR on NODE: ...`).
+fn member_node(text: &str, rank: usize, n: usize) -> Option<String> {
+    let said = format!("member m{rank} on ");
+    let line = text.lines().filter(|l| l.contains(&said)).nth(n)?;
+    let rest = &line[line.find(&said)? + said.len()..];
+    Some(rest.split(':').next()?.to_string())
+}
+
+#[test]
+fn a_group_job_on_two_nodes_goes_on_from_its_newest_group_checkpoint_after_a_node_is_lost() {
+    const HOPS: u64 = 5000;
+    let dir = workdir("slurm-group");
+    let mut cluster = Cluster::start(3);
+    let mut bridge = Bridge::new();
+    let taps = [bridge.tap(0), bridge.tap(1)];
+    let tap = taps[0].strip_suffix('0').unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/slurm/cevm-job.sh");
+    let (out, err, series) = (dir.join("job.out"), dir.join("job.err"), dir.join("series"));
+    let export = format!("ALL,CEVM={}", bin().display());
+    let guest = format!("id={{rank}} count={{size}} hops={HOPS} mib=1 work=100 strict=1");
+    let net = format!("tap={tap}{{rank}},mac=52:54:00:ce:00:0{{rank}}");
+    let job = cluster.sbatch(
+        &[
+            &["-N", "2", "--ntasks-per-node=1", "--export", &export][..],
+            &["-o", out.to_str().unwrap(), "-e", err.to_str().unwrap(), script.to_str().unwrap()],
+            &[series.to_str().unwrap(), "--group", "--every", "2s", "--control-port", "17400"],
+            &["--", "--guest", "netring", "--guest-args", &guest, "--mem", "32M", "--net", &net],
+        ]
+        .concat(),
+    );
+    eprintln!("job {job}");
+    let committed = |l: &str| l.contains("group checkpoint committed to");
+    // Warned: a last group checkpoint, the members ended, the job requeued;
+    // it goes on from that checkpoint.
+    wait_output(&dir, 1, "group checkpoint", committed);
+    let o = cluster.client("scancel").args(["--signal=USR1", "--batch", &job]).output().unwrap();
+    assert!(o.status.success(), "scancel: {}", String::from_utf8_lossy(&o.stderr));
+    wait_output(&dir, 1, "group restore", |l| l.contains("restoring the group checkpoint"));
+    let text = output(&dir);
+    let last =
+        text.lines().take_while(|l| !l.contains("restoring the group checkpoint")).filter(|l| committed(l)).last();
+    let last = last.and_then(|l| l.split("committed to ").nth(1)?.split(' ').next()).unwrap().to_string();
+    assert!(text.contains("SIGUSR1: a last group checkpoint"), "{text}");
+    assert!(text.contains(&format!("restoring the group checkpoint {last}")), "restores the last one, {last}:\n{text}");
+
+    // A group checkpoint of the second run, then the node of member m1 is lost.
+    let before = text.lines().filter(|l| committed(l)).count();
+    wait_output(&dir, before + 1, "group checkpoint of the second run", committed);
+    let text = output(&dir);
+    let node = member_node(&text, 1, 1).unwrap_or_else(|| panic!("where m1 runs:\n{text}"));
+    let i: usize = node.strip_prefix('n').unwrap().parse().unwrap();
+    eprintln!("killing node {node}");
+    cluster.kill_node(i);
+
+    cluster.wait_state(&job, &["COMPLETED"], Duration::from_secs(240));
+    let text = output(&dir);
+    for rank in 0..2 {
+        let again = member_node(&text, rank, 2).unwrap_or_else(|| panic!("m{rank} started a third time:\n{text}"));
+        assert_ne!(again, node, "m{rank} is restored on a node that is left:\n{text}");
+    }
+    let want = format!("{:016x}", guests::netring_digest(2, HOPS, 1, 100));
+    let digests: Vec<&str> = text.lines().filter_map(netring_digest).collect();
+    assert_eq!(digests, [want.as_str(), want.as_str()], "each member's digest, the undisturbed ring's:\n{text}");
+    assert_eq!(cluster.job(&job, "Restarts"), "2", "Slurm requeued it twice:\n{text}");
+    assert!(series.join("finished").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

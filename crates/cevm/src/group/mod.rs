@@ -354,7 +354,7 @@ fn checkpoint(a: CheckpointArgs) -> i32 {
     }
 }
 
-fn report(r: &take::GroupReport) {
+pub(crate) fn report(r: &take::GroupReport) {
     tracing::info!(
         "group checkpoint committed to {} ({}: group paused {:.2} ms, of which coordination {:.2} ms; {:.0} ms in all)",
         r.dir.display(),

@@ -234,9 +234,34 @@ fn wait_end(s: &mut Started) -> Result<i32, String> {
     }
 }
 
+/// A restored group whose members run.
+pub struct Running {
+    started: Vec<Started>,
+}
+
+impl Running {
+    /// Waits until every member has ended; returns the exit code (0 when
+    /// every member's is, else the first other one).
+    pub fn wait(mut self) -> Result<i32, String> {
+        let mut code = 0;
+        for s in &mut self.started {
+            let c = wait_end(s)?;
+            if code == 0 {
+                code = c;
+            }
+        }
+        Ok(code)
+    }
+}
+
 /// Restores the group and serves it until every member has ended; returns
 /// the exit code (0 when every member's is, else the first other one).
 pub fn run(cevm: &Path, o: &Options<'_>) -> Result<i32, String> {
+    start(cevm, o)?.wait()
+}
+
+/// Restores the group: every member restored and verified, then all resumed.
+pub fn start(cevm: &Path, o: &Options<'_>) -> Result<Running, String> {
     let dir = resolve(o.dir)?;
     let manifest = group::open(&dir).map_err(|e| format!("not a complete group checkpoint: {e}"))?;
     let plan = plan(&manifest, o)?;
@@ -287,12 +312,5 @@ pub fn run(cevm: &Path, o: &Options<'_>) -> Result<i32, String> {
         started.len(),
         t0.elapsed().as_secs_f64() * 1e3
     );
-    let mut code = 0;
-    for s in &mut started {
-        let c = wait_end(s)?;
-        if code == 0 {
-            code = c;
-        }
-    }
-    Ok(code)
+    Ok(Running { started })
 }

@@ -12,6 +12,11 @@
 //! `trap` was seen to lose one). When the VMM exits 75 (checkpointed, run me
 //! again) inside a Slurm job, it asks Slurm to requeue the job (`scontrol
 //! requeue $SLURM_JOB_ID`), unless `--no-requeue`.
+//!
+//! With `--group`, the job is a group of VMs, one per task of the Slurm job
+//! ([`group`]).
+
+pub mod group;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -46,14 +51,25 @@ pub struct BatchArgs {
     /// Do not ask Slurm to requeue the job when its VM was checkpointed on a signal.
     #[arg(long)]
     no_requeue: bool,
+    /// A group of VMs, one per task of this Slurm job (`sbatch -N 2
+    /// --ntasks-per-node=1`), started with `srun` and checkpointed together
+    /// at one consistent cut; {rank} and {size} in RUN ARGS become each
+    /// member's rank (0, 1, ...) and the number of members.
+    #[arg(long, conflicts_with = "api_sock")]
+    group: bool,
+    /// With --group: member RANK's VMM serves its API to the job's coordinator
+    /// at PORT+RANK on its node's address (Slurm's NodeAddr), only to a peer
+    /// with the job's secret (DIR/job.key).
+    #[arg(long, value_name = "PORT", default_value_t = 7400, requires = "group")]
+    control_port: u16,
     /// The guest's first start: `cevm run` arguments (e.g. -- --guest digest --mem 64M).
     #[arg(last = true, required = true, value_name = "RUN ARGS")]
     run: Vec<OsString>,
 }
 
-/// The newest checkpoint of `series` that is complete and verifies, newest
-/// first; a damaged one is said, and the one before it tried.
-fn newest_restorable(series: &Path) -> Option<PathBuf> {
+/// The newest checkpoint of `series` that is complete and that `verify`
+/// passes, newest first; a damaged one is said, and the one before it tried.
+fn newest_restorable(series: &Path, verify: impl Fn(&Path) -> Result<(), String>) -> Option<PathBuf> {
     let mut ckpts: Vec<PathBuf> = std::fs::read_dir(series)
         .ok()?
         .flatten()
@@ -66,7 +82,7 @@ fn newest_restorable(series: &Path) -> Option<PathBuf> {
         if checkpoint::series::incomplete(&ck).is_some() {
             continue;
         }
-        match checkpoint::verify(&ck) {
+        match verify(&ck) {
             Ok(_) if passed_over => {
                 tracing::warn!("restoring {}, the newest checkpoint that verifies", ck.display());
                 return Some(ck);
@@ -105,7 +121,7 @@ fn vmm_command(cevm: &Path, a: &BatchArgs, from: Option<&Path>) -> Command {
     c
 }
 
-/// Runs the job; returns its exit code (the VMM's).
+/// Runs the job; returns its exit code (the VMM's, or the group's).
 pub fn run(a: BatchArgs) -> i32 {
     let cevm = match std::env::current_exe() {
         Ok(p) => p,
@@ -120,7 +136,10 @@ pub fn run(a: BatchArgs) -> i32 {
     if let Ok(n) = std::env::var("SLURM_RESTART_COUNT") {
         tracing::info!("Slurm job {} restarted {n} times", std::env::var("SLURM_JOB_ID").unwrap_or_default());
     }
-    let from = newest_restorable(&a.dir);
+    if a.group {
+        return group::run(&cevm, &a);
+    }
+    let from = newest_restorable(&a.dir, |ck| checkpoint::verify(ck).map(drop).map_err(|e| e.to_string()));
     // Blocked before the VMM is made (it inherits the mask and takes them
     // itself), and passed on from a thread of ours.
     if let Err(e) = signals::block() {
@@ -150,26 +169,27 @@ pub fn run(a: BatchArgs) -> i32 {
         Err(e) => return fail(format!("the VMM: {e}")),
     };
     if code == REQUEUE && !a.no_requeue {
-        requeue();
+        requeue("checkpointed");
     }
     code
 }
 
-/// Asks Slurm to requeue this job, if it is one.
-fn requeue() {
+/// Asks Slurm to requeue this job, if it is one; `done` says what was
+/// done first (e.g. "checkpointed").
+pub(crate) fn requeue(done: &str) {
     let Ok(job) = std::env::var("SLURM_JOB_ID") else {
-        tracing::info!("checkpointed; not a Slurm job, so nobody to requeue it: run the same command again");
+        tracing::info!("{done}; not a Slurm job, so nobody to requeue it: run the same command again");
         return;
     };
     match Command::new("scontrol").args(["requeue", &job]).output() {
-        Ok(o) if o.status.success() => tracing::info!("checkpointed; Slurm job {job} requeued"),
+        Ok(o) if o.status.success() => tracing::info!("{done}; Slurm job {job} requeued"),
         // Slurm's own requeue (its SIGTERM) is already under way, or the job is ending.
-        Ok(o) => tracing::info!("checkpointed; scontrol requeue {job}: {}", String::from_utf8_lossy(&o.stderr).trim()),
-        Err(e) => tracing::error!("checkpointed, but scontrol cannot run: {e}; requeue job {job} by hand"),
+        Ok(o) => tracing::info!("{done}; scontrol requeue {job}: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => tracing::error!("{done}, but scontrol cannot run: {e}; requeue job {job} by hand"),
     }
 }
 
-fn fail(msg: String) -> i32 {
+pub(crate) fn fail(msg: String) -> i32 {
     tracing::error!("{msg}");
     ERROR
 }
