@@ -13,6 +13,11 @@
 //! checkpoint by the same strategy (`PUT /v1/checkpoint` to member m0 alone).
 //! The strategies are interleaved, so the machine's drift touches them alike.
 //!
+//! With `--load idle` the members are idle guests instead (each halted for
+//! good after writing its memory once, still with its NIC on the bridge):
+//! the coordination's cost without the ring's busy guests competing with
+//! it for the host's cores.
+//!
 //! The seed's turnaround per group: every member of a tightly coupled job
 //! waits for the group pause, so a job of `T_comp` with `k` group checkpoints
 //! takes `T_comp + k·T_pause + T_o`, `T_o` being what the last one still
@@ -57,12 +62,30 @@ pub struct Options {
     /// Runs of the turnaround's job per strategy.
     #[arg(long, default_value_t = 3)]
     pub turnaround_runs: usize,
+    /// What the members do while checkpointed: pass a token around a ring
+    /// (busy guests, as a tightly coupled job), or nothing (halted guests).
+    #[arg(long, value_enum, default_value_t = Load::Ring)]
+    pub load: Load,
+}
+
+/// What the members of `cevm bench group` do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Load {
+    /// `netring` guests passing their token around the ring.
+    #[default]
+    Ring,
+    /// `dirtier` guests that write their memory once, then halt for good.
+    Idle,
 }
 
 /// One group checkpoint (or, with `members` 0, one single VM's checkpoint).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Sample {
     pub members: usize,
+    /// What the members did (samples written before it was asked: a ring).
+    #[serde(default)]
+    pub load: Load,
     pub strategy: String,
     pub group_pause_ms: f64,
     pub slowest_member_stop_ms: f64,
@@ -101,7 +124,22 @@ pub(crate) fn spawn_netring(cevm: &Path, guest: Guest, tap: &str, sock: &Path) -
         .map_err(|e| format!("cannot start {}: {e}", cevm.display()))
 }
 
-/// A running ring of `netring` guests and its bridge.
+/// Starts an idle member: a `dirtier` guest that writes its MiB once and
+/// halts, in a `cevm run` of its own with a NIC on `tap`, serving its API at `sock`.
+fn spawn_idle(cevm: &Path, id: usize, tap: &str, sock: &Path) -> Result<std::process::Child, String> {
+    let _ = std::fs::remove_file(sock);
+    Command::new(cevm)
+        .args(["run", "--guest", "dirtier", "--mem", "32M", "--guest-args", "mib=1 fill=1 idle=1"])
+        .args(["--net", &format!("tap={tap},mac=52:54:00:ce:00:{id:02x}")])
+        .arg("--api-sock")
+        .arg(sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", cevm.display()))
+}
+
+/// A running ring of guests (`netring`, or idle ones) and its bridge.
 struct Ring {
     vmms: Vec<std::process::Child>,
     socks: Vec<PathBuf>,
@@ -110,14 +148,18 @@ struct Ring {
 }
 
 impl Ring {
-    fn start(cevm: &Path, dir: &Path, count: usize) -> Result<Ring, String> {
+    fn start(cevm: &Path, dir: &Path, count: usize, load: Load) -> Result<Ring, String> {
         let mut ring = Ring { vmms: Vec::new(), socks: Vec::new(), bridge: Bridge::new() };
         for i in 0..count {
             let tap = ring.bridge.tap(i);
             let sock = dir.join(format!("m{i}.sock"));
             // Hops enough for the whole measurement; it is stopped before its end.
-            let child =
-                spawn_netring(cevm, Guest { id: i, count, hops: 100_000_000, mib: 1, mem: "32M" }, &tap, &sock)?;
+            let child = match load {
+                Load::Ring => {
+                    spawn_netring(cevm, Guest { id: i, count, hops: 100_000_000, mib: 1, mem: "32M" }, &tap, &sock)?
+                }
+                Load::Idle => spawn_idle(cevm, i, &tap, &sock)?,
+            };
             ring.vmms.push(child);
             ring.socks.push(sock);
         }
@@ -172,7 +214,7 @@ pub fn run(cevm: &Path, o: &Options) -> Result<(), String> {
     }
     let mut samples = Vec::new();
     for &n in o.members.iter().filter(|_| o.runs > 0) {
-        let ring = Ring::start(cevm, &o.dir, n.max(2))?;
+        let ring = Ring::start(cevm, &o.dir, n.max(2), o.load)?;
         for run in 0..o.runs {
             for strategy in &o.strategies {
                 let series = o.dir.join(format!("group-{n}-{strategy}"));
@@ -187,6 +229,7 @@ pub fn run(cevm: &Path, o: &Options) -> Result<(), String> {
                 );
                 samples.push(Sample {
                     members: n,
+                    load: o.load,
                     strategy: strategy.clone(),
                     group_pause_ms: g.group_pause_ms,
                     slowest_member_stop_ms: slowest,
@@ -248,7 +291,11 @@ fn print_table(o: &Options, samples: &[Sample]) {
         }
     }
     println!(
-        "(medians of {} runs, min-max in parentheses; built-in netring guests of 32 MiB on the direct path; coordination = group pause - the slowest member's own stop; turnaround of a job with k group checkpoints: T_comp + k x group pause + T_o)",
-        o.runs
+        "(medians of {} runs, min-max in parentheses; built-in guests of 32 MiB, {}, on the direct path; coordination = group pause - the slowest member's own stop; turnaround of a job with k group checkpoints: T_comp + k x group pause + T_o)",
+        o.runs,
+        match o.load {
+            Load::Ring => "netring passing its token around the ring",
+            Load::Idle => "idle (halted after writing 1 MiB)",
+        }
     );
 }

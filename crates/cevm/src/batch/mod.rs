@@ -59,7 +59,8 @@ pub struct BatchArgs {
     group: bool,
     /// With --group: member RANK's VMM serves its API to the job's coordinator
     /// at PORT+RANK on its node's address (Slurm's NodeAddr), only to a peer
-    /// with the job's secret (DIR/job.key).
+    /// with the job's secret (DIR/job.key). Group jobs that may share a node
+    /// need ranges of their own.
     #[arg(long, value_name = "PORT", default_value_t = 7400, requires = "group")]
     control_port: u16,
     /// The guest's first start: `cevm run` arguments (e.g. -- --guest digest --mem 64M).
