@@ -17,8 +17,9 @@
 //! The series directory (on storage every node sees) holds the group
 //! checkpoints (`ckpt-N`, `latest`), the job's secret (`job.key`, made on
 //! the first start, mode 0600), where each member's VMM is reached this run
-//! (`run/mRANK.control`, written by the member) and, once every member's
-//! guest has ended with status 0, the `finished` marker.
+//! (`run/mRANK.control`, written by the member), the disks of the members
+//! restored this run (`disks/`) and, once every member's guest has ended
+//! with status 0, the `finished` marker.
 //!
 //! A member's VMM does not act on SIGTERM or SIGUSR1 itself (they stay
 //! blocked, as `cevm batch-member` leaves them): Slurm sends them to every
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use clap::{ValueEnum, ValueHint};
 
-use super::{fail, newest_restorable, requeue, BatchArgs};
+use super::{clear_disks, fail, newest_restorable, requeue, restored_disk, BatchArgs};
 use crate::api::remote::Secret;
 use crate::api::Addr;
 use crate::exit_code::{ERROR, OK, REQUEUE, USAGE};
@@ -136,6 +137,8 @@ pub fn member(a: MemberArgs) -> i32 {
             Some(g) => {
                 tracing::info!("member {name} on {node}: restoring {}", g.join(&name).display());
                 c.arg("restore").arg(g.join(&name)).arg("--paused");
+                // A guest without a disk has no use for the path.
+                c.arg("--overlay").arg(restored_disk(&a.dir, g, Some(&name)));
             }
             None => {
                 tracing::info!("member {name} on {node}: the guest boots");
@@ -246,6 +249,9 @@ pub fn run(cevm: &Path, a: &BatchArgs) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    if let Err(e) = clear_disks(&a.dir) {
+        return fail(e);
+    }
     let run_dir = a.dir.join(RUN);
     let _ = std::fs::remove_dir_all(&run_dir);
     if let Err(e) = std::fs::create_dir_all(&run_dir) {

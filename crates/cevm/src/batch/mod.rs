@@ -98,13 +98,45 @@ fn newest_restorable(series: &Path, verify: impl Fn(&Path) -> Result<(), String>
     None
 }
 
+/// Where the restored guests' disks go: `DIR/disks`.
+const DISKS: &str = "disks";
+
+/// Empties `DIR/disks` at the start of a run: the disks there are those of
+/// the run before (restored copies, or what they became), whose VMMs are
+/// gone. A checkpoint keeps its own disk file (a CEVM checkpoint's is a hard
+/// link to its T), so none is lost.
+pub(crate) fn clear_disks(dir: &Path) -> Result<(), String> {
+    let d = dir.join(DISKS);
+    match std::fs::remove_dir_all(&d) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", d.display())),
+    }
+    std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))
+}
+
+/// A path for the disk of checkpoint `ck` (of member `member`, if given)
+/// restored in this run: `DIR/disks/CKPT[.MEMBER].disk.qcow2`. Each run
+/// restores into a disk of its own, so that a checkpoint can be restored
+/// again by a later run (the default path beside it must not exist), and a
+/// disk nobody runs is not left beside the checkpoints.
+pub(crate) fn restored_disk(dir: &Path, ck: &Path, member: Option<&str>) -> PathBuf {
+    let name = ck.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match member {
+        Some(m) => format!("{name}.{m}.disk.qcow2"),
+        None => format!("{name}.disk.qcow2"),
+    };
+    dir.join(DISKS).join(name)
+}
+
 /// The VMM's command for this start: restore `from`, or boot.
 fn vmm_command(cevm: &Path, a: &BatchArgs, from: Option<&Path>) -> Command {
     let mut c = Command::new(cevm);
     match from {
         Some(ck) => {
             tracing::info!("restoring {}", ck.display());
-            c.arg("restore").arg(ck);
+            // A guest without a disk has no use for the path.
+            c.arg("restore").arg(ck).arg("--overlay").arg(restored_disk(&a.dir, ck, None));
         }
         None => {
             tracing::info!("no checkpoint in {}: the guest boots", a.dir.display());
@@ -139,6 +171,9 @@ pub fn run(a: BatchArgs) -> i32 {
     }
     if a.group {
         return group::run(&cevm, &a);
+    }
+    if let Err(e) = clear_disks(&a.dir) {
+        return fail(e);
     }
     let from = newest_restorable(&a.dir, |ck| checkpoint::verify(ck).map(drop).map_err(|e| e.to_string()));
     // Blocked before the VMM is made (it inherits the mask and takes them
