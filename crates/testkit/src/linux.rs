@@ -5,6 +5,7 @@
 //! A scenario is a shell script using `$CEVM`, `$GUEST_KERNEL` and `$GUEST_INITRD`;
 //! its input files are in `$DATA`, and what it leaves in `$OUT` comes back.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -90,7 +91,11 @@ pub fn run_scenario_with_files(name: &str, scenario: &str, npt: u8, inputs: &[Pa
             }
             let printed = String::from_utf8_lossy(&out.stdout);
             let tail: Vec<&str> = printed.lines().rev().take(30).collect();
-            eprintln!(
+            // To the process's own stderr, past the test harness (which shows
+            // a passing test's output only on request): a retry costs minutes
+            // and must show in every CI log.
+            let _ = writeln!(
+                std::io::stderr(),
                 "NESTED L1 FAILED in scenario {name}, attempt {attempt} of 3 ({}); retrying it. Its last lines:\n{}",
                 String::from_utf8_lossy(&out.stderr).trim(),
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")

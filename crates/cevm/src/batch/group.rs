@@ -285,7 +285,7 @@ pub fn run(cevm: &Path, a: &BatchArgs) -> i32 {
     }
     let members = match members_said(&a.dir, size, &secret, &events) {
         Ok(m) => m,
-        Err(e) => return ended_early(e, a, &[], &events),
+        Err(e) => return end(e, a, &[], &events),
     };
     if let Some(g) = &from {
         let at: Vec<(String, String)> = members
@@ -299,7 +299,7 @@ pub fn run(cevm: &Path, a: &BatchArgs) -> i32 {
         // The members restored on their nodes, checked, then all let run.
         if let Err(e) = restore::start(cevm, &o) {
             tracing::error!("{e}");
-            return ended_early(Event::Ended(ERROR), a, &members, &events);
+            return end(Event::Ended(ERROR), a, &members, &events);
         }
     }
     serve(a, strategy, &members, &events)
@@ -316,7 +316,7 @@ fn serve(a: &BatchArgs, strategy: Strategy, members: &[MemberSpec], events: &Rec
     loop {
         let wait = next.map_or(Duration::from_secs(3600), |n| n.saturating_duration_since(Instant::now()));
         match events.recv_timeout(wait) {
-            Ok(e) => return ended_early(e, a, members, events),
+            Ok(e) => return end(e, a, members, events),
             Err(RecvTimeoutError::Disconnected) => return fail("the members' srun is gone".into()),
             Err(RecvTimeoutError::Timeout) => {}
         }
@@ -332,7 +332,7 @@ fn serve(a: &BatchArgs, strategy: Strategy, members: &[MemberSpec], events: &Rec
 /// The job ends: the members ended by themselves (the job is finished if
 /// every guest ended with 0), or a signal came (a last group checkpoint, the
 /// members told to quit, the job requeued), or the start failed.
-fn ended_early(e: Event, a: &BatchArgs, members: &[MemberSpec], events: &Receiver<Event>) -> i32 {
+fn end(e: Event, a: &BatchArgs, members: &[MemberSpec], events: &Receiver<Event>) -> i32 {
     match e {
         Event::Ended(0) if !members.is_empty() => {
             let f =
@@ -351,8 +351,17 @@ fn ended_early(e: Event, a: &BatchArgs, members: &[MemberSpec], events: &Receive
                 code
             }
         }
+        Event::Signal(sig) if members.is_empty() => {
+            // Before the members said where they are: nothing to checkpoint or
+            // tell; Slurm ends them with the job.
+            tracing::info!("{}: the members have not started yet", signals::name(sig));
+            if !a.no_requeue {
+                requeue("nothing ran yet");
+            }
+            REQUEUE
+        }
         Event::Signal(sig) => {
-            let done = if !members.is_empty() && last_checkpoint(sig, a, members) {
+            let done = if last_checkpoint(sig, a, members) {
                 "checkpointed"
             } else {
                 "the newest group checkpoint before stays"
