@@ -184,38 +184,61 @@ fn a_group_job_on_two_nodes_goes_on_from_its_newest_group_checkpoint_after_a_nod
     );
     eprintln!("job {job}");
     let committed = |l: &str| l.contains("group checkpoint committed to");
-    // Warned: a last group checkpoint, the members ended, the job requeued;
-    // it goes on from that checkpoint.
-    wait_output(&dir, 1, "group checkpoint", committed);
-    let o = cluster.client("scancel").args(["--signal=USR1", "--batch", &job]).output().unwrap();
-    assert!(o.status.success(), "scancel: {}", String::from_utf8_lossy(&o.stderr));
-    wait_output(&dir, 1, "group restore", |l| l.contains("restoring the group checkpoint"));
-    let text = output(&dir);
-    let last =
-        text.lines().take_while(|l| !l.contains("restoring the group checkpoint")).filter(|l| committed(l)).last();
-    let last = last.and_then(|l| l.split("committed to ").nth(1)?.split(' ').next()).unwrap().to_string();
-    assert!(text.contains("SIGUSR1: a last group checkpoint"), "{text}");
-    assert!(text.contains(&format!("restoring the group checkpoint {last}")), "restores the last one, {last}:\n{text}");
+    let restores = |l: &str| l.contains("restoring the group checkpoint");
+    // Warned (SIGUSR1 to the batch script), then preempted (Slurm's SIGTERM
+    // to every process of the job): each time a last group checkpoint, the
+    // members ended, the job requeued; it goes on from that checkpoint.
+    for (n, (signal, how)) in
+        [("SIGUSR1", &["scancel", "--signal=USR1", "--batch"][..]), ("SIGTERM", &["scontrol", "requeue"])]
+            .into_iter()
+            .enumerate()
+    {
+        let before = output(&dir).lines().filter(|l| committed(l)).count();
+        wait_output(&dir, before + 1, "group checkpoint", committed);
+        let o = cluster.client(how[0]).args(&how[1..]).arg(&job).output().unwrap();
+        assert!(o.status.success(), "{}: {}", how.join(" "), String::from_utf8_lossy(&o.stderr));
+        wait_output(&dir, n + 1, "group restore", restores);
+        let text = output(&dir);
+        let said = format!("{signal}: a last group checkpoint");
+        let lines: Vec<&str> = text.lines().skip_while(|l| !l.contains(&said)).collect();
+        assert!(!lines.is_empty(), "{said}:\n{text}");
+        // The line after the attempt: its commit, before the job's next start.
+        let last = lines.iter().find(|l| committed(l) || restores(l) || l.contains("last group checkpoint failed"));
+        let last = last.and_then(|l| l.split("committed to ").nth(1)?.split(' ').next());
+        let last = last.unwrap_or_else(|| panic!("the last group checkpoint on {signal} is committed:\n{text}"));
+        let restored = lines.iter().find(|l| restores(l)).unwrap();
+        assert!(restored.ends_with(&format!("restoring the group checkpoint {last}")), "restores {last}:\n{text}");
+    }
 
-    // A group checkpoint of the second run, then the node of member m1 is lost.
-    let before = text.lines().filter(|l| committed(l)).count();
-    wait_output(&dir, before + 1, "group checkpoint of the second run", committed);
+    // A group checkpoint of the third run, then the node of member m1 is lost.
     let text = output(&dir);
-    let node = member_node(&text, 1, 1).unwrap_or_else(|| panic!("where m1 runs:\n{text}"));
+    let before = text.lines().filter(|l| committed(l)).count();
+    wait_output(&dir, before + 1, "group checkpoint of the third run", committed);
+    let text = output(&dir);
+    let newest = text.lines().rfind(|l| committed(l)).unwrap();
+    let newest = newest.split("committed to ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+    let node = member_node(&text, 1, 2).unwrap_or_else(|| panic!("where m1 runs:\n{text}"));
     let i: usize = node.strip_prefix('n').unwrap().parse().unwrap();
     eprintln!("killing node {node}");
     cluster.kill_node(i);
 
     cluster.wait_state(&job, &["COMPLETED"], Duration::from_secs(240));
     let text = output(&dir);
+    // Restored from the newest periodic group checkpoint (or one after it),
+    // on the nodes left.
+    let third = text.lines().filter(|l| restores(l)).nth(2).unwrap_or_else(|| panic!("a third restore:\n{text}"));
+    let from = third.rsplit(' ').next().unwrap();
+    assert!(from >= newest.as_str(), "restores {from}, not older than {newest}:\n{text}");
     for rank in 0..2 {
-        let again = member_node(&text, rank, 2).unwrap_or_else(|| panic!("m{rank} started a third time:\n{text}"));
+        let again = member_node(&text, rank, 3).unwrap_or_else(|| panic!("m{rank} started a fourth time:\n{text}"));
         assert_ne!(again, node, "m{rank} is restored on a node that is left:\n{text}");
+        let line = text.lines().filter(|l| l.contains(&format!("member m{rank} on "))).nth(3).unwrap();
+        assert!(line.contains(&format!("restoring {from}/m{rank}")), "{line}");
     }
     let want = format!("{:016x}", guests::netring_digest(2, HOPS, 1, 100));
     let digests: Vec<&str> = text.lines().filter_map(netring_digest).collect();
     assert_eq!(digests, [want.as_str(), want.as_str()], "each member's digest, the undisturbed ring's:\n{text}");
-    assert_eq!(cluster.job(&job, "Restarts"), "2", "Slurm requeued it twice:\n{text}");
+    assert_eq!(cluster.job(&job, "Restarts"), "3", "Slurm requeued it three times:\n{text}");
     assert!(series.join("finished").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

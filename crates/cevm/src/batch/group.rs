@@ -175,15 +175,24 @@ fn secret(dir: &Path) -> Result<Secret, String> {
     Secret::load(&key).map_err(|e| e.to_string())
 }
 
-/// Starts the members: `srun` runs `cevm batch-member` on every task. (It
-/// inherits the coordinator's blocked signals; whatever srun does with
-/// Slurm's SIGTERM, the members' VMMs do not act on it, and Slurm's SIGKILL
-/// comes only after KillWait: the time the coordinator has for the last
-/// group checkpoint.)
+/// Starts the members: `srun` runs `cevm batch-member` on every task. (On
+/// Slurm's SIGTERM, srun says "forcing job termination", but its tasks were
+/// seen to run on until Slurm's SIGKILL after KillWait (Slurm 22.05 here;
+/// the group test's `scontrol requeue` checks it): the members' VMMs do not
+/// act on the SIGTERM, and KillWait is the time the coordinator has for the
+/// last group checkpoint.)
 fn start_members(cevm: &Path, a: &BatchArgs, from: Option<&Path>, to: Sender<Event>) -> Result<(), String> {
     let mut c = Command::new("srun");
-    // Each member's lines behind its rank; a member that fails does not end the others.
-    c.args(["--label", "--kill-on-bad-exit=0"]).arg(cevm).arg("batch-member");
+    // Each member's lines behind its rank; a member that fails ends the
+    // others (the job then ends with its status, instead of running on with a
+    // member short until its time limit).
+    c.args(["--label", "--kill-on-bad-exit=1"]);
+    // srun no longer takes the job's CPUs per task from the environment
+    // (Slurm 22.05): each member gets what the job asked for, for its vCPUs.
+    if let Ok(n) = std::env::var("SLURM_CPUS_PER_TASK") {
+        c.arg(format!("--cpus-per-task={n}"));
+    }
+    c.arg(cevm).arg("batch-member");
     c.arg("--dir").arg(&a.dir).args(["--control-port", &a.control_port.to_string()]);
     if let Some(g) = from {
         c.arg("--from").arg(g);
@@ -241,7 +250,9 @@ pub fn run(cevm: &Path, a: &BatchArgs) -> i32 {
             return USAGE;
         }
     };
-    let size = match slurm_number("SLURM_NTASKS") {
+    // The job's tasks; a job given only nodes (`-N 2`) has none set, and
+    // srun then runs one task per node.
+    let size = match slurm_number("SLURM_NTASKS").or_else(|_| slurm_number("SLURM_JOB_NUM_NODES")) {
         Ok(n) => n,
         Err(e) => return fail(e),
     };
@@ -270,9 +281,7 @@ pub fn run(cevm: &Path, a: &BatchArgs) -> i32 {
     } else {
         tracing::info!("no group checkpoint in {}: the {size} guests boot", a.dir.display());
     }
-    if let Err(e) = signals::block() {
-        return fail(format!("cannot block signals: {e}"));
-    }
+    // Signals are blocked already (`super::run`).
     let (tx, events) = channel();
     let to = tx.clone();
     if let Err(e) = signals::on_each(move |sig| {
@@ -287,22 +296,60 @@ pub fn run(cevm: &Path, a: &BatchArgs) -> i32 {
         Ok(m) => m,
         Err(e) => return end(e, a, &[], &events),
     };
-    if let Some(g) = &from {
-        let at: Vec<(String, String)> = members
-            .iter()
-            .filter_map(|m| match &m.api {
-                Addr::Tcp(at) => Some((m.name.clone(), at.clone())),
-                Addr::Unix(_) => None,
-            })
-            .collect();
-        let o = restore::Options { dir: g, taps: &[], sock_dir: None, disk_dir: None, at: &at, secret: Some(secret) };
-        // The members restored on their nodes, checked, then all let run.
-        if let Err(e) = restore::start(cevm, &o) {
-            tracing::error!("{e}");
-            return end(Event::Ended(ERROR), a, &members, &events);
+    if let Some(g) = from {
+        if let Err(e) = restore_members(cevm, g, &members, secret, &events) {
+            return end(e, a, &members, &events);
         }
     }
     serve(a, strategy, &members, &events)
+}
+
+/// The members restore their checkpoints of group checkpoint `g` on their
+/// nodes; once every one is checked, all are let run (`cevm group restore
+/// --at`). Ends early on an event: the members ended (one could not
+/// restore: srun ends them all), or a signal.
+fn restore_members(
+    cevm: &Path,
+    g: PathBuf,
+    members: &[MemberSpec],
+    secret: Secret,
+    events: &Receiver<Event>,
+) -> Result<(), Event> {
+    let at: Vec<(String, String)> = members
+        .iter()
+        .filter_map(|m| match &m.api {
+            Addr::Tcp(at) => Some((m.name.clone(), at.clone())),
+            Addr::Unix(_) => None,
+        })
+        .collect();
+    let (done, restored) = channel();
+    let cevm = cevm.to_path_buf();
+    // On a thread of its own, so that the members' end or a signal is seen
+    // while it waits for them (it is left behind then; this process ends soon).
+    std::thread::Builder::new()
+        .name("group-restore".into())
+        .spawn(move || {
+            let o =
+                restore::Options { dir: &g, taps: &[], sock_dir: None, disk_dir: None, at: &at, secret: Some(secret) };
+            let _ = done.send(restore::start(&cevm, &o).map(drop));
+        })
+        .map_err(|e| {
+            tracing::error!("cannot start a thread: {e}");
+            Event::Ended(ERROR)
+        })?;
+    loop {
+        match restored.recv_timeout(Duration::from_millis(100)) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!("{e}");
+                return Err(Event::Ended(ERROR));
+            }
+            Err(_) => {}
+        }
+        if let Ok(e) = events.try_recv() {
+            return Err(e);
+        }
+    }
 }
 
 /// The job runs: periodic group checkpoints until every member has ended or
@@ -366,12 +413,18 @@ fn end(e: Event, a: &BatchArgs, members: &[MemberSpec], events: &Receiver<Event>
             } else {
                 "the newest group checkpoint before stays"
             };
-            for m in members {
-                let _ = m.client(Duration::from_secs(10)).quit();
-            }
-            match events.recv_timeout(END_TIMEOUT) {
-                Ok(Event::Ended(_)) => {}
-                _ => tracing::warn!("the members did not all end within {} s", END_TIMEOUT.as_secs()),
+            crate::group::take::each(members, |_, _, c| c.quit().map(drop));
+            let deadline = Instant::now() + END_TIMEOUT;
+            loop {
+                match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(Event::Ended(_)) => break,
+                    // Slurm's SIGTERM after its warning, say: already under way.
+                    Ok(Event::Signal(_)) => {}
+                    Err(_) => {
+                        tracing::warn!("the members did not all end within {} s", END_TIMEOUT.as_secs());
+                        break;
+                    }
+                }
             }
             if !a.no_requeue {
                 requeue(done);
@@ -382,9 +435,12 @@ fn end(e: Event, a: &BatchArgs, members: &[MemberSpec], events: &Receiver<Event>
 }
 
 /// On a signal: one last group checkpoint (stop-and-save: the members are
-/// stopped anyway); whether it was committed.
+/// stopped anyway), its guests paused first and left so (a stop-and-save
+/// group checkpoint resumes only members that ran), so that none runs past
+/// it before it is told to quit; whether it was committed.
 fn last_checkpoint(sig: i32, a: &BatchArgs, members: &[MemberSpec]) -> bool {
     tracing::info!("{}: a last group checkpoint to {}", signals::name(sig), a.dir.display());
+    crate::group::take::each(members, |_, _, c| c.pause().map(drop));
     let taken = checkpoint::series::Series::open(&a.dir, a.keep)
         .map_err(|e| e.to_string())
         .and_then(|mut s| Strategy::StopAndSave.take(members, &mut s).map_err(|e| e.to_string()));

@@ -163,6 +163,13 @@ pub fn run(a: BatchArgs) -> i32 {
     if let Some(code) = signals::finished_exit_code(&a.dir) {
         return code;
     }
+    // Blocked first thing: a signal while the checkpoints are verified (for a
+    // large VM on shared storage, a while) waits for the thread that takes
+    // them, instead of ending this process. The VMM inherits the mask and
+    // takes them itself; a group's coordinator takes them from a thread.
+    if let Err(e) = signals::block() {
+        return fail(format!("cannot block signals: {e}"));
+    }
     if let Err(e) = std::fs::create_dir_all(&a.dir) {
         return fail(format!("{}: {e}", a.dir.display()));
     }
@@ -176,11 +183,6 @@ pub fn run(a: BatchArgs) -> i32 {
         return fail(e);
     }
     let from = newest_restorable(&a.dir, |ck| checkpoint::verify(ck).map(drop).map_err(|e| e.to_string()));
-    // Blocked before the VMM is made (it inherits the mask and takes them
-    // itself), and passed on from a thread of ours.
-    if let Err(e) = signals::block() {
-        return fail(format!("cannot block signals: {e}"));
-    }
     let mut child = match vmm_command(&cevm, &a, from.as_deref()).spawn() {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot start the VMM: {e}")),

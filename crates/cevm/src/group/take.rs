@@ -96,7 +96,7 @@ pub(super) fn ms(d: Duration) -> f64 {
 
 /// Runs `f` for every member at once (one thread each), with its place in
 /// `members`; the results in member order.
-pub(super) fn each<T: Send>(members: &[MemberSpec], f: impl Fn(usize, &MemberSpec, &Client) -> T + Sync) -> Vec<T> {
+pub(crate) fn each<T: Send>(members: &[MemberSpec], f: impl Fn(usize, &MemberSpec, &Client) -> T + Sync) -> Vec<T> {
     std::thread::scope(|s| {
         let handles: Vec<_> = members
             .iter()
