@@ -9,9 +9,11 @@
 # `--` and the guest's `cevm run` arguments for its first start). Each start
 # restores the newest checkpoint of the series that verifies (or boots the
 # guest); SIGUSR1 (the warning, --signal=B:USR1@SECONDS, or `scancel
-# --signal=USR1 --batch`) and SIGTERM (`scontrol requeue`, preemption, the
-# kill before KillWait) take a last checkpoint, and the job asks to be
-# requeued; a node failure requeues it from the newest periodic checkpoint.
+# --signal=USR1 --batch`) takes a last checkpoint and the job asks to be
+# requeued; SIGTERM (`scontrol requeue`, preemption, `scancel`, the kill
+# before KillWait) takes a last checkpoint and leaves it to Slurm whether the
+# job runs again; a node failure requeues it from the newest periodic
+# checkpoint.
 # A job that finished is not run again. $CEVM names the cevm binary
 # (default: cevm on the PATH).
 #

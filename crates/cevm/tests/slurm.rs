@@ -242,3 +242,31 @@ fn a_group_job_on_two_nodes_goes_on_from_its_newest_group_checkpoint_after_a_nod
     assert!(series.join("finished").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_cancelled_job_stays_cancelled_and_a_new_job_on_its_series_goes_on_from_its_last_checkpoint() {
+    let dir = workdir("slurm-cancel");
+    let cluster = Cluster::start(1);
+    let job = submit(&cluster, &dir, &[], &[], ARGS);
+    wait_output(&dir, 2, "round", |l| l.starts_with("round "));
+    // scancel: Slurm's SIGTERM, a last checkpoint, and the job ends; it is not
+    // requeued (a requeue would start it again within 6 s here).
+    let o = cluster.client("scancel").arg(&job).output().unwrap();
+    assert!(o.status.success(), "scancel: {}", String::from_utf8_lossy(&o.stderr));
+    cluster.wait_state(&job, &["CANCELLED"], Duration::from_secs(60));
+    wait_output(&dir, 1, "last checkpoint", |l| l.contains("SIGTERM: the VM stopped after its last checkpoint"));
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(cluster.job(&job, "JobState"), "CANCELLED", "{}", output(&dir));
+    assert_eq!(cluster.job(&job, "Restarts"), "0", "{}", output(&dir));
+    let before = rounds(&dir);
+
+    // A new job on the same series goes on from that checkpoint.
+    let again = submit(&cluster, &dir, &[], &[], ARGS);
+    cluster.wait_state(&again, &["COMPLETED"], Duration::from_secs(240));
+    let text = output(&dir);
+    assert!(text.contains("INFO cevm: restoring "), "{text}");
+    assert!(rounds(&dir) < before + ROUNDS as usize, "it went on, not from the start:\n{text}");
+    let digests: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("digest=")).collect();
+    assert_eq!(digests, [want(ROUNDS).as_str()], "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

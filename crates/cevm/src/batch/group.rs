@@ -402,7 +402,7 @@ fn end(e: Event, a: &BatchArgs, members: &[MemberSpec], events: &Receiver<Event>
             // Before the members said where they are: nothing to checkpoint or
             // tell; Slurm ends them with the job.
             tracing::info!("{}: the members have not started yet", signals::name(sig));
-            if !a.no_requeue {
+            if sig != libc::SIGTERM && !a.no_requeue {
                 requeue("nothing ran yet");
             }
             REQUEUE
@@ -426,7 +426,9 @@ fn end(e: Event, a: &BatchArgs, members: &[MemberSpec], events: &Receiver<Event>
                     }
                 }
             }
-            if !a.no_requeue {
+            if sig == libc::SIGTERM {
+                tracing::info!("{done}; Slurm ends the job (SIGTERM), and requeues it if it was requeued or preempted");
+            } else if !a.no_requeue {
                 requeue(done);
             }
             REQUEUE

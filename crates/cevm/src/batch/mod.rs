@@ -10,8 +10,10 @@
 //! checkpoint`; this process, a plain program, passes it the batch system's
 //! SIGUSR1 and SIGTERM (Slurm signals the batch script's process; a shell's
 //! `trap` was seen to lose one). When the VMM exits 75 (checkpointed, run me
-//! again) inside a Slurm job, it asks Slurm to requeue the job (`scontrol
-//! requeue $SLURM_JOB_ID`), unless `--no-requeue`.
+//! again) after Slurm's warning (SIGUSR1) inside a Slurm job, it asks Slurm
+//! to requeue the job (`scontrol requeue $SLURM_JOB_ID`), unless
+//! `--no-requeue`; after Slurm's SIGTERM it leaves that to Slurm, which
+//! requeues a requeued or preempted job itself, and ends a cancelled one.
 //!
 //! With `--group`, the job is a group of VMs, one per task of the Slurm job
 //! ([`group`]).
@@ -21,7 +23,7 @@ pub mod group;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -188,9 +190,13 @@ pub fn run(a: BatchArgs) -> i32 {
         Err(e) => return fail(format!("cannot start the VMM: {e}")),
     };
     let pid = Arc::new(AtomicI32::new(child.id() as i32));
-    let target = pid.clone();
+    let (target, terminated) = (pid.clone(), Arc::new(AtomicBool::new(false)));
+    let term = terminated.clone();
     let forwarded = signals::on_each(move |sig| {
         let p = target.load(Ordering::SeqCst);
+        if sig == libc::SIGTERM {
+            term.store(true, Ordering::SeqCst);
+        }
         if p > 0 {
             tracing::info!("passing {} on to the VMM", signals::name(sig));
             // SAFETY: kill(2) of our own child, which we have not reaped yet (pid > 0).
@@ -206,10 +212,24 @@ pub fn run(a: BatchArgs) -> i32 {
         Ok(s) => s.code().unwrap_or(ERROR),
         Err(e) => return fail(format!("the VMM: {e}")),
     };
-    if code == REQUEUE && !a.no_requeue {
-        requeue("checkpointed");
+    if code == REQUEUE {
+        after_last_checkpoint(a.no_requeue, terminated.load(Ordering::SeqCst));
     }
     code
+}
+
+/// After the last checkpoint on a signal: a warning (SIGUSR1) asks Slurm
+/// to requeue the job (unless `no_requeue`); Slurm's SIGTERM does not, for
+/// Slurm ends the job then and decides itself whether it runs again (it
+/// requeues it on `scontrol requeue` and on preemption; `scancel` and a time
+/// limit end it, and a later job on the same series goes on from the
+/// checkpoint).
+pub(crate) fn after_last_checkpoint(no_requeue: bool, terminated: bool) {
+    if terminated {
+        tracing::info!("checkpointed; Slurm ends the job (SIGTERM), and requeues it if it was requeued or preempted");
+    } else if !no_requeue {
+        requeue("checkpointed");
+    }
 }
 
 /// Asks Slurm to requeue this job, if it is one; `done` says what was
