@@ -74,8 +74,9 @@ enum Cmd {
     /// Run one VM as a restartable batch job (what a Slurm batch script runs).
     ///
     /// Restores the newest checkpoint of --dir that verifies, else boots the
-    /// guest; periodic checkpoints; SIGUSR1/SIGTERM: a last checkpoint, exit
-    /// 75 and `scontrol requeue`; ends at once if the job already finished.
+    /// guest; periodic checkpoints; SIGUSR1 (Slurm's warning): a last
+    /// checkpoint, exit 75 and `scontrol requeue`; SIGTERM: a last checkpoint,
+    /// exit 75, Slurm decides; ends at once if the job already finished.
     Batch(cevm::batch::BatchArgs),
     /// One member of a `cevm batch --group` job, as the job's srun starts it.
     #[command(hide = true)]

@@ -50,7 +50,7 @@ pub struct BatchArgs {
     /// The VMM serves its API here (each start anew).
     #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     api_sock: Option<PathBuf>,
-    /// Do not ask Slurm to requeue the job when its VM was checkpointed on a signal.
+    /// Do not ask Slurm to requeue the job when its VM was checkpointed on the warning (SIGUSR1).
     #[arg(long)]
     no_requeue: bool,
     /// A group of VMs, one per task of this Slurm job (`sbatch -N 2
