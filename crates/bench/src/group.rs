@@ -111,25 +111,29 @@ pub(crate) struct Guest {
 /// `sock` (a stale socket there is removed first), its console discarded.
 pub(crate) fn spawn_netring(cevm: &Path, guest: Guest, tap: &str, sock: &Path) -> Result<std::process::Child, String> {
     let Guest { id, count, hops, mib, mem } = guest;
-    let _ = std::fs::remove_file(sock);
-    Command::new(cevm)
-        .args(["run", "--guest", "netring", "--mem", mem])
-        .args(["--guest-args", &format!("id={id} count={count} hops={hops} mib={mib} work=100")])
-        .args(["--net", &format!("tap={tap},mac=52:54:00:ce:00:{id:02x}")])
-        .arg("--api-sock")
-        .arg(sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", cevm.display()))
+    let args = format!("id={id} count={count} hops={hops} mib={mib} work=100");
+    spawn_member(cevm, ["netring", mem, &args], id, tap, sock)
 }
 
 /// Starts an idle member: a `dirtier` guest that writes its MiB once and
 /// halts, in a `cevm run` of its own with a NIC on `tap`, serving its API at `sock`.
 fn spawn_idle(cevm: &Path, id: usize, tap: &str, sock: &Path) -> Result<std::process::Child, String> {
+    spawn_member(cevm, ["dirtier", "32M", "mib=1 fill=1 idle=1"], id, tap, sock)
+}
+
+/// Starts built-in guest `[name, mem, guest args]` as member `id`: a `cevm
+/// run` of its own with a NIC on `tap` (MAC 52:54:00:ce:00:ID), serving its
+/// API at `sock` (a stale socket there is removed first), its console discarded.
+fn spawn_member(
+    cevm: &Path,
+    [guest, mem, args]: [&str; 3],
+    id: usize,
+    tap: &str,
+    sock: &Path,
+) -> Result<std::process::Child, String> {
     let _ = std::fs::remove_file(sock);
     Command::new(cevm)
-        .args(["run", "--guest", "dirtier", "--mem", "32M", "--guest-args", "mib=1 fill=1 idle=1"])
+        .args(["run", "--guest", guest, "--mem", mem, "--guest-args", args])
         .args(["--net", &format!("tap={tap},mac=52:54:00:ce:00:{id:02x}")])
         .arg("--api-sock")
         .arg(sock)
