@@ -7,7 +7,7 @@
 //! checking clean.
 
 use cevm_testkit::linux::{
-    base_image, hash_chain_result, logged_steps, run_scenario_with_files, said, sh, SCENARIO_FUNCTIONS,
+    base_image, checked_disk_steps, hash_chain_result, run_scenario_with_files, said, SCENARIO_FUNCTIONS,
 };
 
 const STEPS: u32 = 40;
@@ -60,10 +60,7 @@ cp /tmp/series/disks/ckpt-000001.disk.qcow2 "$OUT/final.qcow2"
     // after the checkpoint is not in it), and clean.
     let disk = work.join("out/final.qcow2");
     assert!(disk.exists(), "the restored disk did not come back: {out}");
-    let (b, d) = (base.display(), disk.display());
-    sh(&format!("qemu-img rebase -u -b {b} -F qcow2 {d} && qemu-img check -q {d}"), &dir);
-    sh(&format!("qemu-img convert -O raw {d} final.raw && e2fsck -n -f final.raw"), &dir);
-    assert_eq!(logged_steps("final.raw", &dir), (1..=STEPS).collect::<Vec<_>>());
+    assert_eq!(checked_disk_steps(&base, &disk, &dir), (1..=STEPS).collect::<Vec<_>>());
     let _ = std::fs::remove_dir_all(&work);
     let _ = std::fs::remove_dir_all(&dir);
 }

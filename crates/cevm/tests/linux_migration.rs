@@ -7,7 +7,7 @@
 //! exactly once, and checks clean.
 
 use cevm_testkit::linux::{
-    base_image, compute_steps, hash_chain_result, logged_steps, run_scenario_with_files, said, sh, start_linux_vm,
+    base_image, checked_disk_steps, compute_steps, hash_chain_result, run_scenario_with_files, said, start_linux_vm,
 };
 
 /// Steps of the guest's hash chain. The second migration starts at step 10 and
@@ -92,10 +92,7 @@ cp /tmp/run.qcow2 "$OUT/run.qcow2"
     // the image and the file system check clean.
     let disk = work.join("out/run.qcow2");
     assert!(disk.exists(), "the disk did not come back: {out}");
-    let (b, d) = (base.display(), disk.display());
-    sh(&format!("qemu-img rebase -u -b {b} -F qcow2 {d} && qemu-img check -q {d}"), &dir);
-    sh(&format!("qemu-img convert -O raw {d} run.raw && e2fsck -n -f run.raw"), &dir);
-    assert_eq!(logged_steps("run.raw", &dir), (1..=STEPS).collect::<Vec<_>>());
+    assert_eq!(checked_disk_steps(&base, &disk, &dir), (1..=STEPS).collect::<Vec<_>>());
     let _ = std::fs::remove_dir_all(&work);
     let _ = std::fs::remove_dir_all(&dir);
 }

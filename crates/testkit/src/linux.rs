@@ -268,6 +268,18 @@ pub fn logged_steps(raw: &str, dir: &Path) -> Vec<u32> {
     log.lines().filter_map(|l| l.strip_prefix("step ")?.split(' ').next()?.parse().ok()).collect()
 }
 
+/// The qcow2 overlay `disk` a scenario brought back, checked from here: its
+/// backing pointed at this host's copy of `base` (the guest side recorded
+/// its own path), `qemu-img check` and `e2fsck -n -f` of it as raw clean
+/// (panics otherwise); returns the steps the compute test logged on it.
+pub fn checked_disk_steps(base: &Path, disk: &Path, dir: &Path) -> Vec<u32> {
+    let (b, d) = (base.display(), disk.display());
+    let raw = format!("{}.raw", disk.file_stem().unwrap().to_string_lossy());
+    sh(&format!("qemu-img rebase -u -b {b} -F qcow2 {d} && qemu-img check -q {d}"), dir);
+    sh(&format!("qemu-img convert -O raw {d} {raw} && e2fsck -n -f {raw}"), dir);
+    logged_steps(&raw, dir)
+}
+
 /// Whether a line of `out` begins with `prefix` (a scenario's `src: ` and so
 /// on) and holds `words`: a cevm diagnostic such as `INFO cevm: guest powered
 /// off`, after its timestamp.
