@@ -95,6 +95,7 @@ impl Method {
             Method::Cevm(Cevm::MigrateProcess) => "cevm migration (process)",
             Method::Cevm(Cevm::CevmThread) => "cevm CEVM (thread)",
             Method::Cevm(Cevm::CevmProcess) => "cevm CEVM (process)",
+            Method::Cevm(Cevm::Cow) => "cevm copy-on-write (fork)",
             Method::Qemu(QemuMethod::StopAndSave) => "QEMU stop + migrate to file + cont",
             Method::Qemu(QemuMethod::Migrate) => "QEMU live migration",
             Method::Qemu(QemuMethod::BackgroundSnapshot) => "QEMU background-snapshot",

@@ -84,6 +84,11 @@ impl CevmChild {
         None
     }
 
+    /// The process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILLs the process and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -386,7 +386,44 @@ impl Controller {
         match plan {
             CheckpointPlan::StopAndSave { out, stop } => self.stop_and_save(out, stop, respond),
             CheckpointPlan::Cevm(plan) => self.cevm(plan, respond),
+            CheckpointPlan::Cow { out, writer_cpus } => self.cow(out, writer_cpus, respond),
         }
+    }
+
+    /// The copy-on-write strategy ([`checkpoint::cow::take`]): the guest goes
+    /// on here at once; a writer thread answers once the forked writer wrote.
+    fn cow(&mut self, out: PathBuf, writer_cpus: Option<vmm::placement::CpuList>, respond: Respond) -> Flow {
+        self.operation(Some("checkpoint"));
+        let req = checkpoint::cow::Request {
+            out: &out,
+            writer_cpus: writer_cpus.as_ref(),
+            progress: &self.published.checkpoint,
+        };
+        let (respond_tx, respond_rx) = mpsc::channel::<Respond>();
+        let control = self.control.clone();
+        let on_written: checkpoint::cevm::OnWritten = Box::new(move |r| {
+            if let Ok(respond) = respond_rx.recv() {
+                let _ = control.send(Control::CheckpointWritten(r.map_err(ActionError::Checkpoint), respond));
+            }
+        });
+        match checkpoint::cow::take(&mut self.instance, &req, on_written) {
+            Ok(writer) => {
+                let _ = respond_tx.send(respond);
+                self.writer = Writer(Some(writer));
+            }
+            Err(f) => {
+                let e = match f.error {
+                    checkpoint::FailureKind::Write(e @ checkpoint::Error::Unsupported(_)) => {
+                        ActionError::Unsupported(e)
+                    }
+                    _ => ActionError::Checkpoint(f),
+                };
+                tracing::error!("checkpoint to {} failed: {e}", out.display());
+                respond(Err(e));
+                self.operation(None);
+            }
+        }
+        Flow::Continue
     }
 
     fn stop_and_save(&mut self, out: PathBuf, stop: bool, respond: Respond) -> Flow {
@@ -515,14 +552,16 @@ impl Controller {
     }
 }
 
-/// Logs a CEVM checkpoint's outcome (the `n`th checkpoint of this VMM) and
+/// Logs a CEVM or cow checkpoint's outcome (the `n`th checkpoint of this VMM) and
 /// makes the answer.
 fn logged(r: Result<CheckpointReport, ActionError>, n: u64) -> Reply {
     match &r {
         Ok(report) => {
+            let pause = if report.method == checkpoint::Method::Cow { "the fork" } else { "the switch" };
             tracing::info!(
-                "checkpoint {n} committed to {} (cevm: guest paused {:.2} ms for the switch, {} data pages written meanwhile in {:.0} ms)",
+                "checkpoint {n} committed to {} ({}: guest paused {:.2} ms for {pause}, {} data pages written meanwhile in {:.0} ms)",
                 report.dir.display(),
+                report.strategy,
                 report.pause_ms,
                 report.memory.data_pages,
                 report.total_ms

@@ -243,8 +243,9 @@ struct CheckpointArgs {
     /// cevm strategy: CPUs for the thread that runs the live migration (e.g. 0).
     #[arg(long, value_name = "CPUS")]
     migration_cpus: Option<vmm::placement::CpuList>,
-    /// cevm strategy: CPUs for the thread that writes the checkpoint from the
-    /// old instance, and the disk hand-over it starts (e.g. 1).
+    /// cevm and cow strategies: CPUs for what writes the checkpoint (cevm: the
+    /// old instance's writer thread; cow: the forked writer process) and the
+    /// disk hand-over it starts (e.g. 1).
     #[arg(long, value_name = "CPUS")]
     writer_cpus: Option<vmm::placement::CpuList>,
     /// cevm strategy, `--to local`: CPUs for the new instance's vCPU threads,
@@ -353,6 +354,9 @@ fn strategies() -> PossibleValuesParser {
         PossibleValue::new("stop-and-save").help("pause the guest, write the checkpoint, resume it"),
         PossibleValue::new("cevm")
             .help("live-migrate the guest to a new instance; the old one writes the checkpoint meanwhile"),
+        PossibleValue::new("cow").help(
+            "pause, fork the VMM, resume at once; the fork writes the frozen memory (needs --memory-backend private)",
+        ),
     ])
 }
 
@@ -381,6 +385,9 @@ impl PeriodicArgs {
         let every = self.checkpoint_every;
         if every.is_some() && self.checkpoint_strategy == Method::CevmThread {
             checkpoint::cevm::supports(config).map_err(|e| format!("--checkpoint-strategy cevm: {e}"))?;
+        }
+        if every.is_some() && self.checkpoint_strategy == Method::Cow {
+            checkpoint::cow::supports(config).map_err(|e| format!("--checkpoint-strategy cow: {e}"))?;
         }
         let series = open_series(&absolute(&dir)?, self.keep)?;
         Ok(Some(runner::Periodic { every, series, method: self.checkpoint_strategy }))
@@ -1010,9 +1017,9 @@ mod tests {
         assert_eq!(arg("run", "guest"), guests::names().collect::<Vec<_>>());
         assert_eq!(arg("run", "memory_backend"), ["shared", "private"]);
         for sub in ["run", "restore"] {
-            assert_eq!(arg(sub, "checkpoint_strategy"), ["stop-and-save", "cevm"]);
+            assert_eq!(arg(sub, "checkpoint_strategy"), ["stop-and-save", "cevm", "cow"]);
         }
-        assert_eq!(arg("checkpoint", "strategy"), ["stop-and-save", "cevm"]);
+        assert_eq!(arg("checkpoint", "strategy"), ["stop-and-save", "cevm", "cow"]);
         assert!(arg("completions", "shell").contains(&"bash".to_string()));
         // What each strategy value maps to.
         let m = |s: &str| {

@@ -32,6 +32,9 @@ pub enum CheckpointPlan {
     StopAndSave { out: PathBuf, stop: bool },
     /// CEVM: live-migrate the guest to `to`; the old instance writes the checkpoint.
     Cevm(CevmPlan),
+    /// Copy-on-write: pause, fork, resume; the fork writes the frozen memory
+    /// (on `writer_cpus`, if given).
+    Cow { out: PathBuf, writer_cpus: Option<CpuList> },
 }
 
 /// A CEVM checkpoint to take.
@@ -57,6 +60,7 @@ impl CheckpointPlan {
         match self {
             CheckpointPlan::StopAndSave { out, .. } => out,
             CheckpointPlan::Cevm(p) => &p.out,
+            CheckpointPlan::Cow { out, .. } => out,
         }
     }
 
@@ -70,6 +74,7 @@ impl CheckpointPlan {
                 writer_cpus: None,
                 group_cut: false,
             }),
+            Method::Cow => CheckpointPlan::Cow { out, writer_cpus: None },
             _ => CheckpointPlan::StopAndSave { out, stop: false },
         }
     }
@@ -97,6 +102,8 @@ pub enum PlanError {
     RemoteVcpuCpus,
     #[error("to, migration_cpus, dest_vcpu_cpus, writer_cpus and group_cut are for the cevm strategy")]
     CevmOnly,
+    #[error("to, migration_cpus, dest_vcpu_cpus and group_cut are for the cevm strategy (cow takes writer_cpus)")]
+    CowWithCevm,
     #[error("--stop ends the VM: use the stop-and-save strategy for that")]
     CevmStop,
 }
@@ -118,6 +125,15 @@ impl TryFrom<CheckpointRequest> for CheckpointPlan {
                     return Err(PlanError::CevmOnly);
                 }
                 Ok(CheckpointPlan::StopAndSave { out: r.out, stop: r.stop })
+            }
+            Method::Cow => {
+                if r.stop {
+                    return Err(PlanError::CevmStop);
+                }
+                if r.to.is_some() || r.migration_cpus.is_some() || r.dest_vcpu_cpus.is_some() || r.group_cut {
+                    return Err(PlanError::CowWithCevm);
+                }
+                Ok(CheckpointPlan::Cow { out: r.out, writer_cpus: r.writer_cpus })
             }
             _ => {
                 if r.stop {
@@ -162,6 +178,8 @@ mod tests {
             (CheckpointRequest { to: Some("local".into()), ..req("stop-and-save") }, PlanError::CevmOnly),
             (CheckpointRequest { writer_cpus: Some(CpuList(vec![1])), ..req("stop-and-save") }, PlanError::CevmOnly),
             (CheckpointRequest { stop: true, ..req("cevm") }, PlanError::CevmStop),
+            (CheckpointRequest { stop: true, ..req("cow") }, PlanError::CevmStop),
+            (CheckpointRequest { to: Some("local".into()), ..req("cow") }, PlanError::CowWithCevm),
             (
                 CheckpointRequest { to: Some("unix:/x".into()), dest_vcpu_cpus: Some(CpuList(vec![0])), ..req("cevm") },
                 PlanError::RemoteVcpuCpus,
@@ -187,6 +205,10 @@ mod tests {
         assert!(
             matches!(&p, CheckpointPlan::Cevm(CevmPlan { out, to, .. }) if out.as_path() == std::path::Path::new("/ck") && *to == remote),
             "{p:?}"
+        );
+        assert_eq!(
+            CheckpointPlan::try_from(CheckpointRequest { writer_cpus: Some(CpuList(vec![1])), ..req("cow") }),
+            Ok(CheckpointPlan::Cow { out: "/ck".into(), writer_cpus: Some(CpuList(vec![1])) })
         );
         let p = CheckpointPlan::try_from(CheckpointRequest { dest_vcpu_cpus: Some(CpuList(vec![1])), ..req("cevm") });
         assert!(matches!(p, Ok(CheckpointPlan::Cevm(CevmPlan { to: Destination::Local { vcpu_cpus: Some(_) }, .. }))));

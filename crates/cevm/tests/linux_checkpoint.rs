@@ -1,24 +1,27 @@
-//! Stop-and-save checkpoint of a running Linux guest (2 vCPUs, busy with a hash
-//! chain whose every step it appends to a file on its virtio-blk qcow2 overlay),
-//! SIGKILL of its VMM, restore: the guest goes on from the checkpoint, its console
-//! keeps working, its clock runs on from where it was, its result is the one an
-//! undisturbed run computes, and its disk holds every step exactly once and
-//! checks clean (`e2fsck -n`).
+//! Copy-on-write checkpoint of a running Linux guest (2 vCPUs, busy with a hash
+//! chain whose every step it appends to a file on its virtio-blk qcow2 overlay,
+//! in private memory), SIGKILL of its VMM, restore: the guest goes on from the
+//! checkpoint, its console keeps working, its clock runs on from where it was,
+//! its result is the one an undisturbed run computes, and its disk, handed over
+//! to a fresh overlay at the checkpoint while the guest kept writing, holds
+//! every step exactly once and checks clean (`e2fsck -n`). (Stop-and-save
+//! checkpoints of Linux guests are restored in linux_network.rs.)
 
 use cevm_testkit::linux::{
-    base_image, checked_disk_steps, compute_steps, hash_chain_result, run_scenario_with_files, said, start_linux_vm,
+    base_image, checked_disk_steps, compute_steps, hash_chain_result, run_scenario_with_files, said,
+    start_linux_vm_with,
 };
 
 const STEPS: u32 = 20;
 
 #[test]
-fn a_checkpointed_killed_and_restored_linux_guest_finishes_right() {
+fn a_cow_checkpointed_killed_and_restored_linux_guest_finishes_right() {
     let scenario = format!(
         r#"{}
 wait_for "step 8/" /tmp/run1.txt
-$CEVM checkpoint --api-sock /tmp/api.sock --out /tmp/ckpt > /tmp/ck.json
+$CEVM checkpoint --api-sock /tmp/api.sock --strategy cow --out /tmp/ckpt > /tmp/ck.json
 echo "cevm-scenario: checkpoint exit=$?"
-grep -E "pause_ms|data_pages" /tmp/ck.json
+grep -E "strategy|pause_ms|data_pages|linked" /tmp/ck.json
 sleep 1
 kill -9 $run1
 wait $run1
@@ -29,13 +32,18 @@ $CEVM restore /tmp/ckpt --overlay "$OUT/restored.qcow2" > /tmp/run2.txt 2> /tmp/
 echo "cevm-scenario: restore exit=$?"
 sed 's/^/run2: /' /tmp/run2.txt /tmp/run2.err
 "#,
-        start_linux_vm("run1", &format!("cevm.test=compute cevm.disk=1 cevm.steps={STEPS}"))
+        start_linux_vm_with(
+            "run1",
+            &format!("cevm.test=compute cevm.disk=1 cevm.steps={STEPS}"),
+            "--memory-backend private"
+        )
     );
     let dir = cevm_testkit::workdir("ckpt-host");
     let base = base_image(&dir);
     let (status, out, work) = run_scenario_with_files("checkpoint", &scenario, 1, std::slice::from_ref(&base));
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("cevm-scenario: checkpoint exit=0"), "{out}");
+    assert!(out.contains(r#""strategy": "cow""#) && out.contains(r#""linked": true"#), "{out}");
     assert!(out.contains("cevm-scenario: verified"), "{out}");
     assert!(out.contains("cevm-scenario: restore exit=0"), "{out}");
     // The killed run never finished; the restored one did, with the right result.

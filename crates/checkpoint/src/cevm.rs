@@ -283,8 +283,8 @@ fn supports_frozen(config: &InstanceConfig) -> Result<()> {
 /// The old instance's end of the disk hand-over (over a channel or the
 /// migration connection): what the new instance sends, and a way to answer.
 pub(crate) struct OldSideLink {
-    inbound: std::sync::mpsc::Receiver<integrate::ToOld>,
-    outbox: disk::integration::Outbox<disk::integration::FromOld>,
+    pub(crate) inbound: std::sync::mpsc::Receiver<integrate::ToOld>,
+    pub(crate) outbox: disk::integration::Outbox<disk::integration::FromOld>,
 }
 
 /// How T went into the checkpoint's temporary directory.
@@ -307,8 +307,9 @@ pub(crate) struct FrozenDisk {
 }
 
 impl FrozenDisk {
-    pub(crate) fn start(instance: &Instance, tmp: &Path, link: OldSideLink) -> Result<Self> {
-        let gd = instance.disk().ok_or_else(|| Error::Unsupported("the guest has no disk to hand over".into()))?;
+    /// Starts the hand-over of `gd` (T, no longer written) into the
+    /// checkpoint being written in `tmp`.
+    pub(crate) fn start(gd: Arc<disk::GuestDisk>, tmp: &Path, link: OldSideLink) -> Result<Self> {
         let t_path = gd.current_path();
         let dst = tmp.join(disk_file(disk::ImageFormat::Qcow2));
         // Before the first message, so T is kept even once U takes its name.

@@ -7,6 +7,7 @@
 //! of taking a checkpoint is a [`Method`].
 
 pub mod cevm;
+pub mod cow;
 pub mod group;
 mod method;
 mod progress;
@@ -56,6 +57,9 @@ pub enum Error {
     /// A NIC of the checkpoint cannot be bound to a tap here.
     #[error("{0}")]
     Network(String),
+    /// A copy-on-write checkpoint's writer process failed, or could not be made.
+    #[error("the checkpoint writer process: {0}")]
+    Writer(String),
 }
 
 /// Result of this crate.
@@ -237,7 +241,10 @@ pub(crate) fn write_paused(
     // The hand-over starts first and runs beside the memory write; whatever
     // happens to the checkpoint, it is waited for (see `cevm::FrozenDisk`).
     let job = match link {
-        Some(l) if instance.config().disk.is_some() => Some(cevm::FrozenDisk::start(instance, writer.tmp_path(), l)?),
+        Some(l) => match instance.disk() {
+            Some(t) => Some(cevm::FrozenDisk::start(t, writer.tmp_path(), l)?),
+            None => None,
+        },
         _ => None,
     };
     writer.write_file(snapshot::STATE_FILE, &state_json)?;

@@ -24,12 +24,22 @@ pub enum Method {
     /// CEVM with the new instance in another VMM process: the old VMM writes the
     /// checkpoint, then ends.
     CevmProcess,
+    /// Copy-on-write: pause, save the vCPU and device state, `fork()` the VMM
+    /// and resume at once; the child writes the frozen memory it sees while
+    /// the guest runs on in the same instance.
+    Cow,
 }
 
 impl Method {
     /// Every method, the baseline first.
-    pub const ALL: [Method; 5] =
-        [Method::StopAndSave, Method::MigrateThread, Method::MigrateProcess, Method::CevmThread, Method::CevmProcess];
+    pub const ALL: [Method; 6] = [
+        Method::StopAndSave,
+        Method::MigrateThread,
+        Method::MigrateProcess,
+        Method::CevmThread,
+        Method::CevmProcess,
+        Method::Cow,
+    ];
 
     /// The name used on the command line and in results.
     pub fn name(self) -> &'static str {
@@ -39,27 +49,31 @@ impl Method {
             Method::MigrateProcess => "migrate-process",
             Method::CevmThread => "cevm-thread",
             Method::CevmProcess => "cevm-process",
+            Method::Cow => "cow",
         }
     }
 
     /// The strategy's name, as the API's `strategy`, manifests and reports say it
-    /// (`stop-and-save`, `cevm`; `migrate` for the migrations).
+    /// (`stop-and-save`, `cevm`, `cow`; `migrate` for the migrations).
     pub fn strategy(self) -> &'static str {
         match self {
             Method::StopAndSave => "stop-and-save",
             Method::MigrateThread | Method::MigrateProcess => "migrate",
             Method::CevmThread | Method::CevmProcess => "cevm",
+            Method::Cow => "cow",
         }
     }
 
-    /// The method of checkpoint strategy `name` (`stop-and-save` or `cevm`),
-    /// its new instance in another process when `process_based`.
+    /// The method of checkpoint strategy `name` (`stop-and-save`, `cevm` or
+    /// `cow`), a CEVM checkpoint's new instance in another process when
+    /// `process_based`.
     pub fn of_strategy(name: &str, process_based: bool) -> Result<Method, String> {
         match (name, process_based) {
             ("stop-and-save", _) => Ok(Method::StopAndSave),
             ("cevm", false) => Ok(Method::CevmThread),
             ("cevm", true) => Ok(Method::CevmProcess),
-            _ => Err(format!("unknown checkpoint strategy `{name}` (available: stop-and-save, cevm)")),
+            ("cow", _) => Ok(Method::Cow),
+            _ => Err(format!("unknown checkpoint strategy `{name}` (available: stop-and-save, cevm, cow)")),
         }
     }
 
@@ -112,6 +126,7 @@ mod tests {
     fn strategies_map_to_methods() {
         assert_eq!(Method::of_strategy("cevm", true), Ok(Method::CevmProcess));
         assert_eq!(Method::of_strategy("stop-and-save", false).map(Method::strategy), Ok("stop-and-save"));
-        assert!(Method::of_strategy("fast", false).unwrap_err().contains("available: stop-and-save, cevm"));
+        assert_eq!(Method::of_strategy("cow", false).map(Method::strategy), Ok("cow"));
+        assert!(Method::of_strategy("fast", false).unwrap_err().contains("available: stop-and-save, cevm, cow"));
     }
 }

@@ -16,7 +16,7 @@
 //! status [`EXIT_FORBIDDEN`]. Two calls are answered with an error instead,
 //! because the C library probes them and copes: `clone3` (`ENOSYS`: glibc
 //! then creates threads with `clone`, whose flags a filter can check, so the
-//! VMM can make threads but never a process) and, on vCPU and API threads,
+//! VMM can make threads, and no process but the one `fork` it allows) and, on vCPU and API threads,
 //! `openat` (`EACCES`: glibc's malloc reads `/sys/devices/system/cpu/online`
 //! once per thread and falls back when it cannot; those threads never open
 //! files otherwise).
@@ -24,8 +24,9 @@
 //! The lists were taken from `strace -f` of the whole direct-path test suite
 //! per thread name, then widened on the VMM list to whole families (every
 //! file and socket call cevm's code paths could make), so that what the
-//! filters take away is what a VMM never needs: new processes and programs
-//! (`fork`, `execve`), other processes (`ptrace`, `process_vm_*`, `kill`
+//! filters take away is what a VMM never needs: new programs (`execve`), new
+//! processes but one (a copy-on-write checkpoint's writer, a plain `fork` of
+//! a VMM thread), other processes (`ptrace`, `process_vm_*`, `kill`
 //! with a signal: `kill(pid, 0)`, which only asks whether a process lives, is
 //! let through),
 //! the system (`mount`, `reboot`, modules, `bpf`, `perf_event_open`, keys,
@@ -136,8 +137,8 @@ fn rule(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
 }
 
 /// Calls every thread makes: memory, its own life and signals, time, locks,
-/// logging to stderr, and threads (never processes: `clone` only with
-/// `CLONE_THREAD`).
+/// logging to stderr, and threads (`clone` with `CLONE_THREAD`; a VMM
+/// thread may also fork the copy-on-write writer).
 const COMMON: &[Sysno] = &[
     Sysno::mmap,
     Sysno::munmap,
@@ -289,6 +290,10 @@ const VMM: &[Sysno] = &[
     Sysno::dup2,
     Sysno::dup3,
     Sysno::pipe2,
+    // A copy-on-write checkpoint's writer process: its end, and its check
+    // that the VMM still lives.
+    Sysno::wait4,
+    Sysno::getppid,
     Sysno::mincore,
     Sysno::msync,
     Sysno::memfd_create,
@@ -359,8 +364,15 @@ fn allowlist(kind: Kind) -> BTreeMap<i64, Vec<SeccompRule>> {
         // Whether a process still lives (`kill(pid, 0)`: a checkpoint series asks
         // whether the writer of a temporary directory it finds has ended), never a
         // signal sent to another process.
+        //
+        // One process: a copy-on-write checkpoint's writer, the VMM's own
+        // `fork()` (glibc's `clone` flags for it exactly, so never a thread of
+        // another kind nor a process sharing memory). It runs cevm's code only,
+        // under this same filter: no `execve`.
         Kind::Vmm => {
             rules.insert(i64::from(Sysno::kill.id()), vec![rule(1, SeccompCmpOp::Eq, 0)]);
+            let fork = (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64;
+            rules.entry(i64::from(Sysno::clone.id())).or_default().push(rule(0, SeccompCmpOp::Eq, fork));
         }
         // The guest drives this thread: KVM's ioctls on its vCPU and VM, and the
         // one a NIC makes when the guest's driver starts it (the tap offloads the

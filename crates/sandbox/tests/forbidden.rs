@@ -30,14 +30,51 @@ fn play_the_case_named_in_the_environment() {
             std::thread::Builder::new().name("worker".into()).spawn(|| 7).unwrap().join().unwrap();
             std::process::exit(0);
         }
-        // ...but never make a process...
+        // ...and fork one process, a copy-on-write checkpoint's writer, which
+        // runs on under the same filter...
         "vmm-fork" => {
-            // SAFETY: the child, if the call were let through, only exits.
-            if unsafe { libc::fork() } == 0 {
+            // SAFETY: the child only exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
                 // SAFETY: ends the child at once.
-                unsafe { libc::_exit(0) };
+                unsafe { libc::_exit(7) };
             }
-            panic!("fork was not stopped");
+            let mut status = 0;
+            // SAFETY: waits for the child just made.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            std::process::exit(if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 7 { 0 } else { 1 });
+        }
+        // ...which cannot start a program either...
+        "fork-exec" => {
+            // SAFETY: the child only tries execv, then exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: a valid path and argument vector.
+                unsafe { libc::execv(c"/bin/true".as_ptr(), [c"true".as_ptr(), std::ptr::null()].as_ptr()) };
+                // SAFETY: ends the child.
+                unsafe { libc::_exit(1) };
+            }
+            let mut status = 0;
+            // SAFETY: waits for the child just made.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            std::process::exit(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 1 });
+        }
+        // ...while no other kind of thread makes a process.
+        "vcpu-fork" => {
+            std::thread::Builder::new()
+                .name("vcpu0".into())
+                .spawn(|| {
+                    sandbox::confine(sandbox::Kind::Vcpu).unwrap();
+                    // SAFETY: the child, if the call were let through, only exits.
+                    if unsafe { libc::fork() } == 0 {
+                        // SAFETY: ends the child at once.
+                        unsafe { libc::_exit(0) };
+                    }
+                    panic!("fork on a vCPU thread was not stopped");
+                })
+                .unwrap()
+                .join()
+                .unwrap();
         }
         // ...nor start a program.
         "vmm-exec" => {
@@ -135,10 +172,19 @@ fn a_vmm_thread_opens_files_and_makes_threads() {
 }
 
 #[test]
-fn making_a_process_ends_the_vmm_naming_the_call() {
+fn a_vmm_thread_forks_a_writer_that_cannot_start_a_program() {
     let (code, err) = child("vmm-fork");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = child("fork-exec");
     assert_eq!(code, Some(sandbox::EXIT_FORBIDDEN), "{err}");
-    assert!(err.contains("thread `play_the_case_n` made the forbidden system call `clone` (56)"), "{err}");
+    assert!(err.contains("made the forbidden system call `execve` (59)"), "{err}");
+}
+
+#[test]
+fn making_a_process_on_a_vcpu_thread_ends_the_vmm_naming_the_call() {
+    let (code, err) = child("vcpu-fork");
+    assert_eq!(code, Some(sandbox::EXIT_FORBIDDEN), "{err}");
+    assert!(err.contains("thread `vcpu0` made the forbidden system call `clone` (56)"), "{err}");
 }
 
 #[test]

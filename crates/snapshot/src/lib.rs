@@ -45,7 +45,7 @@ mod tests;
 pub use error::Error;
 pub use manifest::{seal_manifest, FileEntry, Manifest, MemoryLayout, MemoryRegionLayout, MemoryStats};
 pub use reader::{verify, Checkpoint, MemoryTarget, VerifyReport, MAX_MANIFEST_SIZE, MAX_READ_SIZE, PROGRESS_STEP};
-pub use writer::{exchange, CheckpointWriter, MemoryProgress, MemorySource, Replaced};
+pub use writer::{exchange, write_memory_image, CheckpointWriter, MemoryProgress, MemorySource, Replaced};
 
 /// Version of the format this crate writes and reads.
 pub const FORMAT_VERSION: u32 = 1;

@@ -25,8 +25,10 @@ pub struct MemorySource<'a> {
 
 /// Counters of a memory image being written, read from other threads while
 /// [`CheckpointWriter::write_memory`] runs (the control API shows them as a
-/// checkpoint's progress).
+/// checkpoint's progress). `repr(C)` of two atomics, so that it may live in
+/// memory shared with another process (a copy-on-write checkpoint's writer).
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct MemoryProgress {
     /// Bytes of guest memory done: written, or known or found to be zero.
     pub done: AtomicU64,
@@ -112,6 +114,93 @@ impl Streamer {
 /// Whether a page is all zeros (64-byte blocks OR-reduced: the compiler vectorizes it).
 fn is_zero(page: &[u8]) -> bool {
     page.chunks(64).all(|block| block.iter().fold(0u8, |acc, b| acc | b) == 0)
+}
+
+/// Writes a memory image at `path` (see [`CheckpointWriter::write_memory`]),
+/// fsynced, counting into `progress`; returns what it holds and its CRC32 (8
+/// hex digits). The writer's own method calls it; a process that writes the
+/// image of a checkpoint another process commits calls it directly (then
+/// [`CheckpointWriter::record_memory`]).
+pub fn write_memory_image(
+    path: &Path,
+    layout: &MemoryLayout,
+    sources: &[MemorySource<'_>],
+    progress: Option<&MemoryProgress>,
+) -> Result<(MemoryStats, String), Error> {
+    let path = path.to_path_buf();
+    layout.check(&path)?;
+    let mismatch = |reason: String| Error::Layout { path: path.clone(), reason };
+    if sources.len() != layout.regions.len() {
+        return Err(mismatch(format!("{} memory sources for {} regions", sources.len(), layout.regions.len())));
+    }
+    let ps = layout.page_size as usize;
+    let f = File::create(&path).map_err(Error::io(&path, "create"))?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut stats = MemoryStats::default();
+    let mut pos = 0u64;
+    let mut streamer = Streamer::default();
+    let mut region_base = 0u64;
+    for (region, src) in layout.regions.iter().zip(sources) {
+        if src.guest_addr != region.guest_addr || src.data.len() as u64 != region.size {
+            return Err(mismatch(format!(
+                "memory source {:#x}+{:#x} does not match region {:#x}+{:#x}",
+                src.guest_addr,
+                src.data.len(),
+                region.guest_addr,
+                region.size
+            )));
+        }
+        hash_zeros(&mut crc, region.guest_addr - pos);
+        let whole = [std::ops::Range { start: 0, end: region.size }];
+        let mut scanned_to = 0u64;
+        for e in src.data_extents.unwrap_or(&whole) {
+            // Page-align the extent outwards, and never go back over scanned pages.
+            let start = (e.start / layout.page_size * layout.page_size).max(scanned_to);
+            let end = e.end.div_ceil(layout.page_size).saturating_mul(layout.page_size).min(region.size);
+            if start >= end {
+                continue;
+            }
+            hash_zeros(&mut crc, start - scanned_to);
+            stats.zero_pages += (start - scanned_to) / layout.page_size;
+            let bytes = &src.data[start as usize..end as usize];
+            let base = region.guest_addr + start;
+            let pages: Vec<&[u8]> = bytes.chunks(ps).collect();
+            let mut i = 0;
+            while i < pages.len() {
+                if is_zero(pages[i]) {
+                    crc.update(pages[i]);
+                    stats.zero_pages += 1;
+                    i += 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < pages.len() && !is_zero(pages[j]) {
+                    j += 1;
+                }
+                let run = &bytes[i * ps..j * ps];
+                streamer.write(&f, run, base + (i * ps) as u64).map_err(Error::io(&path, "write"))?;
+                crc.update(run);
+                if let Some(p) = progress {
+                    p.written.fetch_add(run.len() as u64, Ordering::Relaxed);
+                    p.done.store(region_base + start + (j * ps) as u64, Ordering::Relaxed);
+                }
+                stats.data_pages += (j - i) as u64;
+                stats.data_bytes += run.len() as u64;
+                i = j;
+            }
+            scanned_to = end;
+        }
+        hash_zeros(&mut crc, region.size - scanned_to);
+        stats.zero_pages += (region.size - scanned_to) / layout.page_size;
+        pos = region.guest_addr + region.size;
+        region_base += region.size;
+        if let Some(p) = progress {
+            p.done.store(region_base, Ordering::Relaxed);
+        }
+    }
+    f.set_len(layout.image_size()).map_err(Error::io(&path, "set length"))?;
+    f.sync_all().map_err(Error::io(&path, "fsync"))?;
+    Ok((stats, hex(crc.finalize())))
 }
 
 fn fsync_dir(path: &Path) -> Result<(), Error> {
@@ -230,83 +319,47 @@ impl CheckpointWriter {
     /// the caller's memory; zero pages skipped (holes). The CRC32 over the logical
     /// content is computed in the same pass.
     pub fn write_memory(&mut self, layout: &MemoryLayout, sources: &[MemorySource<'_>]) -> Result<MemoryStats, Error> {
-        let path = self.tmp.join(MEMORY_FILE);
-        layout.check(&path)?;
-        let mismatch = |reason: String| Error::Layout { path: path.clone(), reason };
-        if sources.len() != layout.regions.len() {
-            return Err(mismatch(format!("{} memory sources for {} regions", sources.len(), layout.regions.len())));
-        }
-        let ps = layout.page_size as usize;
-        let f = File::create(&path).map_err(Error::io(&path, "create"))?;
-        let mut crc = crc32fast::Hasher::new();
-        let mut stats = MemoryStats::default();
-        let mut pos = 0u64;
-        let mut streamer = Streamer::default();
         let progress = self.progress.clone();
-        let mut region_base = 0u64;
-        for (region, src) in layout.regions.iter().zip(sources) {
-            if src.guest_addr != region.guest_addr || src.data.len() as u64 != region.size {
-                return Err(mismatch(format!(
-                    "memory source {:#x}+{:#x} does not match region {:#x}+{:#x}",
-                    src.guest_addr,
-                    src.data.len(),
-                    region.guest_addr,
-                    region.size
-                )));
-            }
-            hash_zeros(&mut crc, region.guest_addr - pos);
-            let whole = [std::ops::Range { start: 0, end: region.size }];
-            let mut scanned_to = 0u64;
-            for e in src.data_extents.unwrap_or(&whole) {
-                // Page-align the extent outwards, and never go back over scanned pages.
-                let start = (e.start / layout.page_size * layout.page_size).max(scanned_to);
-                let end = e.end.div_ceil(layout.page_size).saturating_mul(layout.page_size).min(region.size);
-                if start >= end {
-                    continue;
-                }
-                hash_zeros(&mut crc, start - scanned_to);
-                stats.zero_pages += (start - scanned_to) / layout.page_size;
-                let bytes = &src.data[start as usize..end as usize];
-                let base = region.guest_addr + start;
-                let pages: Vec<&[u8]> = bytes.chunks(ps).collect();
-                let mut i = 0;
-                while i < pages.len() {
-                    if is_zero(pages[i]) {
-                        crc.update(pages[i]);
-                        stats.zero_pages += 1;
-                        i += 1;
-                        continue;
-                    }
-                    let mut j = i + 1;
-                    while j < pages.len() && !is_zero(pages[j]) {
-                        j += 1;
-                    }
-                    let run = &bytes[i * ps..j * ps];
-                    streamer.write(&f, run, base + (i * ps) as u64).map_err(Error::io(&path, "write"))?;
-                    crc.update(run);
-                    if let Some(p) = &progress {
-                        p.written.fetch_add(run.len() as u64, Ordering::Relaxed);
-                        p.done.store(region_base + start + (j * ps) as u64, Ordering::Relaxed);
-                    }
-                    stats.data_pages += (j - i) as u64;
-                    stats.data_bytes += run.len() as u64;
-                    i = j;
-                }
-                scanned_to = end;
-            }
-            hash_zeros(&mut crc, region.size - scanned_to);
-            stats.zero_pages += (region.size - scanned_to) / layout.page_size;
-            pos = region.guest_addr + region.size;
-            region_base += region.size;
-            if let Some(p) = &progress {
-                p.done.store(region_base, Ordering::Relaxed);
-            }
-        }
-        f.set_len(layout.image_size()).map_err(Error::io(&path, "set length"))?;
-        f.sync_all().map_err(Error::io(&path, "fsync"))?;
-        self.files.push(FileEntry { name: MEMORY_FILE.into(), size: layout.image_size(), crc32: hex(crc.finalize()) });
+        self.write_memory_counting(layout, sources, progress.as_deref())
+    }
+
+    /// [`write_memory`](Self::write_memory), counting into `progress` instead of
+    /// what [`track`](Self::track) gave.
+    pub fn write_memory_counting(
+        &mut self,
+        layout: &MemoryLayout,
+        sources: &[MemorySource<'_>],
+        progress: Option<&MemoryProgress>,
+    ) -> Result<MemoryStats, Error> {
+        let path = self.tmp.join(MEMORY_FILE);
+        let (stats, crc32) = write_memory_image(&path, layout, sources, progress)?;
+        self.files.push(FileEntry { name: MEMORY_FILE.into(), size: layout.image_size(), crc32 });
         self.memory = Some((layout.clone(), stats.clone()));
         Ok(stats)
+    }
+
+    /// The entry recorded for file `name` so far.
+    pub fn entry(&self, name: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.name == name)
+    }
+
+    /// Records memory.img that another process wrote into
+    /// [`tmp_path`](Self::tmp_path) with [`write_memory`](Self::write_memory)
+    /// (and fsynced): `crc32` is its entry's checksum, as [`entry`](Self::entry)
+    /// gave it there. The file's size is checked against the layout.
+    pub fn record_memory(&mut self, layout: &MemoryLayout, stats: MemoryStats, crc32: &str) -> Result<(), Error> {
+        let path = self.tmp.join(MEMORY_FILE);
+        layout.check(&path)?;
+        let size = std::fs::metadata(&path).map_err(Error::io(&path, "stat"))?.len();
+        if size != layout.image_size() || self.entry(MEMORY_FILE).is_some() {
+            return Err(Error::Layout {
+                path,
+                reason: format!("holds {size} bytes where the layout needs {}", layout.image_size()),
+            });
+        }
+        self.files.push(FileEntry { name: MEMORY_FILE.into(), size, crc32: crc32.into() });
+        self.memory = Some((layout.clone(), stats));
+        Ok(())
     }
 
     /// Writes manifest.json and atomically puts the checkpoint at its final name

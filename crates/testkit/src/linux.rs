@@ -151,10 +151,15 @@ wait_vm() {
 /// /tmp/NAME.txt, cevm's own messages in /tmp/NAME.err (apart, so that neither
 /// cuts into the other's lines), its pid in `$NAME`.
 pub fn start_linux_vm(name: &str, guest_args: &str) -> String {
+    start_linux_vm_with(name, guest_args, "")
+}
+
+/// [`start_linux_vm`], with more arguments `vmm_args` for `cevm run`.
+pub fn start_linux_vm_with(name: &str, guest_args: &str, vmm_args: &str) -> String {
     format!(
         r#"cd /tmp
 cp "$DATA/base.qcow2" /tmp/base.qcow2
-{SCENARIO_FUNCTIONS}$CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock \
+{SCENARIO_FUNCTIONS}$CEVM run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --mem 256M --vcpus 2 --api-sock /tmp/api.sock {vmm_args} \
     --disk /tmp/base.qcow2 --overlay /tmp/run.qcow2 \
     --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off quiet {guest_args}" \
     > /tmp/{name}.txt 2> /tmp/{name}.err &

@@ -419,6 +419,16 @@ impl Instance {
         Ok(())
     }
 
+    /// Gives the paused instance's block device `disk` in place of its disk
+    /// (which is returned): what the guest reads and writes from its resume on.
+    pub fn replace_disk(&mut self, disk: Arc<disk::GuestDisk>) -> Result<Arc<disk::GuestDisk>> {
+        if self.state != RunState::Paused {
+            return Err(Error::RunState("the disk can only be replaced while the instance is paused"));
+        }
+        let block = self.block.as_ref().ok_or_else(|| Error::Device("the guest has no disk to replace".into()))?;
+        lock(block).device_mut().replace_disk(disk).map_err(Error::Device)
+    }
+
     /// The guest's disk, if it has one.
     pub fn disk(&self) -> Option<Arc<disk::GuestDisk>> {
         self.block.as_ref().map(|b| lock(b).device().disk().clone())

@@ -68,7 +68,7 @@ pub struct BarrierView {
 pub struct CheckpointRequest {
     /// Directory the checkpoint is committed to (absolute; replaced atomically if it exists).
     pub out: PathBuf,
-    /// Strategy name (default `stop-and-save`).
+    /// Strategy name: `stop-and-save` (default), `cevm` or `cow`.
     #[serde(default = "default_strategy")]
     pub strategy: String,
     /// Leave the VM stopped after the checkpoint (the VMM then exits).
@@ -87,8 +87,9 @@ pub struct CheckpointRequest {
     /// cevm strategy, thread-based: CPUs for the new instance's vCPU threads.
     #[serde(default)]
     pub dest_vcpu_cpus: Option<vmm::placement::CpuList>,
-    /// cevm strategy: CPUs for the thread that writes the checkpoint from the
-    /// old instance (and the disk hand-over it starts).
+    /// cevm and cow strategies: CPUs for what writes the checkpoint (cevm: the
+    /// old instance's writer thread; cow: the forked writer process) and the
+    /// disk hand-over it starts.
     #[serde(default)]
     pub writer_cpus: Option<vmm::placement::CpuList>,
     /// cevm strategy, for a group's coordinator: the switch waits for the

@@ -45,6 +45,17 @@ impl Block {
         &self.disk
     }
 
+    /// Puts the device on another disk of the same size (a copy-on-write
+    /// checkpoint's switch to a fresh overlay), returning the one it had. The
+    /// caller makes sure no request is being served (the vCPUs, which serve
+    /// them, are paused).
+    pub fn replace_disk(&mut self, disk: Arc<disk::GuestDisk>) -> Result<Arc<disk::GuestDisk>, String> {
+        if disk.size() != self.disk.size() {
+            return Err(format!("the new disk has {} bytes, the device's {}", disk.size(), self.disk.size()));
+        }
+        Ok(std::mem::replace(&mut self.disk, disk))
+    }
+
     /// Serves one request; returns (bytes written to the guest, status).
     fn serve(&self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<(u32, u8), ()> {
         let (head, rest) = descs.split_first().ok_or(())?;
