@@ -172,3 +172,23 @@ fn a_killed_cow_writer_fails_its_checkpoint_but_not_the_guest_nor_the_previous_c
     quit(&sock, &mut restored);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn periodic_cow_checkpoints_restore_to_the_exact_digest() {
+    let dir = workdir("cow-series");
+    let (sock, series) = (dir.join("api.sock"), dir.join("series"));
+    let every = ["--checkpoint-every", "1s", "--checkpoint-strategy", "cow", "--checkpoint-dir"];
+    let mut vm =
+        run_private("digest", "mib=1 rounds=6", "32M", &sock, &[&every[..], &[series.to_str().unwrap()]].concat());
+    vm.wait_line(T, |l| l == "round 4/6").expect("the guest never reached round 4");
+    let st = api(&sock).status().unwrap();
+    assert!(st.checkpoints >= 2, "no periodic checkpoints by round 4: {st:?}");
+    vm.kill();
+    let latest = series.join("latest");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(latest.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["strategy"], "cow", "{m}");
+    let mut restored = restore(&latest, None);
+    assert_eq!(digest_to_end(&mut restored), format!("{:016x}", guests::digest(1, 6)));
+    assert!(!restored.seen.iter().any(|l| l == "round 1/6"), "restored from the start: {:?}", restored.seen);
+    let _ = std::fs::remove_dir_all(&dir);
+}
