@@ -236,8 +236,9 @@ enum BenchCmd {
         /// Checkpoints per job, comma-separated: one set of jobs per value.
         #[arg(long, default_value = "3", value_delimiter = ',')]
         n: Vec<usize>,
-        /// Methods, comma-separated: stop-and-save, migrate-thread (or migrate), cevm-thread, cevm-process.
-        #[arg(long, default_value = "stop-and-save,migrate,cevm-thread,cevm-process", value_delimiter = ',')]
+        /// Methods, comma-separated: stop-and-save, migrate-thread (or migrate), cevm-thread, cevm-process,
+        /// cow (its guest in private memory).
+        #[arg(long, default_value = "stop-and-save,migrate,cevm-thread,cevm-process,cow", value_delimiter = ',')]
         strategies: Vec<checkpoint::Method>,
         /// Placements, comma-separated: same (all on CPU 0), spread (migration and
         /// writer on CPU 1), none (the kernel decides).

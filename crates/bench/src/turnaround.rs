@@ -16,8 +16,10 @@
 //!   ended (from the job's last page to the checkpoint's answer, or 0); so the
 //!   turnaround `T_comp + n·T_x + T_o` holds by construction;
 //! - each checkpoint's guest downtime as the VMM reports it, the job's worst
-//!   second (pages written that second / the set rate), and the peak resident
-//!   memory of all its VMM processes together.
+//!   second (pages written that second / the set rate), and the peak memory
+//!   of all its VMM processes and their children (a cow checkpoint's writer)
+//!   together, counted by proportional set size (a page shared after a fork
+//!   counts once).
 //!
 //! Placements (the seed's "scheduling possibilities"): `same` (everything on
 //! CPU 0), `spread` (the guest on CPU 0, migration and writer on CPU 1), `none`
@@ -121,7 +123,8 @@ pub struct Run {
     pub request_ms: Vec<f64>,
     /// Pages written in each whole second of the job.
     pub per_second: Vec<u64>,
-    /// Peak resident memory of the job's VMM processes together, MiB.
+    /// Peak memory of the job's VMM processes and their children together
+    /// (the sum of their proportional set sizes), MiB.
     pub peak_rss_mib: f64,
 }
 
@@ -137,19 +140,23 @@ fn spawn(args: &[String], lines: &Sender<(Instant, String)>, log: &Path) -> Resu
     Ok(Vmm { child: cevm::child::spawn_piped(cmd, lines, log)? })
 }
 
-/// Samples the resident memory of `pids` together every 20 ms; keeps the peak (KiB).
+/// Samples the memory of `pids` and of their children (a cow checkpoint's
+/// writer) together every 20 ms; keeps the peak (KiB). Each process counts its
+/// proportional set size (`Pss` of /proc/PID/smaps_rollup): a page two
+/// processes share after a fork counts once, so the sum is what the job holds.
 fn rss_sampler(pids: Arc<Mutex<Vec<u32>>>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut peak = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let total: u64 = pids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            let mut all: Vec<u32> = pids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let kids: Vec<u32> = all.iter().flat_map(|&pid| children(pid)).collect();
+            all.extend(kids);
+            let total: u64 = all
                 .iter()
-                .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+                .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
                 .filter_map(|s| {
                     s.lines()
-                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .find_map(|l| l.strip_prefix("Pss:"))
                         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
                 })
                 .sum();
@@ -158,6 +165,17 @@ fn rss_sampler(pids: Arc<Mutex<Vec<u32>>>, stop: Arc<AtomicBool>) -> std::thread
         }
         peak
     })
+}
+
+/// The child processes of `pid` (of any of its threads).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
 }
 
 const T: Duration = Duration::from_secs(600);
@@ -265,6 +283,10 @@ impl Job<'_> {
                 };
                 (Some(req), None)
             }
+            Method::Cow => (
+                Some(CheckpointRequest { writer_cpus: self.writer_cpus.clone(), ..CheckpointRequest::new(out, "cow") }),
+                None,
+            ),
             _ => (CheckpointRequest::of_method(s, out, None), MigrateRequest::of_method(s, "local")),
         })
     }
@@ -401,6 +423,10 @@ fn run_once(
         &format!("{}M", o.mem >> 20),
         "--api-sock",
         &job.sock(0).to_string_lossy(),
+        // What a fork freezes (the cow strategy needs it); the others' guest
+        // memory is cevm's default.
+        "--memory-backend",
+        if strategy == Some(Method::Cow) { "private" } else { "shared" },
     ]
     .iter()
     .map(|s| s.to_string())
@@ -468,7 +494,7 @@ pub fn measure(o: &Options) -> Result<Vec<Run>, String> {
                     let mut x = run_once(o, (Some(s), n), p, &format!("{s}-{}-{n}-{r}", p.name()))?;
                     x.round = r;
                     println!(
-                        "  run {}: {s} ({}), n={n}: job {:.3} s, VMMs ended {:.3} s, downtimes {:?} ms, requests {:?} ms, peak RSS {:.0} MiB",
+                        "  run {}: {s} ({}), n={n}: job {:.3} s, VMMs ended {:.3} s, downtimes {:?} ms, requests {:?} ms, peak memory {:.0} MiB",
                         r + 1,
                         p.name(),
                         x.t_run,
@@ -496,12 +522,13 @@ fn report(o: &Options, runs: &[Run]) -> Result<(), String> {
         o.seconds
     );
     println!();
-    println!("| strategy | placement | n | per-checkpoint cost to the job, ms (T_cpt / T_mg / T_cevm) | T_o ms | cost + T_o/n ms | guest downtime per checkpoint ms | request to answer ms | worst second, % of rate | peak RSS MiB |");
+    println!("| strategy | placement | n | per-checkpoint cost to the job, ms (T_cpt / T_mg / T_cevm) | T_o ms | cost + T_o/n ms | guest downtime per checkpoint ms | request to answer ms | worst second, % of rate | peak memory (PSS) MiB |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut ns: Vec<usize> = runs.iter().filter(|r| r.strategy.is_some()).map(|r| r.n).collect();
     ns.sort_unstable();
     ns.dedup();
-    let mut summary: Vec<(Method, Placement, usize, f64)> = Vec::new();
+    // Per case, medians: cost + T_o/n, cost, request to answer, downtime.
+    let mut summary: Vec<(Method, Placement, usize, [f64; 4])> = Vec::new();
     for &nn in &ns {
         let n = nn as f64;
         for &p in &o.placements {
@@ -542,14 +569,31 @@ fn report(o: &Options, runs: &[Run]) -> Result<(), String> {
                     f(&worst, 1),
                     f(&rss, 0)
                 );
-                summary.push((s, p, nn, median_min_max(&total).0));
+                let med = |v: &[f64]| median_min_max(v).0;
+                summary.push((s, p, nn, [med(&total), med(&cost), med(&reqs), med(&downs)]));
             }
         }
     }
     println!("(medians over {} runs, min-max in parentheses; cost = (job time - that run's T_comp) / n; T_o = how long the last checkpoint was still being written after the job ended; downtime as each VMM reports it; stop-and-save runs in the VMM's control thread, so placement does not apply to it; the job's pacing absorbs a pause shorter than 1 ms, so costs below about 1 ms per checkpoint read as 0: compare those by their downtime)", o.runs);
     for &nn in &ns {
         for &p in &o.placements {
-            let get = |s: Method| summary.iter().find(|x| x.0 == s && x.1 == p && x.2 == nn).map(|x| x.3);
+            let case = |s: Method| summary.iter().find(|x| x.0 == s && x.1 == p && x.2 == nn).map(|x| x.3);
+            let get = |s: Method| case(s).map(|m| m[0]);
+            if let Some([_, cost, req, down]) = case(Method::Cow) {
+                // While the writer writes (request to answer, less the pause),
+                // the job loses `cost` of its time.
+                let writing = (req - down).max(1e-9);
+                let kept = (1.0 - (cost - down).max(0.0) / writing) * 100.0;
+                let vs = case(Method::StopAndSave).map_or("n/a (no stop-and-save runs)".into(), |m| {
+                    format!("{:.2}x stop-and-save's {:.0} ms", req / m[2], m[2])
+                });
+                println!(
+                    "{}, n={nn}: cow: pause {down:.2} ms ({:.2} ms per GiB of guest); the guest kept {kept:.0} % of its progress while the checkpoint was written ({:.0} ms); durable after {req:.0} ms, {vs}",
+                    p.name(),
+                    down / (o.mem as f64 / (1u64 << 30) as f64),
+                    req - down
+                );
+            }
             if let (Some(mg), Some(cpt)) = (get(Method::MigrateThread), get(Method::StopAndSave)) {
                 for s in [Method::CevmThread, Method::CevmProcess] {
                     if let Some(c) = get(s) {
