@@ -65,8 +65,14 @@ pub fn run(
             if i % 2 == 1 {
                 limit = disk_limit(&limit_file, mem)?;
             }
-            let r = checkpoint::stop_and_save(&mut inst, &ckpt, false, &checkpoint::Progress::default())
-                .map_err(|e| e.to_string())?;
+            let r = checkpoint::stop_and_save(
+                &mut inst,
+                &ckpt,
+                false,
+                checkpoint::Pages::All,
+                &checkpoint::Progress::default(),
+            )
+            .map_err(|e| e.to_string())?;
             let alloc = allocated_bytes(&ckpt.join(snapshot::MEMORY_FILE));
             let _ = std::fs::remove_dir_all(&ckpt);
             if i % 2 == 0 {

@@ -183,6 +183,9 @@ pub struct Controller {
     /// Checkpoints committed by this VMM process.
     checkpoints: u64,
     writer: Writer,
+    /// The last checkpoint this instance committed while its written pages
+    /// are tracked: the next incremental checkpoint's parent.
+    base: Option<checkpoint::Base>,
     published: Arc<Published>,
     /// The long operation under way, if any (`checkpoint`, `migration`).
     operation: Option<&'static str>,
@@ -203,6 +206,7 @@ impl Controller {
             generation: 0,
             checkpoints: 0,
             writer: Writer::default(),
+            base: None,
             published,
             operation: None,
             stopping: false,
@@ -384,20 +388,30 @@ impl Controller {
             return Flow::Continue;
         }
         match plan {
-            CheckpointPlan::StopAndSave { out, stop } => self.stop_and_save(out, stop, respond),
+            CheckpointPlan::StopAndSave { out, stop, incremental } => {
+                self.stop_and_save(out, stop, incremental, respond)
+            }
             CheckpointPlan::Cevm(plan) => self.cevm(plan, respond),
-            CheckpointPlan::Cow { out, writer_cpus } => self.cow(out, writer_cpus, respond),
+            CheckpointPlan::Cow { out, writer_cpus, incremental } => self.cow(out, writer_cpus, incremental, respond),
         }
     }
 
     /// The copy-on-write strategy ([`checkpoint::cow::take`]): the guest goes
     /// on here at once; a writer thread answers once the forked writer wrote.
-    fn cow(&mut self, out: PathBuf, writer_cpus: Option<vmm::placement::CpuList>, respond: Respond) -> Flow {
+    fn cow(
+        &mut self,
+        out: PathBuf,
+        writer_cpus: Option<vmm::placement::CpuList>,
+        incremental: bool,
+        respond: Respond,
+    ) -> Flow {
         self.operation(Some("checkpoint"));
+        let base = self.base.clone();
         let req = checkpoint::cow::Request {
             out: &out,
             writer_cpus: writer_cpus.as_ref(),
             progress: &self.published.checkpoint,
+            pages: pages(&base, incremental),
         };
         let (respond_tx, respond_rx) = mpsc::channel::<Respond>();
         let control = self.control.clone();
@@ -426,9 +440,30 @@ impl Controller {
         Flow::Continue
     }
 
-    fn stop_and_save(&mut self, out: PathBuf, stop: bool, respond: Respond) -> Flow {
+    /// A checkpoint committed: if it tracked written pages, the instance
+    /// forgets those it holds, and it is the next incremental one's base.
+    fn settle(&mut self, report: &checkpoint::CheckpointReport) {
+        if let Some(t) = &report.tracked {
+            if let Some(p) = &t.pages {
+                self.instance.forget_dirty_pages(p);
+            }
+            self.base = Some(checkpoint::Base { dir: report.dir.clone(), id: report.id.clone(), epoch: t.epoch });
+        }
+    }
+
+    fn stop_and_save(&mut self, out: PathBuf, stop: bool, incremental: bool, respond: Respond) -> Flow {
         self.operation(Some("checkpoint"));
-        let r = checkpoint::stop_and_save(&mut self.instance, &out, stop, &self.published.checkpoint);
+        let base = self.base.clone();
+        let r = checkpoint::stop_and_save(
+            &mut self.instance,
+            &out,
+            stop,
+            pages(&base, incremental),
+            &self.published.checkpoint,
+        );
+        if let Ok(report) = &r {
+            self.settle(report);
+        }
         // Published before the answer goes out: a client that asks for the
         // status right after it sees this checkpoint counted.
         self.checkpoints += u64::from(r.is_ok());
@@ -462,6 +497,9 @@ impl Controller {
         // request does not find it still busy.
         self.writer = Writer::default();
         self.checkpoints += u64::from(result.is_ok());
+        if let Ok(report) = &result {
+            self.settle(report);
+        }
         self.operation(None);
         respond(logged(result, self.checkpoints));
     }
@@ -549,6 +587,16 @@ impl Controller {
         if let Err(e) = forward_events(events, self.control.clone(), self.generation) {
             tracing::warn!("cannot watch the new instance's events: {e}");
         }
+    }
+}
+
+/// Which pages a checkpoint holds: all, or those written since `base`, the
+/// instance's last checkpoint (`incremental`).
+fn pages(base: &Option<checkpoint::Base>, incremental: bool) -> checkpoint::Pages<'_> {
+    if incremental {
+        checkpoint::Pages::SinceBase(base.as_ref())
+    } else {
+        checkpoint::Pages::All
     }
 }
 

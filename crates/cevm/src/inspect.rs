@@ -29,6 +29,13 @@ pub fn describe(dir: &Path, as_json: bool) -> Result<String, checkpoint::Error> 
     let _ = writeln!(s, "format         version {} (written by cevm {})", m.format_version, m.cevm_version);
     let _ = writeln!(s, "strategy       {}", m.strategy);
     let _ = writeln!(s, "created        {} ms after the Unix epoch", m.created_unix_ms);
+    if !m.id.is_empty() {
+        let _ = writeln!(s, "id             {}", m.id);
+    }
+    if let Some(p) = &m.parent {
+        let chain: Vec<String> = open.ancestors.iter().rev().map(|a| a.dir.display().to_string()).collect();
+        let _ = writeln!(s, "incremental    on {} (id {}); the chain behind it: {}", p.dir, p.id, chain.join(" <- "));
+    }
     let backend = serde_json::to_value(cfg.memory_backend).ok().and_then(|v| v.as_str().map(str::to_string));
     let _ = writeln!(s, "guest          {}", cfg.boot);
     let _ = writeln!(

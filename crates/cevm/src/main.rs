@@ -252,6 +252,12 @@ struct CheckpointArgs {
     /// vCPU i on the i-th.
     #[arg(long, value_name = "CPUS")]
     dest_vcpu_cpus: Option<vmm::placement::CpuList>,
+    /// stop-and-save and cow strategies: hold only the pages written since
+    /// this VMM's previous checkpoint, which becomes its parent (`cevm
+    /// restore` and `cevm verify` follow the chain). The first one (and the
+    /// first after a migration) holds all of memory and starts tracking.
+    #[arg(long)]
+    incremental: bool,
 }
 
 /// `cevm migrate`.
@@ -320,6 +326,12 @@ struct PeriodicArgs {
     /// Strategy of the periodic checkpoints.
     #[arg(long, value_name = "STRATEGY", default_value = "cevm", requires = "checkpoint_every", value_parser = strategies().try_map(|s| Method::of_strategy(&s, false)))]
     checkpoint_strategy: Method,
+    /// Each periodic checkpoint holds only the pages written since the one
+    /// before it, its parent (stop-and-save and cow strategies); retention
+    /// merges a parent into its child before the parent goes, so --keep
+    /// checkpoints stay restorable.
+    #[arg(long, requires = "checkpoint_every")]
+    checkpoint_incremental: bool,
     /// What SIGUSR1 and SIGTERM do (a batch system's warning, and its kill):
     /// `checkpoint`: a last checkpoint into --checkpoint-dir, then exit 75
     /// (requeue me); `quit`: stop the guest, exit 128 + the signal. Unset,
@@ -389,8 +401,18 @@ impl PeriodicArgs {
         if every.is_some() && self.checkpoint_strategy == Method::Cow {
             checkpoint::cow::supports(config).map_err(|e| format!("--checkpoint-strategy cow: {e}"))?;
         }
+        if self.checkpoint_incremental && !matches!(self.checkpoint_strategy, Method::StopAndSave | Method::Cow) {
+            return Err("--checkpoint-incremental: incremental checkpoints are taken by the stop-and-save and cow \
+                        strategies (--checkpoint-strategy)"
+                .into());
+        }
         let series = open_series(&absolute(&dir)?, self.keep)?;
-        Ok(Some(runner::Periodic { every, series, method: self.checkpoint_strategy }))
+        Ok(Some(runner::Periodic {
+            every,
+            series,
+            method: self.checkpoint_strategy,
+            incremental: self.checkpoint_incremental,
+        }))
     }
 }
 
@@ -491,6 +513,12 @@ fn verify(dir: &Path) -> i32 {
     match verified {
         Ok(r) => {
             let mut s = format!("{}: OK\n", dir.display());
+            if let Some(p) = &r.manifest.parent {
+                s.push_str(&format!(
+                    "  incremental on {} (id {}): every checkpoint behind it verified too\n",
+                    p.dir, p.id
+                ));
+            }
             for f in &r.files {
                 s.push_str(&format!("  {:<14} {:>14} bytes  crc32 {}  ok\n", f.name, f.size, f.crc32));
             }
@@ -538,7 +566,8 @@ fn checkpoint_vm(a: CheckpointArgs) -> i32 {
 
 /// The API socket and the request of `cevm checkpoint` (`--out` made absolute).
 fn checkpoint_request(a: CheckpointArgs) -> Result<(PathBuf, CheckpointRequest), String> {
-    let CheckpointArgs { api_sock, out, strategy, stop, to, migration_cpus, writer_cpus, dest_vcpu_cpus } = a;
+    let CheckpointArgs { api_sock, out, strategy, stop, to, migration_cpus, writer_cpus, dest_vcpu_cpus, incremental } =
+        a;
     let out = absolute(&out)?;
     let req = CheckpointRequest {
         stop,
@@ -546,6 +575,7 @@ fn checkpoint_request(a: CheckpointArgs) -> Result<(PathBuf, CheckpointRequest),
         migration_cpus,
         writer_cpus,
         dest_vcpu_cpus,
+        incremental,
         ..CheckpointRequest::new(out, &strategy)
     };
     Ok((api_sock, req))

@@ -28,13 +28,14 @@ fn parse_destination(to: &str, vcpu_cpus: Option<CpuList>) -> Result<Destination
 /// A checkpoint to take.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CheckpointPlan {
-    /// Pause, write, resume (or stay stopped: the VMM then ends).
-    StopAndSave { out: PathBuf, stop: bool },
+    /// Pause, write, resume (or stay stopped: the VMM then ends); only the
+    /// pages written since the previous checkpoint when `incremental`.
+    StopAndSave { out: PathBuf, stop: bool, incremental: bool },
     /// CEVM: live-migrate the guest to `to`; the old instance writes the checkpoint.
     Cevm(CevmPlan),
     /// Copy-on-write: pause, fork, resume; the fork writes the frozen memory
     /// (on `writer_cpus`, if given).
-    Cow { out: PathBuf, writer_cpus: Option<CpuList> },
+    Cow { out: PathBuf, writer_cpus: Option<CpuList>, incremental: bool },
 }
 
 /// A CEVM checkpoint to take.
@@ -64,8 +65,9 @@ impl CheckpointPlan {
         }
     }
 
-    /// The plan of a periodic checkpoint into `out`: `method` with nothing placed.
-    pub fn periodic(method: Method, out: PathBuf) -> CheckpointPlan {
+    /// The plan of a periodic checkpoint into `out`: `method` with nothing
+    /// placed, `incremental` where the method can be.
+    pub fn periodic(method: Method, out: PathBuf, incremental: bool) -> CheckpointPlan {
         match method {
             Method::CevmThread | Method::CevmProcess => CheckpointPlan::Cevm(CevmPlan {
                 out,
@@ -74,8 +76,8 @@ impl CheckpointPlan {
                 writer_cpus: None,
                 group_cut: false,
             }),
-            Method::Cow => CheckpointPlan::Cow { out, writer_cpus: None },
-            _ => CheckpointPlan::StopAndSave { out, stop: false },
+            Method::Cow => CheckpointPlan::Cow { out, writer_cpus: None, incremental },
+            _ => CheckpointPlan::StopAndSave { out, stop: false, incremental },
         }
     }
 }
@@ -106,6 +108,8 @@ pub enum PlanError {
     CowWithCevm,
     #[error("--stop ends the VM: use the stop-and-save strategy for that")]
     CevmStop,
+    #[error("incremental checkpoints are taken by the stop-and-save and cow strategies")]
+    CevmIncremental,
 }
 
 impl TryFrom<CheckpointRequest> for CheckpointPlan {
@@ -124,7 +128,7 @@ impl TryFrom<CheckpointRequest> for CheckpointPlan {
                 if cevm_only {
                     return Err(PlanError::CevmOnly);
                 }
-                Ok(CheckpointPlan::StopAndSave { out: r.out, stop: r.stop })
+                Ok(CheckpointPlan::StopAndSave { out: r.out, stop: r.stop, incremental: r.incremental })
             }
             Method::Cow => {
                 if r.stop {
@@ -133,11 +137,14 @@ impl TryFrom<CheckpointRequest> for CheckpointPlan {
                 if r.to.is_some() || r.migration_cpus.is_some() || r.dest_vcpu_cpus.is_some() || r.group_cut {
                     return Err(PlanError::CowWithCevm);
                 }
-                Ok(CheckpointPlan::Cow { out: r.out, writer_cpus: r.writer_cpus })
+                Ok(CheckpointPlan::Cow { out: r.out, writer_cpus: r.writer_cpus, incremental: r.incremental })
             }
             _ => {
                 if r.stop {
                     return Err(PlanError::CevmStop);
+                }
+                if r.incremental {
+                    return Err(PlanError::CevmIncremental);
                 }
                 let to = parse_destination(r.to.as_deref().unwrap_or("local"), r.dest_vcpu_cpus)?;
                 Ok(CheckpointPlan::Cevm(CevmPlan {
@@ -179,6 +186,7 @@ mod tests {
             (CheckpointRequest { writer_cpus: Some(CpuList(vec![1])), ..req("stop-and-save") }, PlanError::CevmOnly),
             (CheckpointRequest { stop: true, ..req("cevm") }, PlanError::CevmStop),
             (CheckpointRequest { stop: true, ..req("cow") }, PlanError::CevmStop),
+            (CheckpointRequest { incremental: true, ..req("cevm") }, PlanError::CevmIncremental),
             (CheckpointRequest { to: Some("local".into()), ..req("cow") }, PlanError::CowWithCevm),
             (
                 CheckpointRequest { to: Some("unix:/x".into()), dest_vcpu_cpus: Some(CpuList(vec![0])), ..req("cevm") },
@@ -198,7 +206,7 @@ mod tests {
     fn valid_requests_become_their_plans() {
         assert_eq!(
             CheckpointPlan::try_from(CheckpointRequest { stop: true, ..req("stop-and-save") }),
-            Ok(CheckpointPlan::StopAndSave { out: "/ck".into(), stop: true })
+            Ok(CheckpointPlan::StopAndSave { out: "/ck".into(), stop: true, incremental: false })
         );
         let p = CheckpointPlan::try_from(CheckpointRequest { to: Some("unix:/d.sock".into()), ..req("cevm") }).unwrap();
         let remote = Destination::Remote("unix:/d.sock".parse().unwrap());
@@ -208,7 +216,7 @@ mod tests {
         );
         assert_eq!(
             CheckpointPlan::try_from(CheckpointRequest { writer_cpus: Some(CpuList(vec![1])), ..req("cow") }),
-            Ok(CheckpointPlan::Cow { out: "/ck".into(), writer_cpus: Some(CpuList(vec![1])) })
+            Ok(CheckpointPlan::Cow { out: "/ck".into(), writer_cpus: Some(CpuList(vec![1])), incremental: false })
         );
         let p = CheckpointPlan::try_from(CheckpointRequest { dest_vcpu_cpus: Some(CpuList(vec![1])), ..req("cevm") });
         assert!(matches!(p, Ok(CheckpointPlan::Cevm(CevmPlan { to: Destination::Local { vcpu_cpus: Some(_) }, .. }))));

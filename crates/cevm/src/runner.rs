@@ -56,6 +56,8 @@ pub struct Periodic {
     pub every: Option<Duration>,
     pub series: checkpoint::series::Series,
     pub method: Method,
+    /// Each checkpoint holds only the pages written since the one before.
+    pub incremental: bool,
 }
 
 /// How often the status is published again without an action: what moves on
@@ -168,7 +170,7 @@ fn on_signal(vmm: &mut Controller, sig: i32, how: OnSignal, periodic: Option<&mu
             *f.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
         }
     });
-    match vmm.checkpoint(CheckpointPlan::StopAndSave { out: dir.clone(), stop: true }, respond) {
+    match vmm.checkpoint(CheckpointPlan::StopAndSave { out: dir.clone(), stop: true, incremental: false }, respond) {
         Flow::End(Outcome::StoppedAfterCheckpoint(dir)) => {
             match p.series.committed(&dir) {
                 Ok(removed) => {
@@ -274,7 +276,7 @@ fn act(vmm: &mut Controller, action: Action, respond: Respond) -> Flow {
 /// would; whether it committed comes back as `Control::PeriodicDone`.
 fn periodic_checkpoint(p: &mut Periodic, control: &Sender<Control>) {
     let dir = p.series.next_path();
-    let plan = CheckpointPlan::periodic(p.method, dir.clone());
+    let plan = CheckpointPlan::periodic(p.method, dir.clone(), p.incremental);
     let back = control.clone();
     let respond = Box::new(move |r: crate::controller::Reply| {
         let _ = back.send(Control::PeriodicDone { dir, committed: r.is_ok() });

@@ -265,7 +265,7 @@ fn write_frozen(
     progress: &Progress,
 ) -> Result<CheckpointReport> {
     supports_frozen(frozen.config())?;
-    let written = write_paused(frozen, out, method, link, progress)?;
+    let written = write_paused(frozen, out, method, link, None, progress)?;
     Ok(report(out, method, pause_ms, t0, written, false))
 }
 

@@ -37,6 +37,7 @@ use vmm::placement::CpuList;
 use vmm::{Instance, InstanceConfig, MemoryBackend};
 
 use crate::cevm::{FrozenDisk, GuestRuns, OldSideLink, OnWritten};
+use crate::incremental::{self, Increment, Pages, Tracked};
 use crate::{memory_layout, ms, report, CheckpointReport, Error, Failure, Method, Progress, Result, Written};
 
 /// Whether the cow strategy can checkpoint a guest of `config`: its memory
@@ -62,6 +63,8 @@ pub struct Request<'a> {
     pub writer_cpus: Option<&'a CpuList>,
     /// Follows the checkpoint to its commit.
     pub progress: &'a Arc<Progress>,
+    /// All of memory, or the pages written since a base (incremental).
+    pub pages: Pages<'a>,
 }
 
 /// What the writer process reports through its pipe.
@@ -82,6 +85,9 @@ struct Forked {
     /// The disk the guest wrote until the pause, and its hand-over to U.
     disk: Option<(Arc<disk::GuestDisk>, Arc<disk::GuestDisk>, Link)>,
     pause_ms: f64,
+    /// An incremental checkpoint's parent and pages, and the tracking to settle.
+    inc: Option<Increment>,
+    tracked: Option<Tracked>,
 }
 
 /// Takes a copy-on-write checkpoint of `instance`. Returns once the guest runs
@@ -144,30 +150,8 @@ pub fn take(
     // The pause: state, the disk switch, the fork.
     let paused_at = Instant::now();
     let was_running = instance.run_state() == vmm::instance::RunState::Running;
-    let r = (|| -> Result<Forked> {
-        instance.pause()?;
-        let state = instance.save_state()?;
-        let state_json = codec::encode(&state, Encoding::Json).map_err(|e| Error::Encode(e.to_string()))?;
-        let frozen = match &next {
-            Some(u) => Some(instance.replace_disk(u.clone())?),
-            None => None,
-        };
-        let child = match fork_writer(instance, &image, &child_layout, &writer_cpus, &counters, report_tx.as_raw_fd()) {
-            Ok(c) => c,
-            Err(e) => {
-                if let Some(t) = frozen {
-                    // U never began: the guest goes on writing T.
-                    instance.replace_disk(t)?;
-                }
-                return Err(e);
-            }
-        };
-        let disk = match (frozen, next.clone()) {
-            (Some(t), Some(u)) => Some((t, u.clone(), link_to(&u))),
-            _ => None,
-        };
-        Ok(Forked { child, state_json, disk, pause_ms: 0.0 })
-    })();
+    let child = ChildPlan { image: &image, layout: &child_layout, cpus: &writer_cpus, counters: &counters };
+    let r = freeze(instance, req, next.as_ref(), &child, report_tx.as_raw_fd(), paused_at);
     // The child holds its own end of the pipe: the parent's goes, so that the
     // child's end (by exit or death) is seen as end of file.
     drop(report_tx);
@@ -193,6 +177,68 @@ pub fn take(
     }
 }
 
+/// What the writer process is given.
+struct ChildPlan<'a> {
+    image: &'a Path,
+    layout: &'a MemoryLayout,
+    cpus: &'a Option<Vec<usize>>,
+    counters: &'a SharedCounters,
+}
+
+/// The pause of [`take`] (begun at `paused_at`): stops the vCPUs, saves the
+/// state, plans an incremental checkpoint's pages, switches the disk to
+/// `next`, forks the writer. On failure the disk is the guest's T again (the
+/// caller resumes the guest).
+fn freeze(
+    instance: &mut Instance,
+    req: &Request<'_>,
+    next: Option<&Arc<disk::GuestDisk>>,
+    child: &ChildPlan<'_>,
+    report_fd: RawFd,
+    paused_at: Instant,
+) -> Result<Forked> {
+    instance.pause()?;
+    let stopped = paused_at.elapsed();
+    let state = instance.save_state()?;
+    let state_json = codec::encode(&state, Encoding::Json).map_err(|e| Error::Encode(e.to_string()))?;
+    let saved = paused_at.elapsed();
+    let (inc, tracked) = incremental::plan(instance, req.pages, child.layout, req.out)?;
+    let extents = inc.as_ref().map(|i| incremental::extents(i, child.layout));
+    let frozen = match next {
+        Some(u) => Some(instance.replace_disk(u.clone())?),
+        None => None,
+    };
+    let child = match fork_writer(
+        instance,
+        child.image,
+        child.layout,
+        extents.as_deref(),
+        child.cpus,
+        child.counters,
+        report_fd,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(t) = frozen {
+                // U never began: the guest goes on writing T.
+                instance.replace_disk(t)?;
+            }
+            return Err(e);
+        }
+    };
+    tracing::debug!(
+        "cow pause: vCPUs stopped after {:.2} ms, state saved after {:.2} ms, forked after {:.2} ms",
+        ms(stopped),
+        ms(saved),
+        ms(paused_at.elapsed())
+    );
+    let disk = match (frozen, next.cloned()) {
+        (Some(t), Some(u)) => Some((t, u.clone(), link_to(&u))),
+        _ => None,
+    };
+    Ok(Forked { child, state_json, disk, pause_ms: 0.0, inc, tracked })
+}
+
 /// What [`finish`] needs besides the writer and the fork.
 struct FinishCtx<'a> {
     out: PathBuf,
@@ -208,7 +254,7 @@ struct FinishCtx<'a> {
 /// The parent's half, after the guest resumed: hands the disk over, writes
 /// the state, waits for the child's memory image, commits.
 fn finish(mut writer: CheckpointWriter, forked: Forked, cx: FinishCtx<'_>) -> Result<CheckpointReport> {
-    let Forked { mut child, state_json, disk, pause_ms } = forked;
+    let Forked { mut child, state_json, disk, pause_ms, inc, tracked } = forked;
     // The disk hand-over threads started here inherit the placement; they
     // start whatever else fails, since the guest's disk depends on them.
     let placed = match &cx.writer_cpus {
@@ -230,10 +276,21 @@ fn finish(mut writer: CheckpointWriter, forked: Forked, cx: FinishCtx<'_>) -> Re
     writer.record_memory(&cx.layout, stats.clone(), &crc32)?;
     cx.progress.phase("disk");
     let disk_handover = job.map(|j| j.finish(&mut writer)).transpose()?;
+    if let Some(i) = inc {
+        writer.set_parent(i.parent, &i.pages)?;
+    }
     cx.progress.phase("commit");
-    let (_, replaced) = writer.commit_replacing(Method::Cow.strategy(), env!("CARGO_PKG_VERSION"), cx.guest)?;
-    let written = Written { memory: stats, state_bytes: state_json.len() as u64, write_time, disk_handover, replaced };
-    Ok(report(&cx.out, Method::Cow, pause_ms, cx.t0, written, false))
+    let (manifest, replaced) = writer.commit_replacing(Method::Cow.strategy(), env!("CARGO_PKG_VERSION"), cx.guest)?;
+    let written = Written {
+        memory: stats,
+        state_bytes: state_json.len() as u64,
+        write_time,
+        disk_handover,
+        replaced,
+        id: manifest.id,
+        parent: manifest.parent.map(|p| p.dir),
+    };
+    Ok(CheckpointReport { tracked, ..report(&cx.out, Method::Cow, pause_ms, cx.t0, written, false) })
 }
 
 /// Starts the disk hand-over from T to U: U's side on a thread of its own,
@@ -420,6 +477,7 @@ fn fork_writer(
     instance: &Instance,
     image: &Path,
     layout: &MemoryLayout,
+    extents: Option<&[Vec<std::ops::Range<u64>>]>,
     writer_cpus: &Option<Vec<usize>>,
     counters: &SharedCounters,
     report_fd: RawFd,
@@ -430,17 +488,20 @@ fn fork_writer(
     // which never returns (see the module documentation for what it may do).
     match unsafe { libc::fork() } {
         -1 => Err(Error::Writer(format!("fork: {}", std::io::Error::last_os_error()))),
-        0 => child_main(instance, image, layout, writer_cpus.as_deref(), counters.get(), report_fd, parent),
+        0 => child_main(instance, image, layout, extents, writer_cpus.as_deref(), counters.get(), report_fd, parent),
         pid => Ok(WriterChild { pid, reaped: false }),
     }
 }
 
 /// The writer process: writes the memory image at `image` (memory.img in the
-/// checkpoint's temporary directory), reports, exits.
+/// checkpoint's temporary directory; of `extents`, an incremental
+/// checkpoint's pages, if given), reports, exits.
+#[allow(clippy::too_many_arguments)]
 fn child_main(
     instance: &Instance,
     image: &Path,
     layout: &MemoryLayout,
+    extents: Option<&[Vec<std::ops::Range<u64>>]>,
     cpus: Option<&[usize]>,
     counters: &MemoryProgress,
     report_fd: RawFd,
@@ -460,7 +521,8 @@ fn child_main(
                 vmm::placement::set_affinity(vmm::placement::this_thread(), c).map_err(|e| e.to_string())?;
             }
             let memory = instance.memory();
-            let extents = memory.data_extents();
+            // An incremental checkpoint's pages, else what may hold data.
+            let extents = extents.map(<[_]>::to_vec).unwrap_or_else(|| memory.data_extents());
             memory.prefault(&extents);
             // SAFETY: this process is the forking thread alone: no vCPU, device or
             // other thread here writes this copy of guest memory.

@@ -9,11 +9,13 @@
 pub mod cevm;
 pub mod cow;
 pub mod group;
+pub mod incremental;
 mod method;
 mod progress;
 pub mod series;
 
 pub use cevm::{Failure, FailureKind, GuestRuns};
+pub use incremental::{Base, Pages, Tracked};
 pub use method::Method;
 pub use progress::{Progress, ProgressView};
 
@@ -97,6 +99,16 @@ pub struct CheckpointReport {
     /// CEVM with a disk: how the disk hand-over to the new instance went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_handover: Option<DiskHandover>,
+    /// The checkpoint's identity (its manifest's `id`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// An incremental checkpoint's parent, as its manifest names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// An incremental request's tracking, for the caller to settle with the
+    /// instance (see [`incremental`]).
+    #[serde(skip)]
+    pub tracked: Option<Tracked>,
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -149,9 +161,15 @@ fn ms(d: Duration) -> f64 {
 /// If writing fails the instance is resumed anyway (unless `stop`) and `out`,
 /// if it held an older checkpoint, still holds it.
 /// `progress` follows it.
-pub fn stop_and_save(instance: &mut Instance, out: &Path, stop: bool, progress: &Progress) -> Result<CheckpointReport> {
+pub fn stop_and_save(
+    instance: &mut Instance,
+    out: &Path,
+    stop: bool,
+    pages: Pages<'_>,
+    progress: &Progress,
+) -> Result<CheckpointReport> {
     progress.start(Method::StopAndSave, out, "state");
-    let r = stop_and_save_paused(instance, out, stop, progress);
+    let r = stop_and_save_paused(instance, out, stop, pages, progress);
     progress.end(r.as_ref().err().map(ToString::to_string));
     r
 }
@@ -160,18 +178,22 @@ fn stop_and_save_paused(
     instance: &mut Instance,
     out: &Path,
     stop: bool,
+    pages: Pages<'_>,
     progress: &Progress,
 ) -> Result<CheckpointReport> {
     let t0 = Instant::now();
     let was_running = instance.run_state() == vmm::instance::RunState::Running;
     instance.pause()?;
-    let written = write_paused(instance, out, Method::StopAndSave, None, progress);
+    let written = incremental::plan(instance, pages, &memory_layout(instance), out).and_then(|(inc, tracked)| {
+        Ok((write_paused(instance, out, Method::StopAndSave, None, inc, progress)?, tracked))
+    });
     // An instance the user had paused before stays paused.
     if was_running && !stop {
         instance.resume()?;
     }
     let pause_ms = ms(t0.elapsed());
-    Ok(report(out, Method::StopAndSave, pause_ms, t0, written?, stop))
+    let (written, tracked) = written?;
+    Ok(CheckpointReport { tracked, ..report(out, Method::StopAndSave, pause_ms, t0, written, stop) })
 }
 
 /// Whether a checkpoint can be committed to `out` (see
@@ -191,7 +213,7 @@ pub(crate) fn report(
     written: Written,
     stopped: bool,
 ) -> CheckpointReport {
-    let Written { memory, state_bytes, write_time, disk_handover, replaced } = written;
+    let Written { memory, state_bytes, write_time, disk_handover, replaced, id, parent } = written;
     let report = CheckpointReport {
         dir: out.to_path_buf(),
         strategy: method.strategy().into(),
@@ -205,6 +227,9 @@ pub(crate) fn report(
         state_bytes,
         stopped,
         disk_handover,
+        id,
+        parent,
+        tracked: None,
     };
     // The checkpoint `out` replaced goes now, the guest resumed (and the
     // report's times taken).
@@ -223,6 +248,9 @@ pub(crate) struct Written {
     /// large sparse memory image takes tens of milliseconds, whatever it holds,
     /// so not while the guest is paused.
     replaced: snapshot::Replaced,
+    /// The manifest's `id`, and its parent's directory if incremental.
+    id: String,
+    parent: Option<String>,
 }
 
 /// Writes the checkpoint of a paused instance: state, memory, disk (copied, or,
@@ -232,6 +260,7 @@ pub(crate) fn write_paused(
     out: &Path,
     method: Method,
     link: Option<cevm::OldSideLink>,
+    inc: Option<incremental::Increment>,
     progress: &Progress,
 ) -> Result<Written> {
     progress.phase("state");
@@ -252,7 +281,10 @@ pub(crate) fn write_paused(
     writer.track(progress.memory(layout.regions.iter().map(|r| r.size).sum()));
     let t = Instant::now();
     let memory = instance.memory();
-    let extents = memory.data_extents();
+    let extents = match &inc {
+        Some(i) => incremental::extents(i, &layout),
+        None => memory.data_extents(),
+    };
     memory.prefault(&extents);
     // SAFETY: the instance is paused (every vCPU stopped), and its only device that
     // writes guest memory (virtio-blk) does so from a vCPU thread serving a guest
@@ -273,10 +305,21 @@ pub(crate) fn write_paused(
             None
         }
     };
+    if let Some(i) = inc {
+        writer.set_parent(i.parent, &i.pages)?;
+    }
     let guest = serde_json::to_value(instance.config()).map_err(|e| Error::Encode(e.to_string()))?;
     progress.phase("commit");
-    let (_, replaced) = writer.commit_replacing(method.strategy(), env!("CARGO_PKG_VERSION"), guest)?;
-    Ok(Written { memory: stats, state_bytes: state_json.len() as u64, write_time, disk_handover, replaced })
+    let (manifest, replaced) = writer.commit_replacing(method.strategy(), env!("CARGO_PKG_VERSION"), guest)?;
+    Ok(Written {
+        memory: stats,
+        state_bytes: state_json.len() as u64,
+        write_time,
+        disk_handover,
+        replaced,
+        id: manifest.id,
+        parent: manifest.parent.map(|p| p.dir),
+    })
 }
 
 /// Makes the backing file name of `copy` (a copy of `original`) absolute, so the
@@ -319,6 +362,10 @@ fn save_disk(instance: &Instance, writer: &mut CheckpointWriter) -> Result<()> {
 /// configuration and state decoded. The memory image is checked when loaded.
 pub struct OpenCheckpoint {
     pub checkpoint: Checkpoint,
+    /// An incremental checkpoint's parents, the full one first (each opened
+    /// and checked as `checkpoint` is, the links between them too); empty for
+    /// a full checkpoint.
+    pub ancestors: Vec<Checkpoint>,
     pub config: InstanceConfig,
     pub state: InstanceState,
     /// The name of the guest's disk image in the checkpoint, if the guest has a disk.
@@ -333,7 +380,8 @@ pub struct OpenCheckpoint {
 /// ([`vmm::persist::check_restorable`]), the memory layout of the configuration,
 /// and a disk image exactly when the guest has a disk.
 pub fn open(dir: &Path) -> Result<OpenCheckpoint> {
-    let checkpoint = Checkpoint::open(dir)?;
+    let mut ancestors = snapshot::open_chain(dir)?;
+    let checkpoint = ancestors.pop().expect("a chain ends with its leaf");
     let manifest_path = dir.join(snapshot::MANIFEST_FILE);
     let config: InstanceConfig = serde_json::from_value(checkpoint.manifest.guest.clone())
         .map_err(|e| Error::Decode { path: manifest_path.clone(), reason: format!("guest configuration: {e}") })?;
@@ -353,7 +401,7 @@ pub fn open(dir: &Path) -> Result<OpenCheckpoint> {
             reason: format!("memory layout does not match a guest of {} bytes", config.mem_size),
         });
     }
-    Ok(OpenCheckpoint { checkpoint, config, state, disk_file })
+    Ok(OpenCheckpoint { checkpoint, ancestors, config, state, disk_file })
 }
 
 /// The checkpoint's disk image: there is one, `disk.raw` or `disk.qcow2` as its
@@ -420,7 +468,7 @@ pub fn restore(
     taps: &[String],
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(Instance, Option<PathBuf>)> {
-    let OpenCheckpoint { checkpoint, mut config, state, disk_file } = open(dir)?;
+    let OpenCheckpoint { checkpoint, ancestors, mut config, state, disk_file } = open(dir)?;
     // The taps, before anything is read or made: NIC i binds `taps[i]`, or the
     // tap it had when the checkpoint was taken.
     let host = migrate::HostBinding { vcpu_cpus: Vec::new(), taps: taps.to_vec() };
@@ -459,7 +507,8 @@ pub fn restore(
         let mut slices = unsafe { shell.memory().slices_mut() };
         let mut targets: Vec<MemoryTarget<'_>> =
             slices.iter_mut().map(|(a, d)| MemoryTarget { guest_addr: *a, data: d }).collect();
-        checkpoint.load_memory_with(&mut targets, progress)?;
+        let chain: Vec<Checkpoint> = ancestors.into_iter().chain([checkpoint.clone()]).collect();
+        snapshot::load_chain(&chain, &mut targets, progress)?;
     }
     // Every check passed: only now is anything made outside the process.
     let made = match (&mut config.disk, disk) {
@@ -492,8 +541,9 @@ pub fn verify(dir: &Path) -> Result<snapshot::VerifyReport> {
 /// [`verify`], calling `progress(done, total)` with the bytes of memory.img
 /// checked so far as it goes.
 pub fn verify_with(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<snapshot::VerifyReport> {
-    let open = open(dir)?;
-    open.checkpoint.verify_memory_with(progress)?;
-    let manifest = open.checkpoint.manifest;
+    let OpenCheckpoint { checkpoint, ancestors, .. } = open(dir)?;
+    let manifest = checkpoint.manifest.clone();
+    let chain: Vec<Checkpoint> = ancestors.into_iter().chain([checkpoint]).collect();
+    snapshot::verify_chain_memory(&chain, progress)?;
     Ok(snapshot::VerifyReport { files: manifest.files.clone(), manifest })
 }

@@ -389,8 +389,24 @@ impl Series {
     }
 
     /// Removes checkpoints: each renamed to its hidden `.deleting` name, the
-    /// directory fsynced, then each removed.
+    /// directory fsynced, then each removed. First, oldest first, every
+    /// incremental checkpoint of the series built on one of them has that
+    /// parent merged into it (`snapshot::merge_parent`, atomic): every
+    /// checkpoint left stays restorable. A merge that fails removes nothing.
     fn remove(&self, doomed: &[PathBuf]) -> Result<Vec<PathBuf>> {
+        for d in doomed {
+            let name = d.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            for (_, c) in self.list()? {
+                let built_on_d = snapshot::read_manifest(&c)
+                    .ok()
+                    .and_then(|m| m.parent)
+                    .is_some_and(|p| p.dir == name || Path::new(&p.dir) == d.as_path());
+                if built_on_d {
+                    snapshot::merge_parent(&c)?;
+                    kill::point("merged")?;
+                }
+            }
+        }
         let mut hidden = Vec::new();
         for p in doomed {
             let name = p.file_name().unwrap_or_default().to_string_lossy();

@@ -33,6 +33,9 @@ pub enum Error {
     /// The manifest is not what this format says.
     #[error("{path}: invalid manifest: {reason}")]
     Manifest { path: PathBuf, reason: String },
+    /// An incremental checkpoint's chain of parents is broken at this link.
+    #[error("{path}: broken checkpoint chain: {reason}")]
+    Chain { path: PathBuf, reason: String },
     /// The caller's memory does not match the layout.
     #[error("{path}: {reason}")]
     Layout { path: PathBuf, reason: String },

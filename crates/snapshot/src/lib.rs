@@ -10,6 +10,14 @@
 //!                   all-zero pages are holes, never written (a sparse file)
 //! ```
 //!
+//! **Incremental checkpoints** name a `parent` (its directory and `id`) in their
+//! manifest and hold one more file, `pages.bitmap`: one bit per page of the
+//! image (little-endian 64-bit words, bit i of word j = page 64 j + i), set
+//! for the pages their memory.img holds; every other page is the parent's
+//! (which may be incremental in turn). [`open_chain`] follows and checks
+//! every link, [`load_chain`] loads them root first, [`merge_parent`] folds a
+//! full parent into its child, which keeps its `id`.
+//!
 //! Callers may add other files with [`CheckpointWriter::write_file`]; the manifest
 //! lists every file but itself with its size and CRC32 (IEEE, as `crc32` or
 //! `gzip` compute it), memory.img's over its whole logical content (holes read as
@@ -34,6 +42,7 @@
 //! checkpoint is there, which is then removed) and the parent is fsynced. A crash at
 //! any moment leaves the name holding one complete checkpoint, old or new.
 
+mod chain;
 mod error;
 mod manifest;
 mod reader;
@@ -42,9 +51,12 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use chain::{load_chain, merge_parent, open_chain, verify_chain_memory, PageBitmap};
 pub use error::Error;
-pub use manifest::{seal_manifest, FileEntry, Manifest, MemoryLayout, MemoryRegionLayout, MemoryStats};
-pub use reader::{verify, Checkpoint, MemoryTarget, VerifyReport, MAX_MANIFEST_SIZE, MAX_READ_SIZE, PROGRESS_STEP};
+pub use manifest::{seal_manifest, FileEntry, Manifest, MemoryLayout, MemoryRegionLayout, MemoryStats, ParentRef};
+pub use reader::{
+    read_manifest, verify, Checkpoint, MemoryTarget, VerifyReport, MAX_MANIFEST_SIZE, MAX_READ_SIZE, PROGRESS_STEP,
+};
 pub use writer::{exchange, write_memory_image, CheckpointWriter, MemoryProgress, MemorySource, Replaced};
 
 /// Version of the format this crate writes and reads.
@@ -55,6 +67,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const STATE_FILE: &str = "state.json";
 /// The memory image's name.
 pub const MEMORY_FILE: &str = "memory.img";
+/// An incremental checkpoint's map of the pages its memory image holds.
+pub const PAGES_FILE: &str = "pages.bitmap";
 /// Page size of memory images.
 pub const PAGE_SIZE: u64 = 4096;
 

@@ -78,6 +78,26 @@ pub struct Manifest {
     pub memory_stats: MemoryStats,
     /// Every file but manifest.json itself, memory.img included.
     pub files: Vec<FileEntry>,
+    /// This checkpoint's identity (16 hex digits), which its incremental
+    /// children name; kept when its parent is merged into it. Empty in
+    /// checkpoints written before incremental ones existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// An incremental checkpoint's parent: memory.img then holds only the
+    /// pages `pages.bitmap` marks, every other page is the parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// The checkpoint an incremental one builds on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentRef {
+    /// Its directory: relative to this checkpoint's own parent directory (a
+    /// sibling's name), or absolute.
+    pub dir: String,
+    /// Its manifest's `id`: the link holds only to exactly that checkpoint.
+    pub id: String,
 }
 
 /// The bytes every manifest starts with, up to its checksum's digits.

@@ -32,6 +32,7 @@ pub struct MemoryTarget<'a> {
 }
 
 /// A checkpoint whose manifest and small files have been checked.
+#[derive(Clone, Debug)]
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub manifest: Manifest,
@@ -66,7 +67,7 @@ fn kind_of(t: FileType) -> &'static str {
 /// Opens `path` for reading if it is a regular file, and returns it with its
 /// size. `O_NOFOLLOW`: a symbolic link is refused, not followed; `O_NONBLOCK`: a
 /// FIFO opens at once (then is refused by its type) instead of waiting for a writer.
-fn open_regular(path: &Path) -> Result<(File, u64), Error> {
+pub(crate) fn open_regular(path: &Path) -> Result<(File, u64), Error> {
     let opened =
         OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path);
     let f = match opened {
@@ -343,7 +344,7 @@ impl Checkpoint {
 pub const PROGRESS_STEP: u64 = 8 << 20;
 
 /// The next data extent at or after `pos` (SEEK_DATA / SEEK_HOLE), or None.
-fn next_extent(f: &File, pos: u64, size: u64) -> std::io::Result<Option<(u64, u64)>> {
+pub(crate) fn next_extent(f: &File, pos: u64, size: u64) -> std::io::Result<Option<(u64, u64)>> {
     let fd = f.as_raw_fd();
     // SAFETY: lseek takes no pointer, only `fd`, which `f` keeps open for the
     // whole call; it moves that file's offset and touches no memory of ours.
@@ -358,6 +359,15 @@ fn next_extent(f: &File, pos: u64, size: u64) -> std::io::Result<Option<(u64, u6
         return Err(std::io::Error::last_os_error());
     }
     Ok(Some((data as u64, (hole as u64).min(size))))
+}
+
+/// Reads and checks (bounded size, checksum, version, fields) the manifest of
+/// the checkpoint at `dir`, and nothing else.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
+    let mpath = dir.join(MANIFEST_FILE);
+    let (f, size) = open_regular(&mpath)?;
+    let bytes = read_bounded(&f, &mpath, size, MAX_MANIFEST_SIZE)?;
+    decode(&mpath, &bytes)
 }
 
 /// Checks a checkpoint completely: manifest, every file's size and CRC, memory.img

@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::manifest::{encode, FileEntry, Manifest, MemoryLayout, MemoryStats};
-use crate::{hex, Error, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE};
+use crate::chain::PageBitmap;
+use crate::manifest::{encode, FileEntry, Manifest, MemoryLayout, MemoryStats, ParentRef};
+use crate::{hex, Error, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE, PAGES_FILE};
 
 /// A contiguous piece of guest memory to save. The caller guarantees nothing writes
 /// it while the writer reads it (every vCPU stopped).
@@ -46,6 +47,9 @@ pub struct CheckpointWriter {
     memory: Option<(MemoryLayout, MemoryStats)>,
     committed: bool,
     progress: Option<Arc<MemoryProgress>>,
+    /// The identity and creation time to keep (a merge), else new ones.
+    identity: Option<(String, u64)>,
+    parent_ref: Option<ParentRef>,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -270,6 +274,8 @@ impl CheckpointWriter {
             memory: None,
             committed: false,
             progress: None,
+            identity: None,
+            parent_ref: None,
         })
     }
 
@@ -362,6 +368,21 @@ impl CheckpointWriter {
         Ok(())
     }
 
+    /// Makes this an incremental checkpoint on `parent`: `pages` marks the
+    /// pages its memory image holds (written by [`write_memory`](Self::write_memory)
+    /// with data extents covering just them); written now as pages.bitmap.
+    pub fn set_parent(&mut self, parent: ParentRef, pages: &PageBitmap) -> Result<(), Error> {
+        self.write_file(PAGES_FILE, &pages.to_bytes())?;
+        self.parent_ref = Some(parent);
+        Ok(())
+    }
+
+    /// Gives the checkpoint this identity and creation time instead of new
+    /// ones (a checkpoint rewritten whole when its parent is merged into it).
+    pub fn keep_identity(&mut self, id: &str, created_unix_ms: u64) {
+        self.identity = Some((id.to_string(), created_unix_ms));
+    }
+
     /// Writes manifest.json and atomically puts the checkpoint at its final name
     /// (removing the older checkpoint it replaced, if any, before it returns).
     pub fn commit(self, strategy: &str, cevm_version: &str, guest: serde_json::Value) -> Result<Manifest, Error> {
@@ -382,15 +403,19 @@ impl CheckpointWriter {
             path: self.tmp.join(MEMORY_FILE),
             reason: "no memory image written".into(),
         })?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let (id, created_unix_ms) = self.identity.clone().unwrap_or_else(|| (crate::chain::new_id(), now));
         let manifest = Manifest {
             format_version: FORMAT_VERSION,
             cevm_version: cevm_version.into(),
-            created_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            created_unix_ms,
             strategy: strategy.into(),
             guest,
             memory,
             memory_stats,
             files: self.files.clone(),
+            id,
+            parent: self.parent_ref.clone(),
         };
         let mpath = self.tmp.join(MANIFEST_FILE);
         let text = encode(&manifest).map_err(|e| Error::Manifest { path: mpath.clone(), reason: e.to_string() })?;

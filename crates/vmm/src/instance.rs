@@ -22,7 +22,8 @@ use crate::config::{Boot, InstanceConfig};
 use crate::error::{Error, Result};
 use crate::event::VmEvent;
 use crate::layout::{
-    VirtioMmioSlot, ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, VIRTIO_BLK_SLOT,
+    VirtioMmioSlot, ACPI_SLEEP_CONTROL_PORT, COM1_BASE, COM1_IRQ, COM1_LEN, EXIT_PORT, KVM_TSS_ADDR, PAGE_SIZE,
+    VIRTIO_BLK_SLOT,
 };
 use crate::memory::GuestMemory;
 use crate::nics::{self, NicStatus, Nics};
@@ -173,6 +174,9 @@ impl Shell {
     }
 }
 
+/// Epochs of dirty page tracking (see [`Instance::dirty_epoch`]).
+static DIRTY_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// One KVM VM and everything that belongs to it.
 pub struct Instance {
     config: InstanceConfig,
@@ -191,6 +195,10 @@ pub struct Instance {
     throttler: Option<Throttler>,
     events: Sender<VmEvent>,
     state: RunState,
+    /// Incremental checkpoints: the pages written since the last checkpoint,
+    /// while they are tracked ([`track_dirty_pages`](Self::track_dirty_pages)).
+    /// With the tracking's epoch (see [`dirty_epoch`](Self::dirty_epoch)).
+    dirty: Mutex<Option<(u64, Vec<Vec<u64>>)>>,
     // Declared last: the KVM system fd outlives the VM's.
     _kvm: Kvm,
 }
@@ -370,6 +378,7 @@ impl Instance {
             throttler: None,
             events,
             state: RunState::Created,
+            dirty: Mutex::new(None),
             _kvm: kvm,
         })
     }
@@ -444,9 +453,68 @@ impl Instance {
         &self.memory
     }
 
-    /// Starts (`true`) or stops KVM's dirty page log on all guest memory.
+    /// Starts (`true`) or stops KVM's dirty page log on all guest memory (a
+    /// live migration's). Either way the pages kept for incremental
+    /// checkpoints are given up: the migration's harvests take them.
     pub fn set_dirty_log(&self, on: bool) -> Result<()> {
+        *lock(&self.dirty) = None;
         self.memory.set_dirty_log(&self.vm, on)
+    }
+
+    /// Starts keeping the pages written from now on (by the guest: KVM's
+    /// dirty log, turned on with a clean log; by the VMM: vm-memory's bitmap),
+    /// for incremental checkpoints. The instance must be paused, so that no
+    /// write falls between this and the checkpoint it follows.
+    pub fn track_dirty_pages(&self) -> Result<()> {
+        if self.state == RunState::Running {
+            return Err(Error::RunState("dirty pages are tracked from a paused instance on"));
+        }
+        self.memory.set_dirty_log(&self.vm, true)?;
+        self.memory.harvest_vmm_writes();
+        let zero = self.memory.ranges().iter().map(|r| vec![0u64; (r.size / PAGE_SIZE).div_ceil(64) as usize]);
+        *lock(&self.dirty) = Some((DIRTY_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed), zero.collect()));
+        Ok(())
+    }
+
+    /// Which tracking of written pages is under way (unique in this
+    /// process), if one is: a checkpoint taken in another cannot be the base
+    /// of an incremental one.
+    pub fn dirty_epoch(&self) -> Option<u64> {
+        lock(&self.dirty).as_ref().map(|(e, _)| *e)
+    }
+
+    /// The paused instance's pages written since tracking started, less
+    /// those [`forget_dirty_pages`](Self::forget_dirty_pages) was given; `None`
+    /// when they are not tracked (never started, or a migration took them).
+    pub fn dirty_pages(&self) -> Result<Option<Vec<Vec<u64>>>> {
+        if self.state == RunState::Running {
+            return Err(Error::RunState("dirty pages are read from a paused instance"));
+        }
+        let mut d = lock(&self.dirty);
+        let Some((_, acc)) = d.as_mut() else { return Ok(None) };
+        crate::memory::union_dirty(acc, self.harvest_dirty_pages()?);
+        Ok(Some(acc.clone()))
+    }
+
+    /// These pages are in a committed checkpoint: later incremental ones need
+    /// them only if written again.
+    pub fn forget_dirty_pages(&self, saved: &[Vec<u64>]) {
+        if let Some((_, acc)) = lock(&self.dirty).as_mut() {
+            for (a, s) in acc.iter_mut().zip(saved) {
+                for (x, y) in a.iter_mut().zip(s) {
+                    *x &= !y;
+                }
+            }
+        }
+    }
+
+    /// Stops keeping written pages (and KVM's dirty log).
+    pub fn untrack_dirty_pages(&self) -> Result<()> {
+        let was = lock(&self.dirty).take();
+        if was.is_some() {
+            self.memory.set_dirty_log(&self.vm, false)?;
+        }
+        Ok(())
     }
 
     /// The pages written since the last harvest, one bitmap per RAM range (bit i of

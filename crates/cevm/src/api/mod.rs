@@ -99,6 +99,13 @@ pub struct CheckpointRequest {
     /// at `PUT /v1/checkpoint/go` (or `/abort`).
     #[serde(default)]
     pub group_cut: bool,
+    /// stop-and-save and cow: hold only the pages written since this VMM's
+    /// previous checkpoint, which becomes its parent (restore and verify
+    /// follow the chain). The first one, and the first after a migration or
+    /// a CEVM checkpoint, holds all of memory and starts tracking the pages
+    /// written (KVM's dirty log stays on from then).
+    #[serde(default)]
+    pub incremental: bool,
 }
 
 impl CheckpointRequest {
@@ -113,6 +120,7 @@ impl CheckpointRequest {
             dest_vcpu_cpus: None,
             writer_cpus: None,
             group_cut: false,
+            incremental: false,
         }
     }
 
