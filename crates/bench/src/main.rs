@@ -24,6 +24,7 @@ mod group;
 mod group_turnaround;
 mod guest;
 mod host;
+mod incremental;
 mod linux;
 mod migrate;
 mod net;
@@ -214,6 +215,9 @@ enum BenchCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Incremental checkpoints: bytes on disk against the bytes of the pages
+    /// each holds, pause and time to commit, after a full one.
+    Incremental(incremental::Args),
     /// The seed's turnaround times of one fixed-size job with n checkpoints, per
     /// strategy and placement: T_comp, T_cpt, T_mg, T_cevm, T_o, downtime per
     /// checkpoint, the job's worst second, peak memory.
@@ -328,6 +332,7 @@ fn run(cmd: BenchCmd) -> Result<(), String> {
                 ::migrate::Params { max_downtime_ms, auto_converge: !no_auto_converge, ..::migrate::Params::default() };
             migrate::run(&migrate::Options { sizes, rates, modes, runs: runs.max(1), params, dir, json })
         }
+        BenchCmd::Incremental(a) => incremental::run(&a),
         BenchCmd::Turnaround {
             mem,
             data_mib,

@@ -443,12 +443,18 @@ impl Controller {
     /// A checkpoint committed: if it tracked written pages, the instance
     /// forgets those it holds, and it is the next incremental one's base.
     fn settle(&mut self, report: &checkpoint::CheckpointReport) {
-        if let Some(t) = &report.tracked {
-            if let Some(p) = &t.pages {
-                self.instance.forget_dirty_pages(p);
+        let Some(t) = &report.tracked else {
+            // Any other checkpoint over one the base needs ends the chain.
+            if self.base.as_ref().is_some_and(|b| b.needs(&report.dir)) {
+                self.base = None;
             }
-            self.base = Some(checkpoint::Base { dir: report.dir.clone(), id: report.id.clone(), epoch: t.epoch });
+            return;
+        };
+        if let Some(p) = &t.pages {
+            self.instance.forget_dirty_pages(p);
         }
+        let parent = self.base.as_ref().filter(|_| report.parent.is_some());
+        self.base = Some(checkpoint::Base::after(&report.dir, &report.id, t.epoch, parent));
     }
 
     fn stop_and_save(&mut self, out: PathBuf, stop: bool, incremental: bool, respond: Respond) -> Flow {

@@ -203,3 +203,24 @@ fn a_damaged_link_is_named_by_verify_and_restore_and_nothing_runs() {
     assert!(!v.status.success() && err.contains("broken checkpoint chain") && err.contains("c2"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_checkpoint_over_one_its_chain_needs_is_taken_whole() {
+    let dir = workdir("inc-alternate");
+    let sock = dir.join("api.sock");
+    let mut vm = run_private("digest", "mib=1 rounds=8", "32M", &sock, &[]);
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    // a (full), b on a, then a again: b needs a, so the new a is whole; then
+    // b again builds on it.
+    let mut parents = Vec::new();
+    for (k, out) in [&a, &b, &a, &b].into_iter().enumerate() {
+        vm.wait_line(T, |l| l == format!("round {}/8", k + 1)).expect("the guest runs");
+        parents.push(api(&sock).checkpoint(&incremental(out, "cow")).unwrap().parent);
+    }
+    vm.kill();
+    assert_eq!(parents, [None, Some("a".into()), None, Some("a".into())]);
+    verify_ok(&a);
+    verify_ok(&b);
+    assert_eq!(digest_to_end(&mut restore(&b, None)), format!("{:016x}", guests::digest(1, 8)));
+    let _ = std::fs::remove_dir_all(&dir);
+}

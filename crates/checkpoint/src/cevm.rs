@@ -103,19 +103,25 @@ impl Failure {
 /// base image: the new instance then writes a fresh overlay U over the same
 /// base while the old one, T, becomes the checkpoint's disk.
 pub fn supports(config: &InstanceConfig) -> Result<()> {
+    supports_handover(config, "cevm")
+}
+
+/// Whether a guest of `config` can have its disk handed over to a fresh
+/// overlay, as the `strategy` (cevm or cow) does.
+pub(crate) fn supports_handover(config: &InstanceConfig, strategy: &str) -> Result<()> {
     let Some(d) = config.disk.as_ref().filter(|d| !d.read_only) else { return Ok(()) };
     let overlay = disk::probe_format(&d.path)? == disk::ImageFormat::Qcow2 && disk::backing_file(&d.path)?.is_some();
     if !overlay {
         return Err(Error::Unsupported(format!(
-            "the cevm strategy needs the guest's disk to be a qcow2 overlay over a base image, and {} is not; make \
-             one (qemu-img create -f qcow2 -b BASE -F FORMAT OVERLAY) or use stop-and-save",
+            "the {strategy} strategy needs the guest's disk to be a qcow2 overlay over a base image, and {} is not; \
+             make one (qemu-img create -f qcow2 -b BASE -F FORMAT OVERLAY) or use stop-and-save",
             d.path.display()
         )));
     }
     let leftover = disk::integration::overlay_path(&d.path);
     if leftover.exists() {
         return Err(Error::Unsupported(format!(
-            "{} is left over from an interrupted cevm checkpoint (its data belongs to no checkpoint); remove it to \
+            "{} is left over from an interrupted disk hand-over (its data belongs to no checkpoint); remove it to \
              checkpoint this disk again",
             leftover.display()
         )));

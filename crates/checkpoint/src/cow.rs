@@ -51,7 +51,7 @@ pub fn supports(config: &InstanceConfig) -> Result<()> {
                 .into(),
         ));
     }
-    crate::cevm::supports(config)
+    crate::cevm::supports_handover(config, "cow")
 }
 
 /// A copy-on-write checkpoint to take.
@@ -157,7 +157,9 @@ pub fn take(
     drop(report_tx);
     if was_running {
         if let Err(e) = instance.resume() {
-            // The instance cannot run again: there is nothing to checkpoint for.
+            // The instance cannot run again: there is nothing to checkpoint
+            // for. The writer stops and ends first, then its directory goes.
+            drop(r);
             drop(go_tx);
             let _ = finisher.join();
             return Err(failed(e.into()));
@@ -221,7 +223,9 @@ fn freeze(
         Err(e) => {
             if let Some(t) = frozen {
                 // U never began: the guest goes on writing T.
-                instance.replace_disk(t)?;
+                if let Err(back) = instance.replace_disk(t) {
+                    tracing::error!("the guest's disk could not be switched back to its overlay: {back}");
+                }
             }
             return Err(e);
         }
@@ -393,10 +397,14 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// The writer process; waited for when dropped before.
+/// The writer process. Dropped before it was waited for, it is told to stop
+/// (through the shared page: the VMM sends no signal to another process, its
+/// seccomp filter lets none through) and waited for, so that the checkpoint's
+/// temporary directory is removed after its last write.
 struct WriterChild {
     pid: libc::pid_t,
     reaped: bool,
+    counters: SharedCounters,
 }
 
 impl WriterChild {
@@ -428,15 +436,15 @@ impl WriterChild {
             }
         }
         let status = self.reap()?;
-        match serde_json::from_slice::<ChildReport>(&bytes) {
-            Ok(ChildReport::Written { stats, crc32 }) if status == Ok(0) => Ok((stats, crc32)),
-            Ok(ChildReport::Failed(why)) => Err(Error::Writer(why)),
-            _ => Err(Error::Writer(match status {
-                Ok(code) => format!("process {} exited with status {code} without writing the memory image", self.pid),
-                Err(sig) => {
-                    format!("process {} was killed by signal {sig} before the memory image was written", self.pid)
-                }
-            })),
+        let pid = self.pid;
+        match (serde_json::from_slice::<ChildReport>(&bytes), status) {
+            (Ok(ChildReport::Written { stats, crc32 }), Ok(0)) => Ok((stats, crc32)),
+            (Ok(ChildReport::Failed(why)), _) => Err(Error::Writer(why)),
+            (_, Err(sig)) => Err(Error::Writer(format!("process {pid} was killed by signal {sig}"))),
+            (Ok(_), Ok(code)) => Err(Error::Writer(format!("process {pid} exited with status {code}"))),
+            (Err(e), Ok(code)) => {
+                Err(Error::Writer(format!("process {pid} exited with status {code} and an unreadable report ({e})")))
+            }
         }
     }
 
@@ -462,10 +470,7 @@ impl WriterChild {
 impl Drop for WriterChild {
     fn drop(&mut self) {
         if !self.reaped {
-            // The VMM sends no signal to another process (its seccomp filter
-            // lets none through): a checkpoint that failed beside its writer
-            // waits for the writer to end, so that its temporary directory is
-            // removed after the last write into it.
+            self.counters.get().stop.store(1, Ordering::Relaxed);
             let _ = self.reap();
         }
     }
@@ -489,7 +494,7 @@ fn fork_writer(
     match unsafe { libc::fork() } {
         -1 => Err(Error::Writer(format!("fork: {}", std::io::Error::last_os_error()))),
         0 => child_main(instance, image, layout, extents, writer_cpus.as_deref(), counters.get(), report_fd, parent),
-        pid => Ok(WriterChild { pid, reaped: false }),
+        pid => Ok(WriterChild { pid, reaped: false, counters: counters.clone() }),
     }
 }
 
@@ -516,6 +521,13 @@ fn child_main(
                     libc::_exit(1);
                 }
                 libc::prctl(libc::PR_SET_NAME, c"cevm-cow-writer".as_ptr());
+                // Every descriptor but the report's goes: the writer needs
+                // none of the VMM's, and a copy of an API connection kept
+                // open here would keep its client waiting for the answer's end.
+                if report_fd > 3 {
+                    libc::syscall(libc::SYS_close_range, 3u32, (report_fd - 1) as u32, 0u32);
+                }
+                libc::syscall(libc::SYS_close_range, (report_fd + 1) as u32, u32::MAX, 0u32);
             }
             if let Some(c) = cpus {
                 vmm::placement::set_affinity(vmm::placement::this_thread(), c).map_err(|e| e.to_string())?;
@@ -539,7 +551,7 @@ fn child_main(
     let report = match result {
         Ok(Ok(r)) => r,
         Ok(Err(why)) => ChildReport::Failed(why),
-        Err(_) => ChildReport::Failed("it panicked".into()),
+        Err(_) => ChildReport::Failed("the writer process panicked".into()),
     };
     let bytes = serde_json::to_vec(&report).unwrap_or_default();
     let mut sent = 0;

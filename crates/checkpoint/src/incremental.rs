@@ -25,6 +25,23 @@ pub struct Base {
     /// The tracking it belongs to (`vmm::Instance::dirty_epoch`): another
     /// tracking (a new instance, a migration in between) cannot build on it.
     pub epoch: u64,
+    /// The directories it needs: its own and its parents'.
+    pub chain: Vec<PathBuf>,
+}
+
+impl Base {
+    /// The base a checkpoint committed into `dir` (with `id`) makes, on
+    /// `parent` if it is incremental.
+    pub fn after(dir: &Path, id: &str, epoch: u64, parent: Option<&Base>) -> Base {
+        let mut chain = parent.map(|p| p.chain.clone()).unwrap_or_default();
+        chain.push(dir.to_path_buf());
+        Base { dir: dir.to_path_buf(), id: id.to_string(), epoch, chain }
+    }
+
+    /// Whether a checkpoint committed into `dir` replaces one it needs.
+    pub fn needs(&self, dir: &Path) -> bool {
+        self.chain.iter().any(|d| d == dir)
+    }
 }
 
 /// Which pages a checkpoint holds.
@@ -70,14 +87,12 @@ pub(crate) fn plan(
     };
     let written = instance.dirty_pages()?.expect("tracked");
     let tracked = Tracked { epoch, pages: Some(written.clone()) };
-    // A checkpoint that replaces its own parent cannot build on it.
-    let base = base.filter(|b| b.epoch == epoch && b.dir != out);
+    // It builds on the base only from the same tracking, beside it (a
+    // sibling: a series' checkpoints build on the series', others on their
+    // neighbours), and never over a checkpoint the base needs.
+    let base = base.filter(|b| b.epoch == epoch && b.dir.parent() == out.parent() && !b.needs(out));
     let Some(b) = base else { return Ok((None, Some(tracked))) };
-    let dir = if b.dir.parent() == out.parent() {
-        b.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-    } else {
-        b.dir.to_string_lossy().into_owned()
-    };
+    let dir = b.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let increment =
         Increment { parent: ParentRef { dir, id: b.id.clone() }, pages: PageBitmap::from_regions(layout, &written) };
     Ok((Some(increment), Some(tracked)))

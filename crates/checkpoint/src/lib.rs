@@ -169,6 +169,11 @@ pub fn stop_and_save(
     progress: &Progress,
 ) -> Result<CheckpointReport> {
     progress.start(Method::StopAndSave, out, "state");
+    // A cow or CEVM checkpoint's disk hand-over ends first: the disk it
+    // copies is then one image under its own name.
+    if let Some(d) = instance.disk() {
+        d.wait_integrated();
+    }
     let r = stop_and_save_paused(instance, out, stop, pages, progress);
     progress.end(r.as_ref().err().map(ToString::to_string));
     r

@@ -25,8 +25,8 @@
 //! per thread name, then widened on the VMM list to whole families (every
 //! file and socket call cevm's code paths could make), so that what the
 //! filters take away is what a VMM never needs: new programs (`execve`), new
-//! processes but one (a copy-on-write checkpoint's writer, a plain `fork` of
-//! a VMM thread), other processes (`ptrace`, `process_vm_*`, `kill`
+//! processes but the copy-on-write checkpoint's writer (a plain `fork`, the
+//! `clone` flags glibc's `fork` uses, from a VMM thread only), other processes (`ptrace`, `process_vm_*`, `kill`
 //! with a signal: `kill(pid, 0)`, which only asks whether a process lives, is
 //! let through),
 //! the system (`mount`, `reboot`, modules, `bpf`, `perf_event_open`, keys,
@@ -294,6 +294,7 @@ const VMM: &[Sysno] = &[
     // that the VMM still lives.
     Sysno::wait4,
     Sysno::getppid,
+    Sysno::close_range,
     Sysno::mincore,
     Sysno::msync,
     Sysno::memfd_create,
@@ -365,10 +366,10 @@ fn allowlist(kind: Kind) -> BTreeMap<i64, Vec<SeccompRule>> {
         // whether the writer of a temporary directory it finds has ended), never a
         // signal sent to another process.
         //
-        // One process: a copy-on-write checkpoint's writer, the VMM's own
-        // `fork()` (glibc's `clone` flags for it exactly, so never a thread of
-        // another kind nor a process sharing memory). It runs cevm's code only,
-        // under this same filter: no `execve`.
+        // A process: a copy-on-write checkpoint's writer, the VMM's own
+        // `fork()` (glibc's `clone` flags for it exactly, so never a process
+        // sharing memory, and never from a vCPU, API or NIC thread). It runs
+        // cevm's code only, under this same filter: no `execve`.
         Kind::Vmm => {
             rules.insert(i64::from(Sysno::kill.id()), vec![rule(1, SeccompCmpOp::Eq, 0)]);
             let fork = (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64;

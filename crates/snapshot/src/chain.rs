@@ -141,14 +141,11 @@ fn broken(child: &Checkpoint, reason: String) -> Error {
     Error::Chain { path: child.dir.join(MANIFEST_FILE), reason }
 }
 
-/// Where the parent `dir` of a checkpoint in `child_dir` is.
-fn parent_dir(child_dir: &Path, dir: &str) -> PathBuf {
-    let p = Path::new(dir);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        child_dir.parent().unwrap_or(Path::new(".")).join(p)
-    }
+/// Where the parent `dir` of a checkpoint in `child_dir` is: a sibling, by
+/// its name (nothing else: no path leads elsewhere).
+fn parent_dir(child_dir: &Path, dir: &str) -> Option<PathBuf> {
+    let plain = !dir.is_empty() && dir != "." && dir != ".." && !dir.contains('/');
+    plain.then(|| child_dir.parent().unwrap_or(Path::new(".")).join(dir))
 }
 
 impl Checkpoint {
@@ -159,8 +156,19 @@ impl Checkpoint {
             return Ok(None);
         }
         let bytes = self.read_file(PAGES_FILE)?;
-        let pages = self.manifest.memory.image_size() / self.manifest.memory.page_size;
-        PageBitmap::from_bytes(&self.dir.join(PAGES_FILE), &bytes, pages).map(Some)
+        let layout = &self.manifest.memory;
+        let path = self.dir.join(PAGES_FILE);
+        let map = PageBitmap::from_bytes(&path, &bytes, layout.image_size() / layout.page_size)?;
+        // No page outside guest memory (the hole below 4 GiB, say).
+        let mut from = 0;
+        for r in &layout.regions {
+            let first = r.guest_addr / layout.page_size;
+            if !map.runs(from, first - from).is_empty() {
+                return Err(Error::Layout { path, reason: "marks pages outside guest memory".into() });
+            }
+            from = first + r.size / layout.page_size;
+        }
+        Ok(Some(map))
     }
 }
 
@@ -180,7 +188,12 @@ pub fn open_chain(dir: &Path) -> Result<Vec<Checkpoint>, Error> {
         if !child.manifest.files.iter().any(|f| f.name == PAGES_FILE) {
             return Err(broken(child, format!("an incremental checkpoint without its {PAGES_FILE}")));
         }
-        let pdir = parent_dir(&child.dir, &link.dir);
+        if link.id.is_empty() {
+            return Err(broken(child, "its parent link names no id".into()));
+        }
+        let Some(pdir) = parent_dir(&child.dir, &link.dir) else {
+            return Err(broken(child, format!("its parent `{}` is not the name of a sibling directory", link.dir)));
+        };
         let parent = Checkpoint::open(&pdir)
             .map_err(|e| broken(child, format!("its parent {} cannot be used: {e}", pdir.display())))?;
         if parent.manifest.id != link.id {
@@ -375,13 +388,11 @@ pub fn merge_parent(child: &Path) -> Result<(), Error> {
     let links = open_chain(child)?;
     let [parent, leaf] = links.as_slice() else {
         let l = links.last().expect("at least the leaf");
-        return Err(broken(
-            l,
-            match links.len() {
-                1 => "not an incremental checkpoint: there is no parent to merge".into(),
-                n => format!("{} checkpoints behind it: merge from the chain's root first", n - 1),
-            },
-        ));
+        let reason = match links.len() {
+            1 => "not an incremental checkpoint: there is no parent to merge into it".into(),
+            n => format!("{} checkpoints behind it: merge from the chain's root first", n - 1),
+        };
+        return Err(Error::Layout { path: l.dir.join(MANIFEST_FILE), reason });
     };
     let held = leaf.pages()?.expect("the leaf of a chain of two is incremental");
     parent.verify_memory()?;
@@ -394,7 +405,12 @@ pub fn merge_parent(child: &Path) -> Result<(), Error> {
     let out = copy_sparse(&parent.memory_path(), &dst)?;
     let (src, _) = open_regular(&leaf.memory_path())?;
     let mut buf = Vec::new();
-    for run in held.runs(0, held.pages()) {
+    // A run of pages at most PROGRESS_STEP bytes at a time.
+    let pieces = held.runs(0, held.pages()).into_iter().flat_map(|r| {
+        let step = PROGRESS_STEP / ps;
+        (r.start..r.end).step_by(step as usize).map(move |p| p..(p + step).min(r.end))
+    });
+    for run in pieces {
         let (a, n) = (run.start * ps, (run.end - run.start) * ps);
         buf.resize(n as usize, 0);
         src.read_exact_at(&mut buf, a).map_err(Error::io(leaf.memory_path(), "read"))?;

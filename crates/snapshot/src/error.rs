@@ -36,6 +36,9 @@ pub enum Error {
     /// An incremental checkpoint's chain of parents is broken at this link.
     #[error("{path}: broken checkpoint chain: {reason}")]
     Chain { path: PathBuf, reason: String },
+    /// Writing was stopped by the one who asked for it.
+    #[error("{path}: writing was stopped")]
+    Stopped { path: PathBuf },
     /// The caller's memory does not match the layout.
     #[error("{path}: {reason}")]
     Layout { path: PathBuf, reason: String },

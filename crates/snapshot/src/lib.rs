@@ -10,7 +10,8 @@
 //!                   all-zero pages are holes, never written (a sparse file)
 //! ```
 //!
-//! **Incremental checkpoints** name a `parent` (its directory and `id`) in their
+//! **Incremental checkpoints** name a `parent` (a sibling directory's name, and
+//! its `id`) in their
 //! manifest and hold one more file, `pages.bitmap`: one bit per page of the
 //! image (little-endian 64-bit words, bit i of word j = page 64 j + i), set
 //! for the pages their memory.img holds; every other page is the parent's

@@ -93,8 +93,7 @@ pub struct Manifest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParentRef {
-    /// Its directory: relative to this checkpoint's own parent directory (a
-    /// sibling's name), or absolute.
+    /// Its directory's name: a sibling of this checkpoint's directory.
     pub dir: String,
     /// Its manifest's `id`: the link holds only to exactly that checkpoint.
     pub id: String,

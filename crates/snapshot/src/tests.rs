@@ -388,3 +388,142 @@ fn verify_and_load_report_rising_progress_to_the_end() {
     check(seen);
     assert!(back == data, "loaded memory differs");
 }
+
+/// The memory of `memory()` after the guest wrote: page 2 rewritten, page 1
+/// zeroed, page 33 (second region) rewritten, page 40 written.
+fn written_memory() -> (Vec<Vec<u8>>, PageBitmap) {
+    let (layout, mut mem) = memory();
+    mem[0][2 * PS..3 * PS].fill(0x77);
+    mem[0][PS..2 * PS].fill(0);
+    mem[1][PS..2 * PS].fill(0x33);
+    mem[1][8 * PS + 5] = 9;
+    // Dirty bitmaps per region, as KVM reports them: pages 1, 2; pages 1, 8.
+    let pages = PageBitmap::from_regions(&layout, &[vec![0b110], vec![(1 << 1) | (1 << 8)]]);
+    (mem, pages)
+}
+
+fn write_child(dir: &Path, parent: &Manifest, mem: &[Vec<u8>], pages: &PageBitmap) -> Manifest {
+    let (layout, _) = memory();
+    let extents: Vec<Vec<std::ops::Range<u64>>> = (0..2).map(|k| pages.extents_in(&layout, k)).collect();
+    let mut w = CheckpointWriter::create(dir).unwrap();
+    w.write_file(STATE_FILE, b"{\"state\": 2}").unwrap();
+    let sources: Vec<_> = layout
+        .regions
+        .iter()
+        .zip(mem)
+        .zip(&extents)
+        .map(|((r, d), e)| MemorySource { guest_addr: r.guest_addr, data: d, data_extents: Some(e) })
+        .collect();
+    w.write_memory(&layout, &sources).unwrap();
+    w.set_parent(ParentRef { dir: "ckpt".into(), id: parent.id.clone() }, pages).unwrap();
+    w.commit("cow", "test", serde_json::json!({ "guest": "x" })).unwrap()
+}
+
+fn load_chain_of(dir: &Path) -> Result<Vec<Vec<u8>>, Error> {
+    let links = open_chain(dir)?;
+    // Zeroed, as a new guest's memory is (the root's holes are not written).
+    let mut bufs = vec![vec![0u8; 16 * PS], vec![0u8; 16 * PS]];
+    let (a, b) = bufs.split_at_mut(1);
+    let mut targets =
+        [MemoryTarget { guest_addr: 0, data: &mut a[0] }, MemoryTarget { guest_addr: 32 * PAGE_SIZE, data: &mut b[0] }];
+    load_chain(&links, &mut targets, &mut |_, _| {})?;
+    Ok(bufs)
+}
+
+#[test]
+fn page_maps_place_each_region_at_its_guest_address() {
+    let (layout, _) = memory();
+    let (_, pages) = written_memory();
+    assert_eq!(pages.pages(), 48);
+    assert_eq!(pages.count(), 4);
+    assert!(pages.get(1) && pages.get(2) && pages.get(33) && pages.get(40) && !pages.get(17));
+    assert_eq!(pages.extents_in(&layout, 0), vec![PAGE_SIZE..3 * PAGE_SIZE]);
+    assert_eq!(pages.extents_in(&layout, 1), vec![PAGE_SIZE..2 * PAGE_SIZE, 8 * PAGE_SIZE..9 * PAGE_SIZE]);
+    let bytes = pages.to_bytes();
+    assert_eq!(PageBitmap::from_bytes(Path::new("p"), &bytes, 48).unwrap(), pages);
+    // Bits beyond the image, or a map of another size, are refused.
+    assert!(PageBitmap::from_bytes(Path::new("p"), &[0xff; 8], 48).is_err());
+    assert!(PageBitmap::from_bytes(Path::new("p"), &bytes[..4], 48).is_err());
+}
+
+#[test]
+fn a_chain_loads_to_the_childs_memory_and_merges_into_a_full_checkpoint_of_the_same_id() {
+    let t = tempfile::tempdir().unwrap();
+    let (parent_dir, child_dir) = (t.path().join("ckpt"), t.path().join("child"));
+    let parent = write(&parent_dir, b"{\"state\": 1}");
+    let (mem, pages) = written_memory();
+    let child = write_child(&child_dir, &parent, &mem, &pages);
+    assert_eq!(child.parent.as_ref().map(|p| p.id.as_str()), Some(parent.id.as_str()));
+    assert_eq!(child.memory_stats.data_pages, 3, "{child:?}");
+    assert!(load_chain_of(&child_dir).unwrap() == mem, "the chain did not load to the child's memory");
+    verify_chain_memory(&open_chain(&child_dir).unwrap(), &mut |_, _| {}).unwrap();
+
+    merge_parent(&child_dir).unwrap();
+    let merged = Checkpoint::open(&child_dir).unwrap();
+    assert_eq!((merged.manifest.parent.as_ref(), merged.manifest.id.as_str()), (None, child.id.as_str()));
+    assert_eq!(merged.manifest.created_unix_ms, child.created_unix_ms);
+    assert!(!child_dir.join(PAGES_FILE).exists());
+    assert_eq!(merged.read_file(STATE_FILE).unwrap(), b"{\"state\": 2}");
+    assert!(load(&child_dir).unwrap() == mem, "the merged checkpoint does not hold the child's memory");
+    assert_eq!(merged.manifest.memory_stats.data_pages, 3);
+    // Merging a full checkpoint is refused.
+    assert!(merge_parent(&child_dir).unwrap_err().to_string().contains("not an incremental checkpoint"));
+}
+
+#[test]
+fn a_broken_chain_names_its_link() {
+    let t = tempfile::tempdir().unwrap();
+    let (parent_dir, child_dir) = (t.path().join("ckpt"), t.path().join("child"));
+    let parent = write(&parent_dir, b"{\"state\": 1}");
+    let (mem, pages) = written_memory();
+    write_child(&child_dir, &parent, &mem, &pages);
+    // Another checkpoint in the parent's place.
+    std::fs::remove_dir_all(&parent_dir).unwrap();
+    write(&parent_dir, b"{\"state\": 3}");
+    let e = load_chain_of(&child_dir).unwrap_err().to_string();
+    assert!(e.contains("child/manifest.json: broken checkpoint chain") && e.contains("is another checkpoint"), "{e}");
+    // A damaged parent image is found while loading, and named.
+    std::fs::remove_dir_all(&parent_dir).unwrap();
+    std::fs::remove_dir_all(&child_dir).unwrap();
+    let parent = write(&parent_dir, b"{\"state\": 1}");
+    write_child(&child_dir, &parent, &mem, &pages);
+    flip(&parent_dir.join(MEMORY_FILE), PAGE_SIZE + 7);
+    let e = load_chain_of(&child_dir).unwrap_err().to_string();
+    assert!(e.contains("ckpt/memory.img: checksum mismatch"), "{e}");
+    assert!(merge_parent(&child_dir).is_err(), "a merge must not build on damaged data");
+    assert!(child_dir.join(PAGES_FILE).exists(), "the failed merge changed the child");
+}
+
+#[test]
+fn a_parent_is_a_sibling_named_by_its_id() {
+    let t = tempfile::tempdir().unwrap();
+    let (parent_dir, child_dir) = (t.path().join("ckpt"), t.path().join("child"));
+    let parent = write(&parent_dir, b"{\"state\": 1}");
+    let (mem, pages) = written_memory();
+    let (layout, _) = memory();
+    for (dir, id, why) in [("../ckpt", parent.id.as_str(), "not the name of a sibling"), ("ckpt", "", "names no id")] {
+        let _ = std::fs::remove_dir_all(&child_dir);
+        let mut w = CheckpointWriter::create(&child_dir).unwrap();
+        w.write_file(STATE_FILE, b"{}").unwrap();
+        let extents: Vec<Vec<std::ops::Range<u64>>> = (0..2).map(|k| pages.extents_in(&layout, k)).collect();
+        let sources: Vec<_> = layout
+            .regions
+            .iter()
+            .zip(&mem)
+            .zip(&extents)
+            .map(|((r, d), e)| MemorySource { guest_addr: r.guest_addr, data: d, data_extents: Some(e) })
+            .collect();
+        w.write_memory(&layout, &sources).unwrap();
+        w.set_parent(ParentRef { dir: dir.into(), id: id.into() }, &pages).unwrap();
+        w.commit("cow", "test", serde_json::json!({})).unwrap();
+        let e = open_chain(&child_dir).unwrap_err().to_string();
+        assert!(e.contains("broken checkpoint chain") && e.contains(why), "{dir} {id}: {e}");
+    }
+    // A page map that marks a page in the gap between the regions is refused.
+    let mut gap = pages.clone();
+    gap.set(20);
+    let _ = std::fs::remove_dir_all(&child_dir);
+    write_child(&child_dir, &parent, &mem, &gap);
+    let e = load_chain_of(&child_dir).unwrap_err().to_string();
+    assert!(e.contains("marks pages outside guest memory"), "{e}");
+}

@@ -35,6 +35,9 @@ pub struct MemoryProgress {
     pub done: AtomicU64,
     /// Bytes of data pages written.
     pub written: AtomicU64,
+    /// Set (non-zero) by whoever asked for the image: the writer stops at
+    /// its next page with [`Error::Stopped`].
+    pub stop: AtomicU64,
 }
 
 /// A checkpoint being written. Dropped without [`commit`](Self::commit), it removes
@@ -176,6 +179,9 @@ pub fn write_memory_image(
                     stats.zero_pages += 1;
                     i += 1;
                     continue;
+                }
+                if progress.is_some_and(|p| p.stop.load(Ordering::Relaxed) != 0) {
+                    return Err(Error::Stopped { path: path.clone() });
                 }
                 let mut j = i + 1;
                 while j < pages.len() && !is_zero(pages[j]) {
