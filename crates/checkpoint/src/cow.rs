@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use snapshot::{CheckpointWriter, MemoryLayout, MemoryProgress, MemorySource, MemoryStats};
+use snapshot::{CheckpointWriter, MemoryLayout, MemoryProgress, MemoryStats};
 use vmm::persist::codec::{self, Encoding};
 use vmm::placement::CpuList;
 use vmm::{Instance, InstanceConfig, MemoryBackend};
@@ -532,20 +532,14 @@ fn child_main(
             if let Some(c) = cpus {
                 vmm::placement::set_affinity(vmm::placement::this_thread(), c).map_err(|e| e.to_string())?;
             }
-            let memory = instance.memory();
-            // An incremental checkpoint's pages, else what may hold data.
-            let extents = extents.map(<[_]>::to_vec).unwrap_or_else(|| memory.data_extents());
-            memory.prefault(&extents);
             // SAFETY: this process is the forking thread alone: no vCPU, device or
             // other thread here writes this copy of guest memory.
-            let slices = unsafe { memory.slices() };
-            let sources: Vec<MemorySource<'_>> = slices
-                .iter()
-                .zip(&extents)
-                .map(|((a, d), e)| MemorySource { guest_addr: *a, data: d, data_extents: Some(e) })
-                .collect();
-            let (stats, crc32) =
-                snapshot::write_memory_image(image, layout, &sources, Some(counters)).map_err(|e| e.to_string())?;
+            let written = unsafe {
+                crate::with_memory_sources(instance.memory(), extents.map(<[_]>::to_vec), |sources| {
+                    snapshot::write_memory_image(image, layout, sources, Some(counters))
+                })
+            };
+            let (stats, crc32) = written.map_err(|e| e.to_string())?;
             Ok(ChildReport::Written { stats, crc32 })
         }));
     let report = match result {

@@ -285,22 +285,11 @@ pub(crate) fn write_paused(
     let layout = memory_layout(instance);
     writer.track(progress.memory(layout.regions.iter().map(|r| r.size).sum()));
     let t = Instant::now();
-    let memory = instance.memory();
-    let extents = match &inc {
-        Some(i) => incremental::extents(i, &layout),
-        None => memory.data_extents(),
-    };
-    memory.prefault(&extents);
+    let extents = inc.as_ref().map(|i| incremental::extents(i, &layout));
     // SAFETY: the instance is paused (every vCPU stopped), and its only device that
     // writes guest memory (virtio-blk) does so from a vCPU thread serving a guest
-    // notification, so nothing writes guest memory while the slices live.
-    let slices = unsafe { memory.slices() };
-    let sources: Vec<MemorySource<'_>> = slices
-        .iter()
-        .zip(&extents)
-        .map(|((a, d), e)| MemorySource { guest_addr: *a, data: d, data_extents: Some(e) })
-        .collect();
-    let stats = writer.write_memory(&layout, &sources)?;
+    // notification, so nothing writes guest memory meanwhile.
+    let stats = unsafe { with_memory_sources(instance.memory(), extents, |s| writer.write_memory(&layout, s)) }?;
     let write_time = t.elapsed();
     progress.phase("disk");
     let disk_handover = match job {
@@ -325,6 +314,31 @@ pub(crate) fn write_paused(
         id: manifest.id,
         parent: manifest.parent.map(|p| p.dir),
     })
+}
+
+/// Calls `write` with the memory sources of `memory` that a checkpoint
+/// writes: the pages of `extents` (an incremental checkpoint's), else those
+/// that may hold data, mapped in first (one call per extent, not a fault per
+/// page).
+///
+/// # Safety
+/// Nothing may write guest memory until `write` returns (see
+/// [`vmm::GuestMemory::slices`]).
+pub(crate) unsafe fn with_memory_sources<R>(
+    memory: &vmm::GuestMemory,
+    extents: Option<Vec<Vec<std::ops::Range<u64>>>>,
+    write: impl FnOnce(&[MemorySource<'_>]) -> R,
+) -> R {
+    let extents = extents.unwrap_or_else(|| memory.data_extents());
+    memory.prefault(&extents);
+    // SAFETY: the caller guarantees that nothing writes guest memory meanwhile.
+    let slices = unsafe { memory.slices() };
+    let sources: Vec<MemorySource<'_>> = slices
+        .iter()
+        .zip(&extents)
+        .map(|((a, d), e)| MemorySource { guest_addr: *a, data: d, data_extents: Some(e) })
+        .collect();
+    write(&sources)
 }
 
 /// Makes the backing file name of `copy` (a copy of `original`) absolute, so the
