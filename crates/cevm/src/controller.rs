@@ -178,6 +178,9 @@ pub fn forward_events(events: Receiver<VmEvent>, to: Sender<Control>, gen: u64) 
 /// The VMM's state and its actions.
 pub struct Controller {
     instance: Instance,
+    /// A lazy restore's loader (after `instance`: it serves the vCPUs'
+    /// faults until they have stopped, and is dropped after them).
+    lazy: Option<checkpoint::LazyMemory>,
     /// The instance's generation: its events carry it.
     generation: u64,
     /// Checkpoints committed by this VMM process.
@@ -203,6 +206,7 @@ impl Controller {
     pub fn new(instance: Instance, control: Sender<Control>, published: Arc<Published>) -> Self {
         let c = Controller {
             instance,
+            lazy: None,
             generation: 0,
             checkpoints: 0,
             writer: Writer::default(),
@@ -221,6 +225,25 @@ impl Controller {
     pub fn restored_from(&mut self, from: Option<api::RestoredFrom>) {
         self.restored_from = from;
         self.publish();
+    }
+
+    /// Keeps a lazy restore's loader while the instance runs.
+    pub fn lazy(&mut self, lazy: Option<checkpoint::LazyMemory>) {
+        self.lazy = lazy;
+        self.publish();
+    }
+
+    /// Waits until a lazy restore has put all of memory in place (what a
+    /// checkpoint or a migration reads whole), loading the rest at full speed.
+    fn memory_in_place(&self) -> Result<(), ActionError> {
+        let Some(l) = self.lazy.as_ref().filter(|l| !l.status().done) else { return Ok(()) };
+        let st = l.status();
+        tracing::info!(
+            "waiting for the lazy restore: {} of {} MiB of guest memory in place; the rest is loaded now",
+            st.loaded_bytes >> 20,
+            st.total_bytes >> 20
+        );
+        l.finish().map_err(ActionError::Unsupported)
     }
 
     /// Starts the instance if it has not run yet (a restored or booted guest;
@@ -266,6 +289,7 @@ impl Controller {
             operation: self.operation.map(str::to_string),
             nics: self.instance.nics().into_iter().map(Into::into).collect(),
             restored_from: self.restored_from.clone(),
+            lazy_restore: self.lazy.as_ref().map(|l| l.status()),
         }
     }
 
@@ -326,6 +350,7 @@ impl Controller {
         if let Some(why) = self.busy() {
             return Err(ActionError::Busy(why));
         }
+        self.memory_in_place()?;
         self.reset_progress();
         self.operation(Some("migration"));
         let (events, new_events) = mpsc::channel();
@@ -385,6 +410,10 @@ impl Controller {
         if let Err(e) = checkpoint::check_out(plan.out()) {
             tracing::warn!("checkpoint to {} refused: {e}", plan.out().display());
             respond(Err(ActionError::Out(e)));
+            return Flow::Continue;
+        }
+        if let Err(e) = self.memory_in_place() {
+            respond(Err(e));
             return Flow::Continue;
         }
         match plan {

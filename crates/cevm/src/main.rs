@@ -63,6 +63,18 @@ enum Cmd {
         /// `cevm resume` on (as QEMU's -S). Needs --api-sock.
         #[arg(long, requires = "api_sock")]
         paused: bool,
+        /// Run the guest before its memory is read: each 2 MiB chunk is read,
+        /// checked against its checksum and put in place when the guest first
+        /// touches it, the rest in the background. A damaged chunk stops the VM
+        /// before the guest can read it.
+        #[arg(long)]
+        lazy: bool,
+        /// With --lazy: read at most this many MiB a second of the checkpoint in
+        /// the background (0: none; memory then comes only as the guest touches
+        /// it, until a checkpoint or migration needs the rest). Default: as fast
+        /// as the disk goes.
+        #[arg(long, value_name = "MIB_S", requires = "lazy")]
+        lazy_bandwidth: Option<u64>,
         #[command(flatten)]
         periodic: PeriodicArgs,
     },
@@ -449,7 +461,7 @@ fn sandboxed(vmm: impl FnOnce() -> i32) -> i32 {
 fn run(cmd: Cmd) -> i32 {
     match cmd {
         Cmd::Run(a) => sandboxed(|| run_vm(a)),
-        Cmd::Restore { dir, overlay, api_sock, control, vcpu_cpus, net, paused, periodic } => {
+        Cmd::Restore { dir, overlay, api_sock, control, vcpu_cpus, net, paused, lazy, lazy_bandwidth, periodic } => {
             let taps = match args::tap_overrides(&net) {
                 Ok(t) => t,
                 Err(e) => return usage(e),
@@ -466,6 +478,7 @@ fn run(cmd: Cmd) -> i32 {
                 vcpu_cpus: vcpu_cpus.as_ref(),
                 taps,
                 paused,
+                lazy: lazy.then(|| checkpoint::LazyOptions { bandwidth: lazy_bandwidth.map(|m| m << 20) }),
             };
             sandboxed(|| restore(&dir, how, periodic))
         }
@@ -730,11 +743,13 @@ struct Restore<'a> {
     taps: Vec<String>,
     /// Restored, verified and ready, the guest waits for `resume`.
     paused: bool,
+    /// Memory loaded lazily (`--lazy`).
+    lazy: Option<checkpoint::LazyOptions>,
 }
 
 /// `cevm restore`: verifies and loads a checkpoint and serves the guest.
 fn restore(dir: &Path, how: Restore<'_>, periodic: PeriodicArgs) -> i32 {
-    let Restore { overlay, api_sock, control, vcpu_cpus, taps, paused } = how;
+    let Restore { overlay, api_sock, control, vcpu_cpus, taps, paused, lazy } = how;
     // A finished batch job is not run again from its series (a checkpoint of
     // it restored alone, without the series, still is: to look at it).
     if let Some(code) = finished_series(periodic.on_signal, periodic.checkpoint_dir.as_deref()) {
@@ -758,13 +773,27 @@ fn restore(dir: &Path, how: Restore<'_>, periodic: PeriodicArgs) -> i32 {
         }
     }
     let (tx, rx) = mpsc::channel();
+    let t0 = std::time::Instant::now();
     let bar = progress::Bytes::new("restoring");
-    let restored =
-        checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx, &taps, &mut |d, t| bar.update(d, t));
+    let mut show = |d, t| bar.update(d, t);
+    let memory = match lazy {
+        None => checkpoint::Memory::Load(&mut show),
+        Some(options) => checkpoint::Memory::Lazy(options, Box::new(lazy_failed)),
+    };
+    let restored = checkpoint::restore(dir, overlay, Box::new(std::io::stdout()), tx, &taps, memory);
     drop(bar);
     match restored {
-        Ok((inst, disk)) => {
-            tracing::info!("restored {} (every checksum verified)", dir.display());
+        Ok(checkpoint::Restored { instance: inst, disk, lazy }) => {
+            if lazy.is_some() {
+                tracing::info!(
+                    "restored {} lazily in {:.1} ms (state and files verified; memory is checked chunk by chunk as it \
+                     comes)",
+                    dir.display(),
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+            } else {
+                tracing::info!("restored {} (every checksum verified)", dir.display());
+            }
             if let Some(d) = disk {
                 tracing::info!("the restored guest's disk is {}", d.display());
             }
@@ -778,11 +807,19 @@ fn restore(dir: &Path, how: Restore<'_>, periodic: PeriodicArgs) -> i32 {
             let from = checkpoint::group::member_manifest_crc(dir)
                 .map(|manifest_crc32| cevm::api::RestoredFrom { dir: dir.to_path_buf(), manifest_crc32 })
                 .ok();
-            let start = runner::Start { vcpu_cpus, paused, restored_from: from.as_ref(), on_signal };
+            let start = runner::Start { vcpu_cpus, paused, restored_from: from.as_ref(), on_signal, lazy };
             finish(runner::run(inst, rx, api.as_ref(), start, periodic))
         }
         Err(e) => fail(format!("cannot restore: {e}")),
     }
+}
+
+/// A lazy restore met a damaged chunk: the VM stops at once. Its vCPUs may
+/// wait on that memory, and must never get it, so the VMM ends here rather
+/// than stopping them in order.
+fn lazy_failed(e: String) {
+    tracing::error!("{e}");
+    std::process::exit(cevm::exit_code::ERROR);
 }
 
 /// `cevm migrate`: asks the VMM for a live migration, showing its progress.

@@ -65,7 +65,7 @@ pub struct Periodic {
 const REFRESH: Duration = Duration::from_secs(1);
 
 /// How the control loop starts its instance.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Start<'a> {
     /// The vCPU threads placed on these CPUs (see `Instance::place_vcpus`).
     pub vcpu_cpus: Option<&'a vmm::placement::CpuList>,
@@ -76,6 +76,8 @@ pub struct Start<'a> {
     /// What `SIGUSR1` and `SIGTERM` do (blocked by the caller before it made
     /// any thread: [`crate::signals::block`]).
     pub on_signal: Option<OnSignal>,
+    /// A lazy restore's loader, kept while the guest runs.
+    pub lazy: Option<checkpoint::LazyMemory>,
 }
 
 /// Starts `instance` (whose vCPU events arrive on `vm_events`) as `start`
@@ -93,6 +95,7 @@ pub fn run(
     let published = api.map_or_else(|| Arc::new(Published::default()), |s| s.published());
     let mut vmm = Controller::new(instance, tx.clone(), published);
     vmm.restored_from(start.restored_from.cloned());
+    vmm.lazy(start.lazy);
     // The API takes actions for this guest before it runs: a client that sees
     // the guest's first output and calls at once must find the VMM attached
     // (its call waits in the channel until the loop below takes it).

@@ -343,8 +343,10 @@ fn a_forged_memory_size_of_zero_is_refused_by_verify_as_by_restore() {
     let d = forge(good_checkpoint(), "forged-mem0", |d, m, _| {
         m["guest"]["mem_size"] = 0.into();
         m["memory"]["regions"] = serde_json::json!([{ "guest_addr": 0, "size": 0 }]);
-        std::fs::OpenOptions::new().write(true).open(d.join("memory.img")).unwrap().set_len(0).unwrap();
-        set_entry(m, "memory.img", b"");
+        for f in ["memory.img", "memory.chunks"] {
+            std::fs::OpenOptions::new().write(true).open(d.join(f)).unwrap().set_len(0).unwrap();
+            set_entry(m, f, b"");
+        }
     });
     assert_refused_alike(&d, &["guest memory size 0 bytes"]);
 }
@@ -434,7 +436,8 @@ fn a_refused_restore_of_a_guest_with_a_disk_leaves_nothing_and_the_next_one_work
     flip(&d.join("memory.img"), at);
     let out = cevm(&["restore", d.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("memory.img: checksum mismatch"), "{}", text(&out.stderr));
+    let chunk = "memory.img: chunk 2 (bytes 0x400000..0x600000) does not match its checksum";
+    assert!(text(&out.stderr).contains(chunk), "{}", text(&out.stderr));
     assert!(!restored_disk(&d).exists(), "the refused restore left {}", restored_disk(&d).display());
     let names: Vec<_> = std::fs::read_dir(d.parent().unwrap())
         .unwrap()

@@ -10,12 +10,15 @@ pub mod cevm;
 pub mod cow;
 pub mod group;
 pub mod incremental;
+pub mod lazy;
 mod method;
 mod progress;
 pub mod series;
+mod uffd;
 
 pub use cevm::{Failure, FailureKind, GuestRuns};
 pub use incremental::{Base, Pages, Tracked};
+pub use lazy::{LazyMemory, LazyOptions, LazyStatus};
 pub use method::Method;
 pub use progress::{Progress, ProgressView};
 
@@ -470,23 +473,45 @@ impl Drop for Made {
     }
 }
 
+/// How a restore fills guest memory.
+pub enum Memory<'a> {
+    /// All of it read and checked before the guest runs, calling
+    /// `progress(done, total)` with the bytes of memory.img loaded and
+    /// checked so far as it goes.
+    Load(&'a mut dyn FnMut(u64, u64)),
+    /// Nothing read before the guest runs: each chunk is read, checked and
+    /// put in place when first touched, or in the background ([`lazy`]).
+    /// `on_fail` gets the error of a damaged chunk, which stops the VM.
+    Lazy(LazyOptions, Box<dyn FnOnce(String) + Send>),
+}
+
+/// A restored instance, not started.
+pub struct Restored {
+    pub instance: Instance,
+    /// The guest's disk, made for this restore.
+    pub disk: Option<PathBuf>,
+    /// A lazy restore's loader: keep it while the instance lives (drop it
+    /// after the instance's vCPUs have stopped).
+    pub lazy: Option<LazyMemory>,
+}
+
 /// Restores the checkpoint at `dir` into a new instance, memory loaded and checked,
 /// vCPUs not started. Nothing of the guest runs unless every check passed. A
 /// guest disk is copied from the checkpoint to `disk_to` (or
 /// [`default_restored_disk`]), which must not exist: the checkpoint itself stays
 /// untouched, so it can be restored again. That copy is made only once every
 /// check passed (memory.img's checksum included), and removed again if the
-/// instance cannot be made: a refused restore leaves nothing behind. Returns the
-/// instance and the disk's path. `progress(done, total)` is called with the bytes
-/// of memory.img loaded and checked so far as it goes.
+/// instance cannot be made: a refused restore leaves nothing behind. A lazy
+/// restore ([`Memory::Lazy`]) checks everything but memory.img that way, and
+/// each chunk of memory.img before the guest sees any of it.
 pub fn restore(
     dir: &Path,
     disk_to: Option<&Path>,
     console: Box<dyn Write + Send>,
     events: Sender<VmEvent>,
     taps: &[String],
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<(Instance, Option<PathBuf>)> {
+    memory: Memory<'_>,
+) -> Result<Restored> {
     let OpenCheckpoint { checkpoint, ancestors, mut config, state, disk_file } = open(dir)?;
     // The taps, before anything is read or made: NIC i binds `taps[i]`, or the
     // tap it had when the checkpoint was taken.
@@ -520,15 +545,26 @@ pub fn restore(
         None => None,
     };
     let shell = vmm::Shell::new(&config, None)?;
-    {
-        // SAFETY: the shell's vCPUs have not started and it has no devices: nothing
-        // else touches its memory.
-        let mut slices = unsafe { shell.memory().slices_mut() };
-        let mut targets: Vec<MemoryTarget<'_>> =
-            slices.iter_mut().map(|(a, d)| MemoryTarget { guest_addr: *a, data: d }).collect();
-        let chain: Vec<Checkpoint> = ancestors.into_iter().chain([checkpoint.clone()]).collect();
-        snapshot::load_chain(&chain, &mut targets, progress)?;
-    }
+    let chain: Vec<Checkpoint> = ancestors.into_iter().chain([checkpoint.clone()]).collect();
+    let lazy = match memory {
+        Memory::Load(progress) => {
+            // SAFETY: the shell's vCPUs have not started and it has no devices: nothing
+            // else touches its memory.
+            let mut slices = unsafe { shell.memory().slices_mut() };
+            let mut targets: Vec<MemoryTarget<'_>> =
+                slices.iter_mut().map(|(a, d)| MemoryTarget { guest_addr: *a, data: d }).collect();
+            snapshot::load_chain(&chain, &mut targets, progress)?;
+            None
+        }
+        // The memory the shell just mapped is untouched: every page of it is
+        // missing, so the first touch of each goes to the loader.
+        Memory::Lazy(options, on_fail) => Some(LazyMemory::start(
+            snapshot::ChunkReader::open(&chain)?,
+            &shell.memory().host_ranges(),
+            options,
+            on_fail,
+        )?),
+    };
     // Every check passed: only now is anything made outside the process.
     let made = match (&mut config.disk, disk) {
         (Some(d), Some((src, target))) => {
@@ -547,7 +583,7 @@ pub fn restore(
         _ => Made(None),
     };
     let instance = Instance::restore_into(shell, config, &state, console, events)?;
-    Ok((instance, made.keep()))
+    Ok(Restored { instance, disk: made.keep(), lazy })
 }
 
 /// Verifies a checkpoint completely: everything [`open`] checks (so a checkpoint

@@ -299,6 +299,8 @@ const VMM: &[Sysno] = &[
     Sysno::msync,
     Sysno::memfd_create,
     Sysno::eventfd2,
+    // A lazy restore's guest memory, filled as it is touched.
+    Sysno::userfaultfd,
     Sysno::ioctl,
     // Sockets.
     Sysno::socket,

@@ -8,9 +8,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::chunks::{ChunkedCrc, CHUNKS_FILE, CHUNK_SIZE};
 use crate::reader::{next_extent, open_regular, Checkpoint, MemoryTarget};
-use crate::writer::{hash_zeros, CheckpointWriter};
-use crate::{hex, Error, MemoryLayout, MemoryStats, MANIFEST_FILE, MEMORY_FILE, PAGES_FILE, PROGRESS_STEP};
+use crate::writer::{write_chunk_sums, CheckpointWriter};
+use crate::{Error, MemoryLayout, MemoryStats, MANIFEST_FILE, MEMORY_FILE, PAGES_FILE, PROGRESS_STEP};
 
 /// The most links a chain may have (a guard against a cycle of parents).
 pub const MAX_CHAIN: usize = 256;
@@ -84,8 +85,13 @@ impl PageBitmap {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// Whether a page of [`first`, `first + n`) is marked.
+    pub(crate) fn any_in(&self, first: u64, n: u64) -> bool {
+        !self.runs(first, n).is_empty()
+    }
+
     /// The runs of marked pages in [`first`, `first + n`), as page ranges.
-    fn runs(&self, first: u64, n: u64) -> Vec<Range<u64>> {
+    pub(crate) fn runs(&self, first: u64, n: u64) -> Vec<Range<u64>> {
         let mut out: Vec<Range<u64>> = Vec::new();
         let mut p = first;
         let end = (first + n).min(self.pages);
@@ -286,12 +292,13 @@ impl Checkpoint {
         if size != entry.size {
             return Err(Error::Size { path, expected: entry.size, actual: size });
         }
-        let mut crc = crc32fast::Hasher::new();
+        let sums = self.chunk_sums()?;
+        let mut crc = ChunkedCrc::new(self.chunk_size());
         let mut buf = Vec::new();
         let mut pos = 0u64;
         while pos < size {
             let Some((start, end)) = next_extent(&f, pos, size).map_err(Error::io(&path, "seek"))? else { break };
-            hash_zeros(&mut crc, start - pos);
+            crc.zeros(start - pos);
             let mut off = start;
             while off < end {
                 let n = (end - off).min(PROGRESS_STEP);
@@ -312,13 +319,9 @@ impl Checkpoint {
             }
             pos = end;
         }
-        hash_zeros(&mut crc, size - pos);
+        crc.zeros(size - pos);
         progress(size, size);
-        let actual = hex(crc.finalize());
-        if actual != entry.crc32 {
-            return Err(Error::Checksum { path, expected: entry.crc32.clone(), actual });
-        }
-        Ok(())
+        self.check_sums(crc, sums.as_deref())
     }
 }
 
@@ -348,14 +351,14 @@ fn copy_sparse(src: &Path, dst: &Path) -> Result<File, Error> {
     Ok(to)
 }
 
-/// The CRC32 (hex) and page counts of a memory image file, read whole.
-fn scan_image(path: &Path, f: &File, size: u64, ps: u64) -> Result<(String, MemoryStats), Error> {
-    let mut crc = crc32fast::Hasher::new();
+/// The CRC32 (hex), chunk sums and page counts of a memory image file, read whole.
+fn scan_image(path: &Path, f: &File, size: u64, ps: u64) -> Result<(String, Vec<u32>, MemoryStats), Error> {
+    let mut crc = ChunkedCrc::new(CHUNK_SIZE);
     let mut stats = MemoryStats::default();
     let mut buf = Vec::new();
     let mut pos = 0;
     while let Some((start, end)) = next_extent(f, pos, size).map_err(Error::io(path, "seek"))? {
-        hash_zeros(&mut crc, start - pos);
+        crc.zeros(start - pos);
         let mut off = start;
         while off < end {
             let n = (end - off).min(PROGRESS_STEP);
@@ -372,9 +375,10 @@ fn scan_image(path: &Path, f: &File, size: u64, ps: u64) -> Result<(String, Memo
         }
         pos = end;
     }
-    hash_zeros(&mut crc, size - pos);
+    crc.zeros(size - pos);
     stats.zero_pages = size / ps - stats.data_pages;
-    Ok((hex(crc.finalize()), stats))
+    let (whole, sums) = crc.finish();
+    Ok((whole, sums, stats))
 }
 
 /// Folds the full parent of the incremental checkpoint at `child` into it:
@@ -436,10 +440,11 @@ pub fn merge_parent(child: &Path) -> Result<(), Error> {
         }
     }
     out.sync_all().map_err(Error::io(&dst, "fsync"))?;
-    let (crc, stats) = scan_image(&dst, &out, layout.image_size(), ps)?;
+    let (crc, sums, stats) = scan_image(&dst, &out, layout.image_size(), ps)?;
+    write_chunk_sums(&w.tmp_path().join(CHUNKS_FILE), &sums)?;
     w.record_memory(layout, stats, &crc)?;
     for f in &leaf.manifest.files {
-        if f.name == MEMORY_FILE || f.name == PAGES_FILE {
+        if f.name == MEMORY_FILE || f.name == PAGES_FILE || f.name == CHUNKS_FILE {
             continue;
         }
         let (from, to) = (leaf.dir.join(&f.name), w.tmp_path().join(&f.name));

@@ -8,6 +8,11 @@ pub enum Error {
     /// A file's content does not match its checksum.
     #[error("{path}: checksum mismatch (expected {expected}, found {actual}): the file is damaged")]
     Checksum { path: PathBuf, expected: String, actual: String },
+    /// One chunk of the memory image does not match its checksum (memory.chunks).
+    #[error(
+        "{path}: chunk {index} (bytes {start:#x}..{end:#x}) does not match its checksum (expected {expected}, found {actual}): the file is damaged there"
+    )]
+    Chunk { path: PathBuf, index: u64, start: u64, end: u64, expected: String, actual: String },
     /// A file has another size than the manifest says.
     #[error("{path}: size is {actual} bytes, the manifest says {expected}")]
     Size { path: PathBuf, expected: u64, actual: u64 },

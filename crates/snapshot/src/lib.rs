@@ -8,6 +8,9 @@
 //!   state.json      the VMM's serialized vCPU/VM/device state (opaque here)
 //!   memory.img      guest memory, each page at its guest-physical offset;
 //!                   all-zero pages are holes, never written (a sparse file)
+//!   memory.chunks   the CRC32 of each 2 MiB chunk of memory.img (the
+//!                   manifest's `memory_chunk_size`), little-endian u32s: a
+//!                   chunk can be checked alone (a lazy restore; see `chunks`)
 //! ```
 //!
 //! **Incremental checkpoints** name a `parent` (a sibling directory's name, and
@@ -44,7 +47,9 @@
 //! any moment leaves the name holding one complete checkpoint, old or new.
 
 mod chain;
+mod chunks;
 mod error;
+mod lazy;
 mod manifest;
 mod reader;
 mod writer;
@@ -53,7 +58,9 @@ mod writer;
 mod tests;
 
 pub use chain::{load_chain, merge_parent, open_chain, verify_chain_memory, PageBitmap};
+pub use chunks::{chunk_count, CHUNKS_FILE, CHUNK_SIZE, MAX_CHUNK_SIZE};
 pub use error::Error;
+pub use lazy::ChunkReader;
 pub use manifest::{seal_manifest, FileEntry, Manifest, MemoryLayout, MemoryRegionLayout, MemoryStats, ParentRef};
 pub use reader::{
     read_manifest, verify, Checkpoint, MemoryTarget, VerifyReport, MAX_MANIFEST_SIZE, MAX_READ_SIZE, PROGRESS_STEP,

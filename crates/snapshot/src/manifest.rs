@@ -87,6 +87,15 @@ pub struct Manifest {
     /// pages `pages.bitmap` marks, every other page is the parent's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// The size of the chunks `memory.chunks` checksums one by one (see
+    /// [`crate::chunks`]); 0 in checkpoints written before it existed, which
+    /// then hold no `memory.chunks` and cannot be restored lazily.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub memory_chunk_size: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The checkpoint an incremental one builds on.

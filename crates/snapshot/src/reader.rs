@@ -11,8 +11,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::chunks::{self, chunk_count, ChunkedCrc, CHUNKS_FILE, CHUNK_SIZE, MAX_CHUNK_SIZE};
 use crate::manifest::{decode, FileEntry, Manifest};
-use crate::writer::hash_zeros;
 use crate::{hex, Error, MANIFEST_FILE, MEMORY_FILE, STATE_FILE};
 
 /// The largest manifest.json read: a manifest lists a few files and a guest
@@ -148,6 +148,22 @@ fn check_names(mpath: &Path, manifest: &Manifest) -> Result<(), Error> {
     if !seen.contains(MEMORY_FILE) {
         return Err(bad(format!("lists no {MEMORY_FILE}")));
     }
+    let c = manifest.memory_chunk_size;
+    match manifest.files.iter().find(|f| f.name == CHUNKS_FILE) {
+        None if c == 0 => {}
+        None => return Err(bad(format!("gives a memory_chunk_size but lists no {CHUNKS_FILE}"))),
+        Some(_) if c == 0 => return Err(bad(format!("lists {CHUNKS_FILE} but gives no memory_chunk_size"))),
+        Some(f) => {
+            let ps = manifest.memory.page_size;
+            if !c.is_power_of_two() || c < ps || c > MAX_CHUNK_SIZE {
+                return Err(bad(format!("memory_chunk_size {c} is not a power of two from the page size to 1 GiB")));
+            }
+            let want = 4 * chunk_count(manifest.memory.image_size(), c);
+            if f.size != want {
+                return Err(Error::Size { path: mpath.with_file_name(CHUNKS_FILE), expected: want, actual: f.size });
+            }
+        }
+    }
     Ok(())
 }
 
@@ -207,7 +223,7 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_path_buf(), manifest })
     }
 
-    fn entry(&self, name: &str) -> Result<&FileEntry, Error> {
+    pub(crate) fn entry(&self, name: &str) -> Result<&FileEntry, Error> {
         self.manifest
             .files
             .iter()
@@ -296,12 +312,13 @@ impl Checkpoint {
         if size != entry.size {
             return Err(Error::Size { path, expected: entry.size, actual: size });
         }
-        let mut crc = crc32fast::Hasher::new();
+        let sums = self.chunk_sums()?;
+        let mut crc = ChunkedCrc::new(self.chunk_size());
         let mut scratch = Vec::new();
         let mut pos = 0u64;
         while pos < size {
             let Some((start, end)) = next_extent(&f, pos, size).map_err(Error::io(&path, "seek"))? else { break };
-            hash_zeros(&mut crc, start - pos);
+            crc.zeros(start - pos);
             progress(start, size);
             let mut off = start;
             while off < end {
@@ -329,11 +346,54 @@ impl Checkpoint {
             }
             pos = end;
         }
-        hash_zeros(&mut crc, size - pos);
+        crc.zeros(size - pos);
         progress(size, size);
-        let actual = hex(crc.finalize());
-        if actual != entry.crc32 {
-            return Err(Error::Checksum { path, expected: entry.crc32.clone(), actual });
+        self.check_sums(crc, sums.as_deref())
+    }
+
+    /// The bytes each memory chunk covers: the manifest's `memory_chunk_size`,
+    /// or (an older checkpoint without chunk sums) the size new ones use.
+    pub fn chunk_size(&self) -> u64 {
+        match self.manifest.memory_chunk_size {
+            0 => CHUNK_SIZE,
+            c => c,
+        }
+    }
+
+    /// The CRC32 of each chunk of memory.img (memory.chunks, read and checked
+    /// against the manifest); `None` for a checkpoint written before them.
+    pub fn chunk_sums(&self) -> Result<Option<Vec<u32>>, Error> {
+        if self.manifest.memory_chunk_size == 0 {
+            return Ok(None);
+        }
+        let bytes = self.read_file(CHUNKS_FILE)?;
+        let n = chunk_count(self.manifest.memory.image_size(), self.manifest.memory_chunk_size);
+        chunks::from_bytes(&self.dir.join(CHUNKS_FILE), &bytes, n).map(Some)
+    }
+
+    /// Checks what a pass over memory.img hashed against its chunks' sums
+    /// (naming the first chunk that differs) and its whole CRC.
+    pub(crate) fn check_sums(&self, crc: ChunkedCrc, sums: Option<&[u32]>) -> Result<(), Error> {
+        let path = self.memory_path();
+        let entry = self.entry(MEMORY_FILE)?;
+        let (whole, got) = crc.finish();
+        if let Some(want) = sums {
+            let c = self.chunk_size();
+            let size = self.manifest.memory.image_size();
+            if let Some(k) = (0..want.len()).find(|&k| got.get(k) != Some(&want[k])) {
+                let start = k as u64 * c;
+                return Err(Error::Chunk {
+                    path,
+                    index: k as u64,
+                    start,
+                    end: (start + c).min(size),
+                    expected: hex(want[k]),
+                    actual: got.get(k).map_or_else(|| "nothing".into(), |&a| hex(a)),
+                });
+            }
+        }
+        if whole != entry.crc32 {
+            return Err(Error::Checksum { path, expected: entry.crc32.clone(), actual: whole });
         }
         Ok(())
     }

@@ -73,7 +73,9 @@ fn roundtrip_is_exact_and_sparse() {
     assert_eq!(c.manifest.format_version, FORMAT_VERSION);
     assert_eq!(load(&d).unwrap(), memory().1);
     let report = verify(&d).unwrap();
-    assert_eq!(report.files.len(), 2);
+    // state.json, memory.img and memory.chunks (one chunk: the image is 48 pages).
+    assert_eq!(report.files.len(), 3);
+    assert_eq!(c.chunk_sums().unwrap().unwrap().len(), 1);
     // Zero pages are holes: the first data at or after page 3 is page 33.
     let f = std::fs::File::open(d.join(MEMORY_FILE)).unwrap();
     assert_eq!(f.metadata().unwrap().len(), 48 * PAGE_SIZE);
@@ -109,9 +111,9 @@ fn flipped_state_and_memory_bytes_are_caught() {
         let (_t, d) = fresh();
         flip(&d.join(MEMORY_FILE), off);
         let e = load(&d).err().unwrap();
-        assert!(matches!(&e, Error::Checksum { path, .. } if path.ends_with(MEMORY_FILE)), "{e}");
+        assert!(matches!(&e, Error::Chunk { path, index: 0, .. } if path.ends_with(MEMORY_FILE)), "{e}");
         let e = verify(&d).err().unwrap();
-        assert!(e.to_string().contains("memory.img: checksum mismatch"), "{e}");
+        assert!(e.to_string().contains("memory.img: chunk 0 (bytes 0x0..0x30000) does not match its checksum"), "{e}");
     }
 }
 
@@ -489,7 +491,7 @@ fn a_broken_chain_names_its_link() {
     write_child(&child_dir, &parent, &mem, &pages);
     flip(&parent_dir.join(MEMORY_FILE), PAGE_SIZE + 7);
     let e = load_chain_of(&child_dir).unwrap_err().to_string();
-    assert!(e.contains("ckpt/memory.img: checksum mismatch"), "{e}");
+    assert!(e.contains("ckpt/memory.img: chunk 0 (bytes"), "{e}");
     assert!(merge_parent(&child_dir).is_err(), "a merge must not build on damaged data");
     assert!(child_dir.join(PAGES_FILE).exists(), "the failed merge changed the child");
 }
@@ -526,4 +528,88 @@ fn a_parent_is_a_sibling_named_by_its_id() {
     write_child(&child_dir, &parent, &mem, &gap);
     let e = load_chain_of(&child_dir).unwrap_err().to_string();
     assert!(e.contains("marks pages outside guest memory"), "{e}");
+}
+
+/// A chain read chunk by chunk gives the child's memory, exactly as a whole
+/// load does; a flipped bit in either link's chunk is named, with the chunk.
+#[test]
+fn a_chain_read_by_chunks_is_the_childs_memory_and_each_chunk_is_checked() {
+    let t = tempfile::tempdir().unwrap();
+    let (parent_dir, child_dir) = (t.path().join("ckpt"), t.path().join("child"));
+    let parent = write(&parent_dir, b"{\"state\": 1}");
+    let (mem, pages) = written_memory();
+    write_child(&child_dir, &parent, &mem, &pages);
+    let r = ChunkReader::open(&open_chain(&child_dir).unwrap()).unwrap();
+    assert_eq!((r.chunk_size(), r.image_size()), (CHUNK_SIZE, 48 * PAGE_SIZE));
+    let (mut buf, mut scratch) = (Vec::new(), Vec::new());
+    r.read(0, &mut buf, &mut scratch).unwrap();
+    let mut want = mem[0].clone();
+    want.extend(vec![0u8; 16 * PS]);
+    want.extend(&mem[1]);
+    assert!(buf == want, "the chunk is not the child's memory");
+    assert!(!r.is_zero(0).unwrap());
+    for (dir, page) in [(&child_dir, 33), (&parent_dir, 17)] {
+        let img = dir.join(MEMORY_FILE);
+        flip(&img, page * PAGE_SIZE + 100);
+        let e = r.read(0, &mut buf, &mut scratch).unwrap_err();
+        assert!(matches!(&e, Error::Chunk { path, index: 0, .. } if *path == img), "{e}");
+        flip(&img, page * PAGE_SIZE + 100);
+    }
+    r.read(0, &mut buf, &mut scratch).unwrap();
+}
+
+/// Chunks of zeros are known without reading them, and a chunk that should
+/// be zeros but holds data (a hole written over) is neither zero nor readable.
+#[test]
+fn zero_chunks_are_known_without_reading_and_damage_to_them_is_caught() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("big");
+    let size = 3 * CHUNK_SIZE;
+    let layout = MemoryLayout { page_size: PAGE_SIZE, regions: vec![MemoryRegionLayout { guest_addr: 0, size }] };
+    let mut mem = vec![0u8; size as usize];
+    mem[CHUNK_SIZE as usize + 5] = 1;
+    let mut w = CheckpointWriter::create(&d).unwrap();
+    w.write_file(STATE_FILE, b"{}").unwrap();
+    w.write_memory(&layout, &[MemorySource { guest_addr: 0, data: &mem, data_extents: None }]).unwrap();
+    w.commit("stop-and-save", "test", serde_json::json!({})).unwrap();
+    let c = Checkpoint::open(&d).unwrap();
+    assert_eq!(c.manifest.memory_chunk_size, CHUNK_SIZE);
+    let r = ChunkReader::open(std::slice::from_ref(&c)).unwrap();
+    let zero: Vec<bool> = (0..3).map(|k| r.is_zero(k).unwrap()).collect();
+    assert_eq!(zero, [true, false, true]);
+    flip(&d.join(MEMORY_FILE), 2 * CHUNK_SIZE + 9);
+    assert!(!r.is_zero(2).unwrap());
+    let e = r.read(2, &mut Vec::new(), &mut Vec::new()).unwrap_err();
+    assert!(matches!(e, Error::Chunk { index: 2, start, end, .. } if start == 2 * CHUNK_SIZE && end == size), "{e}");
+    let e = verify(&d).err().unwrap();
+    assert!(matches!(e, Error::Chunk { index: 2, .. }), "{e}");
+}
+
+/// A checkpoint written before chunk sums existed (no memory.chunks, no
+/// memory_chunk_size) still opens and verifies, but cannot be read lazily;
+/// a damaged memory.chunks is caught like any listed file.
+#[test]
+fn chunk_sums_are_optional_for_a_full_restore_and_checked_when_present() {
+    let (_t, d) = fresh();
+    let mpath = d.join(MANIFEST_FILE);
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    let o = m.as_object_mut().unwrap();
+    o.remove("memory_chunk_size");
+    o.remove("manifest_crc32");
+    o["files"].as_array_mut().unwrap().retain(|f| f["name"] != CHUNKS_FILE);
+    std::fs::remove_file(d.join(CHUNKS_FILE)).unwrap();
+    // The checksum field first, as the format wants it.
+    let body = serde_json::to_string_pretty(&m).unwrap();
+    let text = format!("{{\n  \"manifest_crc32\": \"00000000\",{}", &body[1..]);
+    std::fs::write(&mpath, seal_manifest(&text)).unwrap();
+    let c = Checkpoint::open(&d).unwrap();
+    assert_eq!(c.chunk_sums().unwrap(), None);
+    verify(&d).unwrap();
+    let e = ChunkReader::open(&[c]).err().unwrap().to_string();
+    assert!(e.contains("without per-chunk checksums") && e.contains("not lazily"), "{e}");
+
+    let (_t, d) = fresh();
+    flip(&d.join(CHUNKS_FILE), 1);
+    let e = Checkpoint::open(&d).unwrap_err();
+    assert!(matches!(&e, Error::Checksum { path, .. } if path.ends_with(CHUNKS_FILE)), "{e}");
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::chain::PageBitmap;
+use crate::chunks::{self, ChunkedCrc, CHUNKS_FILE, CHUNK_SIZE};
 use crate::manifest::{encode, FileEntry, Manifest, MemoryLayout, MemoryStats, ParentRef};
 use crate::{hex, Error, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE, PAGES_FILE};
 
@@ -124,8 +125,9 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Writes a memory image at `path` (see [`CheckpointWriter::write_memory`]),
-/// fsynced, counting into `progress`; returns what it holds and its CRC32 (8
-/// hex digits). The writer's own method calls it; a process that writes the
+/// and its chunks' checksums beside it (`memory.chunks`), both fsynced,
+/// counting into `progress`; returns what it holds and its CRC32 (8 hex
+/// digits). The writer's own method calls it; a process that writes the
 /// image of a checkpoint another process commits calls it directly (then
 /// [`CheckpointWriter::record_memory`]).
 pub fn write_memory_image(
@@ -142,7 +144,7 @@ pub fn write_memory_image(
     }
     let ps = layout.page_size as usize;
     let f = File::create(&path).map_err(Error::io(&path, "create"))?;
-    let mut crc = crc32fast::Hasher::new();
+    let mut crc = ChunkedCrc::new(CHUNK_SIZE);
     let mut stats = MemoryStats::default();
     let mut pos = 0u64;
     let mut streamer = Streamer::default();
@@ -157,7 +159,7 @@ pub fn write_memory_image(
                 region.size
             )));
         }
-        hash_zeros(&mut crc, region.guest_addr - pos);
+        crc.zeros(region.guest_addr - pos);
         let whole = [std::ops::Range { start: 0, end: region.size }];
         let mut scanned_to = 0u64;
         for e in src.data_extents.unwrap_or(&whole) {
@@ -167,7 +169,7 @@ pub fn write_memory_image(
             if start >= end {
                 continue;
             }
-            hash_zeros(&mut crc, start - scanned_to);
+            crc.zeros(start - scanned_to);
             stats.zero_pages += (start - scanned_to) / layout.page_size;
             let bytes = &src.data[start as usize..end as usize];
             let base = region.guest_addr + start;
@@ -200,7 +202,7 @@ pub fn write_memory_image(
             }
             scanned_to = end;
         }
-        hash_zeros(&mut crc, region.size - scanned_to);
+        crc.zeros(region.size - scanned_to);
         stats.zero_pages += (region.size - scanned_to) / layout.page_size;
         pos = region.guest_addr + region.size;
         region_base += region.size;
@@ -210,7 +212,16 @@ pub fn write_memory_image(
     }
     f.set_len(layout.image_size()).map_err(Error::io(&path, "set length"))?;
     f.sync_all().map_err(Error::io(&path, "fsync"))?;
-    Ok((stats, hex(crc.finalize())))
+    let (whole, sums) = crc.finish();
+    write_chunk_sums(&path.with_file_name(CHUNKS_FILE), &sums)?;
+    Ok((stats, whole))
+}
+
+/// Writes `memory.chunks` (see [`crate::chunks`]) at `path`, fsynced.
+pub(crate) fn write_chunk_sums(path: &Path, sums: &[u32]) -> Result<(), Error> {
+    let mut f = File::create(path).map_err(Error::io(path, "create"))?;
+    f.write_all(&chunks::to_bytes(sums)).map_err(Error::io(path, "write"))?;
+    f.sync_all().map_err(Error::io(path, "fsync"))
 }
 
 fn fsync_dir(path: &Path) -> Result<(), Error> {
@@ -346,6 +357,7 @@ impl CheckpointWriter {
         let path = self.tmp.join(MEMORY_FILE);
         let (stats, crc32) = write_memory_image(&path, layout, sources, progress)?;
         self.files.push(FileEntry { name: MEMORY_FILE.into(), size: layout.image_size(), crc32 });
+        self.add_file(CHUNKS_FILE)?;
         self.memory = Some((layout.clone(), stats.clone()));
         Ok(stats)
     }
@@ -355,9 +367,9 @@ impl CheckpointWriter {
         self.files.iter().find(|f| f.name == name)
     }
 
-    /// Records memory.img that another process wrote into
-    /// [`tmp_path`](Self::tmp_path) with [`write_memory`](Self::write_memory)
-    /// (and fsynced): `crc32` is its entry's checksum, as [`entry`](Self::entry)
+    /// Records memory.img (and its memory.chunks) that another process wrote
+    /// into [`tmp_path`](Self::tmp_path) with [`write_memory_image`] (and
+    /// fsynced): `crc32` is its entry's checksum, as [`entry`](Self::entry)
     /// gave it there. The file's size is checked against the layout.
     pub fn record_memory(&mut self, layout: &MemoryLayout, stats: MemoryStats, crc32: &str) -> Result<(), Error> {
         let path = self.tmp.join(MEMORY_FILE);
@@ -370,6 +382,7 @@ impl CheckpointWriter {
             });
         }
         self.files.push(FileEntry { name: MEMORY_FILE.into(), size, crc32: crc32.into() });
+        self.add_file(CHUNKS_FILE)?;
         self.memory = Some((layout.clone(), stats));
         Ok(())
     }
@@ -422,6 +435,7 @@ impl CheckpointWriter {
             files: self.files.clone(),
             id,
             parent: self.parent_ref.clone(),
+            memory_chunk_size: if self.entry(CHUNKS_FILE).is_some() { CHUNK_SIZE } else { 0 },
         };
         let mpath = self.tmp.join(MANIFEST_FILE);
         let text = encode(&manifest).map_err(|e| Error::Manifest { path: mpath.clone(), reason: e.to_string() })?;

@@ -259,6 +259,17 @@ impl GuestMemory {
         }
     }
 
+    /// Each RAM range with where it is mapped in this process: (guest
+    /// address, host address, size). For code that hands the mapping to the
+    /// kernel by address (a userfaultfd that fills it on demand).
+    pub fn host_ranges(&self) -> Vec<(u64, usize, u64)> {
+        self.ranges
+            .iter()
+            .zip(self.mem.iter())
+            .map(|(r, region)| (r.guest_addr, region.as_ptr() as usize, r.size))
+            .collect()
+    }
+
     /// Number of guest pages.
     pub fn pages(&self) -> u64 {
         self.size() / PAGE_SIZE

@@ -192,6 +192,10 @@ pub struct Status {
     /// The checkpoint this VMM restored its guest from (`cevm restore`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<RestoredFrom>,
+    /// A lazy restore's progress (`cevm restore --lazy`): guest memory in
+    /// place so far, and whether all of it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy_restore: Option<checkpoint::LazyStatus>,
 }
 
 /// The checkpoint a VMM restored its guest from: a group restore checks that
