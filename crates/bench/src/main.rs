@@ -25,6 +25,7 @@ mod group_turnaround;
 mod guest;
 mod host;
 mod incremental;
+mod lazy;
 mod linux;
 mod migrate;
 mod net;
@@ -218,6 +219,10 @@ enum BenchCmd {
     /// Incremental checkpoints: bytes on disk against the bytes of the pages
     /// each holds, pause and time to commit, after a full one.
     Incremental(incremental::Args),
+    /// Lazy restore: the time from a restore's start to the guest's first
+    /// instruction, restored whole and lazily, warm and cold page cache, and
+    /// how long a lazy restore takes to have all of memory in place.
+    Lazy(lazy::Args),
     /// The seed's turnaround times of one fixed-size job with n checkpoints, per
     /// strategy and placement: T_comp, T_cpt, T_mg, T_cevm, T_o, downtime per
     /// checkpoint, the job's worst second, peak memory.
@@ -333,6 +338,7 @@ fn run(cmd: BenchCmd) -> Result<(), String> {
             migrate::run(&migrate::Options { sizes, rates, modes, runs: runs.max(1), params, dir, json })
         }
         BenchCmd::Incremental(a) => incremental::run(&a),
+        BenchCmd::Lazy(a) => lazy::run(&a),
         BenchCmd::Turnaround {
             mem,
             data_mib,

@@ -807,7 +807,8 @@ fn restore(dir: &Path, how: Restore<'_>, periodic: PeriodicArgs) -> i32 {
             let from = checkpoint::group::member_manifest_crc(dir)
                 .map(|manifest_crc32| cevm::api::RestoredFrom { dir: dir.to_path_buf(), manifest_crc32 })
                 .ok();
-            let start = runner::Start { vcpu_cpus, paused, restored_from: from.as_ref(), on_signal, lazy };
+            let start =
+                runner::Start { vcpu_cpus, paused, restored_from: from.as_ref(), on_signal, lazy, began: Some(t0) };
             finish(runner::run(inst, rx, api.as_ref(), start, periodic))
         }
         Err(e) => fail(format!("cannot restore: {e}")),

@@ -78,6 +78,9 @@ pub struct Start<'a> {
     pub on_signal: Option<OnSignal>,
     /// A lazy restore's loader, kept while the guest runs.
     pub lazy: Option<checkpoint::LazyMemory>,
+    /// When the restore of this guest began: the time to its first
+    /// instruction is logged (`cevm bench lazy` reads it).
+    pub began: Option<Instant>,
 }
 
 /// Starts `instance` (whose vCPU events arrive on `vm_events`) as `start`
@@ -103,6 +106,9 @@ pub fn run(
         s.attach(tx.clone());
     }
     vmm.start(start.vcpu_cpus, start.paused)?;
+    if let Some(t) = start.began.filter(|_| !start.paused) {
+        tracing::info!("the guest runs {:.2} ms after its restore began", t.elapsed().as_secs_f64() * 1e3);
+    }
     if start.on_signal.is_some() {
         signals::forward(tx.clone()).map_err(|e| RunError::Thread("signals", e))?;
     }
