@@ -157,6 +157,10 @@ enum BenchCmd {
         /// Do not throttle the vCPUs when the guest outruns the copy.
         #[arg(long)]
         no_auto_converge: bool,
+        /// Where guest memory lives: shared (a memfd) or private (anonymous,
+        /// transparent huge pages).
+        #[arg(long = "memory-backend", default_value = "shared")]
+        backend: MemoryBackend,
         /// Directory for the destinations' sockets.
         #[arg(long, default_value = "bench-work")]
         dir: PathBuf,
@@ -332,10 +336,10 @@ fn run(cmd: BenchCmd) -> Result<(), String> {
             let dir = std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             pause_vs_ram::run(&pause_vs_ram::Options { mems: mem, data_mib, runs: runs.max(1), binaries, dir, json })
         }
-        BenchCmd::Migrate { sizes, rates, modes, runs, max_downtime_ms, no_auto_converge, dir, json } => {
+        BenchCmd::Migrate { sizes, rates, modes, runs, max_downtime_ms, no_auto_converge, backend, dir, json } => {
             let params =
                 ::migrate::Params { max_downtime_ms, auto_converge: !no_auto_converge, ..::migrate::Params::default() };
-            migrate::run(&migrate::Options { sizes, rates, modes, runs: runs.max(1), params, dir, json })
+            migrate::run(&migrate::Options { sizes, rates, modes, runs: runs.max(1), params, backend, dir, json })
         }
         BenchCmd::Incremental(a) => incremental::run(&a),
         BenchCmd::Lazy(a) => lazy::run(&a),
