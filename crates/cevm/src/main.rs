@@ -478,7 +478,8 @@ fn run(cmd: Cmd) -> i32 {
                 vcpu_cpus: vcpu_cpus.as_ref(),
                 taps,
                 paused,
-                lazy: lazy.then(|| checkpoint::LazyOptions { bandwidth: lazy_bandwidth.map(|m| m << 20) }),
+                lazy: lazy
+                    .then(|| checkpoint::LazyOptions { bandwidth: lazy_bandwidth.map(|m| m.saturating_mul(1 << 20)) }),
             };
             sandboxed(|| restore(&dir, how, periodic))
         }

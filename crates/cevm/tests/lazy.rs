@@ -131,3 +131,29 @@ fn a_damaged_chunk_stops_the_vm_before_the_guest_reads_it() {
     assert!(stderr.contains(&named), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A guest that ends while its memory is still being loaded (here: `quit`
+/// right after the restore, 200 MiB of data behind) ends the VMM cleanly:
+/// the loader stops before the memory it fills goes away.
+#[test]
+fn quitting_while_memory_is_loaded_ends_cleanly() {
+    let dir = workdir("lazy-quit");
+    let (sock, sock2, ck, err) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("ck"), dir.join("stderr"));
+    let mut vm = run_guest("dirtier", "mib=16 data=200 idle=1", "512M", 1, Some(&sock));
+    vm.wait_line(T, |l| l.starts_with("dirtier: filled")).expect("the dirtier never filled its memory");
+    checkpoint(&sock, &ck, true).unwrap();
+    assert!(vm.finish(T).expect("the VMM did not stop").success());
+    for _ in 0..3 {
+        let mut lazy = restore_lazy(&ck, &["--api-sock", sock2.to_str().unwrap()], Some(&err));
+        wait_for_file(&sock2);
+        // As soon as the VMM takes requests (its guest runs).
+        while api(&sock2).status().is_err() {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        api(&sock2).quit().unwrap();
+        let st = lazy.finish(T).expect("the VMM did not end");
+        let stderr = std::fs::read_to_string(&err).unwrap();
+        assert!(st.success() && !stderr.contains("lazy restore:"), "{st:?}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -100,12 +100,14 @@ const LOADED: u8 = 1;
 const ZERO: u8 = 2;
 
 impl LazyMemory {
-    /// Registers guest memory (its `host_ranges`, empty: nothing of it was
-    /// touched) with a new userfaultfd and starts serving it from `reader`.
-    /// `on_fail` is called, once, with the error that stops the VM.
+    /// Registers guest memory (empty: nothing of it was touched) with a new
+    /// userfaultfd and starts serving it from `reader`. `on_fail` is called,
+    /// once, with the error that stops the VM. The loader keeps a handle of
+    /// the memory's mappings: they stay mapped until it has stopped, whatever
+    /// the order the instance and the loader are dropped in.
     pub fn start(
         reader: ChunkReader,
-        ranges: &[(u64, usize, u64)],
+        memory: &vmm::GuestMemory,
         opts: LazyOptions,
         on_fail: Box<dyn FnOnce(String) + Send>,
     ) -> Result<LazyMemory> {
@@ -115,10 +117,19 @@ impl LazyMemory {
                  vm.unprivileged_userfaultfd=1); restore without --lazy"
             ))
         })?;
-        let regions: Vec<Region> = ranges.iter().map(|&(guest, host, size)| Region { guest, host, size }).collect();
+        let regions: Vec<Region> =
+            memory.host_ranges().into_iter().map(|(guest, host, size)| Region { guest, host, size }).collect();
         for r in &regions {
-            uffd.register(r.host, r.size)
+            let ioctls = uffd
+                .register(r.host, r.size)
                 .map_err(|e| Error::Unsupported(format!("cannot register guest memory with userfaultfd: {e}")))?;
+            if !crate::uffd::can_copy_and_zero(ioctls) {
+                return Err(Error::Unsupported(
+                    "this kernel cannot fill this kind of guest memory through userfaultfd (no UFFDIO_COPY and \
+                     UFFDIO_ZEROPAGE for it); restore without --lazy"
+                        .into(),
+                ));
+            }
         }
         let shared = Arc::new(Shared {
             phase: Mutex::new(Phase::Loading),
@@ -130,7 +141,8 @@ impl LazyMemory {
             stop: AtomicBool::new(false),
         });
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Unsupported(format!("eventfd: {e}")))?);
-        let server = Server::new(uffd, reader, regions, opts, shared.clone(), wake.clone());
+        let mut server = Server::new(uffd, reader, regions, opts, shared.clone(), wake.clone());
+        server.mappings = Some(memory.mmap().clone());
         let thread = std::thread::Builder::new()
             .name("cevm-lazy".into())
             .spawn(move || server.run(on_fail))
@@ -183,6 +195,8 @@ impl Drop for LazyMemory {
 
 /// The loader thread's own state.
 struct Server {
+    /// The guest memory's mappings, kept mapped while this serves them.
+    mappings: Option<vmm::memory::GuestMemoryMmap>,
     uffd: Uffd,
     reader: ChunkReader,
     regions: Vec<Region>,
@@ -216,6 +230,7 @@ impl Server {
             (0..n).filter(|&k| regions.iter().any(|r| r.guest < (k + 1) * c && k * c < r.guest + r.size)).collect();
         let left = order.len();
         Server {
+            mappings: None,
             uffd,
             reader,
             regions,
@@ -235,7 +250,11 @@ impl Server {
 
     fn run(mut self, on_fail: Box<dyn FnOnce(String) + Send>) {
         let t0 = Instant::now();
-        match self.serve() {
+        // A panic must not unwind past here: dropping the descriptor would let
+        // every waiting access go on and read zeros.
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve()))
+            .unwrap_or_else(|_| Err(Error::Unsupported("the loader failed (a panic, above)".into())));
+        match served {
             Ok(true) => {
                 tracing::info!(
                     "lazy restore: all {} MiB of guest memory in place and verified after {} ms ({} chunks loaded \
@@ -380,18 +399,28 @@ impl Server {
         self.reader.read(k, &mut self.buf, &mut self.scratch)?;
         for (host, a, b) in self.pieces(&range) {
             let src = &self.buf[(a - range.start) as usize..(b - range.start) as usize];
-            match self.uffd.copy(host, src) {
-                Ok(()) => {}
-                // A page there is present already: fill the others one by one.
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    for (i, page) in src.chunks(PAGE as usize).enumerate() {
-                        match self.uffd.copy(host + i * PAGE as usize, page) {
-                            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(self.io("copy", e)),
-                            _ => {}
+            let mut done = 0;
+            while done < src.len() {
+                match self.uffd.copy(host + done, &src[done..]) {
+                    (n, None) => done += n,
+                    // Interrupted after a part: go on from there.
+                    (n, Some(e)) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                        done += n;
+                        if n == 0 {
+                            std::thread::yield_now();
                         }
                     }
+                    // Nothing but this loader fills a page of a chunk it has
+                    // not loaded: one that is there is not the checkpoint's,
+                    // and the guest must not go on with it.
+                    (_, Some(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        return Err(Error::Unsupported(format!(
+                            "a page of chunk {k} (guest address {:#x}) was in guest memory before its checked copy",
+                            a + done as u64
+                        )))
+                    }
+                    (_, Some(e)) => return Err(self.io("copy", e)),
                 }
-                Err(e) => return Err(self.io("copy", e)),
             }
         }
         self.state[k as usize] = LOADED;

@@ -564,12 +564,9 @@ pub fn restore(
         }
         // The memory the shell just mapped is untouched: every page of it is
         // missing, so the first touch of each goes to the loader.
-        Memory::Lazy(options, on_fail) => Some(LazyMemory::start(
-            snapshot::ChunkReader::open(&chain)?,
-            &shell.memory().host_ranges(),
-            options,
-            on_fail,
-        )?),
+        Memory::Lazy(options, on_fail) => {
+            Some(LazyMemory::start(snapshot::ChunkReader::open(&chain)?, shell.memory(), options, on_fail)?)
+        }
     };
     // Every check passed: only now is anything made outside the process.
     let made = match (&mut config.disk, disk) {
@@ -596,9 +593,11 @@ pub fn restore(
 /// checkpoint at `dir` (its manifest's configuration with `host`'s taps)
 /// while the caller checks the checkpoint: a memslot of a few GiB costs KVM
 /// milliseconds on shadow-paging hosts (these machines': 5.6 ms at 4 GiB),
-/// which the checks need not wait for. Nothing outside the process is made.
-/// `None` from the thread if anything failed: the caller then makes the
-/// shell itself, after its checks, and reports their errors.
+/// which the checks need not wait for. Nothing outside the process is made:
+/// a guest with NICs gets no early shell (making one opens its taps, which the
+/// checks must find free). `None` from the thread if anything failed: the
+/// caller then makes the shell itself, after its checks, and reports their
+/// errors.
 fn early_shell(
     dir: &Path,
     host: &migrate::HostBinding,
@@ -608,6 +607,9 @@ fn early_shell(
         let manifest = snapshot::read_manifest(&dir).ok()?;
         let mut config: InstanceConfig = serde_json::from_value(manifest.guest).ok()?;
         host.apply(&mut config).ok()?;
+        if !config.nics.is_empty() {
+            return None;
+        }
         let shell = vmm::Shell::new(&config, None).ok()?;
         Some((config, shell))
     })

@@ -97,11 +97,14 @@ impl Uffd {
         Ok(())
     }
 
-    /// Faults on missing pages of `[start, start + len)` go to this descriptor.
-    pub fn register(&self, start: usize, len: u64) -> Result<()> {
+    /// Faults on missing pages of `[start, start + len)` go to this
+    /// descriptor. Returns the ioctls the kernel offers on that range (a mask
+    /// of `1 << _UFFDIO_*`; see [`can_copy_and_zero`]).
+    pub fn register(&self, start: usize, len: u64) -> Result<u64> {
         let mut r =
             Register { range: Range { start: start as u64, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
-        self.ioctl(UFFDIO_REGISTER, &mut r)
+        self.ioctl(UFFDIO_REGISTER, &mut r)?;
+        Ok(r.ioctls)
     }
 
     /// Faults there are the kernel's again (it wakes any still waiting).
@@ -110,12 +113,16 @@ impl Uffd {
         self.ioctl(UFFDIO_UNREGISTER, &mut r)
     }
 
-    /// Fills the missing pages `[dst, dst + len)` with `src` and wakes what
-    /// waits on them. `ErrorKind::AlreadyExists` if a page there is present
-    /// (the pages before it were filled).
-    pub fn copy(&self, dst: usize, src: &[u8]) -> Result<()> {
+    /// Fills the missing pages `[dst, dst + src.len())` with `src` and wakes
+    /// what waits on them. Returns the bytes filled and, if it stopped short,
+    /// why: `EAGAIN` after a part (go on from there), `EEXIST` if the first
+    /// page left is present already.
+    pub fn copy(&self, dst: usize, src: &[u8]) -> (usize, Option<Error>) {
         let mut c = Copy { dst: dst as u64, src: src.as_ptr() as u64, len: src.len() as u64, mode: 0, copy: 0 };
-        self.ioctl(UFFDIO_COPY, &mut c)
+        match self.ioctl(UFFDIO_COPY, &mut c) {
+            Ok(()) => (src.len(), None),
+            Err(e) => (usize::try_from(c.copy).unwrap_or(0), Some(e)),
+        }
     }
 
     /// Maps zero pages at `[dst, dst + len)` and wakes what waits on them.
@@ -153,6 +160,13 @@ impl Uffd {
     pub fn raw_fd(&self) -> i32 {
         self.0.as_raw_fd()
     }
+}
+
+/// Whether a range registered with these `ioctls` (from [`Uffd::register`])
+/// can be filled by copies and zero pages.
+pub fn can_copy_and_zero(ioctls: u64) -> bool {
+    let need = (1 << 0x03) | (1 << 0x04);
+    ioctls & need == need
 }
 
 #[cfg(test)]
@@ -196,7 +210,7 @@ mod tests {
             Err(e) => panic!("userfaultfd: {e} (the tests run as root)"),
         };
         let at = base as usize;
-        u.register(at, 2 * PAGE as u64).unwrap();
+        assert!(can_copy_and_zero(u.register(at, 2 * PAGE as u64).unwrap()));
         let reader = std::thread::spawn(move || {
             // SAFETY: both pages are mapped until the munmap below, after the join.
             unsafe { (*(at as *const u8).add(5), *(at as *const u8).add(PAGE + 5)) }
@@ -209,7 +223,10 @@ mod tests {
             while let Some(addr) = u.next_fault().unwrap() {
                 let page = addr as usize & !(PAGE - 1);
                 if page == at {
-                    u.copy(page, &[7u8; PAGE]).unwrap();
+                    assert_eq!(u.copy(page, &[7u8; PAGE]).0, PAGE);
+                    // Present now: a second copy there is refused.
+                    let (n, e) = u.copy(page, &[8u8; PAGE]);
+                    assert_eq!((n, e.and_then(|e| e.raw_os_error())), (0, Some(libc::EEXIST)));
                 } else {
                     u.zero(page, PAGE as u64).unwrap();
                 }
