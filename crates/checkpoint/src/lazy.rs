@@ -141,8 +141,7 @@ impl LazyMemory {
             stop: AtomicBool::new(false),
         });
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Unsupported(format!("eventfd: {e}")))?);
-        let mut server = Server::new(uffd, reader, regions, opts, shared.clone(), wake.clone());
-        server.mappings = Some(memory.mmap().clone());
+        let server = Server::new(memory.mmap().clone(), uffd, reader, regions, opts, shared.clone(), wake.clone());
         let thread = std::thread::Builder::new()
             .name("cevm-lazy".into())
             .spawn(move || server.run(on_fail))
@@ -195,8 +194,9 @@ impl Drop for LazyMemory {
 
 /// The loader thread's own state.
 struct Server {
-    /// The guest memory's mappings, kept mapped while this serves them.
-    mappings: Option<vmm::memory::GuestMemoryMmap>,
+    /// A handle of the guest memory's mappings, held only so that they stay
+    /// mapped while this serves them.
+    _mappings: vmm::memory::GuestMemoryMmap,
     uffd: Uffd,
     reader: ChunkReader,
     regions: Vec<Region>,
@@ -217,6 +217,7 @@ struct Server {
 
 impl Server {
     fn new(
+        mappings: vmm::memory::GuestMemoryMmap,
         uffd: Uffd,
         reader: ChunkReader,
         regions: Vec<Region>,
@@ -225,12 +226,12 @@ impl Server {
         wake: Arc<EventFd>,
     ) -> Self {
         let c = reader.chunk_size();
-        let n = reader.image_size().div_ceil(c);
+        let n = snapshot::chunk_count(reader.image_size(), c);
         let order: Vec<u64> =
             (0..n).filter(|&k| regions.iter().any(|r| r.guest < (k + 1) * c && k * c < r.guest + r.size)).collect();
         let left = order.len();
         Server {
-            mappings: None,
+            _mappings: mappings,
             uffd,
             reader,
             regions,
