@@ -19,9 +19,14 @@ use crate::layout::{HIGH_RAM_START, LOW_RAM_END, MEM_ALIGN, MIN_MEM_SIZE, PAGE_S
 #[serde(rename_all = "kebab-case")]
 pub enum MemoryBackend {
     /// A memfd mapped shared: another instance or process can map the same pages.
-    #[default]
     Shared,
-    /// Private anonymous memory: a `fork()` of the VMM gets a copy-on-write view.
+    /// Private anonymous memory in transparent huge pages: a `fork()` of the VMM
+    /// gets a copy-on-write view. The default, as in QEMU and Firecracker: it
+    /// is what copy-on-write checkpoints need, and on a host whose shared
+    /// memory gets no huge pages (`shmem_enabled` = never, as on the project's
+    /// machines) it fills 2 MiB per fault instead of 4 KiB, which makes a
+    /// migration's destination and a restore fill memory about 6x faster.
+    #[default]
     Private,
 }
 
@@ -34,6 +39,18 @@ impl std::str::FromStr for MemoryBackend {
             _ => Err(format!("unknown memory backend `{s}` (expected `shared` or `private`)")),
         }
     }
+}
+
+/// What [`GuestMemory::collapse_huge_pages`] did, in 2 MiB ranges.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Collapsed {
+    /// In one huge page now (merged, or already).
+    pub huge: usize,
+    /// Refused as never touched (or the call is missing).
+    pub untouched: usize,
+    /// Left as they were (no free huge page, a page busy, ...).
+    pub failed: usize,
+    pub took: std::time::Duration,
 }
 
 /// One contiguous range of guest RAM.
@@ -233,6 +250,47 @@ impl GuestMemory {
                 extents
             })
             .collect()
+    }
+
+    /// Merges private guest memory that copy-on-write left in 4 KiB pages back
+    /// into huge pages.
+    ///
+    /// After a `fork()` (a cow checkpoint), each huge page the guest writes
+    /// while the child lives is split: the kernel copies the 4 KiB page written
+    /// and maps the rest of that 2 MiB page by 4 KiB entries. Those entries stay
+    /// once the child is gone, and the next fork copies every one of them (here:
+    /// 0.4 ms for a fork of 1 GiB in huge pages, 1.5 ms after a 64 MiB working set
+    /// was split). `MADV_COLLAPSE` (Linux 6.1) puts each such 2 MiB range back into
+    /// one huge page at once instead of waiting for khugepaged, which scans a few
+    /// MiB every 10 s. It changes no content: a guest writing meanwhile is safe.
+    ///
+    /// One call per 2 MiB: over a whole region the kernel gives up at the first
+    /// range it cannot merge for want of a free huge page or a busy page, and
+    /// the ranges after it would stay split. A range already in one huge page
+    /// costs a page-table lookup; one the guest never touched is refused
+    /// (EINVAL), not filled; a kernel without the call refuses them all, and
+    /// memory then stays as it was.
+    pub fn collapse_huge_pages(mem: &GuestMemoryMmap) -> Collapsed {
+        const HUGE: usize = 2 << 20;
+        let t = std::time::Instant::now();
+        let mut c = Collapsed::default();
+        for region in mem.iter() {
+            let (start, len) = (region.as_ptr() as usize, region.len() as usize);
+            let mut at = start.next_multiple_of(HUGE);
+            while at + HUGE <= start + len {
+                // SAFETY: the range lies inside a mapping that `mem` owns (and
+                // keeps mapped while it lives); MADV_COLLAPSE changes no content.
+                let r = unsafe { libc::madvise(at as *mut libc::c_void, HUGE, libc::MADV_COLLAPSE) };
+                match (r, std::io::Error::last_os_error().raw_os_error()) {
+                    (0, _) => c.huge += 1,
+                    (_, Some(libc::EINVAL)) => c.untouched += 1,
+                    _ => c.failed += 1,
+                }
+                at += HUGE;
+            }
+        }
+        c.took = t.elapsed();
+        c
     }
 
     /// Maps `extents` (as from [`data_extents`](Self::data_extents)) into this
