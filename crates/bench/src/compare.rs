@@ -678,35 +678,16 @@ fn print_sample(x: &Sample) {
 /// Settling time before each measurement (the quiet window is its last second).
 const SETTLE: Duration = Duration::from_millis(1100);
 
+/// The cevm methods, in turn, `runs` times, on one Linux guest (in cevm's
+/// default private memory, which the copy-on-write checkpoint's fork needs).
 fn cevm_case(o: &Options, mem: u64, w: Workload, out: &mut Vec<Sample>) -> Result<(), String> {
-    // The copy-on-write checkpoint forks the VMM, which needs the guest in
-    // private memory: it gets a guest of its own, the others keep the
-    // default shared memory (whose migration is slower to fill at the
-    // destination; see README, the pre-copy's speed).
-    let cevm =
-        |cow: bool| o.methods.iter().copied().filter(move |m| !m.is_qemu() && (*m == Method::Cevm(Cevm::Cow)) == cow);
-    for (methods, private) in [(cevm(false).collect::<Vec<_>>(), false), (cevm(true).collect(), true)] {
-        cevm_guest_case(o, mem, w, &methods, private, out)?;
-    }
-    Ok(())
-}
-
-/// The cevm `methods`, in turn, `runs` times, on one Linux guest (in private
-/// memory if `private`).
-fn cevm_guest_case(
-    o: &Options,
-    mem: u64,
-    w: Workload,
-    methods: &[Method],
-    private: bool,
-    out: &mut Vec<Sample>,
-) -> Result<(), String> {
+    let methods: Vec<Method> = o.methods.iter().copied().filter(|m| !m.is_qemu()).collect();
     if methods.is_empty() {
         return Ok(());
     }
     let log = o.dir.join("compare-cevm.log");
     let mut s = Stream::new();
-    let api0 = o.dir.join(format!("api-{}-{}{}.sock", mem >> 20, w.rate(), if private { "-private" } else { "" }));
+    let api0 = o.dir.join(format!("api-{}-{}.sock", mem >> 20, w.rate()));
     let mut cmd = cevm_cmd()?;
     cmd.arg("run")
         .arg("--kernel")
@@ -715,13 +696,10 @@ fn cevm_guest_case(
         .arg(&o.initrd)
         .args(["--mem", &format!("{}M", mem >> 20), "--cmdline", &cmdline(o, mem, w), "--api-sock"])
         .arg(&api0);
-    if private {
-        cmd.args(["--memory-backend", "private"]);
-    }
     let mut g = CevmGuest { api: api0, children: vec![spawn_piped(cmd, &s.tx, &log)?] };
     s.wait_line("cevm-work: filled", &mut || g.children.first_mut().and_then(|c| child_ended(c, "cevm", &log)))?;
     for run in 0..o.runs {
-        for &m in methods {
+        for &m in &methods {
             s.settle(SETTLE);
             let tag = format!("{}-{}-{}-{run}", mem >> 20, w.rate(), m.name());
             let t = cevm_take(o, &mut g, &mut s, m, &tag, &log)?;

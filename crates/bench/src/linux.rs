@@ -93,7 +93,7 @@ fn cevm_rows(w: Workload, o: &Options, rows: &mut Vec<Row>) -> Result<(), String
         boot: Boot::Linux { kernel: o.kernel.clone(), initrd: Some(o.initrd.clone()), cmdline: cmdline(w, o) },
         mem_size: o.mem,
         vcpus: 1,
-        memory_backend: MemoryBackend::Shared,
+        memory_backend: MemoryBackend::Private,
         disk: None,
         nics: vec![],
     };

@@ -106,8 +106,8 @@ enum BenchCmd {
         /// Also write the raw samples as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Guest memory backend: shared (memfd) or private (anonymous).
-        #[arg(long, default_value = "shared")]
+        /// Guest memory backend: shared (memfd) or private (anonymous, cevm's default).
+        #[arg(long, default_value = "private")]
         memory_backend: MemoryBackend,
     },
     /// Pause of a stop-and-save checkpoint of a guest holding little data at
@@ -158,8 +158,8 @@ enum BenchCmd {
         #[arg(long)]
         no_auto_converge: bool,
         /// Where guest memory lives: shared (a memfd) or private (anonymous,
-        /// transparent huge pages).
-        #[arg(long = "memory-backend", default_value = "shared")]
+        /// transparent huge pages: cevm's default).
+        #[arg(long = "memory-backend", default_value = "private")]
         backend: MemoryBackend,
         /// Directory for the destinations' sockets.
         #[arg(long, default_value = "bench-work")]

@@ -432,10 +432,6 @@ fn run_once(
         &format!("{}M", o.mem >> 20),
         "--api-sock",
         &job.sock(0).to_string_lossy(),
-        // What a fork freezes (the cow strategy needs it); the others' guest
-        // memory is cevm's default.
-        "--memory-backend",
-        if strategy == Some(Method::Cow) { "private" } else { "shared" },
     ]
     .iter()
     .map(|s| s.to_string())

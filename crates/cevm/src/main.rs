@@ -214,7 +214,7 @@ struct RunArgs {
     #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = args::parse_net)]
     net: Vec<args::NetArg>,
     /// Where guest memory lives.
-    #[arg(long, default_value = "shared", value_parser = memory_backends())]
+    #[arg(long, default_value = "private", value_parser = memory_backends())]
     memory_backend: MemoryBackend,
     /// Serve the control API on this unix socket.
     #[arg(long, value_hint = ValueHint::FilePath)]
