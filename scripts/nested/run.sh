@@ -97,13 +97,33 @@ truncate -s 1G "$xfer"
 trap 'rm -rf "$root" "$root.l1.gz" "$xfer" "$staging"' EXIT
 
 log="$root.log"
+# L1 reports where its scenario waits a minute before the timeout (l1-init);
+# 20 s before it, this host says what QEMU's threads do (busy or asleep, and
+# where), which tells an L1 that stopped from one that spins.
+watchdog=$(( timeout > 120 ? timeout - 60 : 0 ))
+if [ "$watchdog" -gt 0 ]; then
+    (
+        # (Its sleep holds none of our outputs: killed early, this subshell
+        # leaves no sleeper that keeps a reader of our stderr waiting.)
+        sleep $(( timeout - 20 )) < /dev/null > /dev/null 2>&1
+        for q in $(pgrep -f "$root.l1.gz" | grep -vx "$BASHPID"); do
+            [ "$(cat /proc/$q/comm 2>/dev/null)" = qemu-system-x86 ] || continue
+            echo "run.sh: QEMU (L1) still runs after $(( timeout - 20 ))s; its threads, 5 s apart:" >&2
+            ps -L -o tid,stat,pcpu,time,wchan:24,comm -p "$q" >&2
+            sleep 5
+            ps -L -o tid,stat,pcpu,time,wchan:24,comm -p "$q" >&2
+        done
+    ) &
+    host_watchdog=$!
+fi
 set +e
 timeout "$timeout" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m "$l1_mem" \
     -nodefaults -no-user-config -nographic -serial stdio -no-reboot \
     -drive "file=$xfer,format=raw,if=virtio" \
     -kernel "$kdir/vmlinuz" -initrd "$root.l1.gz" \
-    -append "console=ttyS0 $l1_quiet panic=-1 cevm.npt=$npt cevm.xfer=$xfer_blocks $l1_append" | tee "$log"
+    -append "console=ttyS0 $l1_quiet panic=-1 cevm.npt=$npt cevm.xfer=$xfer_blocks cevm.watchdog=$watchdog $l1_append" | tee "$log"
 qrc=${PIPESTATUS[0]}
+[ -n "${host_watchdog:-}" ] && kill "$host_watchdog" 2>/dev/null
 set -e
 rc=$(sed -n 's/.*cevm-nested: end rc=\([0-9]*\).*/\1/p' "$log" | tail -1)
 rm -f "$log"

@@ -90,7 +90,14 @@ pub fn run_scenario_with_files(name: &str, scenario: &str, npt: u8, inputs: &[Pa
                 break out;
             }
             let printed = String::from_utf8_lossy(&out.stdout);
-            let tail: Vec<&str> = printed.lines().rev().take(30).collect();
+            // The last lines before L1's report of where the scenario waited
+            // (l1-init's watchdog), and that report whole: from the transfer
+            // disk, or else as far as the console showed it.
+            let at = printed.find("cevm-nested: the scenario still runs").unwrap_or(printed.len());
+            let tail: Vec<&str> = printed[..at].lines().rev().take(30).collect();
+            let mut tail: Vec<&str> = tail.into_iter().rev().collect();
+            let report = std::fs::read_to_string(outdir.join("l1-watchdog.txt")).ok();
+            tail.extend(report.as_deref().unwrap_or(&printed[at..]).lines());
             // To the process's own stderr, past the test harness (which shows
             // a passing test's output only on request): a retry costs minutes
             // and must show in every CI log.
@@ -98,7 +105,7 @@ pub fn run_scenario_with_files(name: &str, scenario: &str, npt: u8, inputs: &[Pa
                 std::io::stderr(),
                 "NESTED L1 FAILED in scenario {name}, attempt {attempt} of 3 ({}); retrying it. Its last lines:\n{}",
                 String::from_utf8_lossy(&out.stderr).trim(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                tail.join("\n")
             );
             let _ = std::fs::remove_dir_all(&outdir);
             std::fs::create_dir_all(&outdir).unwrap();
