@@ -139,7 +139,7 @@ fn inspect_describes_a_good_checkpoint_for_humans_and_machines() {
         "format         version 1",
         "strategy       stop-and-save",
         "guest          digest \"mib=1 rounds=9\"",
-        "machine        1 vCPU(s), 16 MiB RAM (shared memory)",
+        "machine        1 vCPU(s), 16 MiB RAM (private memory)",
         "vcpu 0",
         "memory.img",
         "state.json",
