@@ -62,13 +62,17 @@ pub fn run_scenario_with_files(name: &str, scenario: &str, npt: u8, inputs: &[Pa
         // up: both of its CPUs stuck in KVM for minutes (soft lockups; here in
         // one nested scenario out of a few), or a silent stall (a SIGKILLed
         // cevm once went unreaped until the timeout; only L1's kernel can hold
-        // that up). The scenario then never reports its end: softlockup_panic
-        // ends such an L1 at once (run.sh: 125), a silent stall runs into the
-        // timeout (124). That fails the harness, not cevm, so such a run is
-        // retried, loudly, up to three attempts in all. A scenario that ends,
-        // with any status, is never retried (a guest that stops making
-        // progress is one: `wait_vm` gives up on it); one that hangs in cevm
-        // fails every attempt.
+        // that up). Seen with the watchdog's report (l1-init): tasks of L1
+        // blocked for minutes on work another L1 CPU never did (khugepaged;
+        // a TLB flush in munmap) while QEMU's threads slept, as if L1 had lost
+        // an interrupt. The scenario then never reports its end:
+        // softlockup_panic ends such an L1 at once (run.sh: 125), a silent
+        // stall runs into the timeout (124; 400 s, where every scenario here
+        // ends in under 160 s). That fails the harness, not cevm, so such a
+        // run is retried, loudly, up to three attempts in all. A scenario
+        // that ends, with any status, is never retried (a guest that stops
+        // making progress is one: `wait_vm` gives up on it); one that hangs in
+        // cevm fails every attempt.
         let run = || {
             Command::new(top().join("scripts/nested/run.sh"))
                 .arg(&file)
@@ -76,7 +80,7 @@ pub fn run_scenario_with_files(name: &str, scenario: &str, npt: u8, inputs: &[Pa
                 .arg(bin())
                 .arg("--npt")
                 .arg(npt.to_string())
-                .args(["--timeout", "600", "--append", "softlockup_panic=1"])
+                .args(["--timeout", "400", "--append", "softlockup_panic=1"])
                 .args(inputs.iter().flat_map(|f| [Path::new("--in"), f.as_path()]))
                 .arg("--out")
                 .arg(&outdir)
