@@ -226,10 +226,13 @@ fn the_huge_pages_a_guest_splits_during_a_cow_checkpoint_are_merged_again_once_i
         std::thread::sleep(Duration::from_millis(20));
         after = huge_kib(pid);
     }
-    assert!(after >= before, "huge pages before the checkpoint {before} KiB, 5 s after it {after} KiB");
+    // (One huge page of slack: the count is the whole process's, and a range
+    // may be busy at the moment it is merged; the guest splits all eight.)
+    assert!(after + 2048 >= before, "huge pages before the checkpoint {before} KiB, 5 s after it {after} KiB");
     // The guest ran on all along.
     let seen = vm.seen.len();
     vm.wait_line(T, |_| true).expect("the guest goes on");
     assert!(vm.seen.len() > seen);
     vm.kill();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -67,12 +67,13 @@ pub fn run_scenario_with_files(name: &str, scenario: &str, npt: u8, inputs: &[Pa
         // a TLB flush in munmap) while QEMU's threads slept, as if L1 had lost
         // an interrupt. The scenario then never reports its end:
         // softlockup_panic ends such an L1 at once (run.sh: 125), a silent
-        // stall runs into the timeout (124; 400 s, where every scenario here
-        // ends in under 160 s). That fails the harness, not cevm, so such a
-        // run is retried, loudly, up to three attempts in all. A scenario
-        // that ends, with any status, is never retried (a guest that stops
-        // making progress is one: `wait_vm` gives up on it); one that hangs in
-        // cevm fails every attempt.
+        // stall runs into the timeout (124; 600 s: every scenario here ends in
+        // under 160 s, but `wait_vm` must be able to give up on a guest after
+        // its 300 s and show its console first). That fails the harness, not
+        // cevm, so such a run is retried, loudly, up to three attempts in all.
+        // A scenario that ends, with any status, is never retried (a guest
+        // that stops making progress is one: `wait_vm` gives up on it); one
+        // that hangs in cevm fails every attempt.
         let run = || {
             Command::new(top().join("scripts/nested/run.sh"))
                 .arg(&file)
@@ -80,7 +81,7 @@ pub fn run_scenario_with_files(name: &str, scenario: &str, npt: u8, inputs: &[Pa
                 .arg(bin())
                 .arg("--npt")
                 .arg(npt.to_string())
-                .args(["--timeout", "400", "--append", "softlockup_panic=1"])
+                .args(["--timeout", "600", "--append", "softlockup_panic=1"])
                 .args(inputs.iter().flat_map(|f| [Path::new("--in"), f.as_path()]))
                 .arg("--out")
                 .arg(&outdir)

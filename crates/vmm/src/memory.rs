@@ -41,14 +41,14 @@ impl std::str::FromStr for MemoryBackend {
     }
 }
 
-/// What [`GuestMemory::collapse_huge_pages`] did, in 2 MiB ranges.
+/// What [`GuestMemory::collapse_huge_pages`] did, in 2 MiB ranges whose
+/// every page is mapped.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Collapsed {
     /// In one huge page now (merged, or already).
     pub huge: usize,
-    /// Refused as never touched (or the call is missing).
-    pub untouched: usize,
-    /// Left as they were (no free huge page, a page busy, ...).
+    /// Left as they were (no free huge page, a page busy twice, a kernel
+    /// without the call, ...).
     pub failed: usize,
     /// How long the whole pass took.
     pub took: std::time::Duration,
@@ -265,30 +265,47 @@ impl GuestMemory {
     /// one huge page at once instead of waiting for khugepaged, which scans a few
     /// MiB every 10 s. It changes no content: a guest writing meanwhile is safe.
     ///
-    /// One call per 2 MiB: over a whole region the kernel gives up at the first
-    /// range that fails for any but a few expected reasons (seen here: a call
-    /// over all of a guest's memory returned after 3 ms and the next fork was
-    /// as slow as without it), and the ranges after it stay split. A range
-    /// already in one huge page costs a page-table lookup; one the guest never
-    /// touched is refused (EINVAL), not filled; a kernel without the call
-    /// refuses them all, and memory then stays as it was.
+    /// Only ranges whose every page is mapped (this process's page tables,
+    /// `/proc/self/pagemap`), as a split huge page's are: the call ignores
+    /// khugepaged's limit on empty entries and would fill a partly touched
+    /// range with zeros, memory the guest never asked for. One call per
+    /// 2 MiB: over a whole region the kernel gives up at the first range that
+    /// fails for any but a few expected reasons (seen here: a call over all of
+    /// a guest's memory returned after 3 ms and the next fork was as slow as
+    /// without it), and the ranges after it stay split. A range busy for a
+    /// moment (EAGAIN) is tried once more; one already in a huge page costs a
+    /// page-table lookup.
     pub fn collapse_huge_pages(mem: &GuestMemoryMmap) -> Collapsed {
-        const HUGE: usize = 2 << 20;
+        const HUGE: u64 = 2 << 20;
         let t = std::time::Instant::now();
         let mut c = Collapsed::default();
         for region in mem.iter() {
-            let (start, len) = (region.as_ptr() as usize, region.len() as usize);
-            let mut at = start.next_multiple_of(HUGE);
-            while at + HUGE <= start + len {
-                // SAFETY: the range lies inside a mapping that `mem` owns (and
-                // keeps mapped while it lives); MADV_COLLAPSE changes no content.
-                let r = unsafe { libc::madvise(at as *mut libc::c_void, HUGE, libc::MADV_COLLAPSE) };
-                match (r, std::io::Error::last_os_error().raw_os_error()) {
-                    (0, _) => c.huge += 1,
-                    (_, Some(libc::EINVAL)) => c.untouched += 1,
-                    _ => c.failed += 1,
+            let start = region.as_ptr() as u64;
+            let Ok(mapped) = mapped_extents(start, region.len()) else { continue };
+            for e in mapped {
+                let mut at = (start + e.start).next_multiple_of(HUGE);
+                while at + HUGE <= start + e.end {
+                    let collapse = || {
+                        // SAFETY: the range lies inside a mapping that `mem` owns
+                        // (and keeps mapped while it lives); MADV_COLLAPSE changes
+                        // no content.
+                        let r = unsafe { libc::madvise(at as *mut libc::c_void, HUGE as usize, libc::MADV_COLLAPSE) };
+                        if r == 0 {
+                            Ok(())
+                        } else {
+                            Err(std::io::Error::last_os_error().raw_os_error())
+                        }
+                    };
+                    let done = match collapse() {
+                        Err(Some(libc::EAGAIN)) => collapse(),
+                        r => r,
+                    };
+                    match done {
+                        Ok(()) => c.huge += 1,
+                        Err(_) => c.failed += 1,
+                    }
+                    at += HUGE;
                 }
-                at += HUGE;
             }
         }
         c.took = t.elapsed();
