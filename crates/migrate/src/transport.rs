@@ -5,7 +5,7 @@
 use std::io::{IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::time::Duration;
 
@@ -278,11 +278,33 @@ impl Endpoint {
                 if p.exists() && UnixStream::connect(p).is_err() {
                     let _ = std::fs::remove_file(p);
                 }
-                Listener::Unix(UnixListener::bind(p).map_err(err)?, p.clone())
+                Listener::Unix(bind_listening(p).map_err(err)?, p.clone())
             }
             Endpoint::Tcp(a) => Listener::Tcp(TcpListener::bind(a).map_err(err)?),
         })
     }
+}
+
+/// A unix listener that appears at `p` only once it listens. Bound at `p`
+/// itself, the file would exist an instant before `listen`, and a source that
+/// waits for the file and connects at once would be refused (the nested
+/// benchmark met that: "connecting: Connection refused"). So it is bound
+/// under a temporary name beside `p` and renamed; where that name would be
+/// too long for a socket address, it is bound at `p` directly.
+fn bind_listening(p: &Path) -> std::io::Result<UnixListener> {
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = p.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    // sun_path holds 108 bytes, the terminating NUL included.
+    if tmp.as_os_str().len() >= 108 {
+        return UnixListener::bind(p);
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, p) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(l)
 }
 
 /// A listening endpoint, waiting for one migration.
@@ -355,6 +377,37 @@ mod tests {
         let (_e, f) = UnixStream::pair().unwrap();
         let mut rx3 = StreamTransport::new(f, "f".into());
         assert!(matches!(rx3.recv(Some(Duration::from_millis(50))), Err(Error::Timeout { .. })));
+    }
+
+    #[test]
+    fn a_unix_endpoint_is_there_only_once_it_listens() {
+        let dir = std::env::temp_dir().join(format!("cevm-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("in.sock");
+        let ep = Endpoint::Unix(p.clone());
+        // A source that connects the moment the file is there, as the
+        // benchmark and scripts do, is never refused.
+        for round in 0..3000 {
+            let q = p.clone();
+            let source = std::thread::spawn(move || loop {
+                if q.exists() {
+                    return UnixStream::connect(&q).map(drop);
+                }
+                std::hint::spin_loop();
+            });
+            let l = ep.listen().unwrap();
+            let connected = source.join().unwrap();
+            assert!(connected.is_ok(), "round {round}: refused: {connected:?}");
+            drop(l);
+            assert!(!p.exists(), "the socket file outlived its listener");
+        }
+        // Nothing but the socket was ever left beside it, and a stale one is replaced.
+        drop(UnixListener::bind(&p).unwrap());
+        let l = ep.listen().unwrap();
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("in.sock")]);
+        drop(l);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
