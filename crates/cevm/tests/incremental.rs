@@ -34,8 +34,10 @@ fn manifest(dir: &Path) -> serde_json::Value {
 }
 
 /// `n` incremental checkpoints of the digest guest, one per round from round
-/// 1 on, stop-and-save and cow in turn; then the VMM is SIGKILLed. Returns the
-/// work directory and the checkpoints, oldest first.
+/// 1 on, stop-and-save and cow in turn; the fourth (cow) of a guest the user
+/// paused, the others of a running one (whose dirty log is read ahead of the
+/// pause); then the VMM is SIGKILLed. Returns the work directory and the
+/// checkpoints, oldest first.
 fn digest_chain(name: &str, n: usize) -> (PathBuf, Vec<PathBuf>) {
     let dir = workdir(name);
     let sock = dir.join("api.sock");
@@ -45,7 +47,14 @@ fn digest_chain(name: &str, n: usize) -> (PathBuf, Vec<PathBuf>) {
         vm.wait_line(T, |l| l == format!("round {k}/8")).unwrap_or_else(|| panic!("no round {k}: {:?}", vm.seen));
         let out = dir.join(format!("c{k}"));
         let strategy = if k % 2 == 1 { "stop-and-save" } else { "cow" };
+        let user_paused = k == 4;
+        if user_paused {
+            api(&sock).pause().unwrap();
+        }
         let r = api(&sock).checkpoint(&incremental(&out, strategy)).unwrap();
+        if user_paused {
+            api(&sock).resume().unwrap();
+        }
         assert_eq!(r.strategy, strategy);
         // The first holds all of memory; each later one names the one before.
         let want = (k > 1).then(|| format!("c{}", k - 1));

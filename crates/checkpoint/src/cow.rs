@@ -111,6 +111,7 @@ pub fn take(
         d.wait_integrated();
     }
     supports(instance.config()).map_err(failed)?;
+    incremental::prepare(instance, req.pages).map_err(failed)?;
     let writer = CheckpointWriter::create(req.out).map_err(|e| failed(e.into()))?;
     let layout = memory_layout(instance);
     let image = writer.tmp_path().join(snapshot::MEMORY_FILE);

@@ -70,6 +70,18 @@ pub(crate) struct Increment {
     pub pages: PageBitmap,
 }
 
+/// Ahead of an incremental checkpoint's pause, while the guest runs: KVM's
+/// dirty-log work that does not need the pause is done now
+/// (`vmm::Instance::prepare_dirty_pages`), so that the pause harvests only the
+/// pages written since. Nothing for a checkpoint of all of memory, or for an
+/// instance the user paused (the guest loses no time to the checkpoint's pause).
+pub(crate) fn prepare(instance: &Instance, pages: Pages<'_>) -> Result<()> {
+    if matches!(pages, Pages::SinceBase(_)) && instance.run_state() == vmm::instance::RunState::Running {
+        instance.prepare_dirty_pages()?;
+    }
+    Ok(())
+}
+
 /// Decides, the instance paused, what a checkpoint into `out` by `pages`
 /// holds: `None` for all of memory, else its increment. Returns what to keep
 /// for the commit.

@@ -191,6 +191,9 @@ fn stop_and_save_paused(
 ) -> Result<CheckpointReport> {
     let t0 = Instant::now();
     let was_running = instance.run_state() == vmm::instance::RunState::Running;
+    incremental::prepare(instance, pages)?;
+    // The guest's pause starts here: the dirty log's work above ran while it ran.
+    let paused_at = Instant::now();
     instance.pause()?;
     let written = incremental::plan(instance, pages, &memory_layout(instance), out).and_then(|(inc, tracked)| {
         Ok((write_paused(instance, out, Method::StopAndSave, None, inc, progress)?, tracked))
@@ -199,7 +202,7 @@ fn stop_and_save_paused(
     if was_running && !stop {
         instance.resume()?;
     }
-    let pause_ms = ms(t0.elapsed());
+    let pause_ms = ms(paused_at.elapsed());
     let (written, tracked) = written?;
     Ok(CheckpointReport { tracked, ..report(out, Method::StopAndSave, pause_ms, t0, written, stop) })
 }

@@ -177,6 +177,26 @@ impl Shell {
 /// Epochs of dirty page tracking (see [`Instance::dirty_epoch`]).
 static DIRTY_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+/// The tracking after a harvest that failed part way: KVM may have cleared
+/// some slots' logs, so the pages kept are no longer all that was written.
+/// The epoch ends (the next checkpoint holds all of memory and starts another);
+/// the log stays on.
+fn lost_harvest() -> Tracking {
+    Tracking::LogAhead
+}
+
+/// What an instance keeps of the pages written, for incremental checkpoints.
+enum Tracking {
+    /// Nothing (KVM's dirty log is off, or a live migration's own).
+    Off,
+    /// KVM's dirty log turned on while the guest ran, ahead of the pause in
+    /// which the tracking starts ([`Instance::prepare_dirty_pages`]).
+    LogAhead,
+    /// The pages written since `epoch` began (one bitmap per RAM range),
+    /// as far as they were harvested.
+    Since { epoch: u64, pages: Vec<Vec<u64>> },
+}
+
 /// One KVM VM and everything that belongs to it.
 pub struct Instance {
     config: InstanceConfig,
@@ -195,10 +215,9 @@ pub struct Instance {
     throttler: Option<Throttler>,
     events: Sender<VmEvent>,
     state: RunState,
-    /// Incremental checkpoints: the pages written since the last checkpoint,
-    /// while they are tracked ([`track_dirty_pages`](Self::track_dirty_pages)).
-    /// With the tracking's epoch (see [`dirty_epoch`](Self::dirty_epoch)).
-    dirty: Mutex<Option<(u64, Vec<Vec<u64>>)>>,
+    /// Incremental checkpoints: what is kept of the pages written since the
+    /// last checkpoint ([`track_dirty_pages`](Self::track_dirty_pages)).
+    dirty: Mutex<Tracking>,
     // Declared last: the KVM system fd outlives the VM's.
     _kvm: Kvm,
 }
@@ -378,7 +397,7 @@ impl Instance {
             throttler: None,
             events,
             state: RunState::Created,
-            dirty: Mutex::new(None),
+            dirty: Mutex::new(Tracking::Off),
             _kvm: kvm,
         })
     }
@@ -457,22 +476,61 @@ impl Instance {
     /// live migration's). Either way the pages kept for incremental
     /// checkpoints are given up: the migration's harvests take them.
     pub fn set_dirty_log(&self, on: bool) -> Result<()> {
-        *lock(&self.dirty) = None;
+        *lock(&self.dirty) = Tracking::Off;
         self.memory.set_dirty_log(&self.vm, on)
     }
 
+    /// Does, while the guest still runs, the part of an incremental
+    /// checkpoint's dirty-log work that would otherwise fall in its pause.
+    /// Tracking not started yet: turns KVM's dirty log on now (KVM then
+    /// write-protects all of guest memory), and the pause's
+    /// [`track_dirty_pages`](Self::track_dirty_pages) harvests and discards
+    /// the pages written meanwhile (the checkpoint holds all of memory).
+    /// Tracking under way: harvests the pages written so far (KVM
+    /// write-protects each again), and the pause's
+    /// [`dirty_pages`](Self::dirty_pages) harvests only those written since.
+    /// If no incremental checkpoint follows, the log stays on until the next
+    /// one, a migration or [`untrack_dirty_pages`](Self::untrack_dirty_pages),
+    /// which costs the guest what tracking costs it.
+    pub fn prepare_dirty_pages(&self) -> Result<()> {
+        let mut d = lock(&self.dirty);
+        match &mut *d {
+            Tracking::Off => {
+                self.memory.set_dirty_log(&self.vm, true)?;
+                *d = Tracking::LogAhead;
+            }
+            Tracking::LogAhead => {}
+            Tracking::Since { pages, .. } => match self.harvest_dirty_pages() {
+                Ok(h) => crate::memory::union_dirty(pages, h),
+                Err(e) => {
+                    *d = lost_harvest();
+                    return Err(e);
+                }
+            },
+        }
+        Ok(())
+    }
+
     /// Starts keeping the pages written from now on (by the guest: KVM's
-    /// dirty log, turned on with a clean log; by the VMM: vm-memory's bitmap),
-    /// for incremental checkpoints. The instance must be paused, so that no
-    /// write falls between this and the checkpoint it follows.
+    /// dirty log, turned on with a clean log or emptied if it was on ahead;
+    /// by the VMM: vm-memory's bitmap), for incremental checkpoints. The
+    /// instance must be paused, so that no write falls between this and the
+    /// checkpoint it follows.
     pub fn track_dirty_pages(&self) -> Result<()> {
         if self.state == RunState::Running {
             return Err(Error::RunState("dirty pages are tracked from a paused instance on"));
         }
-        self.memory.set_dirty_log(&self.vm, true)?;
+        let mut d = lock(&self.dirty);
+        if matches!(*d, Tracking::LogAhead) {
+            // Written before this pause: in the checkpoint the tracking follows.
+            self.memory.harvest_dirty_log(&self.vm)?;
+        } else {
+            self.memory.set_dirty_log(&self.vm, true)?;
+        }
         self.memory.harvest_vmm_writes();
         let zero = self.memory.ranges().iter().map(|r| vec![0u64; (r.size / PAGE_SIZE).div_ceil(64) as usize]);
-        *lock(&self.dirty) = Some((DIRTY_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed), zero.collect()));
+        let epoch = DIRTY_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *d = Tracking::Since { epoch, pages: zero.collect() };
         Ok(())
     }
 
@@ -480,7 +538,10 @@ impl Instance {
     /// process), if one is: a checkpoint taken in another cannot be the base
     /// of an incremental one.
     pub fn dirty_epoch(&self) -> Option<u64> {
-        lock(&self.dirty).as_ref().map(|(e, _)| *e)
+        match &*lock(&self.dirty) {
+            Tracking::Since { epoch, .. } => Some(*epoch),
+            _ => None,
+        }
     }
 
     /// The paused instance's pages written since tracking started, less
@@ -491,16 +552,22 @@ impl Instance {
             return Err(Error::RunState("dirty pages are read from a paused instance"));
         }
         let mut d = lock(&self.dirty);
-        let Some((_, acc)) = d.as_mut() else { return Ok(None) };
-        crate::memory::union_dirty(acc, self.harvest_dirty_pages()?);
-        Ok(Some(acc.clone()))
+        let Tracking::Since { pages, .. } = &mut *d else { return Ok(None) };
+        match self.harvest_dirty_pages() {
+            Ok(h) => crate::memory::union_dirty(pages, h),
+            Err(e) => {
+                *d = lost_harvest();
+                return Err(e);
+            }
+        }
+        Ok(Some(pages.clone()))
     }
 
     /// These pages are in a committed checkpoint: later incremental ones need
     /// them only if written again.
     pub fn forget_dirty_pages(&self, saved: &[Vec<u64>]) {
-        if let Some((_, acc)) = lock(&self.dirty).as_mut() {
-            for (a, s) in acc.iter_mut().zip(saved) {
+        if let Tracking::Since { pages, .. } = &mut *lock(&self.dirty) {
+            for (a, s) in pages.iter_mut().zip(saved) {
                 for (x, y) in a.iter_mut().zip(s) {
                     *x &= !y;
                 }
@@ -510,8 +577,8 @@ impl Instance {
 
     /// Stops keeping written pages (and KVM's dirty log).
     pub fn untrack_dirty_pages(&self) -> Result<()> {
-        let was = lock(&self.dirty).take();
-        if was.is_some() {
+        let was = std::mem::replace(&mut *lock(&self.dirty), Tracking::Off);
+        if !matches!(was, Tracking::Off) {
             self.memory.set_dirty_log(&self.vm, false)?;
         }
         Ok(())

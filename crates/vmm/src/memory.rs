@@ -153,8 +153,9 @@ impl GuestMemory {
     }
 
     /// Turns KVM's dirty page logging on or off for every slot (by setting each
-    /// slot again with or without `KVM_MEM_LOG_DIRTY_PAGES`). Turning it on starts
-    /// with a clean log: only writes from then on are reported.
+    /// slot again with or without `KVM_MEM_LOG_DIRTY_PAGES`). Turning it on from off
+    /// starts with a clean log: only writes from then on are reported. Setting
+    /// it on again while on changes nothing (KVM keeps the log as it is).
     pub fn set_dirty_log(&self, vm: &VmFd, on: bool) -> Result<()> {
         self.set_slots(vm, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
     }
