@@ -289,8 +289,11 @@ impl Endpoint {
 /// itself, the file would exist an instant before `listen`, and a source that
 /// waits for the file and connects at once would be refused (the nested
 /// benchmark met that: "connecting: Connection refused"). So it is bound
-/// under a temporary name beside `p` and renamed; where that name would be
-/// too long for a socket address, it is bound at `p` directly.
+/// under a temporary name beside `p` and given its name by a hard link,
+/// which, as a bind at `p` would, fails if something is there already (a
+/// rename would replace another destination's live socket); where the
+/// temporary name would be too long for a socket address, it is bound at `p`
+/// directly.
 fn bind_listening(p: &Path) -> std::io::Result<UnixListener> {
     let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = p.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
@@ -300,11 +303,16 @@ fn bind_listening(p: &Path) -> std::io::Result<UnixListener> {
     }
     let _ = std::fs::remove_file(&tmp);
     let l = UnixListener::bind(&tmp)?;
-    if let Err(e) = std::fs::rename(&tmp, p) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    let linked = std::fs::hard_link(&tmp, p);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(l),
+        // The error a bind at `p` gives.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(std::io::Error::from_raw_os_error(libc::EADDRINUSE))
+        }
+        Err(e) => Err(e),
     }
-    Ok(l)
 }
 
 /// A listening endpoint, waiting for one migration.
@@ -406,6 +414,15 @@ mod tests {
         let l = ep.listen().unwrap();
         let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("in.sock")]);
+        // A live one is not taken over: the second destination is refused, as
+        // a bind there refuses it, and the first still gets the source.
+        let e = ep.listen().err().expect("a second listener at a live socket");
+        assert!(e.to_string().contains("Address already in use"), "{e}");
+        let source = UnixStream::connect(&p).unwrap();
+        let Listener::Unix(first, _) = &l else { unreachable!() };
+        first.set_nonblocking(true).unwrap();
+        assert!(first.accept().is_ok(), "the first listener lost its socket file");
+        drop(source);
         drop(l);
         let _ = std::fs::remove_dir_all(&dir);
     }
