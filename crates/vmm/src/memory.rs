@@ -286,22 +286,9 @@ impl GuestMemory {
             for e in mapped {
                 let mut at = (start + e.start).next_multiple_of(HUGE);
                 while at + HUGE <= start + e.end {
-                    let collapse = || {
-                        // SAFETY: the range lies inside a mapping that `mem` owns
-                        // (and keeps mapped while it lives); MADV_COLLAPSE changes
-                        // no content.
-                        let r = unsafe { libc::madvise(at as *mut libc::c_void, HUGE as usize, libc::MADV_COLLAPSE) };
-                        if r == 0 {
-                            Ok(())
-                        } else {
-                            Err(std::io::Error::last_os_error().raw_os_error())
-                        }
-                    };
-                    let done = match collapse() {
-                        Err(Some(libc::EAGAIN)) => collapse(),
-                        r => r,
-                    };
-                    match done {
+                    // SAFETY: the range lies inside a mapping that `mem` owns
+                    // (and keeps mapped while it lives).
+                    match unsafe { collapse_2mib(at) } {
                         Ok(()) => c.huge += 1,
                         Err(_) => c.failed += 1,
                     }
@@ -352,6 +339,23 @@ impl GuestMemory {
     pub fn pages(&self) -> u64 {
         self.size() / PAGE_SIZE
     }
+}
+
+/// Merges the 2 MiB range at address `at` into one huge page
+/// (`MADV_COLLAPSE`), trying once more if it was busy for a moment (EAGAIN).
+///
+/// # Safety
+/// `at..at + 2 MiB` lies inside a mapping that stays mapped during the call.
+unsafe fn collapse_2mib(at: u64) -> std::io::Result<()> {
+    let once = || {
+        // SAFETY: the caller's; MADV_COLLAPSE changes no content.
+        if unsafe { libc::madvise(at as *mut libc::c_void, 2 << 20, libc::MADV_COLLAPSE) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    once().or_else(|e| if e.raw_os_error() == Some(libc::EAGAIN) { once() } else { Err(e) })
 }
 
 /// Adds the pages of `from` to `into`: both are per-range dirty bitmaps in the
