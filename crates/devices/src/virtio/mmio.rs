@@ -4,12 +4,14 @@
 //! a request is complete when the guest's notifying instruction is: a paused
 //! instance never has a request in flight.
 
+use std::sync::atomic::Ordering;
+
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_mmio::*;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -179,20 +181,39 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if self.status & STATUS_DRIVER_OK == 0 {
             return;
         }
+        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let Some(queue) = self.queues.get_mut(index) else { return };
         if !queue.ready() {
             return;
         }
-        // The interrupt only if the driver wants one now (§2.7.7, §2.7.10: its
-        // used_event with VIRTIO_RING_F_EVENT_IDX, else the avail ring's
-        // NO_INTERRUPT flag, which a driver polling the ring sets); a ring
-        // that cannot be read gets one, so that the driver looks.
-        if self.device.process_queue(index, queue, &self.mem) && queue.needs_notification(&self.mem).unwrap_or(true) {
+        if self.device.process_queue(index, queue, &self.mem) && driver_wants_interrupt(queue, &self.mem, event_idx) {
             self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
             // A lost interrupt is the irqfd's failure, not the guest's: it sees the used
             // ring the next time it looks.
             let _ = self.irq.write(1);
         }
+    }
+}
+
+/// Whether the driver wants an interrupt for the buffers just used (§2.7.7,
+/// §2.7.10). With VIRTIO_RING_F_EVENT_IDX its used_event says, as
+/// virtio-queue's `needs_notification` reads it. Without, the avail ring's
+/// VRING_AVAIL_F_NO_INTERRUPT flag says, and virtio-queue 0.18 does not read it
+/// (it answers yes), so it is read here, after that call's fence has ordered
+/// the used ring's writes before it. Linux's driver sets the flag while it
+/// polls the ring (NAPI, a block completion loop), and clears it and looks at
+/// the used ring once more before it waits for an interrupt again: an
+/// interrupt left out here is never one it waits for, only one that would
+/// have interrupted its polling (QEMU's devices skip it too). A ring that
+/// cannot be read gets one, so that the driver looks.
+fn driver_wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap, event_idx: bool) -> bool {
+    let wants = queue.needs_notification(mem).unwrap_or(true);
+    if !wants || event_idx {
+        return wants;
+    }
+    match mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire) {
+        Ok(flags) => u32::from(u16::from_le(flags)) & VRING_AVAIL_F_NO_INTERRUPT == 0,
+        Err(_) => true,
     }
 }
 
@@ -443,5 +464,29 @@ mod tests {
         let dst_irq = EventFd::new(EFD_NONBLOCK).unwrap();
         transport(&dst_irq, Some(&taken)).reassert_pending_interrupt().unwrap();
         assert!(!raised(&dst_irq));
+    }
+
+    #[test]
+    fn a_driver_that_polls_the_ring_gets_no_interrupt_until_it_asks_again() {
+        const AVAIL: u32 = 0x2000;
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut t = transport(&irq, None);
+        write(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        write(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL);
+        write(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        write(&mut t, VIRTIO_MMIO_STATUS, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        let flags = GuestAddress(u64::from(AVAIL));
+
+        // Polling (NAPI): the avail ring's flags say no interrupt.
+        t.mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, flags).unwrap();
+        write(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(!raised(&irq), "a used buffer raised the interrupt the driver had turned off");
+        assert_eq!(t.interrupt_status, 0);
+
+        // Waiting again: the next used buffer raises it.
+        t.mem.write_obj(0u16, flags).unwrap();
+        write(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(raised(&irq), "a used buffer did not raise the interrupt the driver waits for");
+        assert_eq!(t.interrupt_status, VIRTIO_MMIO_INT_VRING);
     }
 }
