@@ -239,7 +239,8 @@ fn fake_source(name: &str, after_hello: Vec<u8>, hello_version: Option<u32>) -> 
         disk: None,
         nics: vec![],
     };
-    let hello = serde_json::to_vec(&Hello { cevm_version: "test".into(), config, cevm: false }).unwrap();
+    let hello =
+        serde_json::to_vec(&Hello { cevm_version: "test".into(), config, cevm: false, nic_offloads: vec![] }).unwrap();
     let mut hello = frame(FrameKind::Hello, &hello);
     if let Some(v) = hello_version {
         hello[4..8].copy_from_slice(&v.to_le_bytes());

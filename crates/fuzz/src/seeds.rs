@@ -61,6 +61,7 @@ pub fn migration_stream() -> Vec<u8> {
             nics: vec![],
         },
         cevm: false,
+        nic_offloads: vec![],
     };
     let mut pages = encode_page_table(&[PageEntry { gpa: 0, zero: true }, PageEntry { gpa: 0x1000, zero: false }]);
     pages.extend(std::iter::repeat_n(0xa5, 4096));

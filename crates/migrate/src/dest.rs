@@ -116,6 +116,7 @@ fn receive(
     // The KVM VM, its memory and vCPUs are made now, while the source still runs
     // the guest, so that the switch only loads the state into them.
     let mut shell = Shell::new(&config, None)?;
+    shell.preset_nic_offloads(&hello.nic_offloads);
     if let (true, Some(d)) = (hello.cevm && crate::disk_link::hands_over_disk(&config), &config.disk) {
         // A CEVM checkpoint: the old instance keeps T, the guest's writes go to a
         // new overlay U (made now, out of the downtime).

@@ -186,6 +186,10 @@ pub struct Hello {
     /// into a new overlay U, and the disk hand-over follows the switch.
     #[serde(default)]
     pub cevm: bool,
+    /// The offloads set on each of the source's NIC taps (`TUN_F_*`), for
+    /// the destination to set on its own taps before the switch rather than in it.
+    #[serde(default)]
+    pub nic_offloads: Vec<Option<u32>>,
 }
 
 /// The destination's last frame: the guest runs there.

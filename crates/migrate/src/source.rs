@@ -250,8 +250,12 @@ fn migrate_out_in_phases(
     }
     let was_running = inst.run_state() == RunState::Running;
     let source_vcpus = inst.vcpu_placement();
-    let hello =
-        Hello { cevm_version: env!("CARGO_PKG_VERSION").into(), config: inst.config().clone(), cevm: params.cevm };
+    let hello = Hello {
+        cevm_version: env!("CARGO_PKG_VERSION").into(),
+        config: inst.config().clone(),
+        cevm: params.cevm,
+        nic_offloads: inst.nic_offloads(),
+    };
     let hello = serde_json::to_vec(&hello).map_err(|source| Error::Encode { what: "Hello", source })?;
     t.send(FrameKind::Hello, &[&hello])?;
     expect(t, FrameKind::Ready, "Ready", params)?;

@@ -172,6 +172,18 @@ impl Shell {
     pub fn set_disk(&mut self, disk: Arc<disk::GuestDisk>) {
         self.disk = Some(disk);
     }
+
+    /// Sets on each NIC's tap the offloads its source has on its own
+    /// ([`Instance::nic_offloads`]; `None` or a NIC beyond the list: left
+    /// as is), so that the restored NIC finds them set (see
+    /// `nics::Prepared::preset_offload`).
+    pub fn preset_nic_offloads(&self, offloads: &[Option<u32>]) {
+        for (i, (nic, offload)) in self.nics.iter().zip(offloads).enumerate() {
+            if let Some(o) = offload {
+                nic.preset_offload(i, *o);
+            }
+        }
+    }
 }
 
 /// Epochs of dirty page tracking (see [`Instance::dirty_epoch`]).
@@ -410,6 +422,13 @@ impl Instance {
     /// The NICs: the tap each is bound to, and what it moved.
     pub fn nics(&self) -> Vec<NicStatus> {
         self.nics.status()
+    }
+
+    /// The offloads set on each NIC's tap (`TUN_F_*`; `None` without a tap or
+    /// before its driver's first receive), for a migration's destination to
+    /// set on its taps ahead of the switch ([`Shell::preset_nic_offloads`]).
+    pub fn nic_offloads(&self) -> Vec<Option<u32>> {
+        self.nics.offloads()
     }
 
     /// Lets go of the NICs' taps: the paused guest goes on elsewhere (a

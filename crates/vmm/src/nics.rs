@@ -86,6 +86,24 @@ impl Prepared {
     }
 }
 
+impl Prepared {
+    /// Sets `offload` (`TUN_F_*`) on the prepared tap, if there is one: what
+    /// the migration's source has on its tap for this NIC (what the guest's
+    /// driver accepted). The NIC sets on its tap what its restored driver
+    /// accepted before it reads the first frame, and the tap skips a set it
+    /// already has: this moves that ioctl (the RTNL lock, milliseconds nested)
+    /// out of the switch. Frames the tap queues meanwhile carry these
+    /// offloads; a driver that accepts others before the switch (it reset)
+    /// gets them set then, and may drop a frame queued before, as on a busy link.
+    pub(crate) fn preset_offload(&self, index: usize, offload: u32) {
+        if let Some(tap) = &self.tap {
+            if let Err(e) = tap.set_offload(offload) {
+                tracing::debug!("NIC {index}: {e}; set again when the guest runs");
+            }
+        }
+    }
+}
+
 /// What the API shows of a NIC.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NicStatus {
@@ -338,6 +356,11 @@ impl Nics {
     }
 
     /// What each NIC is bound to and has moved.
+    /// The offloads set on each NIC's tap (`None`: no tap, or none set yet).
+    pub(crate) fn offloads(&self) -> Vec<Option<u32>> {
+        self.nics.iter().map(|n| lock(&n.transport).device().tap().and_then(Tap::offload)).collect()
+    }
+
     pub(crate) fn status(&self) -> Vec<NicStatus> {
         self.nics
             .iter()

@@ -133,6 +133,11 @@ impl Tap {
         &self.name
     }
 
+    /// The offloads set last (`TUN_F_*`).
+    pub fn offload(&self) -> Option<u32> {
+        self.offload.get()
+    }
+
     /// Enables the offloads `flags` (`TUN_F_*`) for frames the host sends the
     /// guest: what the guest's driver accepted (checksums left to it, TCP
     /// segments larger than the MTU).
