@@ -7,7 +7,7 @@
 # L1 that does not finish (this harness's L1 now and then locks up while KVM
 # guests run for minutes) is started once more. Prints each L1's tables; the
 # JSON and each L1's whole output go to bench-work/net/.
-#   scripts/nested/bench-net.sh [--runs N] [--ops N] [--stream-mib N]   (~30 min here)
+#   scripts/nested/bench-net.sh [--runs N] [--ops N] [--stream-mib N]   (~10 min here)
 # Other arguments go to every `cevm bench net-linux`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

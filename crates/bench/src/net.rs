@@ -290,6 +290,18 @@ struct Throughput {
     pings_lost: u32,
     /// The receiver's longest wait between two reads.
     longest_stall_ms: f64,
+    /// Frames the host kernel dropped at the two taps during the run (a tap's
+    /// queue full while its VMM did not read: TCP resends them, after a wait).
+    taps_dropped: u64,
+}
+
+/// Frames the host dropped at `tap` so far, both ways (its statistics).
+fn tap_drops(tap: &str) -> u64 {
+    ["tx_dropped", "rx_dropped"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{f}")).ok())
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// "cevm-guest: sink BYTES bytes in MS ms, X MiB/s, longest stall Y ms" -> (X, Y).
@@ -316,6 +328,8 @@ fn parse_rtt(line: &str) -> Option<(f64, f64, f64, u32)> {
 fn throughput_run(vmm: Vmm, o: &Options) -> Result<Throughput, String> {
     let (rx_sock, tx_sock) = (o.dir.join("rx.sock"), o.dir.join("tx.sock"));
     let cevm = vmm == Vmm::Cevm;
+    let drops = || tap_drops(RX_TAP) + tap_drops(TX_TAPS[0]);
+    let drops_before = drops();
     let mut rx = start(
         vmm,
         o,
@@ -340,6 +354,13 @@ fn throughput_run(vmm: Vmm, o: &Options) -> Result<Throughput, String> {
     let (min, avg, max, lost) = parse_rtt(&rtt).ok_or_else(|| format!("no round trip in `{rtt}`"))?;
     let (_, sink) = rx.wait("the stream's end", |l| l.contains("cevm-guest: sink ") || l.contains("reset"))?;
     let (mib_per_s, stall) = parse_sink(&sink).ok_or_else(|| format!("the stream did not end well: `{sink}`"))?;
+    let taps_dropped = drops().saturating_sub(drops_before);
+    // Where in the stream the receiver waited ("stall MS ms at N MiB").
+    let stalls: Vec<&str> =
+        rx.seen.iter().filter_map(|(_, l)| l.split("cevm-guest: stall ").nth(1)).map(str::trim).collect();
+    if !stalls.is_empty() {
+        println!("    receiver's waits over 20 ms: {}", stalls.join(", "));
+    }
     if vmm == Vmm::Cevm {
         // What each NIC moved and lost, from cevm's status.
         for (who, sock) in [("sender", &tx_sock), ("receiver", &rx_sock)] {
@@ -364,6 +385,7 @@ fn throughput_run(vmm: Vmm, o: &Options) -> Result<Throughput, String> {
         rtt_max_ms: max,
         pings_lost: lost,
         longest_stall_ms: stall,
+        taps_dropped,
     })
 }
 
@@ -627,7 +649,7 @@ pub fn run(o: &Options) -> Result<(), String> {
         for &vmm in &vmms {
             let t = throughput_run(vmm, o)?;
             println!(
-                "  run {} {}: {:.2} MiB/s, ping {:.3} ms ({:.3}-{:.3}, {} lost), receiver's longest stall {:.0} ms",
+                "  run {} {}: {:.2} MiB/s, ping {:.3} ms ({:.3}-{:.3}, {} lost), receiver's longest stall {:.0} ms, {} frames dropped at the taps",
                 n + 1,
                 vmm.label(),
                 t.mib_per_s,
@@ -635,7 +657,8 @@ pub fn run(o: &Options) -> Result<(), String> {
                 t.rtt_min_ms,
                 t.rtt_max_ms,
                 t.pings_lost,
-                t.longest_stall_ms
+                t.longest_stall_ms,
+                t.taps_dropped
             );
             r.throughput.push(t);
         }
