@@ -84,17 +84,16 @@ impl Prepared {
             .map_err(|e| Error::Device(format!("NIC {index}: its I/O thread: {e}")))?;
         Ok(Prepared { irq, tap, worker })
     }
-}
 
-impl Prepared {
     /// Sets `offload` (`TUN_F_*`) on the prepared tap, if there is one: what
     /// the migration's source has on its tap for this NIC (what the guest's
     /// driver accepted). The NIC sets on its tap what its restored driver
     /// accepted before it reads the first frame, and the tap skips a set it
     /// already has: this moves that ioctl (the RTNL lock, milliseconds nested)
     /// out of the switch. Frames the tap queues meanwhile carry these
-    /// offloads; a driver that accepts others before the switch (it reset)
-    /// gets them set then, and may drop a frame queued before, as on a busy link.
+    /// offloads; if the driver accepted fewer before the switch (it reset),
+    /// the NIC sets those then and drops what the tap queued before (see
+    /// `Net::set_tap`), as a busy link would.
     pub(crate) fn preset_offload(&self, index: usize, offload: u32) {
         if let Some(tap) = &self.tap {
             if let Err(e) = tap.set_offload(offload) {
@@ -355,12 +354,12 @@ impl Nics {
         self.close_released();
     }
 
-    /// What each NIC is bound to and has moved.
-    /// The offloads set on each NIC's tap (`None`: no tap, or none set yet).
+    /// The offloads set on each NIC's tap (`None`: no tap).
     pub(crate) fn offloads(&self) -> Vec<Option<u32>> {
         self.nics.iter().map(|n| lock(&n.transport).device().tap().and_then(Tap::offload)).collect()
     }
 
+    /// What each NIC is bound to and has moved.
     pub(crate) fn status(&self) -> Vec<NicStatus> {
         self.nics
             .iter()

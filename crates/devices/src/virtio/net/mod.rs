@@ -189,8 +189,12 @@ impl Net {
     /// The offloads the guest accepted are set on the tap by the first
     /// receive turn, on the I/O thread, before it reads a frame: a binding
     /// falls into a migration's switch, and setting them costs milliseconds
-    /// there (see [`Tap::set_offload`]). Frames the tap queued before carry no
-    /// offload, which every guest takes.
+    /// there (see [`Tap::set_offload`]). Frames the tap queued before carry the
+    /// offloads it had: none for a tap just opened, which every guest takes;
+    /// those of the source's tap for one a migration's destination prepared.
+    /// If the tap had offloads the driver did not accept (it reset during the
+    /// migration), what it queued is dropped when its offloads are set: such a
+    /// frame may carry a checksum or segment the driver cannot take (§5.1.6.4.1).
     pub fn set_tap(&mut self, tap: Option<Tap>) -> Option<Tap> {
         self.tap_epoch += 1;
         self.tap_failed = false;
@@ -206,8 +210,21 @@ impl Net {
         }
         let Some(tap) = &self.tap else { return };
         self.offloads_applied = true;
-        if let Err(e) = tap.set_offload(tap_offloads(self.features)) {
+        let wanted = tap_offloads(self.features);
+        let narrower = tap.offload().is_some_and(|had| had & !wanted != 0);
+        if let Err(e) = tap.set_offload(wanted) {
             tracing::warn!("{e}; the guest gets no offloaded frames");
+        }
+        if narrower {
+            let mut dropped = 0;
+            while tap.read(&mut self.frame).is_ok() {
+                dropped += 1;
+            }
+            self.counters.dropped += dropped;
+            tracing::debug!(
+                "tap {}: {dropped} frames queued with offloads the driver did not accept dropped",
+                tap.name()
+            );
         }
     }
 

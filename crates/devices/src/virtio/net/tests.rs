@@ -310,4 +310,40 @@ mod on_a_tap {
         assert_eq!(&got[12..12 + 3000], &bigger[..]);
         assert_eq!(t.device().counters().dropped, 0);
     }
+
+    /// Waits until the NIC's tap has a frame to read (a frame sent into the
+    /// tap is queued on it asynchronously), or 5 s have passed.
+    fn wait_queued(t: &MmioTransport<Net>) {
+        let fd = t.device().tap().unwrap().as_raw_fd();
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd, ours.
+        let n = unsafe { libc::poll(&mut p, 1, 5000) };
+        assert_eq!(n, 1, "no frame reached the tap");
+    }
+
+    #[test]
+    fn frames_a_tap_queued_with_offloads_the_driver_did_not_accept_are_dropped() {
+        let host = HostTap::new();
+        let sock = host.socket();
+        let mac: MacAddr = "52:54:00:ce:00:09".parse().unwrap();
+        // The driver takes no checksum offload.
+        let (mut t, mem) = device(&host, mac, 1 << VIRTIO_NET_F_MAC);
+        // A migration's destination set the source's offloads on its tap, and
+        // the host queued a frame under them before the switch.
+        t.device().tap().unwrap().set_offload(libc::TUN_F_CSUM).unwrap();
+        let (early, late) = (frame(mac.0, 100, 0x66), frame(mac.0, 100, 0x77));
+        send(&sock, &early);
+        wait_queued(&t);
+        queue(&mut t, &mem, 0, &[(1526, true); 2]);
+        write(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+        assert_eq!(t.device().tap().unwrap().offload(), Some(0), "the tap keeps offloads the driver did not accept");
+        assert_eq!(t.device().counters().dropped, 1, "the frame queued under them was not dropped");
+        // What the tap queues from now on reaches the guest.
+        send(&sock, &late);
+        serve_until_used(&mut t, &mem, 1);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 1);
+        let mut got = vec![0u8; 112];
+        mem.read_slice(&mut got, buf(0, 0)).unwrap();
+        assert_eq!(&got[12..], &late[..]);
+    }
 }
