@@ -162,7 +162,12 @@ fn chain(name: &str, count: usize, rounds: u64, strategy: &str) {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("{name}: seed {seed}");
     let mut rng = Lcg(seed);
-    let hops = rounds * 12 + 100;
+    // The ring runs on between the hop a round waits for and the cut, for as
+    // long as the group checkpoint takes to start: about 13 hops a round here
+    // alone, more on a loaded machine (a suite run once used up 12 a round
+    // before its 100th round). 30 leave room; the hops left after the last
+    // round are run through at the end (about 180 a second for two guests).
+    let hops = rounds * 30 + 100;
     let (ring, mut vms) = Ring::new(name, count, hops);
     let mut at = wait_hop(&mut vms, 3);
     let mut group: Option<CevmChild> = None;
