@@ -290,8 +290,9 @@ struct Throughput {
     pings_lost: u32,
     /// The receiver's longest wait between two reads.
     longest_stall_ms: f64,
-    /// Frames the host kernel dropped at the two taps during the run (a tap's
-    /// queue full while its VMM did not read: TCP resends them, after a wait).
+    /// Frames the host kernel dropped at the two taps (both ways) from the
+    /// guests' start to the stream's end: e.g. a tap's queue full while its
+    /// VMM did not read (TCP resends them, after a wait).
     taps_dropped: u64,
 }
 

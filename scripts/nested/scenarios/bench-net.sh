@@ -15,5 +15,5 @@ for a in $(cat /proc/cmdline); do
     esac
 done
 $CEVM bench net-linux --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --qemu /usr/bin/qemu-system-x86_64 \
-    --vmms "$vmms" --parts "$parts" --dir /tmp/bench --json "$OUT/net-$parts.json" $extra
+    --vmms "$vmms" --parts "$parts" --dir /tmp/bench --json "$OUT/net-$(echo "$parts" | tr , -).json" $extra
 echo "bench: exit=$?"
