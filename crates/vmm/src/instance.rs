@@ -425,8 +425,8 @@ impl Instance {
     }
 
     /// The offloads set on each NIC's tap (`TUN_F_*`; `None` without a tap),
-    /// for a migration's destination to
-    /// set on its taps ahead of the switch ([`Shell::preset_nic_offloads`]).
+    /// for a migration's destination to set on its taps ahead of the switch
+    /// ([`Shell::preset_nic_offloads`]).
     pub fn nic_offloads(&self) -> Vec<Option<u32>> {
         self.nics.offloads()
     }
