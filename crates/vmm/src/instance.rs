@@ -513,21 +513,32 @@ impl Instance {
     /// which costs the guest what tracking costs it.
     pub fn prepare_dirty_pages(&self) -> Result<()> {
         let mut d = lock(&self.dirty);
-        match &mut *d {
+        match *d {
             Tracking::Off => {
                 self.memory.set_dirty_log(&self.vm, true)?;
                 *d = Tracking::LogAhead;
             }
             Tracking::LogAhead => {}
-            Tracking::Since { pages, .. } => match self.harvest_dirty_pages() {
-                Ok(h) => crate::memory::union_dirty(pages, h),
-                Err(e) => {
-                    *d = lost_harvest();
-                    return Err(e);
-                }
-            },
+            Tracking::Since { .. } => self.harvest_into(&mut d)?,
         }
         Ok(())
+    }
+
+    /// Adds the pages written since the last harvest to those `d` keeps, if
+    /// it keeps any; a harvest that fails part way ends the epoch
+    /// ([`lost_harvest`]).
+    fn harvest_into(&self, d: &mut Tracking) -> Result<()> {
+        let Tracking::Since { pages, .. } = d else { return Ok(()) };
+        match self.harvest_dirty_pages() {
+            Ok(h) => {
+                crate::memory::union_dirty(pages, h);
+                Ok(())
+            }
+            Err(e) => {
+                *d = lost_harvest();
+                Err(e)
+            }
+        }
     }
 
     /// Starts keeping the pages written from now on (by the guest: KVM's
@@ -571,14 +582,8 @@ impl Instance {
             return Err(Error::RunState("dirty pages are read from a paused instance"));
         }
         let mut d = lock(&self.dirty);
-        let Tracking::Since { pages, .. } = &mut *d else { return Ok(None) };
-        match self.harvest_dirty_pages() {
-            Ok(h) => crate::memory::union_dirty(pages, h),
-            Err(e) => {
-                *d = lost_harvest();
-                return Err(e);
-            }
-        }
+        self.harvest_into(&mut d)?;
+        let Tracking::Since { pages, .. } = &*d else { return Ok(None) };
         Ok(Some(pages.clone()))
     }
 
